@@ -1051,3 +1051,213 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         tokens.append(row_t[:end])
         logprobs.append(row_lp[:end])
     return tokens, logprobs
+
+
+# -----------------------------------------------------------------------------
+# Shared by the training scripts: the post's learning rate, GSM8K and synth data, device, logs, checkpoints
+
+def fullft_lr(cfg):
+    """Full fine-tuning LR from the post's fit over 14 Llama and Qwen models (constants as in
+    tinker-cookbook): 5e-5 * (2000 / hidden_size) ** p, p = 0.781 for Llama, 0.0775 for Qwen.
+    The post finds LoRA's optimum ~10x this (9.8 fitted), so --lr_mult 10 is its LoRA rule."""
+    p = {"llama": 0.781, "qwen": 0.0775}[cfg.family]
+    return 5e-5 * (2000 / cfg.hidden_size) ** p
+
+
+def train_flops_per_token(model, seq_len):
+    """Training FLOPs (forward + backward) per token of the model as set up for training. A
+    d_out x d_in matmul costs 2 d_in d_out FLOPs forward and 2 d_in d_out for the input gradient,
+    plus 2 d_in d_out for the weight gradient only when the weight trains: a frozen weight costs
+    4, not 6, FLOPs per parameter per token. LoRA's A and B add 6 r (d_in + d_out). Attention's
+    q.k^T and att.v add 3 x 4 seq_len d_head n_heads per layer (full T x T, as torch's
+    FlopCounterMode counts SDPA). This is the post's 3N^2 (FullFT) vs 2N^2 + 6NR (LoRA) per
+    matrix, in FLOPs rather than multiply-adds."""
+    adapters = {id(x) for m in lora_modules(model).values() for x in (m.lora_A, m.lora_B)}
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and id(m) not in adapters:
+            n = m.in_features * m.out_features
+            total += 4 * n + (2 * n if m.weight.requires_grad else 0)
+            if isinstance(m, LoRALinear):
+                total += 6 * m.rank * (m.in_features + m.out_features)
+    cfg = model.config
+    return total + cfg.num_hidden_layers * 12 * seq_len * cfg.head_dim * cfg.num_attention_heads
+
+
+GSM8K_INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
+
+
+def gsm8k_gold(answer):
+    """The number after GSM8K's last '####', thousands commas removed."""
+    if "####" not in answer:
+        raise UserError(f"GSM8K answer without '####': {answer[-60:]!r}: each answer must end with '#### <number>'")
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def gsm8k_messages(row, with_answer=True):
+    """Chat messages for a GSM8K-format row: the question with the answer-format instruction, and
+    (for SFT) the worked solution with the calculator annotations <<48/2=24>> removed."""
+    msgs = [{"role": "user", "content": f"{row['question'].strip()}\n{GSM8K_INSTRUCTION}"}]
+    if with_answer:
+        steps, gold = row["answer"].rsplit("####", 1)
+        msgs.append({"role": "assistant", "content": f"{re.sub(r'<<[^>]*>>', '', steps).strip()}\n#### {gold.strip()}"})
+    return msgs
+
+
+def hub_reachable(host="huggingface.co", timeout=3.0):
+    """A quick check before asking `datasets` (which retries for ~25 s when offline)."""
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{i} is not valid JSON ({e.msg}): fix or remove that line")
+    return rows
+
+
+def load_gsm8k(source, split):
+    """GSM8K rows ({'question', 'answer'}) of a split ('train' or 'test') from a folder holding
+    train.jsonl and test.jsonl, from a .jsonl file (split ignored), or, for 'gsm8k', from the hub
+    (openai/gsm8k) through `datasets`. Rows missing a field or a '####' answer are refused."""
+    if source == "gsm8k":
+        if not hub_reachable():
+            raise UserError("openai/gsm8k cannot be reached (offline): pass --data PATH (a folder with GSM8K's "
+                            "train.jsonl and test.jsonl) or --data synth for the built-in problems")
+        import datasets
+        rows = list(datasets.load_dataset("openai/gsm8k", "main", split=split))
+        where = f"openai/gsm8k ({split}, hub)"
+    else:
+        p = Path(source)
+        f = p / f"{split}.jsonl" if p.is_dir() else p
+        if not f.exists():
+            raise UserError(f"no GSM8K data at {f}: pass a folder with train.jsonl and test.jsonl, a .jsonl file, gsm8k or synth")
+        rows, where = read_jsonl(f), str(f)
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise UserError(f"{where} row {i} has fields {sorted(r)}: GSM8K rows need 'question' and 'answer'")
+        gsm8k_gold(r["answer"])
+    return rows, where
+
+
+NAMES = ["Ava", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kim", "Luis", "Mia", "Noah",
+         "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
+ITEMS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "cards", "shells", "stamps", "eggs"]
+
+
+def synth_problems(n, seed=0, max_steps=2):
+    """n GSM8K-style word problems with worked solutions ending in '#### N', deterministic per
+    seed: one- and (up to max_steps) two-step arithmetic with small numbers, so that the default
+    135M model solves some of them (RL needs a non-zero starting reward) and can learn the rest."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        a, b, c = rng.randint(2, 20), rng.randint(2, 12), rng.randint(1, 9)
+        kind = rng.randrange(6 if max_steps >= 2 else 4)
+        if kind == 0:
+            q, sol, ans = f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?", f"{name} has {a} + {b} = {a + b} {item}.", a + b
+        elif kind == 1:
+            a += b
+            q, sol, ans = f"{name} has {a} {item} and gives away {b}. How many {item} are left?", f"{a} - {b} = {a - b} {item} are left.", a - b
+        elif kind == 2:
+            q, sol, ans = f"A bag holds {a} {item}. How many {item} are in {b} bags?", f"{b} bags hold {b} x {a} = {a * b} {item}.", a * b
+        elif kind == 3:
+            q, sol, ans = (f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?",
+                           f"Each friend gets {a * b} / {b} = {a} {item}.", a)
+        elif kind == 4:
+            q = f"{name} buys {b} packs of {item} with {a} in each pack and then loses {c}. How many {item} does {name} have?"
+            sol, ans = f"{name} buys {b} x {a} = {a * b} {item}.\nAfter losing {c}, {name} has {a * b} - {c} = {a * b - c}.", a * b - c
+        else:
+            q = f"{name} earns ${a} an hour, works {b} hours and spends ${c} on lunch. How many dollars does {name} have left?"
+            sol, ans = f"{name} earns {a} x {b} = ${a * b}.\nAfter lunch, {name} has {a * b} - {c} = ${a * b - c}.", a * b - c
+        out.append({"question": q, "answer": f"{sol}\n#### {ans}"})
+    return out
+
+
+def pick_device(device="auto", dtype="auto"):
+    """(device, parameter dtype, autocast dtype or None, reason). CUDA: bf16 autocast over float32
+    master weights; CPU: float32 throughout (bf16 matmuls are slow on most CPUs)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no GPU: pass --device cpu, or install a CUDA build of torch")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    amp = _resolve_dtype(dtype)
+    if amp == torch.float32:
+        return device, torch.float32, None, f"{device}, float32"
+    return device, torch.float32, amp, f"{device}, {dtype} autocast over float32 weights"
+
+
+def save_checkpoint(run_dir, step, model, optimizer, extra=None):
+    """Write <run_dir>/ckpt-<step>/ (the adapter in PEFT format, or the full model as an HF
+    folder, plus optimizer state and step), then point <run_dir>/latest at it with an atomic
+    rename, then delete older checkpoints: a kill at any moment leaves the last complete one."""
+    run_dir = Path(run_dir)
+    d = run_dir / f"ckpt-{step}"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    if lora_modules(model):
+        save_adapter(model, d)
+    else:
+        save_model(model, d)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra or {})}, d / "state.pt")
+    _atomic_write(run_dir / "latest", lambda f: Path(f).write_text(d.name))
+    for old in run_dir.glob("ckpt-*"):
+        if old != d:
+            shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def load_checkpoint(run_dir, model, optimizer):
+    """Restore the weights and optimizer state of <run_dir>/latest; returns its state dict (with 'step')."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "latest").exists():
+        raise UserError(f"no checkpoint in {run_dir} to resume from: drop --resume, or check --out and the run name")
+    d = run_dir / (run_dir / "latest").read_text().strip()
+    if lora_modules(model):
+        load_adapter(model, d)
+    else:
+        from safetensors.torch import load_file
+        sd = load_file(d / "model.safetensors")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(sd[n] if n in sd else sd["model.embed_tokens.weight"])
+    state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+class JsonlLog:
+    """Append-only JSONL run log: a config record first, then one record per step or eval; plot.py
+    and flops.py read nothing else. Resuming keeps the records up to the checkpoint's step."""
+
+    def __init__(self, path, config=None, resume_step=None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step or r["type"] == "config"]
+            _atomic_write(self.path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in keep)))
+        else:
+            self.path.write_text("")
+            if config is not None:
+                self.write({"type": "config", **config})
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -11,6 +11,8 @@ checks that loading, tokenizing and sampling are right on real weights.
 import base64
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -485,3 +487,124 @@ def test_default_model_cached_greedy_equals_uncached(smol):
     prompt = tok.encode("The three primary colors are")
     out, _ = lora.generate(model, [prompt], max_new_tokens=8, temperature=0)
     assert out[0] == greedy_by_full_forward(model, prompt, 8)
+
+
+# -----------------------------------------------------------------------------
+# train_sft.py
+
+
+import train_sft  # noqa: E402  (importing a script runs nothing)
+
+
+def sft_setup(tmp_path, n=200):
+    """A tiny HF model folder and a prompt/completion jsonl whose completions are learnable."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_hf_folder(model_dir, tiny_model())
+    rows = [{"prompt": f"the {i % 4}", "completion": f" in the sea {i % 4}"} for i in range(n)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
+
+
+def sft_losses(out, kind="train"):
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    return {p.name: [r["loss"] for r in lora.read_jsonl(p / "log.jsonl") if r["type"] == kind] for p in runs}
+
+
+def run_sft(tmp_path, *extra, out="out"):
+    model_dir, data = sft_setup(tmp_path) if not (tmp_path / "model").exists() else (tmp_path / "model", tmp_path / "data.jsonl")
+    train_sft.main(["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / out), "--eval_examples", "8",
+                    "--batch_size", "8", "--micro_batch", "3", "--log_every", "100", *extra])
+    return sft_losses(tmp_path / out), sft_losses(tmp_path / out, "eval")
+
+
+def test_sft_loss_mask_covers_only_completion_tokens(tmp_path):
+    _, tok = lora.load_model(write_hf_folder(tmp_path, tiny_model()))
+    (ids, mask), = train_sft.tokenize([{"prompt": "the sea", "completion": " in the sea"}], tok, 512, "t")[0]
+    _, targets, loss_mask = train_sft.collate([(ids, mask)], tok.pad_id, "cpu")
+    learned = [int(t) for t, m in zip(targets[0], loss_mask[0]) if m]
+    assert tok.decode(learned) == " in the sea<|im_end|>"
+    (ids2, mask2), = train_sft.tokenize([{"messages": [{"role": "user", "content": "the sea"},
+                                                       {"role": "assistant", "content": " in the sea"}]}], tok, 512, "t")[0]
+    assert (ids2, mask2) == (ids, mask)  # the same conversation in another format gives the same example
+    row = [{"prompt": "the sea", "completion": " in the sea"}]
+    (short,), truncated, dropped = train_sft.tokenize(row, tok, len(ids) - 2, "t")
+    assert len(short[0]) == len(ids) - 2 and (truncated, dropped) == (1, 0)
+    kept, truncated, dropped = train_sft.tokenize(row, tok, 12, "t")  # no answer token left: counted, dropped
+    assert kept == [] and (truncated, dropped) == (1, 1)
+
+
+def test_sft_rejects_malformed_rows():
+    with pytest.raises(UserError, match="row 3 has fields \\['text'\\]: expected 'messages'"):
+        train_sft.to_messages({"text": "x"}, 3)
+    with pytest.raises(UserError, match="malformed message"):
+        train_sft.to_messages({"messages": [{"role": "robot", "content": "x"}]})
+
+
+def test_synth_is_deterministic_and_well_formed():
+    a, b, c = lora.synth_problems(50, seed=3), lora.synth_problems(50, seed=3), lora.synth_problems(50, seed=4)
+    assert a == b and a != c
+    for p in a:  # the stated answer is the arithmetic's result
+        last = p["answer"].split("\n")[-2]
+        assert last.rstrip(".").split("= ")[-1].lstrip("$").split(" ")[0] == lora.gsm8k_gold(p["answer"])
+
+
+def test_sft_lora_and_fullft_both_train(tmp_path):
+    # From a random tiny model (held-out loss ~ln 272 = 5.6) FullFT, which moves the embeddings,
+    # drops fast; LoRA (frozen embeddings and head) slower but clearly.
+    for rank, lr, factor in (("4", "3e-3", 0.85), ("0", "3e-3", 0.5)):
+        _, evals = run_sft(tmp_path, "--rank", rank, "--lr", lr, "--steps", "15", "--eval_every", "15", "--save_every", "0",
+                           out=f"out{rank}")
+        (ev,) = evals.values()
+        assert ev[-1] < factor * ev[0], (rank, ev)
+
+
+def test_sft_resume_after_a_kill_reproduces_the_curve(tmp_path, monkeypatch):
+    args = ["--rank", "4", "--lr", "3e-3", "--steps", "6", "--save_every", "2", "--eval_every", "0"]
+    whole, _ = run_sft(tmp_path, *args, out="whole")
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def dying_step(self, *a, **k):  # the process "dies" during step 5, after checkpoint 4
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(tmp_path, *args, out="killed")
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    resumed, _ = run_sft(tmp_path, *args, "--resume", out="killed")
+    (a,), (b,) = whole.values(), resumed.values()
+    assert len(b) == 6 and np.allclose(a, b, rtol=1e-6, atol=0), (a, b)
+
+
+def test_sft_ddp_two_processes_equal_one(tmp_path):
+    import subprocess
+    import sys
+    model_dir, data = sft_setup(tmp_path)
+    common = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    args = ["train_sft.py", "--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8",
+            "--micro_batch", "2", "--rank", "4", "--lr", "3e-3", "--steps", "4", "--eval_every", "0", "--save_every", "0"]
+    for n in ("1", "2"):
+        r = subprocess.run(common + [n] + args + ["--out", str(tmp_path / f"ddp{n}")], capture_output=True, text=True,
+                           cwd=str(Path(__file__).parent), env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+    (one,), (two,) = sft_losses(tmp_path / "ddp1").values(), sft_losses(tmp_path / "ddp2").values()
+    assert len(one) == 4 and np.allclose(one, two, rtol=1e-5), (one, two)
+
+
+def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
+    model, tok = smol
+    rows = lora.synth_problems(40, seed=5)
+    train_ex, _, _ = train_sft.tokenize(rows[8:], tok, 256, "synth")
+    eval_ex, _, _ = train_sft.tokenize(rows[:8], tok, 256, "synth")
+    args = train_sft.parse_args(["--rank", "8", "--lr_mult", "10", "--batch_size", "8", "--steps", "4", "--eval_every", "4",
+                                 "--save_every", "0", "--out", str(tmp_path), "--device", "cpu"])
+    (a,) = train_sft.grid(args, model.config)
+    a.name, a.amp = "real", None
+    before = train_sft.evaluate(model, eval_ex, 8, tok.pad_id, "cpu", None)
+    after = train_sft.train(a, model, tok, train_ex, eval_ex, "synth", ddp=False)
+    assert after < before - 0.1, (before, after)

@@ -1,0 +1,373 @@
+"""
+train_sft.py: supervised fine-tuning, LoRA at any rank against full fine-tuning, as "LoRA Without
+Regret" ran it: constant LR, no warmup, AdamW, batch size counted in sequences, loss on the
+assistant tokens only, one epoch.
+
+    python train_sft.py --rank 16 --lr_mult 10                      # LoRA at the post's 10x rule
+    python train_sft.py --rank 0 --lr_mult 1                        # full fine-tuning at the fitted LR
+    python train_sft.py --data ../shared/data/gsm8k --rank 16 --batch_size 8 --steps 40   # CPU, ~5 min
+    python train_sft.py --rank 1,4,16,64,256,0 --lr_mult 1,3,10,30  # a sweep: base loaded once, a log per run
+    torchrun --nproc_per_node 8 train_sft.py --rank 16 --compile    # DDP, same result as one process
+
+Learning rate: --lr sets it; otherwise --lr_mult x the FullFT LR that the post's fit predicts
+for the model's hidden size and family (lora.fullft_lr), by default 10x for LoRA and 1x for FullFT.
+Each run writes out/<run>/log.jsonl (config, then a record per step and eval) and checkpoints
+that --resume continues from.
+"""
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import lora
+
+# -----------------------------------------------------------------------------
+# data: any chat-shaped rows -> (token ids, loss mask)
+
+
+def to_messages(row, i=0, where="data"):
+    """One dataset row as chat messages. Accepted shapes: 'messages' (Tulu 3, OpenAI style),
+    'conversations' with from/value (OpenThoughts, ShareGPT), 'prompt' + 'completion', and
+    GSM8K's 'question' + 'answer'."""
+    if isinstance(row.get("messages"), list):
+        msgs = row["messages"]
+    elif isinstance(row.get("conversations"), list):
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        msgs = [{"role": roles.get(m.get("from"), m.get("from")), "content": m.get("value")} for m in row["conversations"]]
+    elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    elif isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
+        return lora.gsm8k_messages(row)
+    else:
+        raise lora.UserError(f"{where} row {i} has fields {sorted(row)}: expected 'messages', 'conversations', "
+                             "'prompt' + 'completion', or 'question' + 'answer'")
+    for m in msgs:
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)):
+            raise lora.UserError(f"{where} row {i} has a malformed message {str(m)[:80]}: each needs a role "
+                                 "(system/user/assistant) and string content")
+    return msgs
+
+
+def load_data(spec, seed, max_examples, n_eval):
+    """(train rows, held-out rows, description) for --data: 'gsm8k' (hub, else synth), 'synth', a
+    GSM8K-style folder, a .jsonl file, or a hub dataset name such as allenai/tulu-3-sft-mixture."""
+    if spec == "gsm8k" and not lora.hub_reachable():
+        print("openai/gsm8k cannot be reached (offline): using --data synth instead; "
+              "pass --data PATH for a local GSM8K copy (e.g. ../shared/data/gsm8k)", file=sys.stderr)
+        spec = "synth"
+    if spec == "synth":
+        n = max_examples or 5000
+        return lora.synth_problems(n, seed), lora.synth_problems(n_eval, seed + 10_000), f"synth ({n} generated, seed {seed})"
+    p = Path(spec)
+    if spec == "gsm8k" or (p.is_dir() and (p / "train.jsonl").exists()):
+        train, where = lora.load_gsm8k(spec, "train")
+        test, _ = lora.load_gsm8k(spec, "test")
+        return train, test[:n_eval], f"gsm8k: {where} (held out: test split)"
+    if p.suffix == ".jsonl" or p.exists():
+        if not p.is_file():
+            raise lora.UserError(f"{spec} is a folder without train.jsonl: pass a .jsonl file or a GSM8K-style folder")
+        rows = lora.read_jsonl(p)
+        desc = str(p)
+    elif "/" in spec:
+        if not lora.hub_reachable():
+            raise lora.UserError(f"{spec} cannot be fetched from the hub (offline): pass --data synth or --data PATH")
+        import datasets
+        rows, desc = datasets.load_dataset(spec, split="train"), f"{spec} (hub)"
+        rows = rows.select(range(min(len(rows), (max_examples or len(rows)) + n_eval)))
+        rows = list(rows)
+    else:
+        raise lora.UserError(f"--data {spec!r} is neither gsm8k, synth, an existing path nor a hub dataset name")
+    if len(rows) <= n_eval:
+        raise lora.UserError(f"{desc} has {len(rows)} rows, not more than the {n_eval} held out for eval: lower --eval_examples")
+    return rows[n_eval:], rows[:n_eval], f"{desc} (held out: first {n_eval} rows)"
+
+
+def tokenize(rows, tok, max_len, where):
+    """[(ids, mask)] with mask marking assistant tokens; truncated to max_len (counted). Rows with
+    no assistant token left are dropped (counted)."""
+    out, truncated, empty = [], 0, 0
+    for i, row in enumerate(rows):
+        ids, mask = tok.render_chat(to_messages(row, i, where))
+        if len(ids) > max_len:
+            ids, mask, truncated = ids[:max_len], mask[:max_len], truncated + 1
+        if sum(mask[1:]) == 0:
+            empty += 1
+            continue
+        out.append((ids, mask))
+    return out, truncated, empty
+
+
+def collate(examples, pad_id, device):
+    """Right-padded (inputs, targets, loss mask), each (B, T-1): position t predicts token t+1."""
+    T = max(len(ids) for ids, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    m = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, (ids, mask) in enumerate(examples):
+        x[i, :len(ids)], m[i, :len(mask)] = torch.tensor(ids), torch.tensor(mask)
+    return x[:, :-1].to(device), x[:, 1:].to(device), m[:, 1:].to(device)
+
+
+def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward):
+    """Sum of per-token NLL over the examples' loss tokens, in micro-batches; with backward, each
+    micro-batch's gradient is scaled so the accumulated total is the mean over scale_tokens."""
+    total = 0.0
+    chunks = [examples[i:i + micro] for i in range(0, len(examples), micro)]
+    for j, chunk in enumerate(chunks):
+        x, y, m = collate(chunk, pad_id, device)
+        n = int(m.sum())
+        sync = nullcontext() if (not backward or j == len(chunks) - 1 or not hasattr(model, "no_sync")) else model.no_sync()
+        with sync, torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
+            _, loss = model(x, y, loss_mask=m)
+        if backward:
+            (loss * n / scale_tokens).backward()
+        total += loss.item() * n
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, examples, micro, pad_id, device, amp):
+    model.eval()
+    n = sum(sum(m[1:]) for _, m in examples)
+    loss = batch_loss(model, examples, micro, pad_id, device, amp, n, backward=False) / n
+    model.train()
+    return loss
+
+
+# -----------------------------------------------------------------------------
+# one run
+
+
+class Diverged(lora.UserError):
+    """NaN or inf loss: the run stops before the bad update; its last checkpoint stays."""
+
+
+def run_name(a, data_tag):
+    mode = "full" if a.rank == 0 else f"r{a.rank}" + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}") + ("_head" if a.lm_head else "")
+    extra = "" if a.lr_ratio_b == 1 else f"_b{a.lr_ratio_b:g}"
+    extra += "" if a.init_scale == 1 else f"_init{a.init_scale:g}"
+    return f"sft_{data_tag}_{mode}_lr{a.lr:.2e}_bs{a.batch_size}{extra}{a.tag}"
+
+
+def train(a, base, tok, train_ex, eval_ex, data_desc, ddp):
+    """Train one configuration (a: resolved args) from the base model; returns the final eval loss."""
+    rank_id, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank_id == 0
+    device, amp = a.device, a.amp
+    torch.manual_seed(a.seed)
+    model = copy.deepcopy(base)
+    if a.rank > 0:
+        layers = a.layers.split("+") if "+" in a.layers else a.layers
+        lora.apply_lora(model, a.rank, a.alpha, layers, lm_head=a.lm_head, init_scale=a.init_scale)
+        groups = lora.lora_param_groups(model, a.lr, a.lr_ratio_b, a.weight_decay)
+    else:
+        model.requires_grad_(True)
+        groups = [dict(params=[p for p in model.parameters()], lr=a.lr, weight_decay=a.weight_decay)]
+    model.to(device).train()
+    model.gradient_checkpointing = a.grad_ckpt
+    n_train = lora.count_parameters(model)
+    opt = torch.optim.AdamW(groups, betas=(0.9, a.beta2), eps=1e-8, fused=device.startswith("cuda"))
+    flops_per_token = lora.train_flops_per_token(model, a.max_len)
+    fwd = torch.compile(model) if a.compile else model
+    if ddp:
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
+    run_dir = Path(a.out) / a.name
+    steps_per_epoch = len(train_ex) // a.batch_size
+    total_steps = min(a.steps or 10**9, steps_per_epoch * a.epochs)
+    start, flops_done = 0, 0.0
+    if a.resume and (run_dir / "latest").exists():
+        state = lora.load_checkpoint(run_dir, model, opt)
+        start, flops_done = state["step"], state["flops"]
+        if master:
+            print(f"resumed {a.name} at step {start}")
+    config = dict(script="train_sft", name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
+                  model=asdict(base.config), model_name=base.name_or_path, data=data_desc, n_train_examples=len(train_ex),
+                  n_eval_examples=len(eval_ex), trainable_params=n_train, fullft_lr=lora.fullft_lr(base.config),
+                  flops_per_token=flops_per_token, world_size=world, total_steps=total_steps)
+    log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None) if master else None
+    if master:
+        print(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, {n_train:,} trainable, "
+              f"lr {a.lr:.3g}, {total_steps} steps of {a.batch_size} sequences, log {run_dir / 'log.jsonl'}")
+
+    def eval_and_log(step):
+        loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp)
+        if master:
+            log.write({"type": "eval", "step": step, "loss": loss})
+            print(f"step {step:5d} | eval loss {loss:.4f}")
+        return loss
+
+    if start == 0 and a.eval_every:
+        eval_and_log(0)
+    # Data order is a pure function of (seed, epoch): a resumed run sees exactly the batches it would have.
+    order = {}
+    for step in range(start + 1, total_steps + 1):
+        epoch, k = divmod(step - 1, steps_per_epoch)
+        if epoch not in order:
+            order[epoch] = random.Random(a.seed * 1000 + epoch).sample(range(len(train_ex)), len(train_ex))
+        batch = [train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]]
+        mine = batch[rank_id::world]   # each DDP rank takes every world-th sequence of the global batch
+        t0 = time.time()
+        n_tok = torch.tensor(float(sum(sum(m[1:]) for _, m in batch)))
+        seq_tok = sum(len(ids) - 1 for ids, _ in batch)
+        loss_sum = torch.tensor(batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True))
+        if ddp:
+            dist.all_reduce(loss_sum)
+        loss = loss_sum.item() / n_tok.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], a.grad_clip or float("inf"))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            if master:
+                log.write({"type": "diverged", "step": step, "loss": loss})
+            raise Diverged(f"{a.name}: loss {loss} / grad norm {grad_norm.item()} at step {step} (lr {a.lr:.3g}): "
+                                 f"lower --lr; the last good checkpoint in {run_dir} is kept and --resume continues from it")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ms = (time.time() - t0) * 1000
+        flops_done += flops_per_token * seq_tok
+        if master:
+            log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": int(n_tok.item()),
+                       "seq_tokens": seq_tok, "tok_s": seq_tok / ms * 1000, "flops": flops_done,
+                       "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch})
+            if step % a.log_every == 0 or step == total_steps:
+                print(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr:.2e} | {ms:6.0f} ms | "
+                      f"{seq_tok / ms * 1000:7.0f} tok/s | {flops_done:.3e} FLOPs")
+        if a.eval_every and step % a.eval_every == 0 and step != total_steps:
+            eval_and_log(step)
+        if master and a.save_every and step % a.save_every == 0:
+            lora.save_checkpoint(run_dir, step, model, opt, {"flops": flops_done})
+    final = eval_and_log(total_steps) if a.eval_every else float("nan")
+    if master and a.save_every:
+        lora.save_checkpoint(run_dir, total_steps, model, opt, {"flops": flops_done})
+    return final
+
+
+# -----------------------------------------------------------------------------
+# main: parse, load the base model once, run the grid
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward to save memory")
+    g = p.add_argument_group("LoRA (comma lists sweep)")
+    g.add_argument("--rank", default="16", help="LoRA rank; 0 = full fine-tuning")
+    g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
+    g.add_argument("--lm_head", action="store_true", help="also adapt the unembedding")
+    g.add_argument("--alpha", type=float, default=32)
+    g.add_argument("--init_scale", default="1", help="scale of A's init U(+-init_scale/sqrt(d_in))")
+    g.add_argument("--lr_ratio_b", default="1", help="LR of B / LR of A (LoRA+ uses 16)")
+    g = p.add_argument_group("optimization (comma lists sweep)")
+    g.add_argument("--lr", default=None, help="learning rate; overrides --lr_mult")
+    g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR for this model; default 10 for LoRA, 1 for FullFT")
+    g.add_argument("--batch_size", default="32", help="sequences per optimizer step")
+    g.add_argument("--micro_batch", type=int, default=8, help="sequences per forward (gradient accumulation)")
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--grad_clip", type=float, default=0.0, help="0 = no clipping")
+    g.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = the whole epoch)")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="gsm8k", help="gsm8k, synth, a GSM8K-style folder, a .jsonl file, or a hub dataset")
+    g.add_argument("--max_examples", type=int, default=0, help="use the first N training rows (0 = all)")
+    g.add_argument("--max_len", type=int, default=512, help="truncate examples to this many tokens")
+    g.add_argument("--eval_examples", type=int, default=64)
+    g.add_argument("--eval_every", type=int, default=10, help="eval on the held-out rows every N steps (0 = never)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="out")
+    g.add_argument("--tag", default="", help="suffix for run names")
+    g.add_argument("--log_every", type=int, default=1)
+    g.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps and at the end (0 = never)")
+    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint")
+    return p.parse_args(argv)
+
+
+def grid(a, cfg):
+    """Resolved per-run args for every combination of the comma lists."""
+    split = lambda s, f: [f(x) for x in str(s).split(",")]
+    ranks, layers, bss = split(a.rank, int), split(a.layers, str), split(a.batch_size, int)
+    inits, ratios = split(a.init_scale, float), split(a.lr_ratio_b, float)
+    lrs = split(a.lr, float) if a.lr else None
+    mults = split(a.lr_mult, float) if a.lr_mult else None
+    runs = []
+    for r, ly, bs, ini, rb in itertools.product(ranks, layers, bss, inits, ratios):
+        if r < 0:
+            raise lora.UserError(f"--rank {r}: use 0 for full fine-tuning or a LoRA rank >= 1")
+        if r == 0 and (ly != layers[0] or ini != inits[0] or rb != ratios[0]):
+            continue  # FullFT ignores the LoRA-only options: run it once
+        for lr in lrs or [m * lora.fullft_lr(cfg) for m in (mults or [10.0 if r > 0 else 1.0])]:
+            runs.append(argparse.Namespace(**{**vars(a), "rank": r, "layers": ly, "batch_size": bs, "init_scale": ini,
+                                              "lr_ratio_b": rb, "lr": lr}))
+    return runs
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and a.device != "cpu" else "gloo")
+        if torch.cuda.is_available() and a.device != "cpu":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            a.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    master = not ddp or dist.get_rank() == 0
+    device, pdtype, amp, why = lora.pick_device(a.device, a.dtype)
+    a.device, a.amp = device, amp
+    base, tok = lora.load_model(a.model, device="cpu", dtype=pdtype)
+    if master:
+        print(f"device: {why}; model {base.name_or_path}")
+    train_rows, eval_rows, desc = load_data(a.data, a.seed, a.max_examples, a.eval_examples)
+    if a.max_examples:
+        train_rows = train_rows[:a.max_examples]
+    train_ex, truncated, empty = tokenize(train_rows, tok, a.max_len, a.data)
+    eval_ex, _, _ = tokenize(eval_rows, tok, a.max_len, a.data)
+    desc += f"; {len(train_ex)} train examples ({truncated} truncated to {a.max_len} tokens, {empty} dropped with no answer tokens)"
+    if master:
+        print(f"data: {desc}; {len(eval_ex)} held out")
+    runs = grid(a, base.config)
+    for r in runs:
+        if r.batch_size % (dist.get_world_size() if ddp else 1):
+            raise lora.UserError(f"--batch_size {r.batch_size} is not divisible by the {dist.get_world_size()} processes")
+        if len(train_ex) < r.batch_size:
+            raise lora.UserError(f"{len(train_ex)} training examples are fewer than one batch of {r.batch_size}: lower --batch_size")
+    data_tag = "synth" if "synth" in desc.split(":")[0] else Path(a.data).name.replace(".jsonl", "") or "data"
+    results = []
+    for r in runs:
+        r.name = run_name(r, data_tag)
+        if master and len(runs) > 1:
+            print(f"\n[{len(results) + 1}/{len(runs)}]")
+        try:
+            results.append((r.name, train(r, base, tok, train_ex, eval_ex, desc, ddp)))
+        except Diverged as e:
+            if len(runs) == 1:
+                raise
+            print(f"diverged: {e}")  # a sweep's high LRs may diverge; the rest of the grid still runs
+            results.append((r.name, float("nan")))
+    if master and len(runs) > 1:
+        print("\nfinal held-out loss per run:")
+        for name, loss in sorted(results, key=lambda t: t[1]):
+            print(f"  {loss:.4f}  {name}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except lora.UserError as e:
+        sys.exit(f"error: {e}")
