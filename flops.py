@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import statistics
 import sys
@@ -199,9 +200,10 @@ def train_macs_per_token(cfg, rank=0, layers="all", seq_len=2048, attention=True
 
     def mm(name, grad_in):
         d_in, d_out, active = m[name]
-        r = rank / active  # MoE: each active expert's adapter has rank / experts per token
         macs = active * d_in * d_out * (1 + grad_in + full)  # forward, input grad if needed, W_bar if trained
-        return macs + (active * r * (3 * d_out + (2 + grad_in) * d_in) if name in chosen else 0)
+        # A and B: forward and weight gradient, and A's input gradient if needed. MoE: `active` experts
+        # each with rank / active cost what one rank-r adapter does.
+        return macs + (rank * (3 * d_out + (2 + grad_in) * d_in) if name in chosen else 0)
 
     g = full or not skip  # does the residual stream carry a gradient here?
     total = 0
@@ -231,17 +233,17 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 def memory_bytes(cfg, rank=0, layers="all", lm_head=False, dtype="bf16"):
     """Weights, gradients, fp32 master copy and Adam's two fp32 moments, their total, and 'sampling':
-    the weights alone in dtype, what an inference server holds (the post's layout argument).
-    FullFT in a 2-byte dtype is the usual mixed precision, 2 + 2 + 4 + 8 = 16 B/param, as fp32's
-    4 + 4 + 8. LoRA keeps the frozen base in dtype and the adapters in fp32 (as lora.py does), with
-    fp32 grads and moments: 16 B per adapter parameter."""
+    the weights in bf16, what an inference server holds (the post's layout argument: training keeps
+    grads and moments in fp32, sampling bf16 weights or less). FullFT in a 2-byte dtype is the usual
+    mixed precision, 2 + 2 + 4 + 8 = 16 B/param, as fp32's 4 + 4 + 8. LoRA keeps the frozen base in
+    dtype and the adapters in fp32 (as lora.py does), with fp32 grads and moments: 16 B each."""
     P, b = model_params(cfg), BYTES[dtype]
     if rank == 0:
         parts = dict(weights=P * b, grads=P * b, master=0 if b == 4 else P * 4, adam=P * 8)
     else:
         n = lora_params(cfg, rank, layers, lm_head)["total"]
         parts = dict(weights=P * b + n * 4, grads=n * 4, master=0, adam=n * 8)
-    return {**parts, "total": sum(parts.values()), "sampling": P * b}
+    return {**parts, "total": sum(parts.values()), "sampling": P * BYTES["bf16"]}
 
 
 # -----------------------------------------------------------------------------
@@ -277,3 +279,294 @@ def log_bits(path):
     if not first:
         raise UserError(f"{path} has no train records with loss and tokens (or episodes): log at least one step")
     return sum(r["loss"] * r["tokens"] for r in first) / math.log(2), "sft", config
+
+
+# -----------------------------------------------------------------------------
+# Measurement: torch's FLOP counter, a stopwatch and memory, on a random-init model of the shape
+
+PEAKS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
+         "L4": 121e12, "RTX 4090": 165e12}  # dense bf16 tensor-core FLOP/s from datasheets, matched as whole words
+
+
+def device_peak(device):
+    """(peak FLOP/s, what it is): the GPU's datasheet bf16 dense peak; on CPU a measured rate,
+    the median of 5 fp32 2048^3 matmuls at the thread count in use (no datasheet fits a shared CPU)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAKS.items() if re.search(rf"\b{k}\b", name)), None)
+        return peak, f"{name}, bf16 dense datasheet peak" if peak else f"{name}: unknown peak, add it to PEAKS"
+    a, b, times = torch.randn(2048, 2048), torch.randn(2048, 2048), []
+    for _ in range(6):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 2048 ** 3 / statistics.median(times[1:]), f"fp32 2048^3 matmul on {torch.get_num_threads()} CPU thread(s), measured"
+
+
+def _forward_backward(model, idx, tgt, amp):
+    with torch.autocast(idx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        _, loss = model(idx, tgt)
+    loss.backward()
+
+
+def counted_flops(model, idx, tgt, amp=None):
+    """FLOPs of one forward + backward by torch.utils.flop_counter.FlopCounterMode. Its registry lacks
+    the CPU flash-attention ops (attention would count 0 on CPU), so they get torch's own SDPA formulas."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v),
+                aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)}
+    with fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        _forward_backward(model, idx, tgt, amp)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def activation_bytes(model, idx, tgt, amp=None):
+    """Bytes autograd keeps for backward from one forward (each storage once, parameters excluded):
+    the part of training memory that grows with batch x seq_len."""
+    params, saved = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _forward_backward(model, idx, tgt, amp)
+    model.zero_grad(set_to_none=True)
+    return sum(saved.values())
+
+
+def state_bytes(model, opt):
+    """Bytes of the live weights, gradients and Adam moments (each storage once; tied weights once)."""
+    seen, out = set(), dict(weights=0, grads=0, adam=0)
+    tensors = [("weights", p) for p in model.parameters()] + [("grads", p.grad) for p in model.parameters()]
+    tensors += [("adam", t) for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()]
+    for kind, t in tensors:
+        if t is not None and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            out[kind] += t.untyped_storage().nbytes()
+    return out
+
+
+def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto"):
+    """Count, time and weigh real AdamW training steps of FullFT and LoRA on a random-init model of this
+    shape (the weights' values change nothing measured), interleaved FullFT, LoRA, FullFT, ... so that
+    a noisy machine slows both alike. Adapters are fp32 and bf16 autocast runs on CUDA (lora.pick_device)."""
+    if shape(cfg).get("num_experts"):
+        raise UserError("MoE models are analytic only (lora.Llama builds dense models): measure a dense preset")
+    dev, _, amp, how = lora.pick_device(device)
+    cuda = dev.startswith("cuda")
+    room = torch.cuda.get_device_properties(dev).total_memory if cuda else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 20 * model_params(cfg) > room:  # FullFT's 16 B/param, the LoRA copy and activations
+        raise UserError(f"FullFT of this model does not fit in {room / 2**30:.0f} GiB: measure a smaller preset such as smollm2-135m")
+    torch.manual_seed(0)
+    runs = {}
+    for method, r in (("FullFT", 0), ("LoRA", rank)):
+        model = lora.Llama(cfg)
+        if r:
+            lora.apply_lora(model, r, layers=[n for n in lora.LAYER_SETS["all"] if n in targets(layers)], lm_head=lm_head)
+        model.to(dev).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)  # as train_sft.py
+        runs[method] = dict(model=model, opt=opt, rank=r, times=[])
+    idx, tgt = (torch.randint(cfg.vocab_size, (batch, seq_len), device=dev) for _ in range(2))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for i in range(steps + 1):  # step 0 warms up (allocator, Adam state) and is not timed
+        for run in runs.values():
+            if cuda and i == steps:  # the last step also gives this method's peak, as if it were alone
+                before, resident = torch.cuda.memory_allocated(), sum(state_bytes(run["model"], run["opt"]).values())
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            run["opt"].zero_grad(set_to_none=True)
+            _forward_backward(run["model"], idx, tgt, amp)
+            sync()
+            t1 = time.perf_counter()
+            run["opt"].step()
+            sync()
+            run["times"].append((1000 * (t1 - t0), 1000 * (time.perf_counter() - t1)))  # forward + backward, optimizer
+            if cuda and i == steps:
+                run["peak"] = resident + torch.cuda.max_memory_allocated() - before
+    peak, peak_what = device_peak(dev)
+    out = dict(device=how, peak_flops=peak, peak=peak_what, batch=batch, seq_len=seq_len, rank=rank, layers=layers,
+               steps=steps, threads=torch.get_num_threads(),
+               process_max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    tokens = batch * seq_len
+    for method, run in runs.items():
+        r, model = run["rank"], run["model"]
+        analytic = tokens * train_flops_per_token(cfg, r, layers, seq_len, lm_head=lm_head)
+        med = lambda f: statistics.median(f(*t) for t in run["times"][1:])
+        ms, state = med(lambda fb, o: fb + o), state_bytes(model, run["opt"])  # before the counter frees the grads
+        out[method] = m = dict(
+            counted_flops=counted_flops(model, idx, tgt, amp), analytic_flops=analytic,
+            post_convention_flops=tokens * train_flops_per_token(cfg, r, layers, seq_len, lm_head=lm_head, skip=False),
+            ms=ms, optimizer_ms=med(lambda fb, o: o), tokens_per_s=tokens / ms * 1e3,
+            flops_per_s=analytic / ms * 1e3, mfu=analytic / ms * 1e3 / peak if peak else None,
+            state=state, analytic_state=memory_bytes(cfg, r, layers, lm_head, "fp32"),
+            activation_bytes=activation_bytes(model, idx, tgt, amp), peak_bytes=run.get("peak"),
+            fwd_bwd_ms=med(lambda fb, o: fb))
+        m["counter_vs_analytic"] = m["counted_flops"] / analytic - 1
+        m["state_bytes"], m["analytic_state_bytes"] = sum(m["state"].values()), m["analytic_state"]["total"]
+    full, lo = out["FullFT"], out["LoRA"]
+    lo["mfu_if_counted_as_fullft"] = full["analytic_flops"] / lo["ms"] * 1e3 / peak if peak else None
+    out["time_ratio"], out["flop_ratio"] = lo["ms"] / full["ms"], lo["analytic_flops"] / full["analytic_flops"]
+    out["fwd_bwd_time_ratio"] = lo["fwd_bwd_ms"] / full["fwd_bwd_ms"]
+    return out
+
+
+
+# -----------------------------------------------------------------------------
+# Report: the numbers as one dict (--json), then as tables
+
+
+def report(cfg, name, rank=16, layers="all", lm_head=False, seq_len=2048, log=None):
+    s, P, Ts = shape(cfg), model_params(cfg), (256, 2048, 8192, 32768, 131072)
+    f = lambda r, **kw: train_flops_per_token(cfg, r, layers, **{"seq_len": seq_len, "lm_head": lm_head, **kw})
+    N = s["hidden_size"]
+    rep = dict(model=name, shape={k: v for k, v in s.items() if not isinstance(v, dict)}, params=P, seq_len=seq_len,
+               rank=rank, layers=layers, lm_head=lm_head, lora_params_per_rank=lora_params(cfg, 1, "all", lm_head=True),
+               lora_params=lora_params(cfg, rank, layers, lm_head), post_table=post_table(cfg))
+    rep["flops"] = dict(
+        matrix_macs_fullft=matrix_macs(N, N), matrix_macs_lora=matrix_macs(N, N, rank),
+        matrix_ratio=matrix_macs(N, N, rank) / matrix_macs(N, N),
+        fullft_no_attention=f(0, attention=False), lora_no_attention=f(rank, attention=False), fullft=f(0), lora=f(rank),
+        ratio_no_attention=f(rank, attention=False) / f(0, attention=False), ratio=f(rank) / f(0),
+        ratio_by_rank={r: f(r) / f(0) for r in (1, 4, 16, 64, 256, 1024)},
+        ratio_by_seq_len={T: f(rank, seq_len=T) / f(0, seq_len=T) for T in Ts},
+        attention_share={T: 1 - f(0, attention=False) / f(0, seq_len=T) for T in Ts})
+    rep["memory"] = {dt: {m: memory_bytes(cfg, r, layers, lm_head, dt) for m, r in (("FullFT", 0), ("LoRA", rank))}
+                     for dt in ("fp32", "bf16")}
+    rep["memory_presets_bf16"] = {k: {m: memory_bytes(c, r, layers, lm_head)["total"] for m, r in (("FullFT", 0), ("LoRA", rank))}
+                                  | {"sampling": memory_bytes(c)["sampling"]} for k, c in presets.items()}
+    rep["capacity"] = dict(bits_by_rank={r: capacity_bits(cfg, r, layers, lm_head) for r in (1, 16, 256)},
+                           fullft_bits=BITS_PER_PARAM * P, math_bits=MATH_BITS, r1_zero_episodes=R1_ZERO_EPISODES,
+                           llama8b_rank1_bits=capacity_bits(presets["llama-3.1-8b"], 1, "all", lm_head=True))
+    if log:
+        bits, kind, conf = log_bits(log)
+        rep["capacity"]["log"] = dict(path=str(log), kind=kind, bits=bits, trainable_params=conf.get("trainable_params"),
+                                      min_rank=min_rank(cfg, bits, layers, lm_head))
+    return rep
+
+
+def print_report(rep):
+    s, fl, R, gib = rep["shape"], rep["flops"], rep["rank"], lambda b: f"{b / 2**30:8.1f}"
+    L, h, V, E, k = s["num_hidden_layers"], s["hidden_size"], s["vocab_size"], s.get("num_experts"), s.get("num_experts_per_tok")
+    where = rep["layers"] + (" + lm_head" if rep["lm_head"] else "")
+    ffn = f"{E} experts x {s['moe_intermediate_size']} (top {k})" if E else f"intermediate {s['intermediate_size']}"
+    print(f"== {rep['model']}: hidden {h}, {ffn}, {L} layers, {s['num_attention_heads']} heads ({s['num_key_value_heads']} kv) "
+          f"x {s['head_dim']}, vocab {V}, {'tied' if s.get('tie_word_embeddings') else 'untied'}: {rep['params']:,} params")
+    print(f"\nLoRA parameters, r (d_in + d_out) per adapted matrix{f' (rank / {k} on each of {E} experts)' if E else ''}")
+    print(f"  {'matrix':10} {'d_in x d_out':>14} {'per rank':>12} {f'r={R} on {where}':>24}")
+    dims = {n: f"{a} x {b}" + (f" x{c}" if c > 1 else "") for n, a, b, c, _ in matrices(s)} | {"lm_head": f"{h} x {V}"}
+    for n, per in rep["lora_params_per_rank"].items():
+        at = rep["lora_params"].get(n)
+        per = per if n != "total" else lora_params(s, 1, rep["layers"], rep["lm_head"])["total"]
+        print(f"  {n:10} {dims.get(n, ''):>14} {per:>12,} {f'{at:,}' if at else '-':>24}")
+    u = {lay: lora_params(s, 1, lay)["total"] for lay in ("mlp", "attn")}
+    mlp = f"{L} x 3 x {E}/{k} x ({h} + {s['moe_intermediate_size']})" if E else f"{L} x 3 x ({h} + {s['intermediate_size']})"
+    attn = " + ".join(f"{n[0]} {a + b}" for n, a, b, *_ in matrices(s)[:4])
+    is_8b = rep["post_table"] == post_table(presets["llama-3.1-8b"])
+    print(f"\nThe post's table (Llama-3.1-8B) is LoRA on the layer set PLUS the unembedding (lm_head). Per unit of rank: "
+          f"mlp {u['mlp']:,} = {mlp}; attn {u['attn']:,} = {L} x ({attn}); lm_head {h + V:,} = {h} + {V}")
+    print(f"  {'layers':6} {'rank':>5} {'params':>14} {'rounded':>8} {'post':>6} {'without lm_head':>16}")
+    for row in rep["post_table"]:
+        print(f"  {row['layers']:6} {row['rank']:>5} {row['params']:>14,} {human(row['params']):>8} "
+              f"{row['post'] if is_8b else '-':>6} {human(row['without_lm_head']):>16}")
+    print(f"\nFLOPs per token of a training step (forward + backward; 1 multiply-add = 2 FLOPs), LoRA r={R} on {where}")
+    print(f"  one {h} x {h} matrix: FullFT 3N^2 = {fl['matrix_macs_fullft']:,} MACs, LoRA 2N^2 + 6NR = "
+          f"{fl['matrix_macs_lora']:,}: ratio {fl['matrix_ratio']:.4f} = 2/3 + 2R/N")
+    print(f"  {'whole model':22} {'FullFT':>12} {'LoRA':>12} {'LoRA/FullFT':>12}")
+    for label, key in (("matrices only", "_no_attention"), (f"+ attention, T={rep['seq_len']}", "")):
+        print(f"  {label:22} {fl['fullft' + key] / 1e9:>6.2f} GFLOP {fl['lora' + key] / 1e9:>6.2f} GFLOP {fl['ratio' + key]:>12.3f}")
+    print("  ratio by rank:    " + "  ".join(f"r={r} {v:.3f}" for r, v in fl["ratio_by_rank"].items()))
+    print("  ratio by seq_len: " + "  ".join(f"T={t} {v:.3f}" for t, v in fl["ratio_by_seq_len"].items()))
+    print("  attention's share of FullFT: " + "  ".join(f"T={t} {v:.0%}" for t, v in fl["attention_share"].items()))
+    print("\nTraining memory, GiB: weights, grads, fp32 master, fp32 Adam moments (activations excluded), against bf16 sampling")
+    print(f"  {'method':10} {'dtype':5} {'weights':>8} {'grads':>8} {'master':>8} {'adam':>8} {'total':>8} {'sampling':>8} {'train/sample':>12}")
+    for dt, m in rep["memory"].items():
+        for method, b in m.items():
+            print(f"  {method if method == 'FullFT' else f'LoRA r={R}':10} {dt:5} "
+                  + " ".join(gib(b[c]) for c in ("weights", "grads", "master", "adam", "total", "sampling"))
+                  + f" {b['total'] / b['sampling']:>11.2f}x")
+    print(f"  presets in bf16, GiB: {'sampling':>8} {'FullFT':>8} {f'LoRA r={R}':>9}")
+    for name, m in rep["memory_presets_bf16"].items():
+        print(f"  {name:20} " + " ".join(gib(m[c]) for c in ("sampling", "FullFT")) + f" {m['LoRA'] / 2**30:9.1f}")
+    c = rep["capacity"]
+    print(f"\nCapacity at {BITS_PER_PARAM} bits per parameter, LoRA on {where}: "
+          + ", ".join(f"rank {r} {human(b)} bits" for r, b in c["bits_by_rank"].items()) + f"; FullFT {human(c['fullft_bits'])} bits")
+    print(f"  the post's MATH RL: 10,000 problems x 32 samples x 1 bit = {c['math_bits']:,} bits; rank-1 LoRA on Llama-3.1-8B "
+          f"(all + lm_head) holds {c['llama8b_rank1_bits']:,}, {c['llama8b_rank1_bits'] / c['math_bits']:.0f}x that")
+    print(f"  the post's DeepSeek-R1-Zero: 10,400 steps x 32 questions x 16 samples = {c['r1_zero_episodes']:,} episodes "
+          f"= {human(c['r1_zero_episodes'])} bits, {c['r1_zero_episodes'] / c['llama8b_rank1_bits']:.2f}x that rank-1 capacity")
+    if "log" in c:
+        g, n = c["log"], c["log"]["trainable_params"] or 0
+        what = "summed first-epoch log loss" if g["kind"] == "sft" else "episodes x 1 bit"
+        print(f"  {g['path']}: {human(g['bits'])} bits ({what}); the run trained {n:,} params = {human(BITS_PER_PARAM * n)} bits; "
+              f"LoRA on {where} here needs rank >= {g['min_rank']}")
+
+
+def print_measured(m):
+    full, lo = m["FullFT"], m["LoRA"]
+    print(f"\nMeasured on {m['device']}, random init, {m['batch']} x {m['seq_len']} tokens, LoRA r={m['rank']} on {m['layers']}, "
+          f"median of {m['steps']} interleaved AdamW steps; peak {m['peak_flops'] or 0:.3g} FLOP/s ({m['peak']})")
+    G = 2 ** 30
+    rows = [("FLOPs/step, FlopCounterMode", "counted_flops", "{:.4g}", 1), ("FLOPs/step, analytic", "analytic_flops", "{:.4g}", 1),
+            ("counter vs analytic", "counter_vs_analytic", "{:+.2%}", 1),
+            ("post's 2N^2 for every frozen W", "post_convention_flops", "{:.4g}", 1), ("ms/step", "ms", "{:.1f}", 1),
+            ("  of which optimizer.step", "optimizer_ms", "{:.1f}", 1), ("tokens/s", "tokens_per_s", "{:.0f}", 1),
+            ("achieved FLOP/s", "flops_per_s", "{:.3g}", 1), ("MFU", "mfu", "{:.1%}", 1),
+            ("state GiB (weights+grads+adam)", "state_bytes", "{:.3f}", G), ("  analytic, fp32 row", "analytic_state_bytes", "{:.3f}", G),
+            ("saved activations GiB", "activation_bytes", "{:.3f}", G), ("peak GiB, CUDA, this method alone", "peak_bytes", "{:.3f}", G)]
+    print(f"  {'':32} {'FullFT':>12} {'LoRA':>12}")
+    for label, key, fmt, scale in rows:
+        print(f"  {label:32} " + " ".join(f"{fmt.format(r[key] / scale) if r.get(key) is not None else 'n/a':>12}" for r in (full, lo)))
+    if lo["mfu_if_counted_as_fullft"]:
+        print(f"  LoRA's MFU if its FLOPs were counted as FullFT's (as if frozen weights got weight gradients): "
+              f"{lo['mfu_if_counted_as_fullft']:.1%}")
+    print(f"  LoRA/FullFT time {m['time_ratio']:.3f} measured ({m['fwd_bwd_time_ratio']:.3f} for forward + backward alone), "
+          f"{m['flop_ratio']:.3f} analytic FLOPs (which leave out the optimizer)")
+    print(f"  process max RSS {m['process_max_rss'] / 2**30:.2f} GiB, both models together (a CPU peak is about state + activations)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and adapter")
+    g.add_argument("--model", default="smollm2-135m", help=f"a preset ({', '.join(presets)}), a config.json or model folder, or a .gguf")
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank (the post's table uses its own ranks)")
+    g.add_argument("--layers", default="all", help="all, mlp, attn, or matrix names joined by , or +")
+    g.add_argument("--lm_head", action="store_true", help="also put LoRA on the unembedding")
+    g = p.add_argument_group("analysis")
+    g.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 2048; 256 with --measure)")
+    g.add_argument("--log", default=None, help="a train_sft.py / train_rl.py log.jsonl: its bits against LoRA's capacity")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--measure", action="store_true", help="count, time and weigh real FullFT and LoRA training steps")
+    g.add_argument("--batch", type=int, default=1, help="sequences per measured step")
+    g.add_argument("--steps", type=int, default=3, help="timed steps per method, after one warm-up step")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    a = p.parse_args(argv)
+    if min(a.rank, a.seq_len or 1, a.batch, a.steps) < 1:
+        raise UserError("--rank, --seq_len, --batch and --steps must be positive integers (FullFT is always shown beside LoRA)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg, seq_len = load_config(a.model), a.seq_len or (256 if a.measure else 2048)
+    rep = report(cfg, a.model, a.rank, a.layers, a.lm_head, seq_len, a.log)
+    if a.measure:
+        rep["measured"] = measure(cfg, a.rank, a.layers, a.lm_head, seq_len, a.batch, a.steps, a.device)
+    if a.json:
+        return print(json.dumps(rep, indent=1))
+    print_report(rep)
+    if a.measure:
+        print_measured(rep["measured"])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

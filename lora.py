@@ -996,7 +996,7 @@ def save_model(model, path, tokenizer_src=None):
 def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
     """Draw one token per row of logits (B, V). Returns (tokens (B,), their log-probabilities under
     softmax(logits / temperature), before any top-p truncation). temperature 0 is greedy."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
@@ -1032,7 +1032,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     model.eval()
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
-    out_lp = torch.zeros(B, max_new_tokens, device=device)
+    out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(idx.to(device), cache=cache, last_only=True)[:, -1]
     n = 0
@@ -1069,9 +1069,10 @@ def train_flops_per_token(model, seq_len):
     d_out x d_in matmul costs 2 d_in d_out FLOPs forward and 2 d_in d_out for the input gradient,
     plus 2 d_in d_out for the weight gradient only when the weight trains: a frozen weight costs
     4, not 6, FLOPs per parameter per token. LoRA's A and B add 6 r (d_in + d_out). Attention's
-    q.k^T and att.v add 3 x 4 seq_len d_head n_heads per layer (full T x T, as torch's
-    FlopCounterMode counts SDPA). This is the post's 3N^2 (FullFT) vs 2N^2 + 6NR (LoRA) per
-    matrix, in FLOPs rather than multiply-adds."""
+    q.k^T and att.v add 3 x 4 seq_len d_head n_heads per layer (full T x T, no recomputation).
+    This is the post's 3N^2 (FullFT) vs 2N^2 + 6NR (LoRA) per matrix, in FLOPs rather than
+    multiply-adds; flops.py refines it to what torch's FlopCounterMode counts (within ~1% at
+    T = 256: it adds flash attention's recomputed q.k^T and the gradients autograd skips)."""
     adapters = {id(x) for m in lora_modules(model).values() for x in (m.lora_A, m.lora_B)}
     total = 0
     for m in model.modules():
@@ -1201,6 +1202,38 @@ def pick_device(device="auto", dtype="auto"):
     if amp == torch.float32:
         return device, torch.float32, None, f"{device}, float32"
     return device, torch.float32, amp, f"{device}, {dtype} autocast over float32 weights"
+
+
+class Diverged(UserError):
+    """A NaN or inf loss: the run stops before the bad update; its last checkpoint stays."""
+
+
+def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init_scale=1.0, lr_ratio_b=1.0,
+                     weight_decay=0.0, beta2=0.95, device="cpu", seed=0):
+    """A copy of the base model set up as the post trains it, and its AdamW optimizer: LoRA of this
+    rank on `layers` (names joined by '+' allowed), B's LR scaled by lr_ratio_b; rank 0 trains
+    every weight (full fine-tuning). Constant LR, no warmup: the post's schedule."""
+    import copy
+    torch.manual_seed(seed)  # the same A init for the same seed, whatever ran before
+    model = copy.deepcopy(base)
+    if rank > 0:
+        apply_lora(model, rank, alpha, layers.split("+") if "+" in layers else layers, lm_head=lm_head, init_scale=init_scale)
+        groups = lora_param_groups(model, lr, lr_ratio_b, weight_decay)
+    else:
+        model.requires_grad_(True)
+        groups = [dict(params=list(model.parameters()), lr=lr, weight_decay=weight_decay)]
+    model.to(device).train()
+    opt = torch.optim.AdamW(groups, betas=(0.9, beta2), eps=1e-8, fused=str(device).startswith("cuda"))
+    return model, opt
+
+
+def resolve_lrs(lr, lr_mult, rank, cfg):
+    """--lr (comma list) if given, else --lr_mult (comma list; default 10 for LoRA, 1 for FullFT)
+    x the post's FullFT LR for this model."""
+    if lr:
+        return [float(x) for x in str(lr).split(",")]
+    mults = [float(x) for x in str(lr_mult).split(",")] if lr_mult else [10.0 if rank > 0 else 1.0]
+    return [m * fullft_lr(cfg) for m in mults]
 
 
 def save_checkpoint(run_dir, step, model, optimizer, extra=None):

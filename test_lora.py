@@ -608,3 +608,244 @@ def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
     before = train_sft.evaluate(model, eval_ex, 8, tok.pad_id, "cpu", None)
     after = train_sft.train(a, model, tok, train_ex, eval_ex, "synth", ddp=False)
     assert after < before - 0.1, (before, after)
+
+
+# -----------------------------------------------------------------------------
+# flops.py
+
+
+import flops  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+
+def test_post_param_table_llama31_8b():
+    cfg = flops.presets["llama-3.1-8b"]
+    unit = flops.lora_params(cfg, 1, "all", lm_head=True)
+    assert unit["gate_proj"] + unit["up_proj"] + unit["down_proj"] == 32 * 3 * (4096 + 14336) == 1_769_472
+    assert unit["q_proj"] + unit["k_proj"] + unit["v_proj"] + unit["o_proj"] == 32 * (8192 + 5120 + 5120 + 8192) == 851_968
+    assert unit["lm_head"] == 4096 + 128256 == 132_352
+    rows = {(r["layers"], r["rank"]): r for r in flops.post_table(cfg)}
+    assert rows["mlp", 256]["params"] == 486_866_944
+    assert rows["attn", 256]["params"] == 251_985_920
+    assert rows["all", 256]["params"] == 704_970_752
+    assert rows["mlp", 128]["params"] == 243_433_472
+    assert rows["all", 1]["params"] == 2_753_792
+    for key, post in [(("mlp", 256), "0.49B"), (("attn", 256), "0.25B"), (("all", 256), "0.70B"), (("mlp", 128), "0.24B")]:
+        assert flops.human(rows[key]["params"]) == post
+    assert round(rows["all", 1]["params"] / 1e6) == 3                      # the post's "3M"
+    assert flops.human(rows["mlp", 256]["without_lm_head"]) == "0.45B"     # so the table includes lm_head
+
+
+def test_tinker_cookbook_llama32_1b_per_rank():
+    unit = flops.lora_params(flops.presets["llama-3.2-1b"], 1, "all", lm_head=True)
+    assert sum(unit[n] for n in lora.LAYER_SETS["mlp"]) == 491_520
+    assert sum(unit[n] for n in lora.LAYER_SETS["attn"]) == 212_992
+    assert unit["lm_head"] == 130_304
+
+
+@pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True), dict(model_type="qwen3", qk_norm=True, head_dim=24),
+                                dict(attention_bias=True, mlp_bias=True, o_proj_bias=True)])
+@pytest.mark.parametrize("layers,lm_head", [("all", False), ("mlp", True), ("attn", False), ("q_proj+down_proj", False)])
+def test_params_match_real_models(kw, layers, lm_head):
+    cfg = tiny_config(**kw)
+    model = Llama(cfg)
+    assert flops.model_params(cfg) == lora.count_parameters(model, trainable=False)
+    names = [n for n in lora.LAYER_SETS["all"] if n in flops.targets(layers)]
+    lora.apply_lora(model, 3, layers=names, lm_head=lm_head)
+    assert flops.lora_params(cfg, 3, layers, lm_head)["total"] == lora.count_parameters(model)
+
+
+@pytest.mark.parametrize("N,R", [(4096, 16), (4096, 256), (576, 1), (2048, 64), (100, 7)])
+def test_matrix_ratio_is_posts_formula(N, R):
+    assert flops.matrix_macs(N, N) == 3 * N * N
+    assert flops.matrix_macs(N, N, R) == 2 * N * N + 6 * N * R
+    assert Fraction(flops.matrix_macs(N, N, R), flops.matrix_macs(N, N)) == Fraction(2 * N * N + 6 * N * R, 3 * N * N)
+    assert flops.train_flops_per_token(tiny_config(), 0, attention=False) == 2 * sum(
+        flops.matrix_macs(a, b) * 2 for _, a, b, *_ in flops.matrices(tiny_config())) + 2 * 3 * 64 * 272
+
+
+@pytest.mark.parametrize("rank,layers,lm_head,tied", [(0, "all", False, False), (0, "all", False, True), (4, "all", False, False),
+                                                      (4, "mlp", False, True), (4, "attn", True, False), (8, "o_proj", False, False)])
+def test_analytic_flops_match_flop_counter(rank, layers, lm_head, tied):
+    torch.manual_seed(0)
+    cfg = tiny_config(tie_word_embeddings=tied)
+    model = Llama(cfg).train()
+    if rank:
+        lora.apply_lora(model, rank, layers=[n for n in lora.LAYER_SETS["all"] if n in flops.targets(layers)], lm_head=lm_head)
+    B, T = 2, 48
+    idx, tgt = torch.randint(cfg.vocab_size, (B, T)), torch.randint(cfg.vocab_size, (B, T))
+    counted = flops.counted_flops(model, idx, tgt)
+    analytic = B * T * flops.train_flops_per_token(cfg, rank, layers, T, attention=True, lm_head=lm_head)
+    assert abs(counted / analytic - 1) < 0.02
+    assert counted == analytic  # the walk models autograd's skipped input gradients exactly
+    no_attn = B * T * flops.train_flops_per_token(cfg, rank, layers, T, attention=False, lm_head=lm_head)
+    assert counted > no_attn    # CPU attention is counted (FlopCounterMode alone would miss it)
+
+
+def test_lora_flops_below_fullft_and_ratio_trends():
+    cfg = flops.presets["llama-3.1-8b"]
+    f = lambda r, T=2048, **kw: flops.train_flops_per_token(cfg, r, "all", T, **kw)
+    assert 0.66 < f(16, attention=False) / f(0, attention=False) < 0.68
+    assert f(1) / f(0) < f(64) / f(0) < f(256) / f(0)          # grows with rank
+    assert f(16, 512) / f(0, 512) < f(16, 32768) / f(0, 32768)  # and with sequence length (attention has no weights)
+    post = flops.train_flops_per_token(cfg, 16, "all", 2048, skip=False)
+    assert 0 < post - f(16) < 0.01 * f(16)  # only layer 0's skipped input gradients differ
+
+
+@pytest.mark.parametrize("name", list(flops.presets))
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_memory_adds_up(name, dtype):
+    cfg = flops.presets[name]
+    full, lo = flops.memory_bytes(cfg, 0, dtype=dtype), flops.memory_bytes(cfg, 16, "all", dtype=dtype)
+    for m in (full, lo):
+        assert m["total"] == m["weights"] + m["grads"] + m["master"] + m["adam"]
+        assert m["sampling"] == 2 * flops.model_params(cfg)  # bf16 weights, what a server holds
+    assert full["total"] == 16 * flops.model_params(cfg)  # fp32: 4+4+8; bf16 mixed: 2+2+4+8
+    n = flops.lora_params(cfg, 16, "all")["total"]
+    assert lo["total"] - lo["weights"] + 4 * n == 16 * n  # fp32 adapters: 4 + 4 + 8 bytes each
+    assert full["total"] / full["sampling"] == 8  # the post's "order of magnitude more" than sampling
+    assert lo["total"] < full["total"] / 3
+
+
+def test_measure_tiny_model_state_and_counts():
+    torch.set_num_threads(1)
+    cfg = tiny_config()
+    m = flops.measure(cfg, 4, "all", False, seq_len=32, batch=2, steps=1, device="cpu")
+    for method in ("FullFT", "LoRA"):
+        r = m[method]
+        assert r["counted_flops"] == r["analytic_flops"]
+        assert r["state"] == {k: r["analytic_state"][k] for k in ("weights", "grads", "adam")}
+        assert r["activation_bytes"] > 0 and r["ms"] > 0
+    assert m["LoRA"]["state_bytes"] < m["FullFT"]["state_bytes"]
+    json.dumps(m)
+
+
+def test_capacity_examples_and_logs(tmp_path):
+    assert flops.MATH_BITS == 320_000
+    assert flops.R1_ZERO_EPISODES == 10_400 * 32 * 16 == 5_324_800
+    assert flops.human(flops.R1_ZERO_EPISODES) == "5.32M"
+    p8 = flops.presets["llama-3.1-8b"]
+    assert flops.capacity_bits(p8, 1, "all", lm_head=True) == 2 * 2_753_792 > flops.MATH_BITS
+    assert flops.min_rank(p8, flops.MATH_BITS) == 1
+    sft = tmp_path / "sft.jsonl"
+    recs = [{"type": "config", "trainable_params": 1000}, {"type": "train", "step": 1, "loss": math.log(2), "tokens": 100, "epoch": 0.5},
+            {"type": "eval", "step": 1, "loss": 9.0}, {"type": "train", "step": 2, "loss": 2 * math.log(2), "tokens": 50, "epoch": 1.0},
+            {"type": "train", "step": 3, "loss": 5.0, "tokens": 100, "epoch": 1.5}]
+    sft.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bits, kind, conf = flops.log_bits(sft)
+    assert kind == "sft" and conf["trainable_params"] == 1000 and bits == pytest.approx(200.0)
+    rl = tmp_path / "rl.jsonl"
+    rl.write_text("".join(json.dumps({"type": "train", "step": i, "episodes": 64, "reward": 0.5}) + "\n" for i in range(10)))
+    assert flops.log_bits(rl)[:2] == (640.0, "rl")
+
+
+def test_moe_is_analytic():
+    cfg = flops.presets["qwen3-30b-a3b"]
+    assert 30.4e9 < flops.model_params(cfg) < 30.6e9
+    unit = flops.lora_params(cfg, 8, "mlp")  # rank 8 total = rank 1 on each of 128 experts
+    assert unit["gate_proj"] == 48 * 128 * (2048 + 768)
+    assert flops.train_flops_per_token(cfg, 0) < flops.model_params(cfg)  # only 8 of 128 experts run per token
+    with pytest.raises(UserError):
+        flops.measure(cfg, 8, "all", False, 16, 1, 1)
+
+
+def test_bad_input_is_a_user_error(tmp_path, capsys):
+    with pytest.raises(UserError, match="preset"):
+        flops.main(["--model", "llama-9"])
+    with pytest.raises(UserError, match="layer name"):
+        flops.main(["--layers", "qkv"])
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        flops.main(["--model", str(tmp_path)])
+    flops.main(["--model", "llama-3.1-8b"])
+    out = capsys.readouterr().out
+    assert "486,866,944" in out and "0.49B" in out and "2,753,792" in out
+
+
+# -----------------------------------------------------------------------------
+# train_rl.py
+
+
+import train_rl  # noqa: E402
+
+
+GOLD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+
+
+@pytest.mark.parametrize("completion,reward", [
+    ("She sold 24 in May, 72 in all.\n#### 72", 1), ("#### 72.", 1), ("#### $72", 1), ("#### 72 clips", 1),
+    ("The answer is 72.", 1), ("the answer is: **72**", 1), ("Answer: 72", 1), ("so \\boxed{72}", 1),
+    ("\\boxed{\\$72}", 1), ("\\boxed{72 \\text{ clips}}", 1), ("48 + 24 = 72", 1), ("72.00", 1), ("#### 72.0", 1),
+    ("First 12 clips, then 60. " * 40 + "#### 72", 1),           # a long completion: the answer is at the far end
+    ("#### 72 is wrong, the answer is 24", 1),                  # '####' wins over later text
+    ("#### 24", 0), ("The answer is 71.", 0), ("", 0), ("I don't know.", 0), ("#### 720", 0), ("#### 7.2", 0),
+    ("72 clips. The answer is 73", 0), ("\\boxed{-72}", 0), ("#### seventy-two", 0),
+])
+def test_gsm8k_reward_formats(completion, reward):
+    assert train_rl.gsm8k_reward(completion, GOLD) == reward
+
+
+def test_gsm8k_reward_commas_negatives_decimals():
+    assert train_rl.gsm8k_reward("It costs $1,080.", "#### 1,080") == 1
+    assert train_rl.gsm8k_reward("#### 1080", "#### 1,080") == 1
+    assert train_rl.gsm8k_reward("The loss is -5 dollars", "#### -5") == 1
+    assert train_rl.gsm8k_reward("#### 1,08", "#### 108") == 0     # not a thousands group: the number is 1
+    assert train_rl.gsm8k_reward("#### 18.00", "#### 18") == 1
+    assert train_rl.gsm8k_reward("#### 2.5", "#### 2.5") == 1
+    assert train_rl.extract_answer("costs \u22123 today") == -3    # unicode minus
+
+
+def test_group_advantages_sum_to_zero_and_equal_groups_give_no_gradient():
+    rewards = [1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1]
+    adv = train_rl.group_advantages(rewards, 4)
+    assert torch.allclose(adv.view(3, 4).sum(1), torch.zeros(3))
+    assert (adv[4:8] == 0).all() and torch.equal(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert torch.allclose(train_rl.group_advantages(rewards, 4, std=True).view(3, 4).sum(1), torch.zeros(3), atol=1e-5)
+    model = lora.apply_lora(tiny_model(), rank=2)
+    randomize_lora(model)
+    lp = train_rl.completion_logprobs(model, [[5, 6, 7]], [[8, 9, 10]])[0]
+    loss, _ = train_rl.pg_loss(lp, lp.detach(), 0.0)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for _, p in lora.trainable_parameters(model))
+
+
+def test_importance_ratio_is_one_on_policy_and_learner_logprobs_equal_sampler():
+    model = tiny_model().double()
+    prompts = [[5, 9, 200], [7, 7], [100, 101, 102, 103]]
+    comps, old = lora.generate(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), stop_ids=[3])
+    new = train_rl.completion_logprobs(model, prompts, comps)
+    for lp_new, lp_old in zip(new, old):
+        assert torch.allclose(lp_new, torch.tensor(lp_old, dtype=torch.float64), atol=1e-9)
+        _, ratio = train_rl.pg_loss(lp_new, torch.tensor(lp_old, dtype=torch.float64), 1.0)
+        assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-9)
+    # with temperature, both sides use softmax(logits / T)
+    comps, old = lora.generate(model, prompts, 6, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    for lp_new, lp_old in zip(train_rl.completion_logprobs(model, prompts, comps, temperature=0.7), old):
+        assert torch.allclose(lp_new, torch.tensor(lp_old, dtype=torch.float64), atol=1e-9)
+
+
+def test_ppo_clip_limits_the_ratio_in_the_objective():
+    lp_old = torch.zeros(3)
+    lp_new = torch.log(torch.tensor([0.5, 1.0, 2.0]))
+    loss, _ = train_rl.pg_loss(lp_new, lp_old, 1.0, clip=0.2)
+    assert torch.isclose(loss, -torch.tensor(0.5 + 1.0 + 1.2))           # positive advantage: capped at 1 + eps
+    loss, _ = train_rl.pg_loss(lp_new, lp_old, -1.0, clip=0.2)
+    assert torch.isclose(loss, torch.tensor(0.8 + 1.0 + 2.0))            # negative advantage: floored at 1 - eps
+
+
+def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
+    model, tok = smol
+    prompts = [train_rl.prompt_ids(tok, r) for r in lora.synth_problems(2, seed=7)]
+    comps, old = lora.generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), stop_ids=tok.stop_ids)
+    for lp_new, lp_old in zip(train_rl.completion_logprobs(model, prompts, comps), old):  # cached = full forward
+        assert torch.allclose(lp_new, torch.tensor(lp_old), atol=2e-3)
+    train_rl.main(["--data", "synth", "--rank", "1", "--steps", "2", "--questions_per_step", "2", "--group_size", "4",
+                   "--max_new_tokens", "24", "--eval_every", "2", "--eval_examples", "2", "--save_every", "2",
+                   "--out", str(tmp_path), "--device", "cpu"])
+    (run,) = tmp_path.iterdir()
+    recs = lora.read_jsonl(run / "log.jsonl")
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(r["episodes"] == 8 for r in train)
+    assert all(0 <= r["reward"] <= 1 and 0 < r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"] for r in train)
+    assert [r["step"] for r in recs if r["type"] == "eval"] == [0, 2] and (run / "latest").exists()
+    assert (run / "ckpt-2" / "adapter_model.safetensors").exists()

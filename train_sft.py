@@ -16,7 +16,6 @@ that --resume continues from.
 """
 
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -149,10 +148,6 @@ def evaluate(model, examples, micro, pad_id, device, amp):
 # one run
 
 
-class Diverged(lora.UserError):
-    """NaN or inf loss: the run stops before the bad update; its last checkpoint stays."""
-
-
 def run_name(a, data_tag):
     mode = "full" if a.rank == 0 else f"r{a.rank}" + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}") + ("_head" if a.lm_head else "")
     extra = "" if a.lr_ratio_b == 1 else f"_b{a.lr_ratio_b:g}"
@@ -165,19 +160,10 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp):
     rank_id, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank_id == 0
     device, amp = a.device, a.amp
-    torch.manual_seed(a.seed)
-    model = copy.deepcopy(base)
-    if a.rank > 0:
-        layers = a.layers.split("+") if "+" in a.layers else a.layers
-        lora.apply_lora(model, a.rank, a.alpha, layers, lm_head=a.lm_head, init_scale=a.init_scale)
-        groups = lora.lora_param_groups(model, a.lr, a.lr_ratio_b, a.weight_decay)
-    else:
-        model.requires_grad_(True)
-        groups = [dict(params=[p for p in model.parameters()], lr=a.lr, weight_decay=a.weight_decay)]
-    model.to(device).train()
+    model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
+                                       a.weight_decay, a.beta2, device, a.seed)
     model.gradient_checkpointing = a.grad_ckpt
     n_train = lora.count_parameters(model)
-    opt = torch.optim.AdamW(groups, betas=(0.9, a.beta2), eps=1e-8, fused=device.startswith("cuda"))
     flops_per_token = lora.train_flops_per_token(model, a.max_len)
     fwd = torch.compile(model) if a.compile else model
     if ddp:
@@ -224,11 +210,11 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp):
         if ddp:
             dist.all_reduce(loss_sum)
         loss = loss_sum.item() / n_tok.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], a.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or float("inf"))
         if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
             if master:
                 log.write({"type": "diverged", "step": step, "loss": loss})
-            raise Diverged(f"{a.name}: loss {loss} / grad norm {grad_norm.item()} at step {step} (lr {a.lr:.3g}): "
+            raise lora.Diverged(f"{a.name}: loss {loss} / grad norm {grad_norm.item()} at step {step} (lr {a.lr:.3g}): "
                                  f"lower --lr; the last good checkpoint in {run_dir} is kept and --resume continues from it")
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -303,15 +289,13 @@ def grid(a, cfg):
     split = lambda s, f: [f(x) for x in str(s).split(",")]
     ranks, layers, bss = split(a.rank, int), split(a.layers, str), split(a.batch_size, int)
     inits, ratios = split(a.init_scale, float), split(a.lr_ratio_b, float)
-    lrs = split(a.lr, float) if a.lr else None
-    mults = split(a.lr_mult, float) if a.lr_mult else None
     runs = []
     for r, ly, bs, ini, rb in itertools.product(ranks, layers, bss, inits, ratios):
         if r < 0:
             raise lora.UserError(f"--rank {r}: use 0 for full fine-tuning or a LoRA rank >= 1")
         if r == 0 and (ly != layers[0] or ini != inits[0] or rb != ratios[0]):
             continue  # FullFT ignores the LoRA-only options: run it once
-        for lr in lrs or [m * lora.fullft_lr(cfg) for m in (mults or [10.0 if r > 0 else 1.0])]:
+        for lr in lora.resolve_lrs(a.lr, a.lr_mult, r, cfg):
             runs.append(argparse.Namespace(**{**vars(a), "rank": r, "layers": ly, "batch_size": bs, "init_scale": ini,
                                               "lr_ratio_b": rb, "lr": lr}))
     return runs
@@ -353,7 +337,7 @@ def main(argv=None):
             print(f"\n[{len(results) + 1}/{len(runs)}]")
         try:
             results.append((r.name, train(r, base, tok, train_ex, eval_ex, desc, ddp)))
-        except Diverged as e:
+        except lora.Diverged as e:
             if len(runs) == 1:
                 raise
             print(f"diverged: {e}")  # a sweep's high LRs may diverge; the rest of the grid still runs

@@ -1,0 +1,325 @@
+"""
+train_rl.py: GRPO-style policy-gradient RL on GSM8K (or the built-in synth problems) with LoRA,
+down to rank 1, or full fine-tuning: the post's check that for RL, LoRA matches FullFT at rank 1.
+
+Each step samples --group_size completions for each of --questions_per_step problems from the
+current policy (KV cache, temperature 1), rewards each 1 if its final answer is right, else 0,
+centres the rewards within each group (advantage = reward - group mean), and maximises the post's
+objective, sum over completion tokens of (p_learner / p_sampler) x advantage, with p_sampler the
+probabilities recorded while sampling. No KL term; PPO clipping and several updates per batch
+are options.
+
+    python train_rl.py --data synth --rank 1 --steps 20 --questions_per_step 4 --group_size 8 --max_new_tokens 96  # CPU
+    python train_rl.py --data ../shared/data/gsm8k --rank 1 --steps 5 --questions_per_step 2 --group_size 8         # CPU
+    python train_rl.py --rank 1,8,0 --lr_mult 3,10,30 --compile                                                    # GPU sweep
+
+Learning rate: as in train_sft.py (--lr, or --lr_mult x the post's FullFT LR; 10x for LoRA by default).
+"""
+
+import argparse
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lora
+
+# -----------------------------------------------------------------------------
+# reward: is the completion's final answer GSM8K's answer?
+
+NUMBER = r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\$?\s?\.\d+"
+
+
+def parse_number(s):
+    """'$1,080.00' -> 1080.0, '-3' -> -3.0; None if s holds no number."""
+    m = re.search(NUMBER, s.replace("\u2212", "-"))
+    if not m:
+        return None
+    try:
+        return float(re.sub(r"[$,\s]", "", m.group(0)))
+    except ValueError:
+        return None
+
+
+def extract_answer(text):
+    """The completion's final answer as a float, or None. In order: the last '#### N', the last
+    \\boxed{N}, the last 'answer is N' / 'answer: N', else the last number anywhere. The whole
+    completion is searched (tail-only scans miss answers), and $, commas, units, a trailing period,
+    a minus sign and decimals such as 18.00 are handled."""
+    text = text.replace("\u2212", "-")
+    for pattern in (r"####\s*([^\n]*)", r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}", r"answer\s*(?:is|:|=)\s*:?\s*([^\n]*)"):
+        hits = re.findall(pattern, text, flags=re.IGNORECASE)
+        for hit in reversed(hits):
+            value = parse_number(hit)
+            if value is not None:
+                return value
+    numbers = re.findall(NUMBER, text)
+    return parse_number(numbers[-1]) if numbers else None
+
+
+def gsm8k_reward(completion: str, answer: str) -> float:
+    """1.0 if the completion's final answer equals the number after GSM8K's last '####', else 0.0."""
+    predicted, gold = extract_answer(completion), parse_number(lora.gsm8k_gold(answer))
+    return float(predicted is not None and gold is not None and abs(predicted - gold) < 1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the policy-gradient pieces
+
+
+def group_advantages(rewards, group_size, std=False):
+    """Reward minus its group's mean (the post's GRPO-like centring); with std, divided by the
+    group's standard deviation + 1e-4 as GRPO does. A group whose rewards are all equal gets 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    adv = r - r.mean(1, keepdim=True)
+    if std:
+        adv = adv / (r.std(1, keepdim=True) + 1e-4)
+    return adv.flatten()
+
+
+def completion_logprobs(model, prompts, completions, temperature=1.0):
+    """Log-probabilities (under softmax(logits / temperature)) of each completion's tokens given
+    its prompt, one tensor per episode, from one right-padded forward pass."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    T = max(map(len, seqs))
+    device = model.lm_head.weight.device
+    x = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    logits = model(x[:, :-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        rows = logits[i, len(p) - 1:len(p) - 1 + len(c)]   # position t predicts token t + 1
+        out.append(-F.cross_entropy(rows, torch.tensor(c, device=device), reduction="none"))
+    return out
+
+
+def pg_loss(logp_new, logp_old, adv, clip=0.0):
+    """The post's objective as a loss: -sum_t ratio_t x adv over an episode's tokens, ratio =
+    p_learner / p_sampler = exp(logp_new - logp_old). With clip > 0, PPO's pessimistic clipped
+    version. Returns (loss, ratio) for one episode."""
+    ratio = torch.exp(logp_new - logp_old)
+    obj = ratio * adv
+    if clip > 0:
+        obj = torch.minimum(obj, ratio.clamp(1 - clip, 1 + clip) * adv)
+    return -obj.sum(), ratio.detach()
+
+
+# -----------------------------------------------------------------------------
+# data, prompts, evaluation
+
+
+def load_problems(spec, seed, n_eval):
+    """(train rows, eval rows, description); rows are GSM8K-format {'question', 'answer'}."""
+    if spec == "synth":
+        return lora.synth_problems(20000, seed), lora.synth_problems(n_eval, seed + 10_000), f"synth (seed {seed})"
+    if spec == "gsm8k" and not lora.hub_reachable():
+        print("openai/gsm8k cannot be reached (offline): using --data synth instead; "
+              "pass --data PATH for a local GSM8K copy (e.g. ../shared/data/gsm8k)", file=sys.stderr)
+        return load_problems("synth", seed, n_eval)
+    train, where = lora.load_gsm8k(spec, "train")
+    test, _ = lora.load_gsm8k(spec, "test") if spec == "gsm8k" or Path(spec).is_dir() else (train[:n_eval], None)
+    return train, test[:n_eval], f"gsm8k: {where} (eval: first {n_eval} of the test split)"
+
+
+def prompt_ids(tok, row):
+    return tok.render_chat(lora.gsm8k_messages(row, with_answer=False), add_generation_prompt=True)[0]
+
+
+@torch.no_grad()
+def evaluate(model, tok, rows, max_new_tokens, batch, amp, device):
+    """Greedy accuracy on rows (the same fixed slice every time)."""
+    correct = 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
+            outs, _ = lora.generate(model, [prompt_ids(tok, r) for r in chunk], max_new_tokens, temperature=0,
+                                    stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        correct += sum(gsm8k_reward(tok.decode(o), r["answer"]) for o, r in zip(outs, chunk))
+    return correct / len(rows)
+
+
+# -----------------------------------------------------------------------------
+# one run
+
+
+def train(a, base, tok, train_rows, eval_rows, data_desc):
+    device, amp = a.device, a.amp
+    model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, device=device, seed=a.seed)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    run_dir = Path(a.out) / a.name
+    start = 0
+    if a.resume and (run_dir / "latest").exists():
+        start = lora.load_checkpoint(run_dir, model, opt)["step"]
+        print(f"resumed {a.name} at step {start}")
+    config = dict(script="train_rl", name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
+                  model=asdict(base.config), model_name=base.name_or_path, data=data_desc,
+                  trainable_params=lora.count_parameters(model), fullft_lr=lora.fullft_lr(base.config))
+    log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None)
+    print(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, "
+          f"{config['trainable_params']:,} trainable, lr {a.lr:.3g}, {a.steps} steps x {a.questions_per_step} questions "
+          f"x {a.group_size} samples, log {run_dir / 'log.jsonl'}")
+    autocast = lambda: torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None)
+
+    def eval_and_log(step):
+        acc = evaluate(model, tok, eval_rows, a.max_new_tokens, a.eval_batch, amp, device)
+        log.write({"type": "eval", "step": step, "accuracy": acc})
+        print(f"step {step:4d} | eval accuracy {acc:.3f} (greedy, {len(eval_rows)} problems)")
+        model.train()
+        return acc
+
+    if start == 0 and a.eval_every:
+        eval_and_log(0)
+    order = random.Random(a.seed).sample(range(len(train_rows)), len(train_rows))
+    for step in range(start + 1, a.steps + 1):
+        # 1. sample: every problem group_size times, with the policy as it is now
+        k = (step - 1) * a.questions_per_step
+        rows = [train_rows[order[(k + j) % len(order)]] for j in range(a.questions_per_step)]
+        prompts = [prompt_ids(tok, r) for r in rows for _ in range(a.group_size)]
+        gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + step)  # resumed runs sample the same
+        t0 = time.time()
+        model.eval()
+        with autocast():
+            comps, old_lp = lora.generate(model, prompts, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids, gen, tok.pad_id)
+        model.train()
+        t_sample = time.time() - t0
+        # 2. reward and advantage
+        texts = [tok.decode(c) for c in comps]
+        rewards = [gsm8k_reward(t, r["answer"]) for t, r in zip(texts, (r for r in rows for _ in range(a.group_size)))]
+        adv = group_advantages(rewards, a.group_size, a.adv_std)
+        truncated = sum(c[-1] not in tok.stop_ids for c in comps)
+        empty = sum(not t.replace("<|im_end|>", "").strip() for t in texts)
+        # 3. learn, on the episodes that carry signal (a group with equal rewards has zero advantage)
+        live = [i for i in range(len(comps)) if adv[i] != 0]
+        t1, ratios, loss_total = time.time(), [], 0.0
+        for _ in range(a.updates_per_batch if live else 0):
+            for j in range(0, len(live), a.micro_batch):
+                idx = live[j:j + a.micro_batch]
+                with autocast():
+                    new_lp = completion_logprobs(model, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature)
+                loss = 0.0
+                for i, lp in zip(idx, new_lp):
+                    ep_loss, ratio = pg_loss(lp, torch.tensor(old_lp[i], device=device), adv[i].item(), a.clip)
+                    loss = loss + ep_loss / len(comps)   # mean over the step's episodes, sum over tokens
+                    ratios.append(ratio)
+                loss.backward()
+                loss_total += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip or float("inf"))
+            if not (math.isfinite(loss_total) and math.isfinite(grad_norm.item())):
+                log.write({"type": "diverged", "step": step, "loss": loss_total})
+                raise lora.Diverged(f"{a.name}: loss {loss_total} / grad norm {grad_norm.item()} at step {step} "
+                                    f"(lr {a.lr:.3g}): lower --lr; the last good checkpoint in {run_dir} is kept")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t_learn = time.time() - t1
+        r_all = torch.cat(ratios) if ratios else torch.ones(1)
+        n_gen = sum(map(len, comps))
+        n_learn = sum(len(prompts[i]) + len(comps[i]) for i in live) * (a.updates_per_batch if live else 0)
+        rec = {"type": "train", "step": step, "reward": sum(rewards) / len(rewards), "acc": sum(r == 1 for r in rewards) / len(rewards),
+               "zero_spread": float((adv.view(-1, a.group_size) == 0).all(1).float().mean()), "episodes": len(comps),
+               "completion_len": n_gen / len(comps), "truncated": truncated, "empty": empty, "loss": loss_total,
+               "ratio_min": r_all.min().item(), "ratio_mean": r_all.mean().item(), "ratio_max": r_all.max().item(),
+               "sample_tok_s": n_gen / t_sample, "learn_tok_s": n_learn / max(t_learn, 1e-9),
+               "ms": (time.time() - t0) * 1000, "lr": a.lr}
+        log.write(rec)
+        print(f"step {step:4d}/{a.steps} | reward {rec['reward']:.3f} | no-spread groups {rec['zero_spread']:.2f} | "
+              f"len {rec['completion_len']:.0f} (cut {truncated}) | ratio {rec['ratio_min']:.3f}/{rec['ratio_mean']:.3f}/"
+              f"{rec['ratio_max']:.3f} | sample {rec['sample_tok_s']:.0f} tok/s | learn {rec['learn_tok_s']:.0f} tok/s | "
+              f"{rec['ms'] / 1000:.1f} s")
+        if a.eval_every and step % a.eval_every == 0 and step != a.steps:
+            eval_and_log(step)
+        if a.save_every and step % a.save_every == 0:
+            lora.save_checkpoint(run_dir, step, model, opt)
+    final = eval_and_log(a.steps) if a.eval_every else float("nan")
+    if a.save_every:
+        lora.save_checkpoint(run_dir, a.steps, model, opt)
+    return final
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    g = p.add_argument_group("LoRA and LR (comma lists sweep)")
+    g.add_argument("--rank", default="1", help="LoRA rank; 0 = full fine-tuning")
+    g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by +")
+    g.add_argument("--lm_head", action="store_true")
+    g.add_argument("--alpha", type=float, default=32)
+    g.add_argument("--lr", default=None, help="learning rate; overrides --lr_mult")
+    g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR; default 10 for LoRA, 1 for FullFT")
+    g = p.add_argument_group("RL")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--questions_per_step", type=int, default=8)
+    g.add_argument("--group_size", type=int, default=16)
+    g.add_argument("--max_new_tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top_p", type=float, default=1.0)
+    g.add_argument("--adv_std", action="store_true", help="divide advantages by the group's std (GRPO); the post does not")
+    g.add_argument("--updates_per_batch", type=int, default=1, help="optimizer steps per batch of samples (>1: off-policy)")
+    g.add_argument("--clip", type=float, default=0.0, help="PPO clip epsilon, e.g. 0.2 (0 = the post's plain objective)")
+    g.add_argument("--micro_batch", type=int, default=8, help="episodes per learner forward")
+    g.add_argument("--grad_clip", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data and eval")
+    g.add_argument("--data", default="gsm8k", help="gsm8k, synth, a GSM8K-style folder or .jsonl")
+    g.add_argument("--eval_examples", type=int, default=64)
+    g.add_argument("--eval_every", type=int, default=10)
+    g.add_argument("--eval_batch", type=int, default=32)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="out")
+    g.add_argument("--tag", default="")
+    g.add_argument("--save_every", type=int, default=10)
+    g.add_argument("--resume", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    device, pdtype, amp, why = lora.pick_device(a.device, a.dtype)
+    a.device, a.amp = device, amp
+    base, tok = lora.load_model(a.model, device="cpu", dtype=pdtype)
+    print(f"device: {why}; model {base.name_or_path}")
+    train_rows, eval_rows, desc = load_problems(a.data, a.seed, a.eval_examples)
+    print(f"data: {desc}; {len(train_rows)} training problems")
+    tag = "synth" if desc.startswith("synth") else "gsm8k"
+    runs = []
+    for r in (int(x) for x in a.rank.split(",")):
+        if r < 0:
+            raise lora.UserError(f"--rank {r}: use 0 for full fine-tuning or a LoRA rank >= 1")
+        for lr in lora.resolve_lrs(a.lr, a.lr_mult, r, base.config):
+            mode = "full" if r == 0 else f"r{r}" + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}")
+            runs.append(argparse.Namespace(**{**vars(a), "rank": r, "lr": lr,
+                                              "name": f"rl_{tag}_{mode}_lr{lr:.2e}_g{a.group_size}{a.tag}"}))
+    results = []
+    for r in runs:
+        try:
+            results.append((r.name, train(r, base, tok, train_rows, eval_rows, desc)))
+        except lora.Diverged as e:
+            if len(runs) == 1:
+                raise
+            print(f"diverged: {e}")
+            results.append((r.name, float("nan")))
+    if len(runs) > 1:
+        print("\nfinal greedy eval accuracy per run:")
+        for name, acc in sorted(results, key=lambda t: -t[1] if t[1] == t[1] else 1):
+            print(f"  {acc:.3f}  {name}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except lora.UserError as e:
+        sys.exit(f"error: {e}")
