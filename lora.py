@@ -567,10 +567,11 @@ class Tokenizer:
     Rank = token id: byte-level BPE vocabularies list tokens in merge order (true of Llama 3,
     Qwen2/3, SmolLM2, GPT-2), so tiktoken's lowest-rank-first merging gives HF's token ids."""
 
-    def __init__(self, ranks, special, pattern, bos_id=None, eos_ids=(), chat_template=None, nfc=False, name="bpe"):
+    def __init__(self, ranks, special, pattern, bos_id=None, eos_ids=(), chat_template=None, nfc=False, add_bos=False, name="bpe"):
         import tiktoken
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
         self.special, self.nfc, self.bos_id = dict(special), nfc, bos_id
+        self.add_bos = add_bos and bos_id is not None  # what the reference tokenizer does by default (Llama 3: yes)
         self.chat_template = chat_template or ""
         if "<|im_start|>" in self.chat_template or ("<|im_start|>" in special and "<|start_header_id|>" not in self.chat_template):
             self.chat_format = "chatml"
@@ -591,11 +592,13 @@ class Tokenizer:
     def vocab_size(self):
         return self.enc.n_vocab
 
-    def encode(self, text):
-        """Token ids of text; special-token strings in it become their ids, as HF tokenizers do."""
+    def encode(self, text, bos=None):
+        """Token ids of text; special-token strings in it become their ids, as HF tokenizers do.
+        bos: prepend the BOS token; None does what the reference tokenizer does by default."""
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
-        return self.enc.encode(text, allowed_special="all")
+        ids = self.enc.encode(text, allowed_special="all")
+        return [self.bos_id] + ids if (self.add_bos if bos is None else bos) and self.bos_id is not None else ids
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -608,7 +611,7 @@ class Tokenizer:
         ids, mask = [], []
 
         def add(piece, learn=False):
-            toks = [self.special[piece]] if piece in self.special else self.encode(piece)
+            toks = [self.special[piece]] if piece in self.special else self.encode(piece, bos=False)
             ids.extend(toks)
             mask.extend([int(learn)] * len(toks))
 
@@ -679,14 +682,15 @@ def tokenizer_from_json(tj, tok_config=None, model_config=None):
         return special.get(v) if v is not None else None
 
     bos = token_id(tok_config.get("bos_token"))
-    proc = json.dumps(tj.get("post_processor") or {})
-    if bos is None and model_config.get("bos_token_id") is not None and ("SpecialToken" in proc or tok_config.get("add_bos_token")):
+    if bos is None and model_config.get("bos_token_id") in special.values():
         bos = model_config["bos_token_id"]
+    bos_text = next((t for t, i in special.items() if i == bos), None)
+    add_bos = tok_config.get("add_bos_token", bool(bos_text) and f'"{bos_text}"' in json.dumps(tj.get("post_processor") or {}))
     eos = _special_ids(model_config, "eos_token_id") + [token_id(tok_config.get("eos_token"))]
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-    return Tokenizer(ranks, special, pattern, bos, eos, template, nfc=norm.get("type") == "NFC")
+    return Tokenizer(ranks, special, pattern, bos, eos, template, nfc=norm.get("type") == "NFC", add_bos=bool(add_bos))
 
 
 # Llama 3's special tokens after its 128,000 BPE ranks, as Meta's tokenizer.py names them.
@@ -706,7 +710,7 @@ def tokenizer_from_tiktoken_file(path):
     names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
     special = {s: len(ranks) + i for i, s in enumerate(names)}
     template = "<|start_header_id|>"  # Llama 3 format; Llama 3 Instruct models stop at <|eot_id|>
-    return Tokenizer(ranks, special, LLAMA3_PATTERN, special["<|begin_of_text|>"], [special["<|end_of_text|>"]], template)
+    return Tokenizer(ranks, special, LLAMA3_PATTERN, special["<|begin_of_text|>"], [special["<|end_of_text|>"]], template, add_bos=True)
 
 
 def tokenizer_from_gguf(reader):
@@ -720,10 +724,11 @@ def tokenizer_from_gguf(reader):
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
     special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # CONTROL, USER_DEFINED
     ranks = {_token_bytes(t): i for i, t in enumerate(tokens) if t not in special}
-    bos = meta("tokenizer.ggml.bos_token_id") if meta("tokenizer.ggml.add_bos_token", False) or pre in ("llama-bpe", "llama3") else None
+    bos = meta("tokenizer.ggml.bos_token_id")
+    add_bos = meta("tokenizer.ggml.add_bos_token", pre in ("llama-bpe", "llama3"))
     eos = [meta("tokenizer.ggml.eos_token_id"), meta("tokenizer.ggml.eot_token_id")]
-    return Tokenizer(ranks, special, GGUF_PRE_PATTERNS[pre], bos, eos, meta("tokenizer.chat_template"),
-                     nfc=pre == "qwen2")  # Qwen's tokenizer.json normalises to NFC first
+    return Tokenizer(ranks, special, GGUF_PRE_PATTERNS[pre], bos if bos in special.values() else None, eos,
+                     meta("tokenizer.chat_template"), nfc=pre == "qwen2", add_bos=add_bos)  # Qwen normalises to NFC
 
 
 def load_tokenizer(path):

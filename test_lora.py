@@ -344,7 +344,8 @@ def test_llama3_tokenizer_model(tmp_path):
     lines = [f"{base64.b64encode(lora._token_bytes(t)).decode()} {i}" for t, i in vocab.items()]
     (tmp_path / "tokenizer.model").write_text("\n".join(lines))
     tok = lora.load_tokenizer(tmp_path)
-    assert tok.encode(" the") == [vocab["Ġthe"]] and tok.bos_id == len(vocab)
+    assert tok.bos_id == len(vocab) and tok.encode(" the") == [tok.bos_id, vocab["Ġthe"]]  # HF's Llama 3 default
+    assert tok.encode(" the", bos=False) == [vocab["Ġthe"]]
     assert tok.chat_format == "llama3" and tok.stop_ids == [len(vocab) + 1, len(vocab) + 9]
     ids_, mask = tok.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " the "}])
     assert ids_[0] == tok.bos_id and tok.decode([i for i, m in zip(ids_, mask) if m]) == "the<|eot_id|>"
@@ -849,3 +850,111 @@ def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
     assert all(0 <= r["reward"] <= 1 and 0 < r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"] for r in train)
     assert [r["step"] for r in recs if r["type"] == "eval"] == [0, 2] and (run / "latest").exists()
     assert (run / "ckpt-2" / "adapter_model.safetensors").exists()
+
+
+# -----------------------------------------------------------------------------
+# plot.py
+
+
+import plot  # noqa: E402
+
+FIG_NAMES = [name for name, _ in plot.FIGURES]
+
+
+def write_log(root, name, script, args, records):
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"type": "config", "script": script, "name": name, "args": args, "trainable_params": 1000}
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [cfg] + records))
+    return d / "log.jsonl"
+
+
+def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30):
+    """An SFT run whose train loss falls to `final` and whose last eval loss is exactly `final`."""
+    args = dict(rank=rank, layers=layers, lm_head=False, lr=lr, lr_mult=None, batch_size=batch_size, lr_ratio_b=1.0,
+                init_scale=1.0, alpha=32, data="synth", seed=0)
+    per_step = 3e9 if rank == 0 else 2e9
+    train = [{"type": "train", "step": s, "loss": final + 2.0 / s ** 0.5 - 2.0 / steps ** 0.5, "lr": lr,
+              "flops": per_step * s} for s in range(1, steps + 1)]
+    evals = [{"type": "eval", "step": 0, "loss": 3.0}, {"type": "eval", "step": steps, "loss": final}]
+    name = f"sft_r{rank}_{layers}_lr{lr:.3e}_bs{batch_size}"
+    return write_log(root, name, "train_sft", args, train + evals)
+
+
+def rl(root, rank, lr, top, steps=20):
+    args = dict(rank=rank, layers="all", lm_head=False, lr=lr, lr_mult=None, data="synth", seed=0, group_size=8,
+                questions_per_step=4)
+    train = [{"type": "train", "step": s, "reward": top * s / steps, "lr": lr} for s in range(1, steps + 1)]
+    return write_log(root, f"rl_r{rank}_lr{lr:.3e}", "train_rl", args, train + [{"type": "eval", "step": steps, "accuracy": top}])
+
+
+def sft_sweep(root):
+    """Final losses an exact parabola in log10(LR): FullFT's minimum at 1e-4, LoRA's at 1e-3 (ratio 10),
+    on grids that miss the minimum, so only the parabola refinement finds it."""
+    for rank, opt, offsets in [(0, 1e-4, [-1, -0.5, 0.2, 0.7, 1.2]), (1, 1e-3, [-1.3, -0.8, -0.3, 0.2, 0.7]),
+                               (16, 1e-3, [-1.3, -0.8, -0.3, 0.2, 0.7]), (256, 1e-3, [-1.3, -0.8, -0.3, 0.2, 0.7])]:
+        for off in offsets:
+            sft(root, rank, opt * 10 ** off, 1.0 + 0.05 / (rank or 1e9) + 0.3 * off ** 2)
+
+
+def full_set(root):
+    sft_sweep(root)
+    for rank, lr in [(16, 1e-3), (16, 3e-3), (0, 1e-4), (0, 3e-4)]:   # batch size 8 beside the sweep's 32
+        sft(root, rank, lr, 0.9 + (0.02 if rank else 0), batch_size=8)
+    for layers, lr in [("mlp", 1e-3), ("mlp", 3e-3), ("attn", 1e-3), ("attn", 3e-3)]:
+        sft(root, 16, lr, 1.1 if layers == "attn" else 1.0, layers=layers)
+    for rank in (1, 0):
+        for lr, top in [(1e-5, 0.4), (1e-4, 0.6)]:
+            rl(root, rank, lr * (10 if rank else 1), top)
+
+
+def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
+    full_set(tmp_path / "out")
+    written = plot.main([str(tmp_path / "out"), "--to", str(tmp_path / "png"), "--smooth", "3"])
+    assert sorted(p.name for p in written) == sorted(FIG_NAMES)
+    for name in FIG_NAMES:
+        assert (tmp_path / "png" / name).stat().st_size > 10_000
+    runs = plot.load_runs(tmp_path / "out")
+    assert plot.optimal_lr_ratio(runs) == pytest.approx(10, rel=0.01)
+    opt = plot.optimal_lrs(plot.main_sweep(runs))
+    assert opt[0] == pytest.approx(1e-4, rel=0.01) and opt[256] == pytest.approx(1e-3, rel=0.01)
+    out = capsys.readouterr().out
+    assert "optimal LR, LoRA / FullFT: 10x (median" in out and "skip" not in out
+
+
+def test_missing_runs_skip_with_what_they_need(tmp_path, capsys):
+    for rank in (1, 0):
+        rl(tmp_path, rank, 1e-4, 0.5)
+    written = plot.main([str(tmp_path)])
+    assert [p.name for p in written] == ["fig5_rl.png"]
+    out = capsys.readouterr().out
+    assert "skip fig3_batch_size.png: needs SFT runs at 2+ batch sizes" in out
+    assert out.count("skip ") == 6
+
+
+def test_malformed_logs_do_not_crash(tmp_path, capsys):
+    good = sft(tmp_path, 16, 1e-3, 1.0)
+    with open(good, "a") as f:
+        f.write('not json\n[1, 2]\n{"type": "train", "step": 31, "loss": 0.9')   # a run killed mid-write
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "log.jsonl").write_text("")
+    (tmp_path / "noconfig").mkdir()
+    (tmp_path / "noconfig" / "log.jsonl").write_text('{"type": "train", "step": 1, "loss": 2.0}\n')
+    write_log(tmp_path, "badargs", "train_sft", {"rank": "sixteen", "lr": 1e-3}, [])
+    runs = plot.load_runs(tmp_path)
+    assert [r["rank"] for r in runs] == [16] and len(runs[0]["train"][0]) == 30
+    assert plot.final_loss(runs[0]) == 1.0
+    assert capsys.readouterr().out.count("warning:") == 4   # one line per bad file, none for the good lines
+    plot.main([str(tmp_path)])   # draws what it can, skips the rest
+    out = capsys.readouterr().out
+    assert "wrote" in out and "fig1_rank_curves.png" in out and "skip fig2_lr_vs_loss.png" in out
+
+
+def test_diverged_run_is_excluded_from_the_optimum(tmp_path):
+    sft_sweep(tmp_path)
+    log = sft(tmp_path, 16, 1.5e-3, 0.5)   # would be the best, but it diverged
+    with open(log, "a") as f:
+        f.write(json.dumps({"type": "diverged", "step": 31, "loss": float("nan")}) + "\n")
+    runs = plot.load_runs(tmp_path)
+    assert math.isnan(plot.final_loss([r for r in runs if r["lr"] == 1.5e-3][0]))
+    assert plot.optimal_lr_ratio(runs) == pytest.approx(10, rel=0.01)

@@ -88,7 +88,7 @@ def completion_logprobs(model, prompts, completions, temperature=1.0):
     its prompt, one tensor per episode, from one right-padded forward pass."""
     seqs = [p + c for p, c in zip(prompts, completions)]
     T = max(map(len, seqs))
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device
     x = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
     for i, s in enumerate(seqs):
         x[i, :len(s)] = torch.tensor(s)
@@ -154,6 +154,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
     device, amp = a.device, a.amp
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, device=device, seed=a.seed)
     params = [p for g in opt.param_groups for p in g["params"]]
+    learner = torch.compile(model) if a.compile else model  # the learner's forward; sampling stays eager
     run_dir = Path(a.out) / a.name
     start = 0
     if a.resume and (run_dir / "latest").exists():
@@ -203,7 +204,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
             for j in range(0, len(live), a.micro_batch):
                 idx = live[j:j + a.micro_batch]
                 with autocast():
-                    new_lp = completion_logprobs(model, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature)
+                    new_lp = completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature)
                 loss = 0.0
                 for i, lp in zip(idx, new_lp):
                     ep_loss, ratio = pg_loss(lp, torch.tensor(old_lp[i], device=device), adv[i].item(), a.clip)
@@ -253,6 +254,7 @@ def parse_args(argv=None):
     g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--compile", action="store_true", help="torch.compile the learner's forward")
     g = p.add_argument_group("LoRA and LR (comma lists sweep)")
     g.add_argument("--rank", default="1", help="LoRA rank; 0 = full fine-tuning")
     g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by +")

@@ -1,0 +1,459 @@
+"""
+plot.py: the figures of "LoRA Without Regret" (Schulman and Thinking Machines Lab, 2025) drawn from
+the JSONL logs that train_sft.py and train_rl.py write.
+
+    python plot.py out/                           # a PNG per figure into out/, a summary table per figure
+    python plot.py out/ --to assets/ --smooth 9   # PNGs elsewhere, a wider moving average on the curves
+
+It reads out/<run>/log.jsonl and nothing else. Runs are grouped by configuration (script, rank,
+layers, batch size, data, ...); the learning rate is what a sweep varies within a configuration.
+The "main sweep" is the SFT runs on all layers with the default LoRA settings at the most common
+(data, batch size). A figure whose runs are missing is skipped with a line saying what to train.
+
+    fig1_rank_curves.png    SFT loss against step per rank, the pointwise minimum over LRs
+    fig2_lr_vs_loss.png     final loss against LR per rank, and LoRA's optimal LR over FullFT's
+    fig3_batch_size.png     learning curves and final loss against batch size, LoRA dashed
+    fig4_layers.png         final loss (and RL reward) against LR for LoRA on all / mlp / attn layers
+    fig5_rl.png             RL reward against step per rank, and final reward against LR
+    fig6_early_rank.png     rank 16 against a higher rank at one LR: the same start of training
+    fig7_loss_vs_flops.png  loss against training FLOPs, LoRA against FullFT
+"""
+
+import argparse
+import json
+import math
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # the object API: no pyplot, so no display backend and no global state
+
+SFT_SWEEP = "train_sft.py --rank 1,16,256,0 --lr_mult 0.3,1,3,10,30"
+
+# -----------------------------------------------------------------------------
+# reading the logs
+
+
+def _series(records, kind, field):
+    """(steps, values) of one record type, sorted by step; a repeated step keeps its last record."""
+    by_step = {}
+    for r in records:
+        step, v = r.get("step"), r.get(field)
+        if r.get("type") == kind and isinstance(step, (int, float)) and isinstance(v, (int, float)):
+            by_step[int(step)] = float(v)
+    steps = sorted(by_step)
+    return np.array(steps, dtype=float), np.array([by_step[s] for s in steps], dtype=float)
+
+
+def load_run(path):
+    """One run as a flat dict, or None (with a warning) if its log has no usable config record."""
+    records, bad = [], 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += bool(line.strip())   # a run killed mid-write leaves half a line: skip it, keep the rest
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    if not records:
+        print(f"warning: skip {path}: empty")
+        return None
+    if bad:
+        print(f"warning: {path}: skipped {bad} malformed line(s)")
+    cfg = next((r for r in records if r.get("type") == "config"), {})
+    a = cfg.get("args")
+    try:
+        rl = cfg["script"] == "train_rl"
+        metric = "reward" if rl else "loss"
+        variant = (bool(a.get("lm_head")), float(a.get("lr_ratio_b", 1)), float(a.get("init_scale", 1)))
+        plain = variant == (False, 1.0, 1.0)   # the post's defaults: no lm_head, one LR for A and B, A's usual init
+        # an RL step's batch is questions x samples per question; an SFT step's is sequences
+        batch = int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl else int(a.get("batch_size", 0))
+        return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]), lr=float(a["lr"]),
+                    layers=str(a.get("layers", "all")), batch_size=batch, data=str(a.get("data")), variant=variant,
+                    plain=plain, standard=plain and a.get("layers", "all") == "all", params=cfg.get("trainable_params"),
+                    diverged=any(r.get("type") == "diverged" for r in records),
+                    train=_series(records, "train", metric), flops=_series(records, "train", "flops"),
+                    eval=_series(records, "eval", "accuracy" if rl else "loss"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        print(f"warning: skip {path}: no usable config record ({type(e).__name__}: {e})")
+        return None
+
+
+def load_runs(log_dir):
+    """Every out/<run>/log.jsonl under log_dir, as a list of run dicts."""
+    runs = [load_run(p) for p in sorted(Path(log_dir).glob("*/log.jsonl"))]
+    return [r for r in runs if r is not None]
+
+
+def _tail_mean(v, frac):
+    return float(np.mean(v[-max(3, round(frac * len(v))):])) if len(v) else math.nan
+
+
+def final_loss(run):
+    """Last eval loss after step 0, else the mean of the last 10% (at least 3) train losses; NaN if diverged."""
+    if run["diverged"]:
+        return math.nan
+    steps, losses = run["eval"]
+    return float(losses[-1]) if len(steps) and steps[-1] > 0 else _tail_mean(run["train"][1], 0.1)
+
+
+def final_reward(run):
+    """Mean train reward over the last 20% (at least 3) steps: more episodes than the small greedy eval."""
+    return math.nan if run["diverged"] else _tail_mean(run["train"][1], 0.2)
+
+
+def _score(run):   # lower is better for both scripts
+    return -final_reward(run) if run["rl"] else final_loss(run)
+
+
+def _loss_label(runs):
+    if all(len(r["eval"][0]) and r["eval"][0][-1] > 0 for r in runs):
+        return "final eval loss (nats/token)"
+    return "final loss (nats/token; eval, else mean of last 10% train)"
+
+
+def group(runs, key):
+    """{key: [runs]}, key a run field name or a function of a run."""
+    out = defaultdict(list)
+    for r in runs:
+        out[key(r) if callable(key) else r[key]].append(r)
+    return dict(out)
+
+
+def config(run):
+    """Everything but the LR: the runs of one configuration form an LR sweep."""
+    return (run["rl"], run["rank"], run["layers"], run["variant"], run["batch_size"], run["data"])
+
+
+def best_per_config(runs):
+    """{config: the run with the best final loss (SFT) or reward (RL) over its LRs}; diverged runs never win."""
+    best = {}
+    for cfg, rs in group(runs, config).items():
+        ok = [r for r in rs if math.isfinite(_score(r))]
+        if ok:
+            best[cfg] = min(ok, key=_score)
+    return best
+
+
+def main_sweep(runs, rl=False):
+    """Standard runs (all layers, default LoRA settings) at the most common (data, batch size)."""
+    std = [r for r in runs if r["rl"] == rl and r["standard"]]
+    if not std:
+        return []
+    common = Counter((r["data"], r["batch_size"]) for r in std).most_common(1)[0][0]
+    return [r for r in std if (r["data"], r["batch_size"]) == common]
+
+
+def smooth(y, w):
+    """Trailing moving average over w steps (fewer at the start): the value at a step uses no later steps."""
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, i - max(1, w))
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def envelope(runs, w):
+    """Pointwise minimum over runs (one per LR) of their smoothed train losses, as the post draws a rank."""
+    out = {}
+    for r in runs:
+        for step, v in zip(r["train"][0], smooth(r["train"][1], w)):
+            out[step] = min(out.get(step, v), v)
+    steps = np.array(sorted(out))
+    return steps, np.array([out[s] for s in steps])
+
+
+# -----------------------------------------------------------------------------
+# optimal learning rates
+
+
+def optimal_lr(runs):
+    """Best LR of one configuration's sweep: the argmin of the final loss (or -reward), refined by a
+    parabola in log10(LR) through it and its two neighbours when both exist, clipped to their range.
+    None with fewer than 2 LRs that finished."""
+    by_lr = group([r for r in runs if math.isfinite(_score(r))], "lr")
+    if len(by_lr) < 2:
+        return None
+    x = np.log10(sorted(by_lr))
+    y = np.array([np.mean([_score(r) for r in by_lr[lr]]) for lr in sorted(by_lr)])   # seeds: average
+    i = int(np.argmin(y))
+    if 0 < i < len(x) - 1:
+        a, b, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
+        if a > 0:
+            return float(10 ** np.clip(-b / (2 * a), x[i - 1], x[i + 1]))
+    return float(10 ** x[i])   # at the sweep's edge: the true optimum may lie beyond it
+
+
+def optimal_lrs(runs):
+    """{rank: optimal LR} over one group of runs (one data set, batch size and layer set)."""
+    opt = {rank: optimal_lr(rs) for rank, rs in group(runs, "rank").items()}
+    return {k: v for k, v in opt.items() if v is not None}
+
+
+def _ratio(opt):
+    """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank."""
+    per_rank = {k: v / opt[0] for k, v in sorted(opt.items()) if k > 0} if 0 in opt else {}
+    if not per_rank:
+        return None, "optimal-LR ratio needs FullFT and LoRA sweeps"
+    med, items = statistics.median(per_rank.values()), [f"rank {k}: {v:.2g}x" for k, v in per_rank.items()]
+    lines = [", ".join(items[i:i + 3]) for i in range(0, len(items), 3)]   # 3 ranks a line fit a legend title
+    return med, "\n".join([f"optimal LR, LoRA / FullFT: {med:.2g}x (median over ranks)"] + lines)
+
+
+def optimal_lr_ratio(runs):
+    """LoRA's optimal LR over FullFT's in the main SFT sweep (median over LoRA ranks), or None."""
+    return _ratio(optimal_lrs(main_sweep(runs)))[0]
+
+
+# -----------------------------------------------------------------------------
+# figures: each takes (runs, smoothing window) and returns (figure, summary) or (None, what it needs)
+
+
+def _fig(ncols=1, width=None):
+    fig = Figure(figsize=(width or (7 if ncols == 1 else 12), 4.5), dpi=150, layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def _label(rank):
+    return "FullFT" if rank == 0 else f"rank {rank}"
+
+
+def _ranks(runs):   # LoRA ranks ascending, FullFT last so that it is drawn on top
+    return sorted({r["rank"] for r in runs}, key=lambda k: (k == 0, k))
+
+
+def _colors(ranks, cmap="plasma"):
+    """A sequential colour per LoRA rank (dark = low rank), black for FullFT (rank 0)."""
+    lora = sorted(k for k in set(ranks) if k > 0)
+    cols = {k: matplotlib.colormaps[cmap](0.8 * i / max(1, len(lora) - 1)) for i, k in enumerate(lora)}
+    return {**cols, 0: "black"}
+
+
+def _lr_line(ax, runs, metric, **style):
+    """A sweep as final metric against LR; a diverged run is an x at the top edge (its loss is not a number)."""
+    rs = sorted(runs, key=lambda r: r["lr"])
+    lr, y, bad = (np.array([f(r) for r in rs]) for f in (lambda r: r["lr"], metric, lambda r: r["diverged"]))
+    ax.plot(lr[np.isfinite(y)], y[np.isfinite(y)], marker="o", ms=4, **style)
+    if bad.any():   # x in data units, y in axes units: the top edge whatever the loss range
+        first = "diverged" not in [line.get_label() for line in ax.lines]
+        ax.plot(lr[bad], [0.97] * bad.sum(), "x", color=style.get("color"), transform=ax.get_xaxis_transform(),
+                label="diverged" if first else "_nolegend_")
+
+
+def _legend(ax, **kw):
+    """A legend with the "diverged" entry last, whichever sweep drew it first."""
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: labels[i] == "diverged")
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], **kw)
+
+
+def fig_rank_curves(runs, w=5):
+    sweep = [r for r in main_sweep(runs) if len(r["train"][0]) and not r["diverged"]]
+    if not sweep:
+        return None, f"needs an SFT sweep over ranks and LRs ({SFT_SWEEP})"
+    fig, (ax,) = _fig()
+    by_rank, cols, rows = group(sweep, "rank"), _colors(r["rank"] for r in sweep), ["rank      LRs  steps  loss at last step"]
+    for k in _ranks(sweep):
+        steps, loss = envelope(by_rank[k], w)
+        ax.plot(steps, loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
+        rows.append(f"{_label(k):9} {len(by_rank[k]):4} {int(steps[-1]):6}  {loss[-1]:.4f}")
+    ax.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)",
+           title="LoRA rank vs full fine-tuning: learning curves (minimum over LRs)")
+    ax.legend()
+    return fig, "\n".join(rows)
+
+
+def fig_lr_sweep(runs, w=5):
+    sweep = main_sweep(runs)
+    by_rank = {k: rs for k, rs in group(sweep, "rank").items() if len({r["lr"] for r in rs}) >= 2}
+    if not by_rank:
+        return None, f"needs an SFT sweep over 2+ LRs per rank ({SFT_SWEEP})"
+    fig, (ax,) = _fig(width=9)
+    cols, opt = _colors(by_rank), optimal_lrs(sweep)
+    rows = ["rank      LRs  optimal LR  best final loss"]
+    for k in _ranks(sweep):
+        if k in by_rank:
+            _lr_line(ax, by_rank[k], final_loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
+            if k in opt:
+                ax.axvline(opt[k], color=cols[k], ls=":", lw=0.8)
+            best = min((final_loss(r) for r in by_rank[k]), key=lambda v: v if math.isfinite(v) else math.inf)
+            rows.append(f"{_label(k):9} {len(by_rank[k]):4}  {opt.get(k, math.nan):10.3g}  {best:.4f}")
+    text = _ratio(opt)[1]
+    ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="Learning rate vs final loss per rank")
+    _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
+    return fig, "\n".join(rows + [text])
+
+
+def fig_batch_size(runs, w=5):
+    data = {r["data"] for r in main_sweep(runs)}   # every batch size, on the main sweep's data
+    rs = [r for r in runs if not r["rl"] and r["standard"] and r["data"] in data]
+    best = {(r["rank"], r["batch_size"]): r for r in best_per_config(rs).values()}
+    n_sizes = Counter(k for k, _ in best)
+    best = {(k, bs): r for (k, bs), r in best.items() if n_sizes[k] >= 2}   # ranks that ran 2+ batch sizes
+    sizes = sorted({bs for _, bs in best})
+    if len(sizes) < 2:
+        return None, "needs SFT runs at 2+ batch sizes (train_sft.py --batch_size 8,32 --rank 16,0 --lr_mult 1,3,10,30)"
+    fig, (left, right) = _fig(2)
+    bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1)) for i, bs in enumerate(sizes)}
+    rank_col, rows = _colors(k for k, _ in best), ["rank      batch   best LR  final loss"]
+    for (k, bs), r in sorted(best.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
+        ls = "-" if k == 0 else "--"   # the post's convention: FullFT solid, LoRA dashed
+        left.plot(r["train"][0], smooth(r["train"][1], w), ls, color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
+        rows.append(f"{_label(k):9} {bs:6}  {r['lr']:8.3g}  {final_loss(r):.4f}")
+    for k in _ranks(best.values()):
+        pts = sorted((bs, final_loss(r)) for (kk, bs), r in best.items() if kk == k)
+        right.plot(*zip(*pts), "-" if k == 0 else "--", marker="o", color=rank_col[k], label=_label(k))
+    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)", title="Learning curves (best LR)")
+    right.set(xscale="log", xlabel="batch size (sequences)", ylabel=_loss_label(best.values()), title="Final loss vs batch size")
+    right.set_xticks(sizes, [str(s) for s in sizes])
+    right.minorticks_off()   # else log-axis minor labels (2x10^1) crowd the batch sizes
+    left.legend(fontsize=7), right.legend(fontsize=8)
+    fig.suptitle("Batch size effects: LoRA (dashed) vs FullFT (solid)")
+    return fig, "\n".join(rows)
+
+
+def fig_layers(runs, w=5):
+    panels = []
+    for rl in (False, True):
+        main = main_sweep(runs, rl)
+        where = {(r["data"], r["batch_size"]) for r in main}
+        rs = [r for r in runs if r["rl"] == rl and r["rank"] > 0 and r["plain"] and (r["data"], r["batch_size"]) in where]
+        others = {r["rank"] for r in rs if r["layers"] != "all"}   # "all" only at the ranks the others ran
+        by = group([r for r in rs if r["layers"] != "all" or r["rank"] in others], lambda r: (r["layers"], r["rank"]))
+        if len({ly for ly, _ in by}) >= 2:
+            panels.append((rl, by))
+    if not panels:
+        return None, ("needs LoRA runs on 2+ layer sets beside the main sweep "
+                      "(train_sft.py --rank 16 --layers mlp,attn --lr_mult 1,3,10,30)")
+    fig, axes = _fig(len(panels), width=9 if len(panels) == 1 else 14)
+    title = "Which layers get LoRA: learning rate vs final " + " / ".join("reward" if rl else "loss" for rl, _ in panels)
+    rows = ["script     layers          rank  params    best LR  final"]
+    for ax, (rl, by) in zip(axes, panels):
+        metric = final_reward if rl else final_loss
+        layer_sets = sorted({ly for ly, _ in by}, key=lambda s: ({"all": 0, "mlp": 1, "attn": 2}.get(s, 3), s))
+        ranks = sorted({k for _, k in by})
+        for (ly, k), rs in sorted(by.items(), key=lambda kv: (layer_sets.index(kv[0][0]), kv[0][1])):
+            params = f", {rs[0]['params'] / 1e6:.3g}M params" if rs[0]["params"] else ""
+            _lr_line(ax, rs, metric, color=f"C{layer_sets.index(ly)}", ls=["-", "--", ":", "-."][ranks.index(k) % 4],
+                     label=f"{ly}, rank {k}{params}")
+            best = min(rs, key=lambda r: _score(r) if math.isfinite(_score(r)) else math.inf)
+            rows.append(f"{'train_rl' if rl else 'train_sft':10} {ly:15} {k:4}  {rs[0]['params'] or 0:8.3g}  "
+                        f"{best['lr']:7.3g}  {metric(best):.4f}")
+        ylabel = "final reward (mean of last 20% steps)" if rl else _loss_label([r for rs in by.values() for r in rs])
+        ax.set(xscale="log", xlabel="learning rate", ylabel=ylabel,
+               title=f"{'RL' if rl else 'SFT'}: LoRA on different layers" if len(panels) > 1 else title)
+        _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if len(panels) > 1:
+        fig.suptitle(title)
+    return fig, "\n".join(rows)
+
+
+def fig_rl(runs, w=5):
+    sweep = main_sweep(runs, rl=True)
+    if not sweep:
+        return None, "needs train_rl.py runs (train_rl.py --rank 1,8,0 --lr_mult 3,10,30)"
+    fig, (left, right) = _fig(2)
+    by_rank, cols, opt = group(sweep, "rank"), _colors(r["rank"] for r in sweep), optimal_lrs(sweep)
+    best = {r["rank"]: r for r in best_per_config(sweep).values()}
+    rows = ["rank      LRs  best LR  final reward"]
+    for k in _ranks(sweep):
+        lw = 2 if k == 0 else 1.3
+        if k in best:
+            left.plot(best[k]["train"][0], smooth(best[k]["train"][1], w), color=cols[k], lw=lw,
+                      label=f"{_label(k)}, LR {best[k]['lr']:.2g}")
+            rows.append(f"{_label(k):9} {len(by_rank[k]):4}  {best[k]['lr']:7.3g}  {final_reward(best[k]):.3f}")
+        _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
+    text = _ratio(opt)[1]
+    left.set(xlabel="step", ylabel=f"train reward ({w}-step mean)", title="Reward during training (best LR per rank)")
+    right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
+              title="Final reward vs learning rate")
+    left.legend(fontsize=8), _legend(right, title=text, fontsize=8, title_fontsize=8)
+    fig.suptitle("RL: LoRA vs full fine-tuning")
+    return fig, "\n".join(rows + [text])
+
+
+def fig_early_rank(runs, w=5):
+    sweep = [r for r in main_sweep(runs) if len(r["train"][0])]
+    low = {r["lr"]: r for r in sweep if r["rank"] == 16}
+    for hi in sorted({r["rank"] for r in sweep if r["rank"] > 16}, key=lambda k: (k != 256, -k)):   # 256, else highest
+        high = {r["lr"]: r for r in sweep if r["rank"] == hi and r["lr"] in low}
+        if high:
+            break
+    else:
+        return None, "needs SFT runs at rank 16 and a higher rank with the same LR (train_sft.py --rank 16,256 --lr 1e-3)"
+    lr = min(high, key=lambda lr: final_loss(low[lr]) if math.isfinite(final_loss(low[lr])) else math.inf)
+    a, b = low[lr], high[lr]
+    fig, (left, right) = _fig(2)
+    cols = _colors([16, hi])
+    for r in (a, b):
+        left.plot(r["train"][0], smooth(r["train"][1], w), color=cols[r["rank"]], label=_label(r["rank"]))
+    steps, ia, ib = np.intersect1d(a["train"][0], b["train"][0], return_indices=True)
+    diff = smooth(a["train"][1][ia] - b["train"][1][ib], w)   # same seed, same batches: the difference is paired
+    right.plot(steps, diff, color="C3")
+    right.axhline(0, color="gray", lw=0.8)
+    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)", title="Learning curves")
+    right.set(xscale="log", xlabel="step", ylabel=f"loss difference (nats/token, {w}-step mean)",
+              title=f"rank 16 minus rank {hi}")
+    left.legend()
+    fig.suptitle(f"Rank 16 vs rank {hi} at the same LR ({lr:.2g}): the same start of training (1/r scaling)")
+    n = max(1, len(diff) // 10)
+    return fig, (f"rank 16 - rank {hi} at LR {lr:.3g}: mean difference {diff[:n].mean():+.4f} over the first 10% of "
+                 f"steps, {diff[-n:].mean():+.4f} over the last 10% ({len(diff)} steps)")
+
+
+def fig_flops(runs, w=5):
+    best = [r for r in best_per_config(main_sweep(runs)).values() if len(r["flops"][0])]
+    if not best:
+        return None, f"needs SFT runs with FLOPs in their logs ({SFT_SWEEP})"
+    fig, (ax,) = _fig()
+    cols, rows = _colors(r["rank"] for r in best), ["rank      best LR  FLOPs/step  vs FullFT  total FLOPs"]
+    per_step = {r["rank"]: r["flops"][1][-1] / r["flops"][0][-1] for r in best}
+    for r in sorted(best, key=lambda r: (r["rank"] == 0, r["rank"])):
+        steps, i, j = np.intersect1d(r["train"][0], r["flops"][0], return_indices=True)
+        ax.plot(r["flops"][1][j], smooth(r["train"][1], w)[i], color=cols[r["rank"]], lw=2 if r["rank"] == 0 else 1.3,
+                label=f"{_label(r['rank'])}, LR {r['lr']:.2g}")
+        rel = f"{per_step[r['rank']] / per_step[0]:9.3f}" if 0 in per_step else "        -"
+        rows.append(f"{_label(r['rank']):9} {r['lr']:8.3g}  {per_step[r['rank']]:10.3g}  {rel}  {r['flops'][1][-1]:.3g}")
+    ax.set(xscale="log", xlabel="training FLOPs (cumulative, forward + backward)",
+           ylabel=f"train loss (nats/token, {w}-step mean)", title="Loss vs training compute: LoRA vs FullFT (best LR)")
+    ax.legend()
+    return fig, "\n".join(rows)
+
+
+FIGURES = [("fig1_rank_curves.png", fig_rank_curves), ("fig2_lr_vs_loss.png", fig_lr_sweep),
+           ("fig3_batch_size.png", fig_batch_size), ("fig4_layers.png", fig_layers), ("fig5_rl.png", fig_rl),
+           ("fig6_early_rank.png", fig_early_rank), ("fig7_loss_vs_flops.png", fig_flops)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("logs", nargs="?", default="out", help="folder holding <run>/log.jsonl")
+    p.add_argument("--to", default=None, help="folder for the PNGs (default: the log folder)")
+    p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps) for learning curves")
+    a = p.parse_args(argv)
+    if not Path(a.logs).is_dir():
+        p.error(f"{a.logs} is not a folder: pass the --out folder of train_sft.py / train_rl.py")
+    runs = load_runs(a.logs)
+    print(f"{len(runs)} runs in {a.logs}")
+    out = Path(a.to or a.logs)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, make in FIGURES:
+        fig, text = make(runs, a.smooth)
+        if fig is None:
+            print(f"skip {name}: {text}")
+            continue
+        fig.savefig(out / name)
+        written.append(out / name)
+        print(f"wrote {out / name}\n" + "\n".join("  " + line for line in text.splitlines()))
+    return written
+
+
+if __name__ == "__main__":
+    main()
