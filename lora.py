@@ -1206,7 +1206,8 @@ def pick_device(device="auto", dtype="auto"):
     amp = _resolve_dtype(dtype)
     if amp == torch.float32:
         return device, torch.float32, None, f"{device}, float32"
-    return device, torch.float32, amp, f"{device}, {dtype} autocast over float32 weights"
+    return device, torch.float32, amp, (f"{device}, {dtype} autocast; LoRA runs keep the frozen base in {dtype} and "
+                                        "the adapters in float32, full fine-tuning keeps float32 weights")
 
 
 class Diverged(UserError):

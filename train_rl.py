@@ -292,7 +292,10 @@ def main(argv=None):
     a = parse_args(argv)
     device, pdtype, amp, why = lora.pick_device(a.device, a.dtype)
     a.device, a.amp = device, amp
-    base, tok = lora.load_model(a.model, device="cpu", dtype=pdtype)
+    # LoRA-only runs keep the frozen base in the autocast dtype (bf16 on CUDA: half the memory, no
+    # master copy needed); full fine-tuning keeps float32 master weights for AdamW.
+    lora_only = all(int(r) > 0 for r in str(a.rank).split(","))
+    base, tok = lora.load_model(a.model, device="cpu", dtype=amp if amp is not None and lora_only else pdtype)
     print(f"device: {why}; model {base.name_or_path}")
     train_rows, eval_rows, desc = load_problems(a.data, a.seed, a.eval_examples)
     print(f"data: {desc}; {len(train_rows)} training problems")

@@ -83,9 +83,11 @@ def load_data(spec, seed, max_examples, n_eval):
         if not lora.hub_reachable():
             raise lora.UserError(f"{spec} cannot be fetched from the hub (offline): pass --data synth or --data PATH")
         import datasets
-        rows, desc = datasets.load_dataset(spec, split="train"), f"{spec} (hub)"
-        rows = rows.select(range(min(len(rows), (max_examples or len(rows)) + n_eval)))
-        rows = list(rows)
+        if max_examples:  # stream just the rows needed: OpenThoughts3 is gigabytes
+            rows = list(itertools.islice(datasets.load_dataset(spec, split="train", streaming=True), max_examples + n_eval))
+        else:
+            rows = list(datasets.load_dataset(spec, split="train"))
+        desc = f"{spec} (hub)"
     else:
         raise lora.UserError(f"--data {spec!r} is neither gsm8k, synth, an existing path nor a hub dataset name")
     if len(rows) <= n_eval:
@@ -312,7 +314,10 @@ def main(argv=None):
     master = not ddp or dist.get_rank() == 0
     device, pdtype, amp, why = lora.pick_device(a.device, a.dtype)
     a.device, a.amp = device, amp
-    base, tok = lora.load_model(a.model, device="cpu", dtype=pdtype)
+    # LoRA-only runs keep the frozen base in the autocast dtype (bf16 on CUDA: half the memory, no
+    # master copy needed); full fine-tuning keeps float32 master weights for AdamW.
+    lora_only = all(int(r) > 0 for r in str(a.rank).split(","))
+    base, tok = lora.load_model(a.model, device="cpu", dtype=amp if amp is not None and lora_only else pdtype)
     if master:
         print(f"device: {why}; model {base.name_or_path}")
     train_rows, eval_rows, desc = load_data(a.data, a.seed, a.max_examples, a.eval_examples)
