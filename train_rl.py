@@ -118,8 +118,10 @@ def pg_loss(logp_new, logp_old, adv, clip=0.0):
 
 def load_problems(spec, seed, n_eval):
     """(train rows, eval rows, description); rows are GSM8K-format {'question', 'answer'}."""
-    if spec == "synth":
-        return lora.synth_problems(20000, seed), lora.synth_problems(n_eval, seed + 10_000), f"synth (seed {seed})"
+    if spec in ("synth", "synth1"):  # synth1: one-step problems only, the easiest start for a small model
+        k = 1 if spec == "synth1" else 2
+        return (lora.synth_problems(20000, seed, k), lora.synth_problems(n_eval, seed + 10_000, k),
+                f"{spec} (seed {seed}, up to {k}-step problems)")
     if spec == "gsm8k" and not lora.hub_reachable():
         print("openai/gsm8k cannot be reached (offline): using --data synth instead; "
               "pass --data PATH for a local GSM8K copy (e.g. ../shared/data/gsm8k)", file=sys.stderr)
@@ -276,7 +278,7 @@ def parse_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and eval")
-    g.add_argument("--data", default="gsm8k", help="gsm8k, synth, a GSM8K-style folder or .jsonl")
+    g.add_argument("--data", default="gsm8k", help="gsm8k, synth, synth1 (one-step problems), a GSM8K-style folder or .jsonl")
     g.add_argument("--eval_examples", type=int, default=64)
     g.add_argument("--eval_every", type=int, default=10)
     g.add_argument("--eval_batch", type=int, default=32)
@@ -299,7 +301,7 @@ def main(argv=None):
     print(f"device: {why}; model {base.name_or_path}")
     train_rows, eval_rows, desc = load_problems(a.data, a.seed, a.eval_examples)
     print(f"data: {desc}; {len(train_rows)} training problems")
-    tag = "synth" if desc.startswith("synth") else "gsm8k"
+    tag = desc.split(" ")[0] if desc.startswith("synth") else "gsm8k"
     runs = []
     for r in (int(x) for x in a.rank.split(",")):
         if r < 0:
