@@ -1025,21 +1025,26 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     B, lens = len(prompts), [len(p) for p in prompts]
     if min(lens) == 0:
         raise UserError("an empty prompt cannot be continued: give each prompt at least one token")
-    P = max(lens)
-    idx = torch.full((B, P), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
+    # RL samples each prompt many times: prefill each distinct prompt once, then copy its cache rows
+    distinct = {}
+    row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    uniq, P = list(distinct), max(lens)
+    idx = torch.full((len(uniq), P), pad_id, dtype=torch.long)
+    for i, p in enumerate(uniq):
         idx[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-    pad = torch.tensor([P - n for n in lens])
+    pad = torch.tensor([P - len(p) for p in uniq])
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.lm_head.weight.dtype
-    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, pad)
+    cache = KVCache(model.config, len(uniq), P + max_new_tokens, device, dtype, pad)
     was_training = model.training
     model.eval()
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(idx.to(device), cache=cache, last_only=True)[:, -1]
+    logits = model(idx.to(device), cache=cache, last_only=True)[:, -1][row_of]
+    if len(uniq) < B:
+        cache.k, cache.v, cache.pad = cache.k[:, row_of], cache.v[:, row_of], cache.pad[row_of]
     n = 0
     for t in range(max_new_tokens):
         tok, lp = sample_next(logits, temperature, top_p, generator)
@@ -1100,10 +1105,10 @@ def gsm8k_gold(answer):
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def gsm8k_messages(row, with_answer=True):
+def gsm8k_messages(row, with_answer=True, instruction=GSM8K_INSTRUCTION):
     """Chat messages for a GSM8K-format row: the question with the answer-format instruction, and
     (for SFT) the worked solution with the calculator annotations <<48/2=24>> removed."""
-    msgs = [{"role": "user", "content": f"{row['question'].strip()}\n{GSM8K_INSTRUCTION}"}]
+    msgs = [{"role": "user", "content": f"{row['question'].strip()}\n{instruction}"}]
     if with_answer:
         steps, gold = row["answer"].rsplit("####", 1)
         msgs.append({"role": "assistant", "content": f"{re.sub(r'<<[^>]*>>', '', steps).strip()}\n#### {gold.strip()}"})

@@ -72,8 +72,11 @@ def load_run(path):
         plain = variant == (False, 1.0, 1.0)   # the post's defaults: no lm_head, one LR for A and B, A's usual init
         # an RL step's batch is questions x samples per question; an SFT step's is sequences
         batch = int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl else int(a.get("batch_size", 0))
+        data = str(a.get("data"))
+        if rl:   # an RL task is also its prompt, temperature and length limit: rewards differ across them
+            data += "".join(f" {k}={a[k]}" for k in ("instruction", "temperature", "max_new_tokens") if k in a)
         return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]), lr=float(a["lr"]),
-                    layers=str(a.get("layers", "all")), batch_size=batch, data=str(a.get("data")), variant=variant,
+                    layers=str(a.get("layers", "all")), batch_size=batch, data=data, variant=variant,
                     plain=plain, standard=plain and a.get("layers", "all") == "all", params=cfg.get("trainable_params"),
                     diverged=any(r.get("type") == "diverged" for r in records),
                     train=_series(records, "train", metric), flops=_series(records, "train", "flops"),

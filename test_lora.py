@@ -364,7 +364,7 @@ def greedy_by_full_forward(model, prompt, n):
 
 def test_cached_greedy_equals_uncached_for_a_padded_batch():
     model = tiny_model().double()  # float64: no near-ties between the two computations
-    prompts = [[5, 9, 200, 17, 3, 3, 40], [7], [100, 101, 102]]
+    prompts = [[5, 9, 200, 17, 3, 3, 40], [7], [100, 101, 102], [7], [5, 9, 200, 17, 3, 3, 40]]  # repeats share a prefill
     out, logprobs = lora.generate(model, prompts, max_new_tokens=12, temperature=0)
     for p, o, lp in zip(prompts, out, logprobs):
         assert o == greedy_by_full_forward(model, p, 12)
@@ -781,6 +781,7 @@ GOLD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
     ("#### 72 is wrong, the answer is 24", 1),                  # '####' wins over later text
     ("#### 24", 0), ("The answer is 71.", 0), ("", 0), ("I don't know.", 0), ("#### 720", 0), ("#### 7.2", 0),
     ("72 clips. The answer is 73", 0), ("\\boxed{-72}", 0), ("#### seventy-two", 0),
+    ("The final answer is: 48 + 24 = 72.", 1), ("#### 48 + 24 = 72", 1), ("The answer is 72 - 2 = 70", 0),
 ])
 def test_gsm8k_reward_formats(completion, reward):
     assert train_rl.gsm8k_reward(completion, GOLD) == reward
@@ -812,8 +813,9 @@ def test_group_advantages_sum_to_zero_and_equal_groups_give_no_gradient():
 
 def test_importance_ratio_is_one_on_policy_and_learner_logprobs_equal_sampler():
     model = tiny_model().double()
-    prompts = [[5, 9, 200], [7, 7], [100, 101, 102, 103]]
+    prompts = [[5, 9, 200], [7, 7], [100, 101, 102, 103]] * 3  # as in RL: each prompt sampled several times
     comps, old = lora.generate(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), stop_ids=[3])
+    assert len(set(map(tuple, comps[::3]))) > 1  # the copies of one prompt are sampled independently
     new = train_rl.completion_logprobs(model, prompts, comps)
     for lp_new, lp_old in zip(new, old):
         assert torch.allclose(lp_new, torch.tensor(lp_old, dtype=torch.float64), atol=1e-9)
@@ -840,11 +842,13 @@ def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
     comps, old = lora.generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), stop_ids=tok.stop_ids)
     for lp_new, lp_old in zip(train_rl.completion_logprobs(model, prompts, comps), old):  # cached = full forward
         assert torch.allclose(lp_new, torch.tensor(lp_old), atol=2e-3)
-    train_rl.main(["--data", "synth", "--rank", "1", "--steps", "2", "--questions_per_step", "2", "--group_size", "4",
-                   "--max_new_tokens", "24", "--eval_every", "2", "--eval_examples", "2", "--save_every", "2",
-                   "--out", str(tmp_path), "--device", "cpu"])
+    train_rl.main(["--data", "synth1", "--instruction", "short", "--rank", "1", "--steps", "2", "--questions_per_step", "2",
+                   "--group_size", "4", "--max_new_tokens", "24", "--eval_every", "2", "--eval_examples", "2",
+                   "--save_every", "2", "--out", str(tmp_path), "--device", "cpu"])
     (run,) = tmp_path.iterdir()
+    assert run.name.startswith("rl_synth1-short_r1_")  # another prompt, another folder
     recs = lora.read_jsonl(run / "log.jsonl")
+    assert recs[0]["args"]["instruction"] == train_rl.INSTRUCTIONS["short"]
     train = [r for r in recs if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(r["episodes"] == 8 for r in train)
     assert all(0 <= r["reward"] <= 1 and 0 < r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"] for r in train)

@@ -49,14 +49,17 @@ def parse_number(s):
 
 def extract_answer(text):
     """The completion's final answer as a float, or None. In order: the last '#### N', the last
-    \\boxed{N}, the last 'answer is N' / 'answer: N', else the last number anywhere. The whole
-    completion is searched (tail-only scans miss answers), and $, commas, units, a trailing period,
-    a minus sign and decimals such as 18.00 are handled."""
+    \\boxed{N}, the last 'answer is N' / 'answer: N', else the last number anywhere; where N is an
+    equation ('8 + 5 = 13') its result counts. The whole completion is searched (tail-only scans
+    miss answers), and $, commas, units, a trailing period, a minus sign and decimals such as 18.00
+    are handled."""
     text = text.replace("\u2212", "-")
     for pattern in (r"####\s*([^\n]*)", r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}", r"answer\s*(?:is|:|=)\s*:?\s*([^\n]*)"):
         hits = re.findall(pattern, text, flags=re.IGNORECASE)
         for hit in reversed(hits):
-            value = parse_number(hit)
+            # 'the answer is 8 + 5 = 13 apples': the result after the last '=', else the first number
+            value = parse_number(hit.rsplit("=", 1)[1]) if "=" in hit else None
+            value = parse_number(hit) if value is None else value
             if value is not None:
                 return value
     numbers = re.findall(NUMBER, text)
@@ -131,18 +134,25 @@ def load_problems(spec, seed, n_eval):
     return train, test[:n_eval], f"gsm8k: {where} (eval: first {n_eval} of the test split)"
 
 
-def prompt_ids(tok, row):
-    return tok.render_chat(lora.gsm8k_messages(row, with_answer=False), add_generation_prompt=True)[0]
+# the user turn ends with one of these (or --instruction TEXT); 'short' keeps a small model's
+# completions within a CPU-sized --max_new_tokens, where 'cot' ones are mostly cut off
+INSTRUCTIONS = {"cot": lora.GSM8K_INSTRUCTION,
+                "short": "Solve the problem in one short sentence, then end with '#### <number>'."}
+
+
+def prompt_ids(tok, row, instruction=lora.GSM8K_INSTRUCTION):
+    msgs = lora.gsm8k_messages(row, with_answer=False, instruction=instruction)
+    return tok.render_chat(msgs, add_generation_prompt=True)[0]
 
 
 @torch.no_grad()
-def evaluate(model, tok, rows, max_new_tokens, batch, amp, device):
+def evaluate(model, tok, rows, max_new_tokens, batch, amp, device, instruction=lora.GSM8K_INSTRUCTION):
     """Greedy accuracy on rows (the same fixed slice every time)."""
     correct = 0
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
         with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
-            outs, _ = lora.generate(model, [prompt_ids(tok, r) for r in chunk], max_new_tokens, temperature=0,
+            outs, _ = lora.generate(model, [prompt_ids(tok, r, instruction) for r in chunk], max_new_tokens, temperature=0,
                                     stop_ids=tok.stop_ids, pad_id=tok.pad_id)
         correct += sum(gsm8k_reward(tok.decode(o), r["answer"]) for o, r in zip(outs, chunk))
     return correct / len(rows)
@@ -172,7 +182,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
     autocast = lambda: torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None)
 
     def eval_and_log(step):
-        acc = evaluate(model, tok, eval_rows, a.max_new_tokens, a.eval_batch, amp, device)
+        acc = evaluate(model, tok, eval_rows, a.max_new_tokens, a.eval_batch, amp, device, a.instruction)
         log.write({"type": "eval", "step": step, "accuracy": acc})
         print(f"step {step:4d} | eval accuracy {acc:.3f} (greedy, {len(eval_rows)} problems)")
         model.train()
@@ -185,7 +195,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
         # 1. sample: every problem group_size times, with the policy as it is now
         k = (step - 1) * a.questions_per_step
         rows = [train_rows[order[(k + j) % len(order)]] for j in range(a.questions_per_step)]
-        prompts = [prompt_ids(tok, r) for r in rows for _ in range(a.group_size)]
+        prompts = [prompt_ids(tok, r, a.instruction) for r in rows for _ in range(a.group_size)]
         gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + step)  # resumed runs sample the same
         t0 = time.time()
         model.eval()
@@ -279,6 +289,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and eval")
     g.add_argument("--data", default="gsm8k", help="gsm8k, synth, synth1 (one-step problems), a GSM8K-style folder or .jsonl")
+    g.add_argument("--instruction", default="cot", help="the prompt's answer-format request: cot (step by step, "
+                   "then '#### N'), short (one sentence, then '#### N'), or the text itself")
     g.add_argument("--eval_examples", type=int, default=64)
     g.add_argument("--eval_every", type=int, default=10)
     g.add_argument("--eval_batch", type=int, default=32)
@@ -302,6 +314,9 @@ def main(argv=None):
     train_rows, eval_rows, desc = load_problems(a.data, a.seed, a.eval_examples)
     print(f"data: {desc}; {len(train_rows)} training problems")
     tag = desc.split(" ")[0] if desc.startswith("synth") else "gsm8k"
+    if a.instruction != "cot":  # runs with another prompt get their own folder
+        tag += f"-{a.instruction}" if a.instruction in INSTRUCTIONS else "-custom"
+    a.instruction = INSTRUCTIONS.get(a.instruction, a.instruction)
     runs = []
     for r in (int(x) for x in a.rank.split(",")):
         if r < 0:
