@@ -307,12 +307,14 @@ def fig_batch_size(runs, w=5):
     rank_col, rows = _colors(k for k, _ in best), ["rank      batch   best LR  final loss"]
     for (k, bs), r in sorted(best.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
         ls = "-" if k == 0 else "--"   # the post's convention: FullFT solid, LoRA dashed
-        left.plot(r["train"][0], smooth(r["train"][1], w), ls, color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
+        # x in examples seen: runs at different batch sizes line up at the same data
+        left.plot(np.asarray(r["train"][0]) * bs, smooth(r["train"][1], w), ls, color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
         rows.append(f"{_label(k):9} {bs:6}  {r['lr']:8.3g}  {final_loss(r):.4f}")
     for k in _ranks(best.values()):
         pts = sorted((bs, final_loss(r)) for (kk, bs), r in best.items() if kk == k)
         right.plot(*zip(*pts), "-" if k == 0 else "--", marker="o", color=rank_col[k], label=_label(k))
-    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)", title="Learning curves (best LR)")
+    left.set(xscale="log", xlabel="training examples (steps x batch size)", ylabel=f"train loss (nats/token, {w}-step mean)",
+             title="Learning curves (best LR)")
     right.set(xscale="log", xlabel="batch size (sequences)", ylabel=_loss_label(best.values()), title="Final loss vs batch size")
     right.set_xticks(sizes, [str(s) for s in sizes])
     right.minorticks_off()   # else log-axis minor labels (2x10^1) crowd the batch sizes
