@@ -58,8 +58,9 @@ def extract_answer(text):
         hits = re.findall(pattern, text, flags=re.IGNORECASE)
         for hit in reversed(hits):
             # 'the answer is 8 + 5 = 13 apples': the result after the last '=', else the first number
-            value = parse_number(hit.rsplit("=", 1)[1]) if "=" in hit else None
-            value = parse_number(hit) if value is None else value
+            value = parse_number(hit.rsplit("=", 1)[-1])
+            if value is None:
+                value = parse_number(hit)
             if value is not None:
                 return value
     numbers = re.findall(NUMBER, text)
@@ -195,7 +196,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
         # 1. sample: every problem group_size times, with the policy as it is now
         k = (step - 1) * a.questions_per_step
         rows = [train_rows[order[(k + j) % len(order)]] for j in range(a.questions_per_step)]
-        prompts = [prompt_ids(tok, r, a.instruction) for r in rows for _ in range(a.group_size)]
+        prompts = [p for r in rows for p in [prompt_ids(tok, r, a.instruction)] * a.group_size]  # render once per problem
         gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + step)  # resumed runs sample the same
         t0 = time.time()
         model.eval()
