@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 import lora
-from lora import Config, UserError
+from lora import Config, UserError, train_flops_per_token
+from lora import config_shape as shape, layer_matrices as matrices, layer_set as targets
 
 # -----------------------------------------------------------------------------
 # Shapes: published config.json values; MoE models are plain dicts (Llama() cannot build them)
@@ -82,40 +83,6 @@ def load_config(name):
             raise UserError(f"{p} lacks {', '.join(need)}: copy the full config.json of the MoE model")
         return d
     return Config.from_hf(d)
-
-
-def shape(cfg):
-    """The fields the formulas read, as a dict, from a Config, a config dict or a model."""
-    cfg = getattr(cfg, "config", cfg)
-    s = dict(cfg) if isinstance(cfg, dict) else asdict(cfg)
-    s["num_key_value_heads"] = s.get("num_key_value_heads") or s["num_attention_heads"]
-    s["head_dim"] = s.get("head_dim") or s["hidden_size"] // s["num_attention_heads"]
-    s.setdefault("qk_norm", s.get("model_type", "").startswith("qwen3"))
-    return s
-
-
-def matrices(cfg):
-    """Each layer's matrices in forward order: (name, d_in, d_out, copies, active). `copies` hold
-    parameters, `active` of them touch each token: 1 and 1 in dense layers, num_experts and
-    num_experts_per_tok for MoE experts."""
-    s = shape(cfg)
-    h, q, kv = s["hidden_size"], s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"]
-    attn = [("q_proj", h, q, 1, 1), ("k_proj", h, kv, 1, 1), ("v_proj", h, kv, 1, 1), ("o_proj", q, h, 1, 1)]
-    if s.get("num_experts"):
-        E, k, i = s["num_experts"], s["num_experts_per_tok"], s["moe_intermediate_size"]
-        return attn + [("router", h, E, 1, 1), ("gate_proj", h, i, E, k), ("up_proj", h, i, E, k), ("down_proj", i, h, E, k)]
-    i = s["intermediate_size"]
-    return attn + [("gate_proj", h, i, 1, 1), ("up_proj", h, i, 1, 1), ("down_proj", i, h, 1, 1)]
-
-
-def targets(layers):
-    """'all', 'mlp', 'attn', or names joined by ',' or '+' -> the set of adapted matrix names."""
-    if isinstance(layers, str):
-        layers = lora.LAYER_SETS.get(layers) or [n for n in layers.replace("+", ",").split(",") if n.strip()]
-    bad = [n for n in layers if n not in lora.LAYER_SETS["all"]]
-    if bad:
-        raise UserError(f"layer name {bad[0]!r} is unknown: use all, mlp, attn or names from {', '.join(lora.LAYER_SETS['all'])}")
-    return set(layers)
 
 
 def model_params(cfg):
@@ -176,53 +143,6 @@ def matrix_macs(d_in, d_out, rank=0):
     plus 3 r d_in for A and 3 r d_out for B, which each do the same three products.
     For N x N: 3N^2 against 2N^2 + 6NR, the post's count."""
     return 3 * d_in * d_out if rank == 0 else 2 * d_in * d_out + 3 * rank * (d_in + d_out)
-
-
-def attention_macs(cfg, seq_len, backward=True):
-    """MACs per token per layer of q.k^T and att.v: each of T queries meets all T keys in every query
-    head (grouped KV heads are shared, the products are not): 2 H hd T forward. Full T x T, not halved
-    for the causal mask, which is FlopCounterMode's convention (a causal flash kernel does about half).
-    Backward 5 H hd T, as the counter counts it: d_att, dv, dq, dk and flash attention's recomputed q.k^T."""
-    s = shape(cfg)
-    return s["num_attention_heads"] * s["head_dim"] * seq_len * (7 if backward else 2)
-
-
-def train_macs_per_token(cfg, rank=0, layers="all", seq_len=2048, attention=True, lm_head=False, skip=True):
-    """MACs per token of a training step (rank 0: FullFT), walking the layers in forward order.
-    skip=True counts what autograd runs: with the embedding frozen, no gradient reaches the residual
-    stream before the first adapted matrix, so matrices there get no input gradient (under LoRA on
-    all layers, layer 0's q/k/v; under mlp-only LoRA, all of layer 0's attention). skip=False is the
-    post's idealisation, every frozen matrix 2N^2; the two differ by under 1% past a few layers."""
-    s, full = shape(cfg), rank == 0
-    chosen = set() if full else targets(layers) | ({"lm_head"} if lm_head else set())
-    m = {name: (d_in, d_out, active) for name, d_in, d_out, _, active in matrices(cfg)}
-    m["lm_head"] = (s["hidden_size"], s["vocab_size"], 1)
-
-    def mm(name, grad_in):
-        d_in, d_out, active = m[name]
-        macs = active * d_in * d_out * (1 + grad_in + full)  # forward, input grad if needed, W_bar if trained
-        # A and B: forward and weight gradient, and A's input gradient if needed. MoE: `active` experts
-        # each with rank / active cost what one rank-r adapter does.
-        return macs + (rank * (3 * d_out + (2 + grad_in) * d_in) if name in chosen else 0)
-
-    g = full or not skip  # does the residual stream carry a gradient here?
-    total = 0
-    for _ in range(s["num_hidden_layers"]):
-        total += sum(mm(n, g) for n in ("q_proj", "k_proj", "v_proj"))
-        qkv = g or bool(chosen & {"q_proj", "k_proj", "v_proj"})  # does attention run backward?
-        total += attention_macs(cfg, seq_len, backward=qkv) if attention else 0
-        total += mm("o_proj", qkv)
-        g = g or qkv or "o_proj" in chosen
-        total += sum(mm(n, g) for n in ("router", "gate_proj", "up_proj") if n in m)
-        hidden = g or bool(chosen & {"gate_proj", "up_proj"})
-        total += mm("down_proj", hidden)
-        g = g or hidden or "down_proj" in chosen
-    return total + mm("lm_head", g)  # the embedding is a lookup: no MACs
-
-
-def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, attention=True, lm_head=False, skip=True):
-    """FLOPs per token of a training step: 2 x train_macs_per_token."""
-    return 2 * train_macs_per_token(cfg, rank, layers, seq_len, attention, lm_head, skip)
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +224,7 @@ def device_peak(device):
 
 
 def _forward_backward(model, idx, tgt, amp):
-    with torch.autocast(idx.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with lora.autocast(idx.device, amp):
         _, loss = model(idx, tgt)
     loss.backward()
 

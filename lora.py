@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unicodedata
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
@@ -109,6 +110,12 @@ class Config:
         d = {k: v for k, v in asdict(self).items() if k not in ("qk_norm", "o_proj_bias")}
         if self.model_type == "qwen2":
             d.pop("attention_bias")
+        # Full attention, said explicitly: a missing sliding_window reads as 4096 in transformers'
+        # MistralConfig, and Qwen's configs turn it on with use_sliding_window.
+        if self.model_type == "mistral":
+            d["sliding_window"] = None
+        elif self.model_type in ("qwen2", "qwen3"):
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
         d.update(architectures=[arch], hidden_act="silu", torch_dtype="float32")
         return d
 
@@ -412,13 +419,17 @@ def lora_param_groups(model, lr, lr_ratio_b=1.0, weight_decay=0.0):
     return [dict(params=a, lr=lr, weight_decay=weight_decay), dict(params=b, lr=lr * lr_ratio_b, weight_decay=weight_decay)]
 
 
+def _is_shared(model, param):
+    """Whether another module also holds this parameter (a tied lm_head and input embedding)."""
+    return sum(p is param for _, p in model.named_parameters(remove_duplicate=False)) > 1
+
+
 def merge_lora(model):
-    """Fold every adapter into its base weight (idempotent). A tied lm_head gets its own copy
-    first, so merging it does not change the input embedding."""
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    if tied and isinstance(model.lm_head, LoRALinear) and not model.lm_head.merged:
-        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    """Fold every adapter into its base weight (idempotent). A weight that another module shares
+    (a tied lm_head) gets its own copy first, so merging does not change the input embedding."""
     for m in lora_modules(model).values():
+        if not m.merged and _is_shared(model, m.weight):
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
         m.merge()
     return model
 
@@ -443,8 +454,11 @@ def _atomic_write(path, write):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's 0600 (nor a writer's own): what open() would give
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -453,11 +467,22 @@ def _atomic_write(path, write):
 
 def save_adapter(model, path, base_model=None):
     """Save the adapters as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)
-    that PEFT's PeftModel.from_pretrained and vLLM's LoRARequest load unchanged."""
+    that PEFT's PeftModel.from_pretrained and vLLM's LoRARequest load unchanged.
+
+    base_model_name_or_path records base_model, else what load_model was given: a hub id or HF
+    folder as such; for a GGUF (which PEFT cannot open) the default model's hub id, else the hub
+    id the file's metadata names (general.repo_url, or general.name if it has the org/name form),
+    else the file's name."""
+    import warnings
     from safetensors.torch import save_file
     mods = lora_modules(model)
     if not mods:
         raise UserError("the model has no LoRA adapters to save: call apply_lora first")
+    head = mods.get("lm_head")
+    if head is not None and _is_shared(model, head.weight):
+        warnings.warn("an lm_head adapter on a base with tied embeddings: llama.cpp's convert_lora_to_gguf cannot "
+                      "convert it (no output.weight) and PEFT's merge also changes the input embedding; "
+                      "train on an untied base or without --lm_head", stacklevel=2)
     first = next(iter(mods.values()))
     if any(m.merged for m in mods.values()):
         raise UserError("adapters are merged into the base weights: unmerge_lora(model) before saving them")
@@ -485,6 +510,60 @@ def save_adapter(model, path, base_model=None):
     _atomic_write(path / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
 
 
+# adapter_config.json keys that change what the adapter computes, beyond W + scale B A on linear layers.
+PEFT_UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-module ranks (rank_pattern)",
+                    "alpha_pattern": "per-module alphas (alpha_pattern)", "lora_bias": "a LoRA bias (lora_bias)",
+                    "modules_to_save": "fully trained modules (modules_to_save)",
+                    "target_parameters": "LoRA on bare parameters (target_parameters)",
+                    "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
+                    "layer_replication": "layer replication", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+                    "use_qalora": "QA-LoRA", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
+                    "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing"}
+
+
+def peft_targets(model, cfg):
+    """Names of the modules PEFT (0.21) puts this adapter_config's adapters on, by its rules:
+    exclude_modules (a regex, or names/suffixes) wins; target_modules is a regex (full match),
+    'all-linear' (every linear layer but lm_head), or names/suffixes; a suffix match (not an exact
+    name) must also lie in a layer of layers_to_transform, the index after layers_pattern."""
+    targets, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
+    layers, pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
+    if not targets:
+        raise UserError("adapter_config.json has no target_modules: it is not a LoRA adapter on modules")
+    if isinstance(targets, str) and (layers is not None or pattern):
+        raise UserError("adapter_config.json combines a target_modules string with layers_to_transform, which PEFT "
+                        "refuses too: list the module names instead")
+    if isinstance(layers, int):
+        layers = [layers]
+    patterns = [pattern] if isinstance(pattern, str) and pattern else (pattern or [])
+    chosen = []
+    for key, m in model.named_modules():
+        if not key or ".lora_" in f"{key}.":
+            continue
+        if isinstance(exclude, str) and re.fullmatch(exclude, key) or \
+                isinstance(exclude, list) and any(key == e or key.endswith("." + e) for e in exclude):
+            continue
+        if isinstance(targets, str):
+            hit = isinstance(m, nn.Linear) and key != "lm_head" if targets.lower() == "all-linear" else re.fullmatch(targets, key)
+        elif key in targets:
+            hit = True
+        else:
+            hit = any(key.endswith("." + t) for t in targets)
+            if hit and layers:
+                found = [re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key) for p in patterns] or [re.match(r".*?\.[^.]*\.(\d+)\.", key)]
+                idx = next((int(f.group(1)) for f in found if f), None)
+                hit = idx in layers
+        if hit:
+            if not isinstance(m, nn.Linear):
+                raise UserError(f"the adapter targets {key}, a {type(m).__name__}: LoRA here adapts linear layers only "
+                                "(PEFT also adapts embeddings); train the adapter on linear layers")
+            chosen.append(key)
+    if not chosen:
+        raise UserError(f"target_modules {targets!r} (after layers_to_transform and exclude_modules) select no layer of "
+                        f"this {model.config.model_type} model: the adapter is for another architecture")
+    return chosen
+
+
 def load_adapter(model, path):
     """Load a PEFT LoRA folder into a model: applies LoRA with the folder's rank, alpha and target
     modules if the model has none yet, then loads every tensor. Keys that match no module are an
@@ -494,12 +573,16 @@ def load_adapter(model, path):
     if not (path / "adapter_config.json").exists():
         raise UserError(f"{path} has no adapter_config.json: point at a folder written by save_adapter or PEFT")
     cfg = json.loads((path / "adapter_config.json").read_text())
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise UserError(f"{path} is not a plain LoRA adapter (peft_type, use_dora, rank/alpha patterns): only uniform-rank LoRA loads here")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{path} is a {cfg['peft_type']} adapter, not LoRA: only PEFT LoRA adapters load here")
+    extras = [what for key, what in PEFT_UNSUPPORTED.items() if cfg.get(key)]
+    if cfg.get("bias", "none") != "none":
+        extras.append(f"trained biases (bias={cfg['bias']!r})")
+    if extras:
+        raise UserError(f"{path} uses {', '.join(extras)}, which this plain, uniform-rank LoRA cannot reproduce: "
+                        "train the adapter without it")
     if not lora_modules(model):
-        targets = cfg["target_modules"]
-        if isinstance(targets, str):  # PEFT treats a single string as a regex over module names
-            targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(targets, n)]
+        targets = peft_targets(model, cfg)
         first = next(iter(model.parameters()))
         apply_lora(model, cfg["r"], cfg["lora_alpha"], layers=targets, rslora=cfg.get("use_rslora", False),
                    dtype=first.dtype if first.is_floating_point() else torch.float32)
@@ -571,6 +654,8 @@ class Tokenizer:
         import tiktoken
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
         self.special, self.nfc, self.bos_id = dict(special), nfc, bos_id
+        self.ranks, self.pattern = ranks, pattern  # kept to write tokenizer.json back (save_hf)
+        self.name_or_path = None                   # the hub id or folder it came from, when known
         self.add_bos = add_bos and bos_id is not None  # what the reference tokenizer does by default (Llama 3: yes)
         self.chat_template = chat_template or ""
         if "<|im_start|>" in self.chat_template or ("<|im_start|>" in special and "<|start_header_id|>" not in self.chat_template):
@@ -603,17 +688,92 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
+    # What save_hf writes for a Llama 3 tokenizer that came without a Jinja template (tokenizer.model).
+    LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+                       "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+
+    def merges(self):
+        """BPE merges (a, b) in priority order, rebuilt from the ranks (tiktoken keeps none): the
+        token of rank r is the merge of the two parts that BPE of its bytes, with only ranks below
+        r, ends with. transformers' tiktoken converter does the same."""
+        out = []
+        for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+            parts = [token[i:i + 1] for i in range(len(token))]
+            while len(parts) > 2:
+                pairs = [(self.ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+                r, i = min(pairs)
+                if r >= rank:
+                    break
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            if len(parts) == 2 and parts[0] in self.ranks and parts[1] in self.ranks:
+                out.append(tuple(parts))
+        return out
+
+    def to_hf(self):
+        """The tokenizer.json dict (HF tokenizers) that encodes as this tokenizer does."""
+        b2u = _bytes_to_unicode()
+        text = lambda b: "".join(b2u[x] for x in b)
+        special = sorted(self.special.items(), key=lambda kv: kv[1])
+        byte_level = lambda regex: {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": regex}
+        if self.pattern == DIGITS_PATTERN:  # SmolLM2's own pre-tokenizer: digits apart, then GPT-2's regex
+            pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level(True)]}
+        elif self.pattern == GPT2_PATTERN:
+            pre = byte_level(True)
+        else:
+            pre = {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}, byte_level(False)]}
+        post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+        bos = next((s for s, i in special if i == self.bos_id), None)
+        if self.add_bos and bos:
+            bos_piece = lambda type_id: {"SpecialToken": {"id": bos, "type_id": type_id}}
+            seq = lambda name, type_id: {"Sequence": {"id": name, "type_id": type_id}}
+            post = {"type": "Sequence", "processors": [post, {
+                "type": "TemplateProcessing", "single": [bos_piece(0), seq("A", 0)],
+                "pair": [bos_piece(0), seq("A", 0), bos_piece(1), seq("B", 1)],
+                "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}}}]}
+        vocab = {text(b): i for b, i in self.ranks.items()}
+        vocab.update(special)
+        return {"version": "1.0", "truncation": None, "padding": None,
+                "added_tokens": [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                      special=True) for s, i in special],
+                "normalizer": {"type": "NFC"} if self.nfc else None, "pre_tokenizer": pre, "post_processor": post,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+                # ignore_merges: a piece that is itself a token is that token, as in tiktoken (and Llama 3's file)
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                          "vocab": vocab, "merges": [f"{text(a)} {text(b)}" for a, b in self.merges()]}}
+
+    def save_hf(self, path, model_max_length=None):
+        """Write tokenizer.json and tokenizer_config.json into a folder, for load_tokenizer here and
+        AutoTokenizer in transformers."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        name = {i: s for s, i in self.special.items()}.get
+        template = self.chat_template if "{{" in self.chat_template or "{%" in self.chat_template else \
+            (self.LLAMA3_TEMPLATE if self.chat_format == "llama3" else None)
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(self.bos_id), "eos_token": name(self.eos_id),
+               "pad_token": name(self.pad_id), "add_bos_token": self.add_bos, "add_eos_token": False,
+               "clean_up_tokenization_spaces": False}
+        if model_max_length:
+            cfg["model_max_length"] = model_max_length
+        if template:
+            cfg["chat_template"] = template
+        tj = self.to_hf()
+        _atomic_write(path / "tokenizer.json", lambda f: Path(f).write_text(json.dumps(tj)))
+        _atomic_write(path / "tokenizer_config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
+
     def render_chat(self, messages, add_generation_prompt=False):
         """Token ids of a conversation in the model's chat format, and a 0/1 mask marking the
         assistant tokens (their content and end-of-turn token): what SFT puts the loss on.
         ChatML (SmolLM2, Qwen) and Llama 3 are rendered as their templates render them; tools and
-        other template extras are not."""
-        ids, mask = [], []
+        other template extras are not. The text between two special tokens is encoded as one
+        string, as apply_chat_template does (a header and the content after it can share a token);
+        a token is masked in if it holds any character of an assistant answer."""
+        parts = []  # (special id or text, learn)
 
         def add(piece, learn=False):
-            toks = [self.special[piece]] if piece in self.special else self.encode(piece, bos=False)
-            ids.extend(toks)
-            mask.extend([int(learn)] * len(toks))
+            parts.append((self.special.get(piece, piece), learn))
 
         if self.chat_format == "chatml":
             if self.default_system and messages and messages[0]["role"] != "system":
@@ -626,12 +786,11 @@ class Tokenizer:
                 add("<|im_start|>"), add("assistant\n")
         elif self.chat_format == "llama3":
             if self.bos_id is not None:
-                ids.append(self.bos_id)
-                mask.append(0)
+                parts.append((self.bos_id, False))
             for m in messages:
                 learn = m["role"] == "assistant"
                 add("<|start_header_id|>"), add(m["role"]), add("<|end_header_id|>"), add("\n\n")
-                add(m["content"].strip(), learn), add("<|eot_id|>", learn)
+                add(m["content"].strip(), learn), add("<|eot_id|>", learn)  # the template trims content
             if add_generation_prompt:
                 add("<|start_header_id|>"), add("assistant"), add("<|end_header_id|>"), add("\n\n")
         else:  # no chat tokens in the vocabulary: a plain transcript, each answer ended by EOS
@@ -639,11 +798,37 @@ class Tokenizer:
                 learn = m["role"] == "assistant"
                 add(f"{m['role'].capitalize()}: "), add(m["content"], learn)
                 if learn and self.eos_id is not None:
-                    ids.append(self.eos_id)
-                    mask.append(1)
+                    parts.append((self.eos_id, True))
                 add("\n\n")
             if add_generation_prompt:
                 add("Assistant: ")
+        return self._encode_parts(parts)
+
+    def _encode_parts(self, parts):
+        """ids and mask of (special id or text, learn) parts: each run of text between ids is encoded
+        whole; a token is learned if its bytes overlap a learned part's bytes."""
+        ids, mask, run = [], [], []
+        for piece, learn in parts + [(None, False)]:
+            if isinstance(piece, str):
+                run.append((unicodedata.normalize("NFC", piece) if self.nfc else piece, learn))
+                continue
+            if run:
+                spans, pos = [], 0  # byte spans of the learned parts in the run's UTF-8
+                for text, lrn in run:
+                    n = len(text.encode("utf-8"))
+                    if lrn and n:
+                        spans.append((pos, pos + n))
+                    pos += n
+                toks = self.enc.encode("".join(t for t, _ in run), allowed_special="all")
+                pos = 0
+                for t, b in zip(toks, self.enc.decode_tokens_bytes(toks)):
+                    ids.append(t)
+                    mask.append(int(any(a < pos + len(b) and pos < e for a, e in spans)))
+                    pos += len(b)
+                run = []
+            if piece is not None:
+                ids.append(piece)
+                mask.append(int(learn))
         return ids, mask
 
 
@@ -727,8 +912,15 @@ def tokenizer_from_gguf(reader):
     bos = meta("tokenizer.ggml.bos_token_id")
     add_bos = meta("tokenizer.ggml.add_bos_token", pre in ("llama-bpe", "llama3"))
     eos = [meta("tokenizer.ggml.eos_token_id"), meta("tokenizer.ggml.eot_token_id")]
-    return Tokenizer(ranks, special, GGUF_PRE_PATTERNS[pre], bos if bos in special.values() else None, eos,
-                     meta("tokenizer.chat_template"), nfc=pre == "qwen2", add_bos=add_bos)  # Qwen normalises to NFC
+    tok = Tokenizer(ranks, special, GGUF_PRE_PATTERNS[pre], bos if bos in special.values() else None, eos,
+                    meta("tokenizer.chat_template"), nfc=pre == "qwen2", add_bos=add_bos)  # Qwen normalises to NFC
+    # The hub repo the file says it holds, if any: what a saved adapter names as its base, since
+    # PEFT cannot open a .gguf (general.base_model.* is the model this one was tuned from, not it).
+    urls = [meta(k) or "" for k in ("general.repo_url", "general.source.repo_url", "general.url", "general.source.url")]
+    hub = [m.group(1) for m in (re.fullmatch(r"https?://huggingface\.co/([\w.-]+/[\w.-]+?)/?", u) for u in urls) if m]
+    hub += [n for n in (meta("general.name"), meta("general.basename")) if n and re.fullmatch(r"[\w.-]+/[\w.-]+", n)]
+    tok.name_or_path = hub[0] if hub else None
+    return tok
 
 
 def load_tokenizer(path):
@@ -960,16 +1152,22 @@ def load_model(name_or_path=None, device="cpu", dtype=torch.float32):
         if path.suffix != ".gguf":
             raise UserError(f"{path} is a file but not .gguf: pass a .gguf file or the model's folder")
         model, tok = load_gguf(path, device, dtype)
+        if path.name == DEFAULT_GGUF:
+            name = "HuggingFaceTB/" + DEFAULT_MODEL
+        elif name != "HuggingFaceTB/" + DEFAULT_MODEL:  # PEFT cannot open a .gguf: its hub repo, else its file name
+            name = tok.name_or_path or path.name
     else:
         model, tok = load_hf_folder(path, device, dtype), load_tokenizer(path)
-    model.name_or_path = name
+    model.name_or_path = tok.name_or_path = name
     return model, tok
 
 
-def save_model(model, path, tokenizer_src=None):
+def save_model(model, path, tokenizer=None, tokenizer_src=None):
     """Write a full model as a Hugging Face folder (config.json + model.safetensors), merging any
-    LoRA adapters into a copy of the weights; transformers' from_pretrained reads it. Tokenizer
-    files are copied from tokenizer_src (a folder) when given."""
+    LoRA adapters into a copy of the weights; transformers' from_pretrained and load_model read it.
+    tokenizer: the Tokenizer, written as tokenizer.json, tokenizer_config.json and
+    generation_config.json (so a model loaded from a GGUF, which has no such files, reloads); or a
+    folder to copy those files from (tokenizer_src is that argument's old name)."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -988,11 +1186,19 @@ def save_model(model, path, tokenizer_src=None):
     if isinstance(model.lm_head, LoRALinear) and model.config.tie_word_embeddings:
         cfg["tie_word_embeddings"] = False  # the merged head differs from the embedding now
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_src
+    if isinstance(tokenizer, Tokenizer):
+        # Every stop id, so that generate() in transformers stops where ours does (Llama 3: two).
+        stop = tokenizer.stop_ids[0] if len(tokenizer.stop_ids) == 1 else tokenizer.stop_ids or None
+        gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop}
+        cfg.update(gen)
+        tokenizer.save_hf(path, model_max_length=model.config.max_position_embeddings)
+        _atomic_write(path / "generation_config.json", lambda f: Path(f).write_text(json.dumps(gen, indent=2)))
     _atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
     _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
     for fname in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json", "chat_template.jinja"):
-        if tokenizer_src and (Path(tokenizer_src) / fname).exists():
-            shutil.copy(Path(tokenizer_src) / fname, path / fname)
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer) and (Path(tokenizer) / fname).exists():
+            shutil.copy(Path(tokenizer) / fname, path / fname)
 
 
 # -----------------------------------------------------------------------------
@@ -1074,25 +1280,91 @@ def fullft_lr(cfg):
     return 5e-5 * (2000 / cfg.hidden_size) ** p
 
 
-def train_flops_per_token(model, seq_len):
-    """Training FLOPs (forward + backward) per token of the model as set up for training. A
-    d_out x d_in matmul costs 2 d_in d_out FLOPs forward and 2 d_in d_out for the input gradient,
-    plus 2 d_in d_out for the weight gradient only when the weight trains: a frozen weight costs
-    4, not 6, FLOPs per parameter per token. LoRA's A and B add 6 r (d_in + d_out). Attention's
-    q.k^T and att.v add 3 x 4 seq_len d_head n_heads per layer (full T x T, no recomputation).
-    This is the post's 3N^2 (FullFT) vs 2N^2 + 6NR (LoRA) per matrix, in FLOPs rather than
-    multiply-adds; flops.py refines it to what torch's FlopCounterMode counts (within ~1% at
-    T = 256: it adds flash attention's recomputed q.k^T and the gradients autograd skips)."""
-    adapters = {id(x) for m in lora_modules(model).values() for x in (m.lora_A, m.lora_B)}
+# FLOP accounting: one formula, used by train_sft.py's logs and flops.py's tables
+
+def config_shape(cfg):
+    """The fields the FLOP formulas read, as a dict, from a Config, a config.json dict (MoE too) or a model."""
+    cfg = getattr(cfg, "config", cfg)
+    s = dict(cfg) if isinstance(cfg, dict) else asdict(cfg)
+    s["num_key_value_heads"] = s.get("num_key_value_heads") or s["num_attention_heads"]
+    s["head_dim"] = s.get("head_dim") or s["hidden_size"] // s["num_attention_heads"]
+    s.setdefault("qk_norm", s.get("model_type", "").startswith("qwen3"))
+    return s
+
+
+def layer_matrices(cfg):
+    """Each layer's matrices in forward order: (name, d_in, d_out, copies, active). `copies` hold
+    parameters, `active` of them touch each token: 1 and 1 in dense layers, num_experts and
+    num_experts_per_tok for MoE experts."""
+    s = config_shape(cfg)
+    h, q, kv = s["hidden_size"], s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"]
+    attn = [("q_proj", h, q, 1, 1), ("k_proj", h, kv, 1, 1), ("v_proj", h, kv, 1, 1), ("o_proj", q, h, 1, 1)]
+    if s.get("num_experts"):
+        E, k, i = s["num_experts"], s["num_experts_per_tok"], s["moe_intermediate_size"]
+        return attn + [("router", h, E, 1, 1), ("gate_proj", h, i, E, k), ("up_proj", h, i, E, k), ("down_proj", i, h, E, k)]
+    i = s["intermediate_size"]
+    return attn + [("gate_proj", h, i, 1, 1), ("up_proj", h, i, 1, 1), ("down_proj", i, h, 1, 1)]
+
+
+def layer_set(layers):
+    """'all', 'mlp', 'attn', or names joined by ',' or '+' (or a list) -> the set of matrix names."""
+    if isinstance(layers, str):
+        layers = LAYER_SETS.get(layers) or [n.strip() for n in layers.replace("+", ",").split(",") if n.strip()]
+    bad = [n for n in layers if n not in LAYER_SETS["all"]]
+    if bad:
+        raise UserError(f"layer name {bad[0]!r} is unknown: use all, mlp, attn or names from {', '.join(LAYER_SETS['all'])}")
+    return set(layers)
+
+
+def attention_macs(cfg, seq_len, backward=True):
+    """Multiply-adds per token per layer of q.k^T and att.v: each of T queries meets all T keys in
+    every query head: 2 H hd T forward, over the full T x T (FlopCounterMode's convention; a causal
+    flash kernel does about half). Backward 5 H hd T as the counter counts it: d_att, dv, dq, dk
+    and flash attention's recomputed q.k^T."""
+    s = config_shape(cfg)
+    return s["num_attention_heads"] * s["head_dim"] * seq_len * (7 if backward else 2)
+
+
+def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False, attention=True, skip=True):
+    """FLOPs (2 per multiply-add) per token of one training step, forward + backward; rank 0 is
+    full fine-tuning. A d_out x d_in matrix costs d_in d_out multiply-adds for y = W x, as many
+    for the input gradient, and as many again for the weight gradient only if W trains: the
+    post's 3N^2 (FullFT) against 2N^2 + 6NR (LoRA; A and B do the same three products). So a LoRA
+    step is about 2/3 of a FullFT step, and 6 x params overstates LoRA's work by ~1.5x.
+    skip=True counts what autograd runs: with the embedding frozen, no gradient reaches the
+    residual stream before the first adapted matrix, so the matrices there get no input gradient.
+    The count equals torch's FlopCounterMode on a real step (tested). cfg: a Config or a config
+    dict (MoE experts: `active` of them per token, each with rank / active, the post's rule)."""
+    s, full = config_shape(cfg), rank == 0
+    chosen = set() if full else layer_set(layers) | ({"lm_head"} if lm_head else set())
+    m = {name: (d_in, d_out, active) for name, d_in, d_out, _, active in layer_matrices(cfg)}
+    m["lm_head"] = (s["hidden_size"], s["vocab_size"], 1)
+
+    def mm(name, grad_in):
+        d_in, d_out, active = m[name]
+        macs = active * d_in * d_out * (1 + grad_in + full)  # forward, input grad if needed, W grad if trained
+        return macs + (rank * (3 * d_out + (2 + grad_in) * d_in) if name in chosen else 0)
+
+    g = full or not skip  # does the residual stream carry a gradient here?
     total = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and id(m) not in adapters:
-            n = m.in_features * m.out_features
-            total += 4 * n + (2 * n if m.weight.requires_grad else 0)
-            if isinstance(m, LoRALinear):
-                total += 6 * m.rank * (m.in_features + m.out_features)
-    cfg = model.config
-    return total + cfg.num_hidden_layers * 12 * seq_len * cfg.head_dim * cfg.num_attention_heads
+    for _ in range(s["num_hidden_layers"]):
+        total += sum(mm(n, g) for n in ("q_proj", "k_proj", "v_proj"))
+        qkv = g or bool(chosen & {"q_proj", "k_proj", "v_proj"})  # does attention run backward?
+        total += attention_macs(cfg, seq_len, backward=qkv) if attention else 0
+        total += mm("o_proj", qkv)
+        g = g or qkv or "o_proj" in chosen
+        total += sum(mm(n, g) for n in ("router", "gate_proj", "up_proj") if n in m)
+        hidden = g or bool(chosen & {"gate_proj", "up_proj"})
+        total += mm("down_proj", hidden)
+        g = g or hidden or "down_proj" in chosen
+    return 2 * (total + mm("lm_head", g))  # the embedding is a lookup: no multiply-adds
+
+
+def sequence_flops(cfg, rank, layers, lm_head, lengths):
+    """Training FLOPs of a batch of sequences of these lengths (attention grows with each one's length)."""
+    a = train_flops_per_token(cfg, rank, layers, 0, lm_head)
+    b = train_flops_per_token(cfg, rank, layers, 1, lm_head) - a  # per token per unit of sequence length
+    return sum(T * (a + b * T) for T in lengths)
 
 
 GSM8K_INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
@@ -1127,15 +1399,17 @@ def hub_reachable(host="huggingface.co", timeout=3.0):
         return False
 
 
-def read_jsonl(path):
+def read_jsonl(path, torn_tail=False):
+    """Rows of a JSONL file. torn_tail: drop a last line cut short (a run log killed mid-write)."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{i} is not valid JSON ({e.msg}): fix or remove that line")
+    for j, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if torn_tail and j == len(lines) - 1:
+                break
+            raise UserError(f"{path}:{i} is not valid JSON ({e.msg}): fix or remove that line")
     return rows
 
 
@@ -1204,19 +1478,82 @@ def pick_device(device="auto", dtype="auto"):
     master weights; CPU: float32 throughout (bf16 matmuls are slow on most CPUs)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no GPU: pass --device cpu, or install a CUDA build of torch")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     amp = _resolve_dtype(dtype)
+    if amp == torch.float16:  # float16 gradients underflow without loss scaling, which these scripts leave out
+        raise UserError("--dtype float16 needs a GradScaler, which these scripts do not use: pass --dtype bfloat16 (or float32)")
     if amp == torch.float32:
         return device, torch.float32, None, f"{device}, float32"
     return device, torch.float32, amp, (f"{device}, {dtype} autocast; LoRA runs keep the frozen base in {dtype} and "
                                         "the adapters in float32, full fine-tuning keeps float32 weights")
 
 
+def autocast(device, amp):
+    """The scripts' mixed precision: autocast to `amp` (bf16 on CUDA), or nothing when amp is None."""
+    return torch.autocast(str(device).split(":")[0], dtype=amp or torch.float32, enabled=amp is not None)
+
+
+def load_base(name, device, dtype, ranks):
+    """(base model on the CPU, tokenizer, device, autocast dtype) for a grid of runs. LoRA-only grids
+    keep the frozen base in the autocast dtype (bf16 on CUDA: half the memory, no master copy);
+    full fine-tuning keeps float32 master weights for AdamW. Each run copies the base to the device."""
+    device, pdtype, amp, why = pick_device(device, dtype)
+    print(f"device: {why}; loading {name or DEFAULT_MODEL} ...", flush=True)
+    base, tok = load_model(name, device="cpu", dtype=amp if amp is not None and all(r > 0 for r in ranks) else pdtype)
+    return base, tok, device, amp
+
+
+def pad_right(seqs, value=0):
+    """(B, longest) long tensor of the lists in seqs, right-padded with value."""
+    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def gsm8k_or_synth(spec):
+    """--data gsm8k when the hub cannot be reached falls back to the built-in synth problems, saying so."""
+    if spec == "gsm8k" and not hub_reachable():
+        print("openai/gsm8k cannot be reached (offline): using --data synth instead; "
+              "pass --data PATH for a local GSM8K copy (e.g. ../shared/data/gsm8k)", file=sys.stderr)
+        return "synth"
+    return spec
+
+
+def check_flags(a, positive=(), non_negative=(), ints=()):
+    """Refuse bad numeric flags before anything slow starts: one line naming the flag and the fix.
+    ints: comma-list flags of integers (sweeps), each of whose values must be >= 0."""
+    for name in positive:
+        for v in str(getattr(a, name)).split(","):
+            try:
+                ok = float(v) > 0 and math.isfinite(float(v))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise UserError(f"--{name} {getattr(a, name)}: must be a positive number (comma lists sweep)")
+    for name in non_negative:
+        if getattr(a, name) < 0:
+            raise UserError(f"--{name} {getattr(a, name)}: must be >= 0")
+    for name in ints:
+        for v in str(getattr(a, name)).split(","):
+            if not v.strip().isdigit():
+                raise UserError(f"--{name} {getattr(a, name)!r}: must be whole numbers >= 0, comma-separated (e.g. 1,16,0)")
+
+
 class Diverged(UserError):
-    """A NaN or inf loss: the run stops before the bad update; its last checkpoint stays."""
+    """A NaN, inf or blown-up loss: the run stops before the bad update; its last good checkpoint stays."""
+
+
+def divergence_limit(first_loss, vocab_size):
+    """The loss above which a run counts as diverged: over twice its first step's loss plus a nat,
+    or a nat above ln(vocab) (the uniform predictor a blown-up model drifts to), whichever is lower.
+    From a pretrained start (~1-2 nats) that is ~3-5 nats; a random-init start is already ~ln(vocab)."""
+    return min(2 * first_loss + 1, math.log(vocab_size) + 1)
 
 
 def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init_scale=1.0, lr_ratio_b=1.0,
@@ -1247,25 +1584,118 @@ def resolve_lrs(lr, lr_mult, rank, cfg):
     return [m * fullft_lr(cfg) for m in mults]
 
 
+def run_sweep(runs, train_one, what="final held-out loss", higher_is_better=False, progress=None, quiet=False):
+    """Train each run (train_one(run) -> its final metric); a diverged run is marked and the rest
+    of the grid goes on (a lone run's divergence is the error). Prints the grid's ranking."""
+    results = []
+    say = (lambda *x: None) if quiet else print
+    for i, r in enumerate(runs):
+        if len(runs) > 1:
+            say(f"\n[run {i + 1}/{len(runs)}]" + (f" grid: {progress}" if progress else ""))
+        try:
+            results.append((r.name, train_one(r)))
+        except Diverged as e:
+            if len(runs) == 1:
+                raise
+            say(f"diverged: {e}")
+            results.append((r.name, None))
+    if len(runs) > 1:
+        say(f"\n{what} per run:")
+        key = lambda t: (t[1] is None, t[1] != t[1], 0 if t[1] is None or t[1] != t[1] else -t[1] if higher_is_better else t[1])
+        for name, v in sorted(results, key=key):
+            say(f"  {'diverged' if v is None else 'no eval' if v != v else f'{v:.4f}':>8}  {name}")
+    return results
+
+
+def hms(seconds):
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """Elapsed time and an ETA from units of work done (steps, FLOPs: anything additive)."""
+
+    def __init__(self, total):
+        self.total, self.done, self.t0 = total, 0.0, time.time()
+
+    def add(self, work):
+        self.done += work
+
+    def __str__(self):
+        el = time.time() - self.t0
+        eta = el / self.done * max(self.total - self.done, 0) if self.done else float("nan")
+        return f"{hms(el)} elapsed, ETA {hms(eta) if eta == eta else '?'}"
+
+
+# Checkpoints. Invariant: `latest` always names a complete checkpoint folder, whatever instant a
+# kill strikes. Each save writes a fresh hidden folder, renames it to a name no checkpoint has yet,
+# then replaces `latest` atomically, and only then deletes what is no longer needed.
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_step(run_dir):
+    """The step of <run_dir>/latest, or None when there is no checkpoint."""
+    latest = Path(run_dir) / "latest"
+    if not latest.exists():
+        return None
+    return int(re.match(r"ckpt-(\d+)", latest.read_text().strip()).group(1))
+
+
+def _checkpoints(run_dir):
+    return [p for p in Path(run_dir).glob("ckpt-*") if p.is_dir() and re.fullmatch(r"ckpt-\d+(-\d+)?", p.name)]
+
+
 def save_checkpoint(run_dir, step, model, optimizer, extra=None):
-    """Write <run_dir>/ckpt-<step>/ (the adapter in PEFT format, or the full model as an HF
-    folder, plus optimizer state and step), then point <run_dir>/latest at it with an atomic
-    rename, then delete older checkpoints: a kill at any moment leaves the last complete one."""
+    """Save <run_dir>/ckpt-<step>/ (the adapter in PEFT format, or the full model as an HF folder,
+    plus state.pt: optimizer state, step and `extra`) and point <run_dir>/latest at it. The
+    checkpoint `latest` named before is kept too (the divergence guard may fall back to it); older
+    ones and leftovers of killed saves are deleted last."""
     run_dir = Path(run_dir)
-    d = run_dir / f"ckpt-{step}"
-    if d.exists():
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-ckpt-{step}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from the rest of a team
     if lora_modules(model):
-        save_adapter(model, d)
+        save_adapter(model, tmp)
     else:
-        save_model(model, d)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra or {})}, d / "state.pt")
-    _atomic_write(run_dir / "latest", lambda f: Path(f).write_text(d.name))
-    for old in run_dir.glob("ckpt-*"):
-        if old != d:
+        save_model(model, tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra or {})}, tmp / "state.pt")
+    for f in tmp.iterdir():
+        _fsync(f)
+    name, n = f"ckpt-{step}", 1
+    while (run_dir / name).exists():  # a resumed run saving a step again: never overwrite a checkpoint
+        name, n = f"ckpt-{step}-{n}", n + 1
+    os.rename(tmp, run_dir / name)
+    previous = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else None
+    _atomic_write(run_dir / "latest", lambda f: Path(f).write_text(name))
+    _fsync(run_dir)
+    for old in _checkpoints(run_dir) + list(run_dir.glob(".tmp-ckpt-*")):
+        if old.name not in (name, previous):
             shutil.rmtree(old, ignore_errors=True)
-    return d
+    return run_dir / name
+
+
+def drop_checkpoints_from(run_dir, step):
+    """Forget checkpoints saved at or after `step` (the divergence guard: their weights gave the
+    blown-up loss): `latest` moves to the newest older one first, or goes if there is none."""
+    run_dir = Path(run_dir)
+    step_of = lambda p: int(p.name.split("-")[1])
+    good = sorted((p for p in _checkpoints(run_dir) if step_of(p) < step), key=lambda p: (step_of(p), p.stat().st_mtime))
+    if good:
+        _atomic_write(run_dir / "latest", lambda f: Path(f).write_text(good[-1].name))
+    elif (run_dir / "latest").exists():
+        os.remove(run_dir / "latest")
+    for p in _checkpoints(run_dir):
+        if step_of(p) >= step:
+            shutil.rmtree(p, ignore_errors=True)
+    return step_of(good[-1]) if good else None
 
 
 def load_checkpoint(run_dir, model, optimizer):
@@ -1274,34 +1704,48 @@ def load_checkpoint(run_dir, model, optimizer):
     if not (run_dir / "latest").exists():
         raise UserError(f"no checkpoint in {run_dir} to resume from: drop --resume, or check --out and the run name")
     d = run_dir / (run_dir / "latest").read_text().strip()
+    if not (d / "state.pt").exists():
+        raise UserError(f"{d} is not a complete checkpoint (no state.pt): point {run_dir / 'latest'} at another ckpt-* folder, or drop --resume")
     if lora_modules(model):
         load_adapter(model, d)
     else:
         from safetensors.torch import load_file
         sd = load_file(d / "model.safetensors")
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(sd[n] if n in sd else sd["model.embed_tokens.weight"])
-    state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+            for n, p in model.named_parameters():  # a tied head is one parameter, saved once
+                if n not in sd:
+                    raise UserError(f"{d} lacks {n}: the checkpoint is of another model; drop --resume or fix --out")
+                p.copy_(sd[n])
+    state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     return state
 
 
+def check_run_dir(run_dir, resume):
+    """A new run never overwrites an earlier run's checkpoints: it must --resume them or go elsewhere."""
+    step = checkpoint_step(run_dir)
+    if step is not None and not resume:
+        raise UserError(f"{run_dir} holds a checkpoint of an earlier run (step {step}): pass --resume to continue it, "
+                        "or --tag / --out for a new run, or delete that folder")
+
+
 class JsonlLog:
     """Append-only JSONL run log: a config record first, then one record per step or eval; plot.py
-    and flops.py read nothing else. Resuming keeps the records up to the checkpoint's step."""
+    and flops.py read nothing else. Resuming keeps the records up to the checkpoint's step (a line
+    torn by a kill mid-write is dropped)."""
 
     def __init__(self, path, config=None, resume_step=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = [r for r in read_jsonl(self.path) if r.get("step", -1) <= resume_step or r["type"] == "config"]
+            keep = [r for r in read_jsonl(self.path, torn_tail=True) if r.get("step", -1) <= resume_step or r["type"] == "config"]
             _atomic_write(self.path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in keep)))
         else:
-            self.path.write_text("")
-            if config is not None:
-                self.write({"type": "config", **config})
+            _atomic_write(self.path, lambda f: Path(f).write_text(json.dumps({"type": "config", **config}) + "\n" if config else ""))
 
     def write(self, record):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def records(self, kind):
+        return [r for r in read_jsonl(self.path, torn_tail=True) if r.get("type") == kind]

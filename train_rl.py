@@ -90,12 +90,8 @@ def group_advantages(rewards, group_size, std=False):
 def completion_logprobs(model, prompts, completions, temperature=1.0):
     """Log-probabilities (under softmax(logits / temperature)) of each completion's tokens given
     its prompt, one tensor per episode, from one right-padded forward pass."""
-    seqs = [p + c for p, c in zip(prompts, completions)]
-    T = max(map(len, seqs))
     device = next(model.parameters()).device
-    x = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s)
+    x = lora.pad_right([p + c for p, c in zip(prompts, completions)]).to(device)
     logits = model(x[:, :-1])
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     out = []
@@ -126,9 +122,7 @@ def load_problems(spec, seed, n_eval):
         k = 1 if spec == "synth1" else 2
         return (lora.synth_problems(20000, seed, k), lora.synth_problems(n_eval, seed + 10_000, k),
                 f"{spec} (seed {seed}, up to {k}-step problems)")
-    if spec == "gsm8k" and not lora.hub_reachable():
-        print("openai/gsm8k cannot be reached (offline): using --data synth instead; "
-              "pass --data PATH for a local GSM8K copy (e.g. ../shared/data/gsm8k)", file=sys.stderr)
+    if lora.gsm8k_or_synth(spec) != spec:
         return load_problems("synth", seed, n_eval)
     train, where = lora.load_gsm8k(spec, "train")
     test, _ = lora.load_gsm8k(spec, "test") if spec == "gsm8k" or Path(spec).is_dir() else (train[:n_eval], None)
@@ -152,7 +146,7 @@ def evaluate(model, tok, rows, max_new_tokens, batch, amp, device, instruction=l
     correct = 0
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
-        with torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
+        with lora.autocast(device, amp):
             outs, _ = lora.generate(model, [prompt_ids(tok, r, instruction) for r in chunk], max_new_tokens, temperature=0,
                                     stop_ids=tok.stop_ids, pad_id=tok.pad_id)
         correct += sum(gsm8k_reward(tok.decode(o), r["answer"]) for o, r in zip(outs, chunk))
@@ -163,12 +157,20 @@ def evaluate(model, tok, rows, max_new_tokens, batch, amp, device, instruction=l
 # one run
 
 
-def train(a, base, tok, train_rows, eval_rows, data_desc):
+def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None):
+    """Train one configuration; returns the final greedy accuracy. grid: the sweep's Progress (in steps)."""
     device, amp = a.device, a.amp
+    run_dir = Path(a.out) / a.name
+    if a.resume and (run_dir / "log.jsonl").exists():
+        done = [r for r in lora.read_jsonl(run_dir / "log.jsonl", torn_tail=True) if r.get("type") == "final"]
+        if done and done[-1]["step"] == a.steps:  # a finished run of a resumed sweep: nothing to redo
+            print(f"== {a.name}: already finished (final accuracy {done[-1]['accuracy']:.3f}); skipped")
+            if grid:
+                grid.total -= a.steps
+            return done[-1]["accuracy"]
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, device=device, seed=a.seed)
     params = [p for g in opt.param_groups for p in g["params"]]
     learner = torch.compile(model) if a.compile else model  # the learner's forward; sampling stays eager
-    run_dir = Path(a.out) / a.name
     start = 0
     if a.resume and (run_dir / "latest").exists():
         start = lora.load_checkpoint(run_dir, model, opt)["step"]
@@ -177,15 +179,16 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
                   model=asdict(base.config), model_name=base.name_or_path, data=data_desc,
                   trainable_params=lora.count_parameters(model), fullft_lr=lora.fullft_lr(base.config))
     log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None)
+    progress = lora.Progress(a.steps - start)
     print(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, "
           f"{config['trainable_params']:,} trainable, lr {a.lr:.3g}, {a.steps} steps x {a.questions_per_step} questions "
           f"x {a.group_size} samples, log {run_dir / 'log.jsonl'}")
-    autocast = lambda: torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None)
 
     def eval_and_log(step):
+        print(f"step {step:4d} | greedy eval on {len(eval_rows)} problems ...", end="", flush=True)
         acc = evaluate(model, tok, eval_rows, a.max_new_tokens, a.eval_batch, amp, device, a.instruction)
         log.write({"type": "eval", "step": step, "accuracy": acc})
-        print(f"step {step:4d} | eval accuracy {acc:.3f} (greedy, {len(eval_rows)} problems)")
+        print(f" accuracy {acc:.3f}")
         model.train()
         return acc
 
@@ -200,7 +203,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
         gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + step)  # resumed runs sample the same
         t0 = time.time()
         model.eval()
-        with autocast():
+        with lora.autocast(device, amp):
             comps, old_lp = lora.generate(model, prompts, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids, gen, tok.pad_id)
         model.train()
         t_sample = time.time() - t0
@@ -209,14 +212,14 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
         rewards = [gsm8k_reward(t, r["answer"]) for t, r in zip(texts, (r for r in rows for _ in range(a.group_size)))]
         adv = group_advantages(rewards, a.group_size, a.adv_std)
         truncated = sum(c[-1] not in tok.stop_ids for c in comps)
-        empty = sum(not t.replace("<|im_end|>", "").strip() for t in texts)
+        empty = sum(not tok.decode([t for t in c if t not in tok.stop_ids]).strip() for c in comps)
         # 3. learn, on the episodes that carry signal (a group with equal rewards has zero advantage)
         live = [i for i in range(len(comps)) if adv[i] != 0]
         t1, ratios, loss_total = time.time(), [], 0.0
         for _ in range(a.updates_per_batch if live else 0):
             for j in range(0, len(live), a.micro_batch):
                 idx = live[j:j + a.micro_batch]
-                with autocast():
+                with lora.autocast(device, amp):
                     new_lp = completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature)
                 loss = 0.0
                 for i, lp in zip(idx, new_lp):
@@ -227,9 +230,12 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
                 loss_total += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip or float("inf"))
             if not (math.isfinite(loss_total) and math.isfinite(grad_norm.item())):
+                # a non-finite loss comes from the weights of the previous update: a checkpoint of it goes too
+                kept = lora.drop_checkpoints_from(run_dir, step - 1) if not math.isfinite(loss_total) else lora.checkpoint_step(run_dir)
                 log.write({"type": "diverged", "step": step, "loss": loss_total})
-                raise lora.Diverged(f"{a.name}: loss {loss_total} / grad norm {grad_norm.item()} at step {step} "
-                                    f"(lr {a.lr:.3g}): lower --lr; the last good checkpoint in {run_dir} is kept")
+                raise lora.Diverged(f"{a.name} diverged at step {step} (loss {loss_total}, grad norm {grad_norm.item()}): lower --lr "
+                                    f"(now {a.lr:.3g}; try 3x lower). " + (f"--resume continues from the last good checkpoint, "
+                                    f"step {kept}" if kept is not None else "No good checkpoint was kept"))
             opt.step()
             opt.zero_grad(set_to_none=True)
         t_learn = time.time() - t1
@@ -243,17 +249,19 @@ def train(a, base, tok, train_rows, eval_rows, data_desc):
                "sample_tok_s": n_gen / t_sample, "learn_tok_s": n_learn / max(t_learn, 1e-9),
                "ms": (time.time() - t0) * 1000, "lr": a.lr}
         log.write(rec)
+        progress.add(1)
+        if grid:
+            grid.add(1)
         print(f"step {step:4d}/{a.steps} | reward {rec['reward']:.3f} | no-spread groups {rec['zero_spread']:.2f} | "
               f"len {rec['completion_len']:.0f} (cut {truncated}) | ratio {rec['ratio_min']:.3f}/{rec['ratio_mean']:.3f}/"
               f"{rec['ratio_max']:.3f} | sample {rec['sample_tok_s']:.0f} tok/s | learn {rec['learn_tok_s']:.0f} tok/s | "
-              f"{rec['ms'] / 1000:.1f} s")
+              f"{rec['ms'] / 1000:.1f} s | {progress}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             eval_and_log(step)
-        if a.save_every and step % a.save_every == 0:
+        if a.save_every and (step % a.save_every == 0 or step == a.steps):
             lora.save_checkpoint(run_dir, step, model, opt)
     final = eval_and_log(a.steps) if a.eval_every else float("nan")
-    if a.save_every:
-        lora.save_checkpoint(run_dir, a.steps, model, opt)
+    log.write({"type": "final", "step": a.steps, "accuracy": final})
     return final
 
 
@@ -287,7 +295,7 @@ def parse_args(argv=None):
     g.add_argument("--clip", type=float, default=0.0, help="PPO clip epsilon, e.g. 0.2 (0 = the post's plain objective)")
     g.add_argument("--micro_batch", type=int, default=8, help="episodes per learner forward")
     g.add_argument("--grad_clip", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", default="0", help="seed of LoRA's init, the problem order and sampling; a comma list runs each")
     g = p.add_argument_group("data and eval")
     g.add_argument("--data", default="gsm8k", help="gsm8k, synth, synth1 (one-step problems), a GSM8K-style folder or .jsonl")
     g.add_argument("--instruction", default="cot", help="the prompt's answer-format request: cot (step by step, "
@@ -299,46 +307,48 @@ def parse_args(argv=None):
     g.add_argument("--out", default="out")
     g.add_argument("--tag", default="")
     g.add_argument("--save_every", type=int, default=10)
-    g.add_argument("--resume", action="store_true")
+    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint; skip finished runs")
     return p.parse_args(argv)
+
+
+def check_args(a):
+    """Every flag checked before the model loads: errors in a second, each naming the fix."""
+    lora.check_flags(a, positive=["questions_per_step", "max_new_tokens", "temperature", "top_p", "updates_per_batch",
+                                  "micro_batch", "alpha", "eval_batch"] + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
+                     non_negative=["steps", "clip", "grad_clip", "eval_examples", "eval_every", "save_every"], ints=["rank", "seed"])
+    if a.group_size < 2:
+        raise lora.UserError(f"--group_size {a.group_size}: advantages are centred within a group, so one sample has none: use 2 or more (the post: 16)")
+    if a.top_p > 1:
+        raise lora.UserError(f"--top_p {a.top_p}: must be in (0, 1]")
+    for layers in a.layers.split(","):
+        lora.layer_set(layers)
+    lora.pick_device(a.device, a.dtype)
+    if a.eval_every and not a.eval_examples:
+        raise lora.UserError("--eval_every needs eval problems: set --eval_examples N, or --eval_every 0")
 
 
 def main(argv=None):
     a = parse_args(argv)
-    device, pdtype, amp, why = lora.pick_device(a.device, a.dtype)
-    a.device, a.amp = device, amp
-    # LoRA-only runs keep the frozen base in the autocast dtype (bf16 on CUDA: half the memory, no
-    # master copy needed); full fine-tuning keeps float32 master weights for AdamW.
-    lora_only = all(int(r) > 0 for r in str(a.rank).split(","))
-    base, tok = lora.load_model(a.model, device="cpu", dtype=amp if amp is not None and lora_only else pdtype)
-    print(f"device: {why}; model {base.name_or_path}")
-    train_rows, eval_rows, desc = load_problems(a.data, a.seed, a.eval_examples)
-    print(f"data: {desc}; {len(train_rows)} training problems")
+    check_args(a)
+    seeds = [int(x) for x in a.seed.split(",")]
+    train_rows, eval_rows, desc = load_problems(a.data, seeds[0], a.eval_examples)
+    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")])
+    print(f"model {base.name_or_path}; data: {desc}; {len(train_rows)} training problems")
     tag = desc.split(" ")[0] if desc.startswith("synth") else "gsm8k"
     if a.instruction != "cot":  # runs with another prompt get their own folder
         tag += f"-{a.instruction}" if a.instruction in INSTRUCTIONS else "-custom"
     a.instruction = INSTRUCTIONS.get(a.instruction, a.instruction)
     runs = []
     for r in (int(x) for x in a.rank.split(",")):
-        if r < 0:
-            raise lora.UserError(f"--rank {r}: use 0 for full fine-tuning or a LoRA rank >= 1")
         for lr in lora.resolve_lrs(a.lr, a.lr_mult, r, base.config):
-            mode = "full" if r == 0 else f"r{r}" + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}")
-            runs.append(argparse.Namespace(**{**vars(a), "rank": r, "lr": lr,
-                                              "name": f"rl_{tag}_{mode}_lr{lr:.2e}_g{a.group_size}{a.tag}"}))
-    results = []
-    for r in runs:
-        try:
-            results.append((r.name, train(r, base, tok, train_rows, eval_rows, desc)))
-        except lora.Diverged as e:
-            if len(runs) == 1:
-                raise
-            print(f"diverged: {e}")
-            results.append((r.name, float("nan")))
-    if len(runs) > 1:
-        print("\nfinal greedy eval accuracy per run:")
-        for name, acc in sorted(results, key=lambda t: -t[1] if t[1] == t[1] else 1):
-            print(f"  {acc:.3f}  {name}")
+            for seed in seeds:
+                mode = "full" if r == 0 else f"r{r}" + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}")
+                name = f"rl_{tag}_{mode}_lr{lr:.2e}_g{a.group_size}" + (f"_s{seed}" if seed else "") + a.tag
+                runs.append(argparse.Namespace(**{**vars(a), "rank": r, "lr": lr, "seed": seed, "name": name}))
+                lora.check_run_dir(Path(a.out) / name, a.resume)
+    grid = lora.Progress(len(runs) * a.steps)
+    lora.run_sweep(runs, lambda r: train(r, base, tok, train_rows, eval_rows, desc, grid), "final greedy eval accuracy",
+                   higher_is_better=True, progress=grid)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -62,10 +63,7 @@ def to_messages(row, i=0, where="data"):
 def load_data(spec, seed, max_examples, n_eval):
     """(train rows, held-out rows, description) for --data: 'gsm8k' (hub, else synth), 'synth', a
     GSM8K-style folder, a .jsonl file, or a hub dataset name such as allenai/tulu-3-sft-mixture."""
-    if spec == "gsm8k" and not lora.hub_reachable():
-        print("openai/gsm8k cannot be reached (offline): using --data synth instead; "
-              "pass --data PATH for a local GSM8K copy (e.g. ../shared/data/gsm8k)", file=sys.stderr)
-        spec = "synth"
+    spec = lora.gsm8k_or_synth(spec)
     if spec == "synth":
         n = max_examples or 5000
         return lora.synth_problems(n, seed), lora.synth_problems(n_eval, seed + 10_000), f"synth ({n} generated, seed {seed})"
@@ -74,12 +72,13 @@ def load_data(spec, seed, max_examples, n_eval):
         train, where = lora.load_gsm8k(spec, "train")
         test, _ = lora.load_gsm8k(spec, "test")
         return train, test[:n_eval], f"gsm8k: {where} (held out: test split)"
-    if p.suffix == ".jsonl" or p.exists():
-        if not p.is_file():
-            raise lora.UserError(f"{spec} is a folder without train.jsonl: pass a .jsonl file or a GSM8K-style folder")
-        rows = lora.read_jsonl(p)
-        desc = str(p)
-    elif "/" in spec:
+    if p.is_dir():
+        raise lora.UserError(f"{spec} is a folder without train.jsonl: pass a .jsonl file or a GSM8K-style folder (train.jsonl, test.jsonl)")
+    if p.is_file():
+        rows, desc = lora.read_jsonl(p), str(p)
+    elif p.suffix == ".jsonl" or spec.startswith((".", "/", "~")) or p.parent.is_dir() and p.parent != Path("."):
+        raise lora.UserError(f"no such file: {spec} (pass an existing .jsonl file or folder, gsm8k, synth or a hub dataset name)")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         if not lora.hub_reachable():
             raise lora.UserError(f"{spec} cannot be fetched from the hub (offline): pass --data synth or --data PATH")
         import datasets
@@ -89,9 +88,12 @@ def load_data(spec, seed, max_examples, n_eval):
             rows = list(datasets.load_dataset(spec, split="train"))
         desc = f"{spec} (hub)"
     else:
-        raise lora.UserError(f"--data {spec!r} is neither gsm8k, synth, an existing path nor a hub dataset name")
+        raise lora.UserError(f"--data {spec!r} is neither gsm8k, synth, an existing path nor a hub dataset name (owner/name)")
+    if not rows:
+        raise lora.UserError(f"{desc} has no rows: pass a .jsonl file with one JSON object per line")
     if len(rows) <= n_eval:
-        raise lora.UserError(f"{desc} has {len(rows)} rows, not more than the {n_eval} held out for eval: lower --eval_examples")
+        raise lora.UserError(f"{desc} has {len(rows)} rows and --eval_examples holds {n_eval} out for eval, leaving none "
+                             f"to train on: lower --eval_examples or add rows")
     return rows[n_eval:], rows[:n_eval], f"{desc} (held out: first {n_eval} rows)"
 
 
@@ -110,13 +112,18 @@ def tokenize(rows, tok, max_len, where):
     return out, truncated, empty
 
 
+def prompt_lengths(rows, tok, where):
+    """Tokens before each row's first answer token: what --max_len must exceed."""
+    lengths = []
+    for i, row in enumerate(rows):
+        mask = tok.render_chat(to_messages(row, i, where))[1]
+        lengths.append(mask.index(1) if 1 in mask else len(mask))
+    return sorted(lengths)
+
+
 def collate(examples, pad_id, device):
     """Right-padded (inputs, targets, loss mask), each (B, T-1): position t predicts token t+1."""
-    T = max(len(ids) for ids, _ in examples)
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    m = torch.zeros((len(examples), T), dtype=torch.long)
-    for i, (ids, mask) in enumerate(examples):
-        x[i, :len(ids)], m[i, :len(mask)] = torch.tensor(ids), torch.tensor(mask)
+    x, m = lora.pad_right([ids for ids, _ in examples], pad_id), lora.pad_right([mask for _, mask in examples])
     return x[:, :-1].to(device), x[:, 1:].to(device), m[:, 1:].to(device)
 
 
@@ -129,7 +136,7 @@ def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backwa
         x, y, m = collate(chunk, pad_id, device)
         n = int(m.sum())
         sync = nullcontext() if (not backward or j == len(chunks) - 1 or not hasattr(model, "no_sync")) else model.no_sync()
-        with sync, torch.autocast(device.split(":")[0], dtype=amp, enabled=amp is not None):
+        with sync, lora.autocast(device, amp):
             _, loss = model(x, y, loss_mask=m)
         if backward:
             (loss * n / scale_tokens).backward()
@@ -154,45 +161,76 @@ def run_name(a, data_tag):
     mode = "full" if a.rank == 0 else f"r{a.rank}" + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}") + ("_head" if a.lm_head else "")
     extra = "" if a.lr_ratio_b == 1 else f"_b{a.lr_ratio_b:g}"
     extra += "" if a.init_scale == 1 else f"_init{a.init_scale:g}"
+    extra += "" if a.seed == 0 else f"_s{a.seed}"
     return f"sft_{data_tag}_{mode}_lr{a.lr:.2e}_bs{a.batch_size}{extra}{a.tag}"
 
 
-def train(a, base, tok, train_ex, eval_ex, data_desc, ddp):
-    """Train one configuration (a: resolved args) from the base model; returns the final eval loss."""
+def plan(a, cfg, train_ex, eval_ex):
+    """(total steps, FLOPs of an average step, FLOPs of one eval, FLOPs of the whole run): for the
+    ETA and the up-front estimate."""
+    total_steps = min(a.steps or 10**9, len(train_ex) // a.batch_size * a.epochs)
+    mean_len = sum(len(ids) for ids, _ in train_ex) / len(train_ex)
+    step = lora.sequence_flops(cfg, a.rank, a.layers, a.lm_head, [mean_len] * a.batch_size)
+    # an eval is a forward pass: about a third of a full fine-tuning step's FLOPs
+    evals = lora.sequence_flops(cfg, 0, "all", False, [len(ids) for ids, _ in eval_ex]) / 3 if a.eval_every else 0
+    return total_steps, step, evals, total_steps * step + evals * (total_steps // max(a.eval_every, 1) + 1)
+
+
+def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
+    """Train one configuration (a: resolved args) from the base model; returns the final eval loss.
+    grid: the sweep's Progress, advanced with this run's work."""
     rank_id, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank_id == 0
-    device, amp = a.device, a.amp
+    device, amp, cfg = a.device, a.amp, base.config
+    run_dir = Path(a.out) / a.name
+    total_steps, step_flops, eval_flops, run_flops = plan(a, cfg, train_ex, eval_ex)
+    steps_per_epoch = len(train_ex) // a.batch_size
+    if a.resume and (run_dir / "log.jsonl").exists():
+        done = [r for r in lora.read_jsonl(run_dir / "log.jsonl", torn_tail=True) if r.get("type") == "final"]
+        if done and done[-1]["step"] == total_steps:  # a finished run of a resumed sweep: nothing to redo
+            if master:
+                print(f"== {a.name}: already finished (final held-out loss {done[-1]['loss']:.4f}); skipped")
+            if grid:
+                grid.total -= run_flops
+            return done[-1]["loss"]
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
                                        a.weight_decay, a.beta2, device, a.seed)
     model.gradient_checkpointing = a.grad_ckpt
     n_train = lora.count_parameters(model)
-    flops_per_token = lora.train_flops_per_token(model, a.max_len)
     fwd = torch.compile(model) if a.compile else model
     if ddp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
-    run_dir = Path(a.out) / a.name
-    steps_per_epoch = len(train_ex) // a.batch_size
-    total_steps = min(a.steps or 10**9, steps_per_epoch * a.epochs)
-    start, flops_done = 0, 0.0
+    start, flops_done, first_loss = 0, 0.0, None
     if a.resume and (run_dir / "latest").exists():
         state = lora.load_checkpoint(run_dir, model, opt)
-        start, flops_done = state["step"], state["flops"]
+        start, flops_done, first_loss = state["step"], state["flops"], state.get("first_loss")
         if master:
             print(f"resumed {a.name} at step {start}")
     config = dict(script="train_sft", name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
-                  model=asdict(base.config), model_name=base.name_or_path, data=data_desc, n_train_examples=len(train_ex),
-                  n_eval_examples=len(eval_ex), trainable_params=n_train, fullft_lr=lora.fullft_lr(base.config),
-                  flops_per_token=flops_per_token, world_size=world, total_steps=total_steps)
+                  model=asdict(cfg), model_name=base.name_or_path, data=data_desc, n_train_examples=len(train_ex),
+                  n_eval_examples=len(eval_ex), trainable_params=n_train, fullft_lr=lora.fullft_lr(cfg),
+                  flops_per_token=lora.train_flops_per_token(cfg, a.rank, a.layers, a.max_len, a.lm_head),
+                  world_size=world, total_steps=total_steps)
     log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None) if master else None
+    n_evals = (a.eval_every > 0) * ((start == 0) + (total_steps - start) // max(a.eval_every, 1) + 1)
+    progress = lora.Progress((total_steps - start) * step_flops + n_evals * eval_flops)
     if master:
         print(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, {n_train:,} trainable, "
               f"lr {a.lr:.3g}, {total_steps} steps of {a.batch_size} sequences, log {run_dir / 'log.jsonl'}")
 
+    def advance(work):
+        progress.add(work)
+        if grid:
+            grid.add(work)
+
     def eval_and_log(step):
+        if master:
+            print(f"step {step:5d} | evaluating on {len(eval_ex)} held-out examples ...", end="", flush=True)
         loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp)
+        advance(eval_flops)
         if master:
             log.write({"type": "eval", "step": step, "loss": loss})
-            print(f"step {step:5d} | eval loss {loss:.4f}")
+            print(f" eval loss {loss:.4f} | {progress}")
         return loss
 
     if start == 0 and a.eval_every:
@@ -207,42 +245,53 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp):
         mine = batch[rank_id::world]   # each DDP rank takes every world-th sequence of the global batch
         t0 = time.time()
         n_tok = torch.tensor(float(sum(sum(m[1:]) for _, m in batch)))
-        seq_tok = sum(len(ids) - 1 for ids, _ in batch)
+        lengths = [len(ids) - 1 for ids, _ in batch]
         loss_sum = torch.tensor(batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True))
         if ddp:
             dist.all_reduce(loss_sum)
         loss = loss_sum.item() / n_tok.item()
+        first_loss = loss if first_loss is None else first_loss
+        limit = lora.divergence_limit(first_loss, cfg.vocab_size)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or float("inf"))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+        if not (math.isfinite(loss) and loss <= limit and math.isfinite(grad_norm.item())):
+            # The weights that gave this loss came out of the previous step's update: a checkpoint
+            # of that step is ruined too, so the guard falls back to the one before it.
+            bad_weights = not (math.isfinite(loss) and loss <= limit)
+            kept = lora.drop_checkpoints_from(run_dir, step - 1) if master and bad_weights else lora.checkpoint_step(run_dir)
             if master:
-                log.write({"type": "diverged", "step": step, "loss": loss})
-            raise lora.Diverged(f"{a.name}: loss {loss} / grad norm {grad_norm.item()} at step {step} (lr {a.lr:.3g}): "
-                                 f"lower --lr; the last good checkpoint in {run_dir} is kept and --resume continues from it")
+                log.write({"type": "diverged", "step": step, "loss": loss, "limit": limit})
+            why = f"loss {loss:.4g} above {limit:.3g}" if math.isfinite(loss) else f"loss {loss}"
+            raise lora.Diverged(f"{a.name} diverged at step {step} ({why}, grad norm {grad_norm.item():.3g}; first step's loss "
+                                f"{first_loss:.3g}): lower --lr (now {a.lr:.3g}; try 3x lower). "
+                                + (f"--resume continues from the last good checkpoint, step {kept}" if kept is not None
+                                   else "No good checkpoint was kept"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         ms = (time.time() - t0) * 1000
-        flops_done += flops_per_token * seq_tok
+        work = lora.sequence_flops(cfg, a.rank, a.layers, a.lm_head, lengths)
+        flops_done += work
+        advance(work)
         if master:
             log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": int(n_tok.item()),
-                       "seq_tokens": seq_tok, "tok_s": seq_tok / ms * 1000, "flops": flops_done,
+                       "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": flops_done,
                        "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch})
             if step % a.log_every == 0 or step == total_steps:
                 print(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr:.2e} | {ms:6.0f} ms | "
-                      f"{seq_tok / ms * 1000:7.0f} tok/s | {flops_done:.3e} FLOPs")
+                      f"{sum(lengths) / ms * 1000:7.0f} tok/s | {flops_done:.3e} FLOPs | {progress}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != total_steps:
             eval_and_log(step)
-        if master and a.save_every and step % a.save_every == 0:
-            lora.save_checkpoint(run_dir, step, model, opt, {"flops": flops_done})
+        if master and a.save_every and (step % a.save_every == 0 or step == total_steps):
+            lora.save_checkpoint(run_dir, step, model, opt, {"flops": flops_done, "first_loss": first_loss})
     final = eval_and_log(total_steps) if a.eval_every else float("nan")
-    if master and a.save_every:
-        lora.save_checkpoint(run_dir, total_steps, model, opt, {"flops": flops_done})
+    if master:
+        log.write({"type": "final", "step": total_steps, "loss": final})
     return final
 
 
 # -----------------------------------------------------------------------------
-# main: parse, load the base model once, run the grid
+# main: check the flags, load the data and the base model once, run the grid
 
 
 def parse_args(argv=None):
@@ -270,7 +319,7 @@ def parse_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=0.0, help="0 = no clipping")
     g.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = the whole epoch)")
     g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", default="0", help="seed of LoRA's init and the data order; a comma list runs each")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="gsm8k", help="gsm8k, synth, a GSM8K-style folder, a .jsonl file, or a hub dataset")
     g.add_argument("--max_examples", type=int, default=0, help="use the first N training rows (0 = all)")
@@ -282,29 +331,45 @@ def parse_args(argv=None):
     g.add_argument("--tag", default="", help="suffix for run names")
     g.add_argument("--log_every", type=int, default=1)
     g.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps and at the end (0 = never)")
-    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint; skip finished runs")
     return p.parse_args(argv)
+
+
+def check_args(a):
+    """Every flag checked before the model loads: errors in a second, each naming the fix."""
+    lora.check_flags(a, positive=["batch_size", "micro_batch", "alpha", "init_scale", "lr_ratio_b", "epochs", "log_every"]
+                     + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
+                     non_negative=["steps", "max_examples", "eval_examples", "eval_every", "save_every", "weight_decay", "grad_clip"],
+                     ints=["rank", "batch_size", "seed"])
+    if a.max_len < 8:
+        raise lora.UserError(f"--max_len {a.max_len} leaves no room for a prompt and an answer: use 256 or more")
+    if not 0 <= a.beta2 < 1:
+        raise lora.UserError(f"--beta2 {a.beta2}: must be in [0, 1)")
+    for layers in a.layers.split(","):
+        lora.layer_set(layers)
+    lora.pick_device(a.device, a.dtype)
+    if a.eval_every and not a.eval_examples:
+        raise lora.UserError("--eval_every needs held-out examples: set --eval_examples N, or --eval_every 0")
 
 
 def grid(a, cfg):
     """Resolved per-run args for every combination of the comma lists."""
     split = lambda s, f: [f(x) for x in str(s).split(",")]
     ranks, layers, bss = split(a.rank, int), split(a.layers, str), split(a.batch_size, int)
-    inits, ratios = split(a.init_scale, float), split(a.lr_ratio_b, float)
+    inits, ratios, seeds = split(a.init_scale, float), split(a.lr_ratio_b, float), split(a.seed, int)
     runs = []
-    for r, ly, bs, ini, rb in itertools.product(ranks, layers, bss, inits, ratios):
-        if r < 0:
-            raise lora.UserError(f"--rank {r}: use 0 for full fine-tuning or a LoRA rank >= 1")
+    for r, ly, bs, ini, rb, seed in itertools.product(ranks, layers, bss, inits, ratios, seeds):
         if r == 0 and (ly != layers[0] or ini != inits[0] or rb != ratios[0]):
             continue  # FullFT ignores the LoRA-only options: run it once
         for lr in lora.resolve_lrs(a.lr, a.lr_mult, r, cfg):
             runs.append(argparse.Namespace(**{**vars(a), "rank": r, "layers": ly, "batch_size": bs, "init_scale": ini,
-                                              "lr_ratio_b": rb, "lr": lr}))
+                                              "lr_ratio_b": rb, "lr": lr, "seed": seed}))
     return runs
 
 
 def main(argv=None):
     a = parse_args(argv)
+    check_args(a)
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and a.device != "cpu" else "gloo")
@@ -312,45 +377,40 @@ def main(argv=None):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             a.device = f"cuda:{os.environ['LOCAL_RANK']}"
     master = not ddp or dist.get_rank() == 0
-    device, pdtype, amp, why = lora.pick_device(a.device, a.dtype)
-    a.device, a.amp = device, amp
-    # LoRA-only runs keep the frozen base in the autocast dtype (bf16 on CUDA: half the memory, no
-    # master copy needed); full fine-tuning keeps float32 master weights for AdamW.
-    lora_only = all(int(r) > 0 for r in str(a.rank).split(","))
-    base, tok = lora.load_model(a.model, device="cpu", dtype=amp if amp is not None and lora_only else pdtype)
-    if master:
-        print(f"device: {why}; model {base.name_or_path}")
-    train_rows, eval_rows, desc = load_data(a.data, a.seed, a.max_examples, a.eval_examples)
+    say = print if master else (lambda *x, **k: None)
+    data_seed = int(a.seed.split(",")[0])  # every seed of a sweep trains on the same data
+    train_rows, eval_rows, desc = load_data(a.data, data_seed, a.max_examples, a.eval_examples)
     if a.max_examples:
         train_rows = train_rows[:a.max_examples]
+    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")])
+    say(f"model {base.name_or_path}; tokenizing {len(train_rows) + len(eval_rows)} rows ...", flush=True)
     train_ex, truncated, empty = tokenize(train_rows, tok, a.max_len, a.data)
-    eval_ex, _, _ = tokenize(eval_rows, tok, a.max_len, a.data)
+    eval_ex, _, eval_empty = tokenize(eval_rows, tok, a.max_len, a.data)
+    if not train_ex or (a.eval_every and not eval_ex):
+        lens = prompt_lengths(train_rows[:200] or eval_rows, tok, a.data)
+        raise lora.UserError(f"every {'training' if not train_ex else 'held-out'} example lost its answer when cut to --max_len "
+                             f"{a.max_len} (prompts run {lens[0]}-{lens[-1]} tokens): raise --max_len")
     desc += f"; {len(train_ex)} train examples ({truncated} truncated to {a.max_len} tokens, {empty} dropped with no answer tokens)"
-    if master:
-        print(f"data: {desc}; {len(eval_ex)} held out")
+    say(f"data: {desc}; {len(eval_ex)} held out" + (f" ({eval_empty} dropped)" if eval_empty else ""))
+    world = dist.get_world_size() if ddp else 1
     runs = grid(a, base.config)
-    for r in runs:
-        if r.batch_size % (dist.get_world_size() if ddp else 1):
-            raise lora.UserError(f"--batch_size {r.batch_size} is not divisible by the {dist.get_world_size()} processes")
-        if len(train_ex) < r.batch_size:
-            raise lora.UserError(f"{len(train_ex)} training examples are fewer than one batch of {r.batch_size}: lower --batch_size")
     data_tag = "synth" if "synth" in desc.split(":")[0] else Path(a.data).name.replace(".jsonl", "") or "data"
-    results = []
     for r in runs:
+        if r.batch_size % world:
+            raise lora.UserError(f"--batch_size {r.batch_size} is not divisible by the {world} processes")
+        if len(train_ex) < r.batch_size:
+            raise lora.UserError(f"{len(train_ex)} training examples are fewer than one batch of {r.batch_size}: "
+                                 "lower --batch_size, or add data (--max_examples, --eval_examples)")
         r.name = run_name(r, data_tag)
-        if master and len(runs) > 1:
-            print(f"\n[{len(results) + 1}/{len(runs)}]")
-        try:
-            results.append((r.name, train(r, base, tok, train_ex, eval_ex, desc, ddp)))
-        except lora.Diverged as e:
-            if len(runs) == 1:
-                raise
-            print(f"diverged: {e}")  # a sweep's high LRs may diverge; the rest of the grid still runs
-            results.append((r.name, float("nan")))
-    if master and len(runs) > 1:
-        print("\nfinal held-out loss per run:")
-        for name, loss in sorted(results, key=lambda t: t[1]):
-            print(f"  {loss:.4f}  {name}")
+        lora.check_run_dir(Path(a.out) / r.name, a.resume)
+    work = [plan(r, base.config, train_ex, eval_ex) for r in runs]
+    total = sum(w[3] for w in work)
+    if not a.device.startswith("cuda"):  # a 2-core CPU trains at roughly 1e11 FLOP/s
+        minutes = total / 1e11 / 60
+        say(f"{len(runs)} run(s), {sum(w[0] for w in work)} steps, {total:.2e} FLOPs: roughly {minutes:.0f} min on a "
+            f"2-core CPU" + (" (the README's CPU quick start: --batch_size 8 --max_len 256 --steps 20, ~3 min)" if minutes > 15 else ""))
+    grid_progress = lora.Progress(total)
+    lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress), progress=grid_progress, quiet=not master)
     if ddp:
         dist.destroy_process_group()
 
