@@ -478,16 +478,16 @@ def save_adapter(model, path, base_model=None):
     mods = lora_modules(model)
     if not mods:
         raise UserError("the model has no LoRA adapters to save: call apply_lora first")
-    head = mods.get("lm_head")
-    if head is not None and _is_shared(model, head.weight):
-        warnings.warn("an lm_head adapter on a base with tied embeddings: llama.cpp's convert_lora_to_gguf cannot "
-                      "convert it (no output.weight) and PEFT's merge also changes the input embedding; "
-                      "train on an untied base or without --lm_head", stacklevel=2)
     first = next(iter(mods.values()))
     if any(m.merged for m in mods.values()):
         raise UserError("adapters are merged into the base weights: unmerge_lora(model) before saving them")
     if any((m.rank, m.alpha, m.rslora) != (first.rank, first.alpha, first.rslora) for m in mods.values()):
         raise UserError("adapters have different ranks or alphas; PEFT folders written here need one of each")
+    head = mods.get("lm_head")
+    if head is not None and _is_shared(model, head.weight):
+        warnings.warn("an lm_head adapter on a base with tied embeddings: llama.cpp's convert_lora_to_gguf cannot "
+                      "convert it (no output.weight) and PEFT's merge also changes the input embedding; "
+                      "train on an untied base or without --lm_head", stacklevel=2)
     # Short names when every layer of that kind is adapted (what PEFT users write), else full names.
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
     leaf = lambda n: n.rsplit(".", 1)[-1]

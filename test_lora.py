@@ -12,6 +12,7 @@ import base64
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -389,40 +390,63 @@ def test_sampling_stops_at_stop_ids_and_respects_seed():
 # bad input: one-line errors that name the fix
 
 
-def test_bad_inputs_give_clear_errors(tmp_path):
-    model = tiny_model()
-    with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
-        Config.from_hf({"model_type": "gpt2"})
-    with pytest.raises(UserError, match="lacks intermediate_size"):
-        Config.from_hf({"model_type": "llama", "vocab_size": 1, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1})
-    with pytest.raises(UserError, match="no such file or folder"):
-        lora.load_model(tmp_path / "nowhere")
+def _hf_folder(tmp_path):
     (tmp_path / "m").mkdir()
-    folder = write_hf_folder(tmp_path / "m", model)
+    return write_hf_folder(tmp_path / "m", tiny_model())
+
+
+def _truncated(tmp_path):
+    folder = _hf_folder(tmp_path)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="truncated or corrupt"):
-        lora.load_model(folder)
+    return lora.load_model(folder)
+
+
+def _no_safetensors(tmp_path):
+    folder = _hf_folder(tmp_path)
     (folder / "model.safetensors").unlink()
-    with pytest.raises(UserError, match="no model.safetensors"):
-        lora.load_model(folder)
-    sd = model.state_dict()
+    return lora.load_model(folder)
+
+
+def _missing_weight(tmp_path):
+    folder = _hf_folder(tmp_path)
+    sd = tiny_model().state_dict()
     sd.pop("model.layers.1.mlp.up_proj.weight")
     save_file(sd, folder / "model.safetensors")
-    with pytest.raises(UserError, match="lacks 1 weights .*up_proj"):
-        lora.load_model(folder)
+    return lora.load_model(folder)
+
+
+def _no_tokenizer(tmp_path):
+    folder = _hf_folder(tmp_path)
     (folder / "tokenizer.json").unlink()
-    with pytest.raises(UserError, match="no tokenizer.json or tokenizer.model"):
-        lora.load_tokenizer(folder)
-    with pytest.raises(UserError, match="I8, which is not supported"):
-        lora.load_model(write_gguf(tmp_path / "bad.gguf", model, bad_tensor=True))
-    for r in (0, -3):
-        with pytest.raises(UserError, match="rank must be an integer >= 1"):
-            lora.apply_lora(tiny_model(), rank=r)
-    with pytest.raises(UserError, match="'qproj' matches no linear layer"):
-        lora.apply_lora(tiny_model(), rank=2, layers=["qproj"])
-    with pytest.raises(UserError, match="dtype 'int8' is not supported"):
-        lora.load_model(folder, dtype="int8")
+    return lora.load_tokenizer(folder)
+
+
+BAD_INPUTS = {
+    "unknown model_type": (lambda p: Config.from_hf({"model_type": "gpt2"}), "model_type 'gpt2' is not supported"),
+    "incomplete config": (lambda p: Config.from_hf({"model_type": "llama", "vocab_size": 1, "hidden_size": 8, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 1}), "lacks intermediate_size"),
+    "no such path": (lambda p: lora.load_model(p / "nowhere"), "no such file or folder"),
+    "truncated safetensors": (_truncated, "truncated or corrupt"),
+    "no safetensors": (_no_safetensors, "no model.safetensors"),
+    "missing weight": (_missing_weight, "lacks 1 weights .*up_proj"),
+    "no tokenizer": (_no_tokenizer, "no tokenizer.json or tokenizer.model"),
+    "unsupported GGUF type": (lambda p: lora.load_model(write_gguf(p / "bad.gguf", tiny_model(), bad_tensor=True)), "I8, which is not supported"),
+    "rank 0": (lambda p: lora.apply_lora(tiny_model(), rank=0), "rank must be an integer >= 1"),
+    "negative rank": (lambda p: lora.apply_lora(tiny_model(), rank=-3), "rank must be an integer >= 1"),
+    "unknown layer": (lambda p: lora.apply_lora(tiny_model(), rank=2, layers=["qproj"]), "'qproj' matches no linear layer"),
+    "int8 dtype": (lambda p: lora.load_model(_hf_folder(p), dtype="int8"), "dtype 'int8' is not supported"),
+    "float16 training": (lambda p: lora.pick_device("cpu", "float16"), "float16 needs a GradScaler.*bfloat16"),
+    "LoRA twice": (lambda p: lora.apply_lora(lora.apply_lora(tiny_model(), 2), 2), "already has LoRA adapters"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_that_names_the_fix(tmp_path, case):
+    make, message = BAD_INPUTS[case]
+    with pytest.raises(UserError, match=message) as e:
+        make(tmp_path)
+    assert "\n" not in str(e.value)
 
 
 # -----------------------------------------------------------------------------
@@ -582,6 +606,229 @@ def test_sft_resume_after_a_kill_reproduces_the_curve(tmp_path, monkeypatch):
     assert len(b) == 6 and np.allclose(a, b, rtol=1e-6, atol=0), (a, b)
 
 
+# -----------------------------------------------------------------------------
+# reliability: kills, torn logs, divergence, bad flags, the training paths a GPU takes
+
+
+class Killed(BaseException):
+    """A simulated SIGKILL: nothing after it runs, no cleanup (not an Exception, so no handler catches it)."""
+
+
+def kill_at_fs_step(monkeypatch, k, during_step):
+    """Make the k-th filesystem call of the checkpoint save at `during_step` raise Killed before it
+    acts: every rename, replace, fsync, chmod, remove, rmtree, mkdtemp, torch.save and safetensors
+    write. Returns a dict whose 'n' counts the calls seen during that save."""
+    import shutil
+    import tempfile
+    import safetensors.torch
+    seen = {"n": 0, "armed": False}
+    targets = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "chmod"), (os, "remove"), (shutil, "rmtree"),
+               (tempfile, "mkdtemp"), (tempfile, "mkstemp"), (torch, "save"), (safetensors.torch, "save_file")]
+    for mod, name in targets:
+        real = getattr(mod, name)
+
+        def op(*a, _real=real, **kw):
+            if seen["armed"]:
+                seen["n"] += 1
+                if seen["n"] == k:
+                    raise Killed
+            return _real(*a, **kw)
+        monkeypatch.setattr(mod, name, op)
+    real_save = lora.save_checkpoint
+
+    def save(run_dir, step, *a, **kw):
+        seen["armed"] = step == during_step
+        try:
+            return real_save(run_dir, step, *a, **kw)
+        finally:
+            seen["armed"] = False
+    monkeypatch.setattr(lora, "save_checkpoint", save)
+    return seen
+
+
+@pytest.mark.parametrize("rank,during_step", [("4", 4), ("4", 6), ("0", 6)])
+def test_a_kill_at_any_filesystem_step_of_a_save_resumes_to_the_identical_curve(tmp_path, monkeypatch, rank, during_step):
+    # Steps 6, checkpoints at 2, 4, 6 (6 is the final save). Kill at each filesystem call of one
+    # save in turn; `latest` must name a complete checkpoint and --resume must give the same curve.
+    args = ["--rank", rank, "--lr", "3e-3", "--steps", "6", "--save_every", "2", "--eval_every", "0"]
+    whole, _ = run_sft(tmp_path, *args, out="whole")
+    (want,) = whole.values()
+    for k in range(1, 100):
+        out = f"k{k}"
+        with monkeypatch.context() as m:
+            seen = kill_at_fs_step(m, k, during_step)
+            try:
+                run_sft(tmp_path, *args, out=out)
+            except Killed:
+                pass
+        if seen["n"] < k:  # the save finished before the k-th call: every step has been tried
+            break
+        (run,) = (tmp_path / out).iterdir()
+        assert lora.checkpoint_step(run) in (during_step - 2, during_step), k
+        with open(run / "log.jsonl", "a") as f:
+            f.write('{"type": "train", "step": 9, "lo')  # and the kill tore the log's last line
+        resumed, _ = run_sft(tmp_path, *args, "--resume", out=out)
+        assert list(resumed.values()) == [want], k
+    assert k > 8  # the save really went through its steps
+
+
+def test_a_finished_run_is_skipped_on_resume_and_a_new_run_never_overwrites_one(tmp_path, capsys):
+    args = ["--rank", "4", "--lr", "3e-3", "--steps", "2", "--save_every", "2", "--eval_every", "2"]
+    _, evals = run_sft(tmp_path, *args)
+    capsys.readouterr()
+    _, again = run_sft(tmp_path, *args, "--resume")
+    assert "already finished" in capsys.readouterr().out and again == evals
+    with pytest.raises(UserError, match="holds a checkpoint of an earlier run .*--resume"):
+        run_sft(tmp_path, *args)
+
+
+def test_divergence_stops_the_run_and_keeps_only_good_checkpoints(tmp_path):
+    # FullFT at LR 1 blows the tiny model's loss up from ln(272) ~ 5.6 to ~13 at step 2. The
+    # checkpoint of step 1 holds the weights that gave it, so it goes; nothing good is left.
+    args = ["--rank", "0", "--steps", "4", "--save_every", "1", "--eval_every", "0"]
+    with pytest.raises(lora.Diverged, match="diverged at step 2 .*lower --lr .*No good checkpoint"):
+        run_sft(tmp_path, *args, "--lr", "1", out="one")
+    (run,) = (tmp_path / "one").iterdir()
+    assert lora.checkpoint_step(run) is None and not list(run.glob("ckpt-*"))
+    assert [r["type"] for r in lora.read_jsonl(run / "log.jsonl")] == ["config", "train", "diverged"]
+    # in a sweep the diverged run is marked and the others still run
+    losses, _ = run_sft(tmp_path, *args, "--lr", "1,3e-3", out="sweep")
+    assert sorted(len(v) for v in losses.values()) == [1, 4]
+
+
+def test_the_divergence_guard_falls_back_to_the_checkpoint_before_the_bad_update(tmp_path):
+    model, _ = lora.load_model(write_hf_folder(tmp_path, tiny_model()))
+    lora.apply_lora(model, 2)
+    opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)])
+    for step in (2, 4, 6):
+        lora.save_checkpoint(tmp_path / "run", step, model, opt)
+    assert lora.checkpoint_step(tmp_path / "run") == 6 and len(list((tmp_path / "run").glob("ckpt-*"))) == 2  # 4 and 6
+    assert lora.drop_checkpoints_from(tmp_path / "run", 6) == 4  # the loss at step 7 blew up: 6's weights are bad
+    assert lora.checkpoint_step(tmp_path / "run") == 4 and [p.name for p in (tmp_path / "run").glob("ckpt-*")] == ["ckpt-4"]
+
+
+def test_divergence_limit_separates_a_blow_up_from_noise():
+    V = 49152
+    assert lora.divergence_limit(1.4, V) == pytest.approx(3.8)        # pretrained: ln V = 10.8 is far above
+    assert lora.divergence_limit(5.6, 272) == pytest.approx(math.log(272) + 1)  # random init starts at ln V
+
+
+def test_checkpoints_are_readable_by_others(tmp_path):
+    model = lora.apply_lora(tiny_model(), 2)
+    opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)])
+    d = lora.save_checkpoint(tmp_path, 1, model, opt)
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [d, *d.iterdir(), tmp_path / "latest"]:
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask, p
+
+
+def test_fullft_checkpoint_round_trip_with_tied_embeddings(tmp_path):
+    model, opt = lora.prepare_training(tiny_model(tie_word_embeddings=True), 0, 1e-3)
+    _, loss = model(ids(), ids())
+    loss.backward()
+    opt.step()
+    lora.save_checkpoint(tmp_path, 1, model, opt)
+    fresh, opt2 = lora.prepare_training(tiny_model(seed=5, tie_word_embeddings=True), 0, 1e-3)
+    assert lora.load_checkpoint(tmp_path, fresh, opt2)["step"] == 1
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    for (n, p), (_, q) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), n
+    for a, b in zip(opt.state.values(), opt2.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+SFT_FLAG_ERRORS = {
+    ("--batch_size", "0"): "--batch_size 0: must be a positive number",
+    ("--rank", "16,x"): "--rank '16,x': must be whole numbers",
+    ("--lr", "-1"): "--lr -1: must be a positive number",
+    ("--max_len", "4"): "--max_len 4 leaves no room",
+    ("--dtype", "float16"): "GradScaler.*--dtype bfloat16",
+    ("--layers", "qproj"): "layer name 'qproj' is unknown",
+    ("--seed", "1.5"): "--seed '1.5': must be whole numbers",
+    ("--data", "missing.jsonl"): "no such file: missing.jsonl",
+    ("--eval_every", "5", "--eval_examples", "0"): "--eval_every needs held-out examples",
+}
+
+
+@pytest.mark.parametrize("flags", list(SFT_FLAG_ERRORS))
+def test_sft_bad_flags_are_refused_before_the_model_loads(tmp_path, flags):
+    # --model points nowhere: the flag's own error, not the model's, proves it came first
+    args = {"--data": str(sft_setup(tmp_path)[1]), **dict(zip(flags[::2], flags[1::2]))}
+    with pytest.raises(UserError, match=SFT_FLAG_ERRORS[flags]):
+        train_sft.main(["--model", str(tmp_path / "no_model"), *[x for kv in args.items() for x in kv]])
+
+
+@pytest.mark.parametrize("rows,flags,message", [
+    (0, [], "has no rows: pass a .jsonl file"),
+    (5, ["--eval_examples", "8"], "has 5 rows and --eval_examples holds 8 out .*lower --eval_examples"),
+    (12, ["--eval_examples", "8", "--batch_size", "8"], "4 training examples are fewer than one batch of 8: lower --batch_size"),
+    (40, ["--max_len", "12", "--eval_examples", "8"], "every training example lost its answer when cut to --max_len 12 .*raise --max_len"),
+])
+def test_sft_data_that_cannot_train_names_the_flag_to_change(tmp_path, rows, flags, message):
+    model_dir, data = sft_setup(tmp_path, n=rows)
+    with pytest.raises(UserError, match=message):
+        train_sft.main(["--model", str(model_dir), "--data", str(data), "--eval_every", "0", "--out", str(tmp_path / "o"), *flags])
+
+
+def test_sft_prints_progress_with_an_eta(tmp_path, capsys):
+    run_sft(tmp_path, "--rank", "4,0", "--lr", "3e-3", "--steps", "2", "--eval_every", "1", "--save_every", "0", "--log_every", "1")
+    out = capsys.readouterr().out
+    assert "roughly" in out and "min on a 2-core CPU" in out        # the up-front estimate
+    assert re.search(r"step +2/2 \| loss .* \| \d+:\d\d elapsed, ETA \d+:\d\d", out)
+    assert re.search(r"\[run 2/2\] grid: \d+:\d\d elapsed, ETA \d+:\d\d", out)
+    assert "evaluating on 8 held-out examples ..." in out
+
+
+def test_bf16_base_with_fp32_adapters_trains_under_cpu_autocast_and_merges_within_bf16_error():
+    torch.manual_seed(0)
+    model = lora.apply_lora(tiny_model().to(torch.bfloat16), 4)  # what train_sft.py builds on CUDA
+    assert model.model.layers[0].mlp.up_proj.lora_A.weight.dtype == torch.float32
+    opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)], lr=3e-3)
+    x = ids(batch=4)
+    losses = []
+    for _ in range(15):
+        with lora.autocast("cpu", torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    w = model.model.layers[1].self_attn.o_proj.weight.detach().clone()
+    with torch.no_grad(), lora.autocast("cpu", torch.bfloat16):
+        before = model(x).float()
+        lora.merge_lora(model)
+        merged = model(x).float()
+    lora.unmerge_lora(model)
+    assert (merged - before).abs().max() < 0.05 * before.abs().max()  # bf16 rounding of W + BA, not a bug
+    ulp = w.abs().max().item() * 2 ** -7  # one bf16 step at the largest weight
+    assert 0 < (model.model.layers[1].self_attn.o_proj.weight - w).abs().max().item() <= 2 * ulp
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = lora.apply_lora(tiny_model(), 4).train()
+        randomize_lora(model)
+        model.gradient_checkpointing = ckpt
+        _, loss = model(ids(), ids())
+        loss.backward()
+        grads.append([p.grad for _, p in lora.trainable_parameters(model)])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_runs_a_training_step(tmp_path, monkeypatch):
+    # Dynamo and AOTAutograd trace the model's forward and backward as --compile does; the aot_eager
+    # backend skips inductor's C++ code generation (80+ s on this CPU), which is PyTorch's to test.
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="aot_eager", fullgraph=True))
+    args = ["--rank", "4", "--lr", "3e-3", "--steps", "2", "--micro_batch", "8", "--eval_every", "0", "--save_every", "0"]
+    (compiled,), (plain,) = run_sft(tmp_path, *args, "--compile")[0].values(), run_sft(tmp_path, *args, out="plain")[0].values()
+    assert np.allclose(plain, compiled, rtol=1e-5), (plain, compiled)
+
+
 def test_sft_ddp_two_processes_equal_one(tmp_path):
     import subprocess
     import sys
@@ -598,17 +845,19 @@ def test_sft_ddp_two_processes_equal_one(tmp_path):
 
 
 def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
+    # Two steps of 4 synth problems at 20x the formula's FullFT LR take the held-out loss from ~0.98
+    # to ~0.59 nats: real weights, the real tokenizer and train_sft.train, small enough for CI.
     model, tok = smol
-    rows = lora.synth_problems(40, seed=5)
-    train_ex, _, _ = train_sft.tokenize(rows[8:], tok, 256, "synth")
-    eval_ex, _, _ = train_sft.tokenize(rows[:8], tok, 256, "synth")
-    args = train_sft.parse_args(["--rank", "8", "--lr_mult", "10", "--batch_size", "8", "--steps", "4", "--eval_every", "4",
+    rows = lora.synth_problems(16, seed=5)
+    train_ex, _, _ = train_sft.tokenize(rows[4:], tok, 256, "synth")
+    eval_ex, _, _ = train_sft.tokenize(rows[:4], tok, 256, "synth")
+    args = train_sft.parse_args(["--rank", "8", "--lr_mult", "20", "--batch_size", "4", "--steps", "2", "--eval_every", "2",
                                  "--save_every", "0", "--out", str(tmp_path), "--device", "cpu"])
     (a,) = train_sft.grid(args, model.config)
     a.name, a.amp = "real", None
     before = train_sft.evaluate(model, eval_ex, 8, tok.pad_id, "cpu", None)
     after = train_sft.train(a, model, tok, train_ex, eval_ex, "synth", ddp=False)
-    assert after < before - 0.1, (before, after)
+    assert after < before - 0.2, (before, after)
 
 
 # -----------------------------------------------------------------------------
@@ -616,7 +865,6 @@ def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
 
 
 import flops  # noqa: E402
-from fractions import Fraction  # noqa: E402
 
 
 def test_post_param_table_llama31_8b():
@@ -656,15 +904,6 @@ def test_params_match_real_models(kw, layers, lm_head):
     assert flops.lora_params(cfg, 3, layers, lm_head)["total"] == lora.count_parameters(model)
 
 
-@pytest.mark.parametrize("N,R", [(4096, 16), (4096, 256), (576, 1), (2048, 64), (100, 7)])
-def test_matrix_ratio_is_posts_formula(N, R):
-    assert flops.matrix_macs(N, N) == 3 * N * N
-    assert flops.matrix_macs(N, N, R) == 2 * N * N + 6 * N * R
-    assert Fraction(flops.matrix_macs(N, N, R), flops.matrix_macs(N, N)) == Fraction(2 * N * N + 6 * N * R, 3 * N * N)
-    assert flops.train_flops_per_token(tiny_config(), 0, attention=False) == 2 * sum(
-        flops.matrix_macs(a, b) * 2 for _, a, b, *_ in flops.matrices(tiny_config())) + 2 * 3 * 64 * 272
-
-
 @pytest.mark.parametrize("rank,layers,lm_head,tied", [(0, "all", False, False), (0, "all", False, True), (4, "all", False, False),
                                                       (4, "mlp", False, True), (4, "attn", True, False), (8, "o_proj", False, False)])
 def test_analytic_flops_match_flop_counter(rank, layers, lm_head, tied):
@@ -676,7 +915,7 @@ def test_analytic_flops_match_flop_counter(rank, layers, lm_head, tied):
     B, T = 2, 48
     idx, tgt = torch.randint(cfg.vocab_size, (B, T)), torch.randint(cfg.vocab_size, (B, T))
     counted = flops.counted_flops(model, idx, tgt)
-    analytic = B * T * flops.train_flops_per_token(cfg, rank, layers, T, attention=True, lm_head=lm_head)
+    analytic = B * T * lora.train_flops_per_token(cfg, rank, layers, T, lm_head=lm_head)  # what train_sft.py logs
     assert abs(counted / analytic - 1) < 0.02
     assert counted == analytic  # the walk models autograd's skipped input gradients exactly
     no_attn = B * T * flops.train_flops_per_token(cfg, rank, layers, T, attention=False, lm_head=lm_head)
@@ -693,21 +932,6 @@ def test_lora_flops_below_fullft_and_ratio_trends():
     assert 0 < post - f(16) < 0.01 * f(16)  # only layer 0's skipped input gradients differ
 
 
-@pytest.mark.parametrize("name", list(flops.presets))
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_memory_adds_up(name, dtype):
-    cfg = flops.presets[name]
-    full, lo = flops.memory_bytes(cfg, 0, dtype=dtype), flops.memory_bytes(cfg, 16, "all", dtype=dtype)
-    for m in (full, lo):
-        assert m["total"] == m["weights"] + m["grads"] + m["master"] + m["adam"]
-        assert m["sampling"] == 2 * flops.model_params(cfg)  # bf16 weights, what a server holds
-    assert full["total"] == 16 * flops.model_params(cfg)  # fp32: 4+4+8; bf16 mixed: 2+2+4+8
-    n = flops.lora_params(cfg, 16, "all")["total"]
-    assert lo["total"] - lo["weights"] + 4 * n == 16 * n  # fp32 adapters: 4 + 4 + 8 bytes each
-    assert full["total"] / full["sampling"] == 8  # the post's "order of magnitude more" than sampling
-    assert lo["total"] < full["total"] / 3
-
-
 def test_measure_tiny_model_state_and_counts():
     torch.set_num_threads(1)
     cfg = tiny_config()
@@ -721,10 +945,20 @@ def test_measure_tiny_model_state_and_counts():
     json.dumps(m)
 
 
+def test_bf16_lora_state_matches_the_memory_formula():
+    # A bf16 base with fp32 adapters (the CUDA default) after one AdamW step: the bytes it really holds
+    cfg = tiny_config()
+    model = lora.apply_lora(Llama(cfg).to(torch.bfloat16), 4)
+    opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)])
+    with lora.autocast("cpu", torch.bfloat16):
+        _, loss = model(ids(), ids())
+    loss.backward()
+    opt.step()
+    want = flops.memory_bytes(cfg, 4, "all", dtype="bf16")
+    assert flops.state_bytes(model, opt) == {k: want[k] for k in ("weights", "grads", "adam")}
+
+
 def test_capacity_examples_and_logs(tmp_path):
-    assert flops.MATH_BITS == 320_000
-    assert flops.R1_ZERO_EPISODES == 10_400 * 32 * 16 == 5_324_800
-    assert flops.human(flops.R1_ZERO_EPISODES) == "5.32M"
     p8 = flops.presets["llama-3.1-8b"]
     assert flops.capacity_bits(p8, 1, "all", lm_head=True) == 2 * 2_753_792 > flops.MATH_BITS
     assert flops.min_rank(p8, flops.MATH_BITS) == 1
@@ -854,6 +1088,37 @@ def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
     assert all(0 <= r["reward"] <= 1 and 0 < r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"] for r in train)
     assert [r["step"] for r in recs if r["type"] == "eval"] == [0, 2] and (run / "latest").exists()
     assert (run / "ckpt-2" / "adapter_model.safetensors").exists()
+
+
+def test_rl_resume_after_a_kill_reproduces_the_run(tmp_path, monkeypatch):
+    # A tiny model cannot do arithmetic, so the reward is the completion's length parity: groups
+    # then have spread and every step updates the adapter. Killed during step 3's update (after
+    # checkpoint 2), the resumed run must sample and learn exactly as the uninterrupted one.
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_hf_folder(model_dir, tiny_model(vocab_size=264))  # the tiny tokenizer's vocabulary: every sample decodes
+    monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
+    args = ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", "4", "--questions_per_step", "2",
+            "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0", "--save_every", "2", "--device", "cpu"]
+    keys = ("reward", "loss", "completion_len", "ratio_mean")
+    curve = lambda out: [tuple(r[k] for k in keys) for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
+                         if r["type"] == "train"]
+    train_rl.main(args + ["--out", str(tmp_path / "whole")])
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed
+        return real_step(self, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.AdamW, "step", dying_step)
+        with pytest.raises(Killed):
+            train_rl.main(args + ["--out", str(tmp_path / "killed")])
+    assert len(curve("killed")) == 2
+    train_rl.main(args + ["--out", str(tmp_path / "killed"), "--resume"])
+    whole = curve("whole")
+    assert len(whole) == 4 and any(r[1] != 0 for r in whole) and curve("killed") == whole
 
 
 # -----------------------------------------------------------------------------
