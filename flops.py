@@ -27,7 +27,6 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch

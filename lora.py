@@ -30,7 +30,7 @@ import tempfile
 import time
 import unicodedata
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -17,7 +17,6 @@ that --resume continues from.
 
 import argparse
 import itertools
-import json
 import math
 import os
 import random
