@@ -220,11 +220,11 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Static key/value buffers for batched decoding, (layers, B, n_kv_heads, max_len, head_dim).
+    """Key/value buffers for batched decoding, (layers, B, n_kv_heads, max_len, head_dim).
 
     Prompts of different lengths are left-padded; `pad[b]` counts row b's pad tokens, which get
-    no position and are never attended to. Attention always spans all max_len slots under a mask,
-    so every decoding step has the same shapes (what torch.compile wants)."""
+    no position and are never attended to. Attention spans only the filled slots (a short RL
+    completion does not pay for max_len), and `select` drops finished rows."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, pad=None):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -239,12 +239,12 @@ class KVCache:
         return (p[None] - self.pad[:, None]).clamp(min=0)
 
     def mask(self, T):
-        """(B, 1, T, max_len) boolean mask: causal, no pad keys; a pad query sees only itself so
+        """(B, 1, T, pos + T) boolean mask: causal, no pad keys; a pad query sees only itself so
         that its (unused) output stays finite rather than NaN from an all-masked row."""
         if self.pos + T > self.max_len:
             raise RuntimeError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
         q = self.pos + torch.arange(T, device=self.pad.device)
-        j = torch.arange(self.max_len, device=self.pad.device)
+        j = torch.arange(self.pos + T, device=self.pad.device)
         causal = j[None, :] <= q[:, None]                          # (T, L)
         real_key = j[None, :] >= self.pad[:, None]                  # (B, L)
         return (causal[None] & (real_key[:, None, :] | (j[None, None, :] == q[None, :, None])))[:, None]
@@ -253,7 +253,11 @@ class KVCache:
         T = k.shape[2]
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer], self.v[layer]
+        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def select(self, rows):
+        """Keep only these batch rows (an index tensor), e.g. the ones still decoding."""
+        self.k, self.v, self.pad = self.k[:, rows], self.v[:, rows], self.pad[rows]
 
 
 class Llama(nn.Module):
@@ -284,8 +288,9 @@ class Llama(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False):
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean cross
-        entropy over positions where targets != -100 and loss_mask (B, T) is nonzero: (logits, loss).
+        """idx (B, T) token ids -> logits (B, T, vocab). With targets (B, T): (None, the mean cross
+        entropy over positions where targets != -100 and loss_mask (B, T) is nonzero), computing
+        logits only at those positions.
         With a KVCache, idx continues the cached sequences. last_only: logits of the last position."""
         B, T = idx.shape
         if cache is None:
@@ -304,12 +309,27 @@ class Llama(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.model.norm(x)
-        logits = self.lm_head(x[:, -1:] if last_only else x)
         if targets is None:
-            return logits
-        keep = (targets != -100).float() if loss_mask is None else loss_mask.float() * (targets != -100)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().clamp(min=0), reduction="none")
-        return logits, (nll * keep.flatten()).sum() / keep.sum().clamp(min=1)
+            return self.lm_head(x[:, -1:] if last_only else x)
+        # The loss needs logits only where it is taken: SFT's answer tokens are about half of a GSM8K
+        # sequence, and the unembedding (a fifth of SmolLM2's FLOPs), its backward and the softmax
+        # skip the prompt and padding positions.
+        keep = targets != -100
+        if loss_mask is not None:
+            keep = keep & (loss_mask != 0)
+        return None, unembed_nll(self.lm_head, x[keep], targets[keep]) / keep.sum().clamp(min=1)
+
+
+def unembed_nll(head, h, y, max_logits=2**27):
+    """Summed cross entropy of head(h) (N, vocab) against y (N,), in float32. Past max_logits
+    elements (512 MiB of float32) the rows go in chunks whose logits are recomputed in backward
+    instead of kept: Llama 3's 128K vocabulary over a batch would otherwise hold gigabytes."""
+    nll = lambda hh, yy: F.cross_entropy(head(hh).float(), yy, reduction="sum")
+    rows = max(1, max_logits // head.out_features)
+    if len(h) <= rows:
+        return nll(h, y)
+    return sum(torch.utils.checkpoint.checkpoint(nll, h[i:i + rows], y[i:i + rows], use_reentrant=False)
+               for i in range(0, len(h), rows))
 
 
 # -----------------------------------------------------------------------------
@@ -1204,9 +1224,11 @@ def save_model(model, path, tokenizer=None, tokenizer_src=None):
 # -----------------------------------------------------------------------------
 # Sampling with the KV cache
 
-def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
+def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
     """Draw one token per row of logits (B, V). Returns (tokens (B,), their log-probabilities under
-    softmax(logits / temperature), before any top-p truncation). temperature 0 is greedy."""
+    softmax(logits / temperature), before any top-p truncation). temperature 0 is greedy.
+    Sampling inverts each row's CDF at one uniform draw u (B,), from `generator` unless given: a
+    row's token depends on its own logits and draw alone, whatever else is in the batch."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -1217,16 +1239,21 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
         p_sorted, order = probs.sort(-1, descending=True)
         drop = p_sorted.cumsum(-1) - p_sorted >= top_p
         probs = probs.scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if u is None:
+        u = torch.rand(len(logits), generator=generator, device=logits.device)
+    cdf = probs.double().cumsum(-1)
+    tok = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), generator=None, pad_id=0):
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), generator=None, pad_id=0, compact=True):
     """Sample continuations of a batch of token-id prompts (lists of different lengths) with a KV
     cache. Returns (tokens, logprobs): per prompt, the new token ids, ending at the first stop id
     (kept) or at max_new_tokens, and the log-probability of each (see sample_next); RL uses these
-    as the sampler's log-probabilities in its importance ratio."""
+    as the sampler's log-probabilities in its importance ratio. compact: drop finished rows from
+    the batch (whenever a quarter of it has finished), so that RL completions of very different
+    lengths do not all decode to the longest; the tokens drawn do not change."""
     device = model.lm_head.weight.device
     B, lens = len(prompts), [len(p) for p in prompts]
     if min(lens) == 0:
@@ -1245,20 +1272,28 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     was_training = model.training
     model.eval()
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(idx.to(device), cache=cache, last_only=True)[:, -1][row_of]
     if len(uniq) < B:
-        cache.k, cache.v, cache.pad = cache.k[:, row_of], cache.v[:, row_of], cache.pad[row_of]
+        cache.select(row_of)
+    rows = torch.arange(B, device=device)             # the prompt of each row still in the batch
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
     for t in range(max_new_tokens):
-        tok, lp = sample_next(logits, temperature, top_p, generator)
-        tok = tok.masked_fill(done, pad_id)  # finished rows keep decoding padding; it is cut below
-        out_tok[:, t], out_lp[:, t], n = tok, lp, t + 1
+        # one draw per prompt every step, used or not: the random stream does not depend on compaction
+        u = torch.rand(B, generator=generator, device=device)[rows] if temperature > 0 else None
+        tok, lp = sample_next(logits, temperature, top_p, u=u)
+        live = ~done
+        out_tok[rows[live], t], out_lp[rows[live], t], n = tok[live], lp[live].double(), t + 1
         done |= torch.isin(tok, stop)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
+        tok = tok.masked_fill(done, pad_id)  # finished rows not yet dropped decode padding; it is never read
+        if compact and 4 * int(done.sum()) >= len(done):
+            keep = (~done).nonzero().squeeze(1)
+            cache.select(keep)
+            rows, done, tok = rows[keep], done[keep], tok[keep]
         logits = model(tok[:, None], cache=cache, last_only=True)[:, -1]
     model.train(was_training)
     tokens, logprobs = [], []

@@ -387,6 +387,51 @@ def test_sampling_stops_at_stop_ids_and_respects_seed():
     assert c == lora.generate(model, [[1, 2, 3]], 10, temperature=0)[0]
 
 
+def test_compacted_sampling_draws_the_same_tokens_and_logprobs():
+    # Rows stop at different steps (stop id 7 is likely under a skewed head); dropping them from the
+    # batch must not change any row's tokens or log-probabilities: each row's draw is its own.
+    model = tiny_model().double()
+    with torch.no_grad():
+        model.lm_head.weight[7] += 0.4 * model.model.norm.weight.sign() / model.model.norm.weight.abs()
+    prompts = [[5, 9, 200], [7], [100, 101, 102, 3], [7], [1, 2]] * 4
+    run = lambda compact: lora.generate(model, prompts, 24, temperature=1.0, stop_ids=[7], compact=compact,
+                                        generator=torch.Generator().manual_seed(3))
+    (a, la), (b, lb) = run(True), run(False)
+    assert a == b and 1 < len({len(o) for o in a}) and min(map(len, a)) < 24
+    for x, y in zip(la, lb):
+        assert np.allclose(x, y, rtol=0, atol=1e-12)
+
+
+def test_loss_with_logits_only_at_answer_positions_equals_the_full_computation():
+    torch.manual_seed(0)
+    model = lora.apply_lora(tiny_model(), 4).train()
+    randomize_lora(model)
+    x, y = ids(batch=3), ids(batch=3, seed=2)
+    mask = (torch.rand(y.shape) < 0.5).long()
+    y[0, :5] = -100
+    _, loss = model(x, y, loss_mask=mask)
+    loss.backward()
+    fast = [p.grad.clone() for _, p in lora.trainable_parameters(model)]
+    model.zero_grad()
+    keep = (mask != 0) & (y != -100)
+    logits = model(x)  # every position, then the masked mean: the plain way
+    full = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten().clamp(min=0), reduction="none")
+            * keep.flatten()).sum() / keep.sum()
+    full.backward()
+    assert torch.allclose(loss, full, rtol=1e-6, atol=0)
+    for a, (_, p) in zip(fast, lora.trainable_parameters(model)):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-8)
+    # rows in chunks, recomputed in backward (what a 128K vocabulary gets), give the same sum and gradient
+    h = torch.randn(37, 64, requires_grad=True)
+    t = torch.randint(0, 272, (37,))
+    whole = lora.unembed_nll(model.lm_head, h, t)
+    (g1,) = torch.autograd.grad(whole, h)
+    chunked = lora.unembed_nll(model.lm_head, h, t, max_logits=272 * 5)  # 8 chunks of 5 rows
+    (g2,) = torch.autograd.grad(chunked, h)
+    torch.testing.assert_close(whole, chunked)
+    torch.testing.assert_close(g1, g2)
+
+
 # -----------------------------------------------------------------------------
 # bad input: one-line errors that name the fix
 
@@ -559,6 +604,25 @@ def test_sft_loss_mask_covers_only_completion_tokens(tmp_path):
     assert len(short[0]) == len(ids) - 2 and (truncated, dropped) == (1, 0)
     kept, truncated, dropped = train_sft.tokenize(row, tok, 12, "t")  # no answer token left: counted, dropped
     assert kept == [] and (truncated, dropped) == (1, 1)
+
+
+def test_length_bucketing_leaves_the_loss_and_gradient_unchanged(tmp_path):
+    _, tok = lora.load_model(write_hf_folder(tmp_path, tiny_model()))
+    rows = [{"prompt": "the " * (i % 5 + 1), "completion": " in the sea" * (i % 3 + 1)} for i in range(7)]
+    examples, _, _ = train_sft.tokenize(rows, tok, 512, "t")
+    results = []
+    for micro in (1, 3, 7):  # one example per forward (no padding) against length-sorted micro-batches
+        model = lora.apply_lora(tiny_model(), 4).train()
+        randomize_lora(model)
+        n = sum(sum(m[1:]) for _, m in examples)
+        total, positions = train_sft.batch_loss(model, examples, micro, tok.pad_id, "cpu", None, n, backward=True)
+        results.append((total, positions, [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
+    real = sum(len(ids) - 1 for ids, _ in examples)
+    assert results[0][1] == real < results[1][1] <= results[2][1]  # padding only where rows of different length meet
+    for total, _, grads in results[1:]:
+        assert total == pytest.approx(results[0][0], rel=1e-6)
+        for a, b in zip(grads, results[0][2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_sft_rejects_malformed_rows():

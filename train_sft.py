@@ -127,9 +127,12 @@ def collate(examples, pad_id, device):
 
 
 def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward):
-    """Sum of per-token NLL over the examples' loss tokens, in micro-batches; with backward, each
-    micro-batch's gradient is scaled so the accumulated total is the mean over scale_tokens."""
-    total = 0.0
+    """(sum of per-token NLL over the examples' loss tokens, positions computed including padding),
+    in micro-batches; with backward, each micro-batch's gradient is scaled so the accumulated total
+    is the mean over scale_tokens. The examples go in order of length, so each micro-batch pads to
+    a similar length (the sum does not depend on the grouping): bucketing without changing the data."""
+    examples = sorted(examples, key=lambda e: len(e[0]))
+    total, positions = 0.0, 0
     chunks = [examples[i:i + micro] for i in range(0, len(examples), micro)]
     for j, chunk in enumerate(chunks):
         x, y, m = collate(chunk, pad_id, device)
@@ -139,15 +142,15 @@ def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backwa
             _, loss = model(x, y, loss_mask=m)
         if backward:
             (loss * n / scale_tokens).backward()
-        total += loss.item() * n
-    return total
+        total, positions = total + loss.item() * n, positions + x.numel()
+    return total, positions
 
 
 @torch.no_grad()
 def evaluate(model, examples, micro, pad_id, device, amp):
     model.eval()
     n = sum(sum(m[1:]) for _, m in examples)
-    loss = batch_loss(model, examples, micro, pad_id, device, amp, n, backward=False) / n
+    loss = batch_loss(model, examples, micro, pad_id, device, amp, n, backward=False)[0] / n
     model.train()
     return loss
 
@@ -240,12 +243,13 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
         epoch, k = divmod(step - 1, steps_per_epoch)
         if epoch not in order:
             order[epoch] = random.Random(a.seed * 1000 + epoch).sample(range(len(train_ex)), len(train_ex))
-        batch = [train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]]
-        mine = batch[rank_id::world]   # each DDP rank takes every world-th sequence of the global batch
+        batch = sorted((train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]), key=lambda e: len(e[0]))
+        mine = batch[rank_id::world]   # each DDP rank takes every world-th sequence of the length-sorted batch
         t0 = time.time()
         n_tok = torch.tensor(float(sum(sum(m[1:]) for _, m in batch)))
         lengths = [len(ids) - 1 for ids, _ in batch]
-        loss_sum = torch.tensor(batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True))
+        loss_sum, positions = batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True)
+        loss_sum = torch.tensor(loss_sum)
         if ddp:
             dist.all_reduce(loss_sum)
         loss = loss_sum.item() / n_tok.item()
@@ -275,7 +279,8 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
         if master:
             log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": int(n_tok.item()),
                        "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": flops_done,
-                       "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch})
+                       "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch,
+                       "pad_frac": 1 - sum(len(ids) - 1 for ids, _ in mine) / positions})
             if step % a.log_every == 0 or step == total_steps:
                 print(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr:.2e} | {ms:6.0f} ms | "
                       f"{sum(lengths) / ms * 1000:7.0f} tok/s | {flops_done:.3e} FLOPs | {progress}", flush=True)
