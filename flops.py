@@ -338,6 +338,128 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto"):
 
 
 # -----------------------------------------------------------------------------
+# Speed on real work: the project's SFT step and sampler against transformers + PEFT (when installed)
+
+LAYERS7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _hf_peft(base, tok, rank):
+    """The same weights as a transformers model with a PEFT LoRA of the same shape (B = 0 at start)."""
+    import tempfile
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        lora.save_model(base, d, tokenizer=tok)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+    return get_peft_model(hf, LoraConfig(r=rank, lora_alpha=32, lora_dropout=0.0, target_modules=LAYERS7)).train()
+
+
+def _sft_examples(tok, data, n, max_len=512):
+    """(ids, assistant mask) of n training rows: GSM8K from --data, else the built-in synth problems."""
+    rows = lora.load_gsm8k(data, "train")[0] if data else lora.synth_problems(n)
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:n].tolist()]
+    out = []
+    for r in rows:
+        ids, mask = tok.render_chat(lora.gsm8k_messages(r))
+        out.append((ids[:max_len], mask[:max_len]))
+    return out
+
+
+def _hf_sft_step(model, batch, micro, pad_id):
+    """What TRL's SFTTrainer does by default: micro-batches in data order, each right-padded to its
+    longest row, labels -100 off the answer, the loss over all logits, summed to the batch mean."""
+    n = sum(sum(m[1:]) for _, m in batch)
+    for i in range(0, len(batch), micro):
+        chunk = batch[i:i + micro]
+        x = lora.pad_right([ids for ids, _ in chunk], pad_id)
+        att = lora.pad_right([[1] * len(ids) for ids, _ in chunk])
+        labels = lora.pad_right([[t if m else -100 for t, m in zip(ids, mask)] for ids, mask in chunk], -100)
+        k = int((labels[:, 1:] != -100).sum())
+        (model(input_ids=x, attention_mask=att, labels=labels).loss * k / n).backward()
+
+
+def speed(model_name, data, rank, rounds, batch=8, micro=4, prompts=8, samples=8, max_new=48, temperature=0.7):
+    """Interleaved medians over `rounds` (after a warm-up round) of: a GSM8K SFT step (LoRA, batch /
+    micro-batch, completion-only loss), the same LoRA step on equal work (4 x 256 tokens, loss on
+    every position) and a FullFT one, and RL-shaped sampling (prompts x samples, stop at end of
+    turn); each also through transformers + PEFT when they are installed."""
+    base, tok = lora.load_model(model_name)
+    ours, opt = lora.prepare_training(base, rank, 1e-5)
+    full, full_opt = lora.prepare_training(base, 0, 1e-5)
+    hf = _hf_peft(base, tok, rank)
+    hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], 1e-5, betas=(0.9, 0.95)) if hf else None
+    examples = _sft_examples(tok, data, batch * (rounds + 1))
+    rows = lora.load_gsm8k(data, "test")[0][:prompts] if data else lora.synth_problems(prompts, seed=1, max_steps=1)
+    instr = "Solve the problem in one short sentence, then end with '#### <number>'."
+    prompt_ids = [tok.render_chat(lora.gsm8k_messages(r, False, instr), add_generation_prompt=True)[0] for r in rows]
+    eq = torch.randint(base.config.vocab_size, (4, 257), generator=torch.Generator().manual_seed(0))
+    times = {}
+
+    def timed(name, fn, tokens):
+        t0 = time.perf_counter()
+        extra = fn()
+        times.setdefault(name, []).append(((time.perf_counter() - t0), tokens if extra is None else extra))
+
+    def step(model, opt, loss_fn):
+        def run():
+            loss_fn()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    def count_real(outs):
+        return sum(len(o) for o in outs)
+
+    for r in range(rounds + 1):
+        b = examples[r * batch:(r + 1) * batch]
+        n, real = sum(sum(m[1:]) for _, m in b), sum(len(ids) for ids, _ in b)
+        timed("sft", step(ours, opt, lambda: lora.batch_loss(ours, b, micro, tok.pad_id, "cpu", None, n, True)), real)
+        if hf:
+            timed("sft_hf", step(hf, hf_opt, lambda: _hf_sft_step(hf, b, micro, tok.pad_id)), real)
+        timed("eq", step(ours, opt, lambda: ours(eq[:, :-1], eq[:, 1:])[1].backward()), eq[:, :-1].numel())
+        if hf:
+            timed("eq_hf", step(hf, hf_opt, lambda: hf(input_ids=eq, labels=eq).loss.backward()), eq[:, :-1].numel())
+        timed("eq_full", step(full, full_opt, lambda: full(eq[:, :-1], eq[:, 1:])[1].backward()), eq[:, :-1].numel())
+        g = torch.Generator().manual_seed(r)
+        timed("sample", lambda: count_real(lora.generate(ours, [p for p in prompt_ids for _ in range(samples)], max_new,
+                                                         temperature, stop_ids=tok.stop_ids, generator=g, pad_id=tok.pad_id)[0]), 0)
+        if hf:
+            def hf_sample():
+                x = torch.tensor([[tok.pad_id] * (max(map(len, prompt_ids)) - len(p)) + p for p in prompt_ids])
+                with torch.no_grad():
+                    out = hf.generate(input_ids=x, attention_mask=(x != tok.pad_id) | (torch.arange(x.shape[1]) >= (x == tok.pad_id).sum(1, keepdim=True)),
+                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new,
+                                      num_return_sequences=samples, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
+                new = out[:, x.shape[1]:].tolist()
+                return sum(next((i + 1 for i, t in enumerate(o) if t in tok.stop_ids), len(o)) for o in new)
+            timed("sample_hf", hf_sample, 0)
+    med = lambda name: statistics.median(tok_ / s for s, tok_ in times[name][1:])  # tokens/s, warm-up dropped
+    res = {k: med(k) for k in times}
+    res.update(rank=rank, rounds=rounds, threads=torch.get_num_threads(), batch=batch, micro=micro, data=data or "synth",
+               hf=hf is not None, pad_frac_ours=None)
+    return res
+
+
+def print_speed(s):
+    print(f"\nSpeed on real work ({s['threads']} thread(s), median tokens/s of {s['rounds']} interleaved rounds after a warm-up; "
+          f"LoRA r={s['rank']} on all layers, AdamW)")
+    rows = [("SFT on " + s["data"] + f", batch {s['batch']} / micro {s['micro']}, answer-only loss (real tokens/s)", "sft", "sft_hf"),
+            ("equal work, 4 x 256 tokens, loss everywhere: LoRA step", "eq", "eq_hf"),
+            ("equal work: FullFT step (the project's)", "eq_full", None),
+            ("RL-shaped sampling, 8 prompts x 8, <= 48 tokens, T=0.7 (real tokens/s)", "sample", "sample_hf")]
+    print(f"  {'work':90} {'project':>9} {'HF+PEFT':>9} {'ratio':>7}")
+    for label, k, h in rows:
+        hv = s.get(h) if h else None
+        print(f"  {label:90} {s[k]:9.0f} {'-' if hv is None else f'{hv:.0f}':>9} {'' if hv is None else f'{s[k] / hv:.2f}x':>7}")
+    print(f"  LoRA / FullFT step time on equal work: {s['eq_full'] / s['eq']:.2f}")
+    if not s["hf"]:
+        print("  (pip install transformers peft to time the same work through them; the project never imports them)")
+
+
+# -----------------------------------------------------------------------------
 # Report: the numbers as one dict (--json), then as tables
 
 
@@ -466,12 +588,18 @@ def main(argv=None):
     g.add_argument("--steps", type=int, default=3, help="timed steps per method, after one warm-up step")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    g.add_argument("--speed", action="store_true", help="time real SFT steps and sampling, against transformers + PEFT if installed")
+    g.add_argument("--data", default=None, help="--speed: a GSM8K folder for the SFT batches and prompts (default: built-in synth)")
+    g.add_argument("--rounds", type=int, default=3, help="--speed: timed rounds after a warm-up")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     a = p.parse_args(argv)
     if min(a.rank, a.seq_len or 1, a.batch, a.steps) < 1:
         raise UserError("--rank, --seq_len, --batch and --steps must be positive integers (FullFT is always shown beside LoRA)")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.speed:
+        s = speed(None if a.model == "smollm2-135m" else a.model, a.data, a.rank, a.rounds)
+        return print(json.dumps(s, indent=1)) if a.json else print_speed(s)
     cfg, seq_len = load_config(a.model), a.seq_len or (256 if a.measure else 2048)
     rep = report(cfg, a.model, a.rank, a.layers, a.lm_head, seq_len, a.log)
     if a.measure:

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+from contextlib import nullcontext
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -364,7 +365,12 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scale).to(y.dtype)
+        a = self.lora_A(x.to(self.lora_A.weight.dtype))
+        # y + scale * a B^T as one GEMM (addmm's alpha): no separate scale and add passes over the
+        # (tokens, d_out) output, forward or backward; 16% off a LoRA step on a CPU (flops.py --speed)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, self.rank).to(y.dtype),
+                          self.lora_B.weight.t().to(y.dtype), alpha=self.scale)
+        return out.view(y.shape)
 
     def delta_weight(self):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale  # (d_out, d_in)
@@ -1608,6 +1614,32 @@ def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init
     model.to(device).train()
     opt = torch.optim.AdamW(groups, betas=(0.9, beta2), eps=1e-8, fused=str(device).startswith("cuda"))
     return model, opt
+
+
+def collate(examples, pad_id, device):
+    """Right-padded (inputs, targets, loss mask), each (B, T-1): position t predicts token t+1."""
+    x, m = pad_right([ids for ids, _ in examples], pad_id), pad_right([mask for _, mask in examples])
+    return x[:, :-1].to(device), x[:, 1:].to(device), m[:, 1:].to(device)
+
+
+def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward):
+    """(sum of per-token NLL over the examples' loss tokens, positions computed including padding),
+    in micro-batches; with backward, each micro-batch's gradient is scaled so the accumulated total
+    is the mean over scale_tokens. The examples go in order of length, so each micro-batch pads to
+    a similar length (the sum does not depend on the grouping): bucketing without changing the data."""
+    examples = sorted(examples, key=lambda e: len(e[0]))
+    total, positions = 0.0, 0
+    chunks = [examples[i:i + micro] for i in range(0, len(examples), micro)]
+    for j, chunk in enumerate(chunks):
+        x, y, m = collate(chunk, pad_id, device)
+        n = int(m.sum())
+        sync = nullcontext() if (not backward or j == len(chunks) - 1 or not hasattr(model, "no_sync")) else model.no_sync()
+        with sync, autocast(device, amp):
+            _, loss = model(x, y, loss_mask=m)
+        if backward:
+            (loss * n / scale_tokens).backward()
+        total, positions = total + loss.item() * n, positions + x.numel()
+    return total, positions
 
 
 def resolve_lrs(lr, lr_mult, rank, cfg):

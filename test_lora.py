@@ -593,7 +593,7 @@ def run_sft(tmp_path, *extra, out="out"):
 def test_sft_loss_mask_covers_only_completion_tokens(tmp_path):
     _, tok = lora.load_model(write_hf_folder(tmp_path, tiny_model()))
     (ids, mask), = train_sft.tokenize([{"prompt": "the sea", "completion": " in the sea"}], tok, 512, "t")[0]
-    _, targets, loss_mask = train_sft.collate([(ids, mask)], tok.pad_id, "cpu")
+    _, targets, loss_mask = lora.collate([(ids, mask)], tok.pad_id, "cpu")
     learned = [int(t) for t, m in zip(targets[0], loss_mask[0]) if m]
     assert tok.decode(learned) == " in the sea<|im_end|>"
     (ids2, mask2), = train_sft.tokenize([{"messages": [{"role": "user", "content": "the sea"},
@@ -615,7 +615,7 @@ def test_length_bucketing_leaves_the_loss_and_gradient_unchanged(tmp_path):
         model = lora.apply_lora(tiny_model(), 4).train()
         randomize_lora(model)
         n = sum(sum(m[1:]) for _, m in examples)
-        total, positions = train_sft.batch_loss(model, examples, micro, tok.pad_id, "cpu", None, n, backward=True)
+        total, positions = lora.batch_loss(model, examples, micro, tok.pad_id, "cpu", None, n, backward=True)
         results.append((total, positions, [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
     real = sum(len(ids) - 1 for ids, _ in examples)
     assert results[0][1] == real < results[1][1] <= results[2][1]  # padding only where rows of different length meet

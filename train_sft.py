@@ -23,7 +23,6 @@ import random
 import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -120,37 +119,11 @@ def prompt_lengths(rows, tok, where):
     return sorted(lengths)
 
 
-def collate(examples, pad_id, device):
-    """Right-padded (inputs, targets, loss mask), each (B, T-1): position t predicts token t+1."""
-    x, m = lora.pad_right([ids for ids, _ in examples], pad_id), lora.pad_right([mask for _, mask in examples])
-    return x[:, :-1].to(device), x[:, 1:].to(device), m[:, 1:].to(device)
-
-
-def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward):
-    """(sum of per-token NLL over the examples' loss tokens, positions computed including padding),
-    in micro-batches; with backward, each micro-batch's gradient is scaled so the accumulated total
-    is the mean over scale_tokens. The examples go in order of length, so each micro-batch pads to
-    a similar length (the sum does not depend on the grouping): bucketing without changing the data."""
-    examples = sorted(examples, key=lambda e: len(e[0]))
-    total, positions = 0.0, 0
-    chunks = [examples[i:i + micro] for i in range(0, len(examples), micro)]
-    for j, chunk in enumerate(chunks):
-        x, y, m = collate(chunk, pad_id, device)
-        n = int(m.sum())
-        sync = nullcontext() if (not backward or j == len(chunks) - 1 or not hasattr(model, "no_sync")) else model.no_sync()
-        with sync, lora.autocast(device, amp):
-            _, loss = model(x, y, loss_mask=m)
-        if backward:
-            (loss * n / scale_tokens).backward()
-        total, positions = total + loss.item() * n, positions + x.numel()
-    return total, positions
-
-
 @torch.no_grad()
 def evaluate(model, examples, micro, pad_id, device, amp):
     model.eval()
     n = sum(sum(m[1:]) for _, m in examples)
-    loss = batch_loss(model, examples, micro, pad_id, device, amp, n, backward=False)[0] / n
+    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, backward=False)[0] / n
     model.train()
     return loss
 
@@ -248,7 +221,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
         t0 = time.time()
         n_tok = torch.tensor(float(sum(sum(m[1:]) for _, m in batch)))
         lengths = [len(ids) - 1 for ids, _ in batch]
-        loss_sum, positions = batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True)
+        loss_sum, positions = lora.batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True)
         loss_sum = torch.tensor(loss_sum)
         if ddp:
             dist.all_reduce(loss_sum)
