@@ -439,7 +439,7 @@ def speed(model_name, data, rank, rounds, batch=8, micro=4, prompts=8, samples=8
     med = lambda name: statistics.median(tok_ / s for s, tok_ in times[name][1:])  # tokens/s, warm-up dropped
     res = {k: med(k) for k in times}
     res.update(rank=rank, rounds=rounds, threads=torch.get_num_threads(), batch=batch, micro=micro, data=data or "synth",
-               hf=hf is not None, pad_frac_ours=None)
+               hf=hf is not None)
     return res
 
 

@@ -187,6 +187,36 @@ def test_merge_does_not_change_tied_input_embedding():
     assert torch.allclose(model(x), before, atol=1e-5)
 
 
+def lora_training_curve(alpha, init_scale, lr_a, lr_b, steps=12):
+    """Losses of a float64 tiny model trained with LoRA under Adam with eps ~ 0 (scale-free updates)."""
+    torch.manual_seed(0)
+    model = lora.apply_lora(tiny_model().double(), 4, alpha=alpha, init_scale=init_scale, dtype=torch.float64).train()
+    opt = torch.optim.Adam(lora.lora_param_groups(model, lr_a, lr_b / lr_a), eps=1e-30)
+    x, out = ids(batch=3, seed=4), []
+    for _ in range(steps):
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+def test_the_posts_lora_invariance_and_the_two_directions_that_matter():
+    # The post: alpha -> alpha / (p q), init_A -> p init_A, LR_A -> p LR_A, LR_B -> q LR_B leaves
+    # training unchanged (Adam's updates do not depend on the gradient's scale), so of the four
+    # hyperparameters only two combinations matter: alpha x init_A x LR_B and init_A / LR_A.
+    ref = lora_training_curve(32, 1.0, 1e-2, 1e-2)
+    assert ref[-1] < ref[0] - 0.05  # it trains
+    for p, q in ((4.0, 0.25), (0.1, 3.0), (2.0, 2.0)):
+        moved = lora_training_curve(32 / (p * q), p, p * 1e-2, q * 1e-2)
+        assert np.allclose(moved, ref, rtol=1e-9, atol=0), (p, q)
+    first = lora_training_curve(32 * 4, 1.0, 1e-2, 1e-2)    # alpha x init_A x LR_B up 4x, init_A / LR_A kept
+    second = lora_training_curve(32 / 4, 4.0, 1e-2, 1e-2)   # init_A / LR_A up 4x, alpha x init_A x LR_B kept
+    for other in (first, second):
+        assert abs(other[-1] - ref[-1]) > 1e-3, (other[-1], ref[-1])
+
+
 def test_only_lora_matrices_get_gradients():
     model, x = tiny_model(), ids()
     lora.apply_lora(model, rank=4, layers="mlp")
@@ -618,11 +648,26 @@ def test_length_bucketing_leaves_the_loss_and_gradient_unchanged(tmp_path):
         total, positions = lora.batch_loss(model, examples, micro, tok.pad_id, "cpu", None, n, backward=True)
         results.append((total, positions, [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
     real = sum(len(ids) - 1 for ids, _ in examples)
-    assert results[0][1] == real < results[1][1] <= results[2][1]  # padding only where rows of different length meet
+    assert results[0][1] == real and all(real <= r[1] < 1.5 * real for r in results)  # padding only where lengths meet
     for total, _, grads in results[1:]:
         assert total == pytest.approx(results[0][0], rel=1e-6)
         for a, b in zip(grads, results[0][2]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_micro_batches_are_the_cheapest_split():
+    import itertools
+    lengths = [3, 5, 9, 10, 11, 30, 31, 60]
+    spans = lora.micro_batches(lengths, 3, overhead=4)
+    cost = lambda sp: sum((e - s) * lengths[e - 1] + 4 for s, e in sp)
+    every = []  # all splits into contiguous groups of at most 3, by brute force
+    for cuts in itertools.product([0, 1], repeat=len(lengths) - 1):
+        b = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(lengths)]
+        sp = list(zip(b, b[1:]))
+        if all(e - s <= 3 for s, e in sp):
+            every.append(sp)
+    assert cost(spans) == min(map(cost, every)) and [i for s, e in spans for i in range(s, e)] == list(range(8))
+    assert lora.micro_batches([7] * 8, 4) == [(0, 4), (4, 8)]  # equal lengths: as few forwards as allowed
 
 
 def test_sft_rejects_malformed_rows():
@@ -630,6 +675,33 @@ def test_sft_rejects_malformed_rows():
         train_sft.to_messages({"text": "x"}, 3)
     with pytest.raises(UserError, match="malformed message"):
         train_sft.to_messages({"messages": [{"role": "robot", "content": "x"}]})
+
+
+def test_facts_are_deterministic_random_codes():
+    a, b, c = lora.facts(50, seed=1), lora.facts(50, seed=1), lora.facts(50, seed=2)
+    assert a == b and a != c and len({r["messages"][0]["content"] for r in a}) == 50
+    codes = [r["code"] for r in lora.facts(2000)]
+    assert all(len(x) == 4 and x.isdigit() for x in codes) and len(set(codes)) > 1700  # ~uniform over 10^4
+    assert all(r["messages"][1]["content"] == r["code"] for r in a)
+
+
+def test_full_fine_tuning_of_a_layer_subset_trains_only_those_weights(tmp_path):
+    model, opt = lora.prepare_training(tiny_model(tie_word_embeddings=True), 0, 1e-3, "mlp+o_proj")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {f"model.layers.{i}.{m}.weight" for i in range(2)
+                     for m in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.o_proj")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(ids(), ids())[1].backward()
+    opt.step()
+    assert all(torch.equal(p, before[n]) != (n in names) for n, p in model.named_parameters())
+    # the SFT script: --rank 0 --layers mlp is its own run, and logs spectral norms only for LoRA
+    run_sft(tmp_path, "--rank", "0,2", "--layers", "mlp", "--lr", "3e-3", "--steps", "2", "--eval_every", "2", "--save_every", "0")
+    runs = {p.name: lora.read_jsonl(p / "log.jsonl") for p in (tmp_path / "out").iterdir()}
+    assert sorted(runs) == ["sft_data_full_mlp_lr3.00e-03_bs8", "sft_data_r2_mlp_lr3.00e-03_bs8"]
+    assert runs["sft_data_full_mlp_lr3.00e-03_bs8"][0]["trainable_params"] == 2 * 3 * 64 * 96
+    norms = [r for r in runs["sft_data_r2_mlp_lr3.00e-03_bs8"] if r["type"] == "norms"]
+    assert [r["step"] for r in norms] == [0, 2] and len(norms[1]["A"]) == len(norms[1]["B"]) == 6
+    assert all(b == 0 for b in norms[0]["B"]) and all(b > 0 for b in norms[1]["B"])  # B starts at zero
 
 
 def test_synth_is_deterministic_and_well_formed():
@@ -970,13 +1042,11 @@ def test_params_match_real_models(kw, layers, lm_head):
 
 
 @pytest.mark.parametrize("rank,layers,lm_head,tied", [(0, "all", False, False), (0, "all", False, True), (4, "all", False, False),
-                                                      (4, "mlp", False, True), (4, "attn", True, False), (8, "o_proj", False, False)])
+                                                      (4, "mlp", False, True), (4, "attn", True, False), (8, "o_proj", False, False),
+                                                      (0, "mlp", False, False), (0, "o_proj", True, True)])
 def test_analytic_flops_match_flop_counter(rank, layers, lm_head, tied):
-    torch.manual_seed(0)
     cfg = tiny_config(tie_word_embeddings=tied)
-    model = Llama(cfg).train()
-    if rank:
-        lora.apply_lora(model, rank, layers=[n for n in lora.LAYER_SETS["all"] if n in flops.targets(layers)], lm_head=lm_head)
+    model, _ = lora.prepare_training(Llama(cfg), rank, 1e-3, layers, lm_head)  # as train_sft.py sets a run up
     B, T = 2, 48
     idx, tgt = torch.randint(cfg.vocab_size, (B, T)), torch.randint(cfg.vocab_size, (B, T))
     counted = flops.counted_flops(model, idx, tgt)

@@ -275,6 +275,7 @@ def parse_args(argv=None):
     g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     g.add_argument("--compile", action="store_true", help="torch.compile the learner's forward")
     g = p.add_argument_group("LoRA and LR (comma lists sweep)")
     g.add_argument("--rank", default="1", help="LoRA rank; 0 = full fine-tuning")
@@ -315,7 +316,7 @@ def check_args(a):
     """Every flag checked before the model loads: errors in a second, each naming the fix."""
     lora.check_flags(a, positive=["questions_per_step", "max_new_tokens", "temperature", "top_p", "updates_per_batch",
                                   "micro_batch", "alpha", "eval_batch"] + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
-                     non_negative=["steps", "clip", "grad_clip", "eval_examples", "eval_every", "save_every"], ints=["rank", "seed"])
+                     non_negative=["threads", "steps", "clip", "grad_clip", "eval_examples", "eval_every", "save_every"], ints=["rank", "seed"])
     if a.group_size < 2:
         raise lora.UserError(f"--group_size {a.group_size}: advantages are centred within a group, so one sample has none: use 2 or more (the post: 16)")
     if a.top_p > 1:
@@ -332,7 +333,7 @@ def main(argv=None):
     check_args(a)
     seeds = [int(x) for x in a.seed.split(",")]
     train_rows, eval_rows, desc = load_problems(a.data, seeds[0], a.eval_examples)
-    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")])
+    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")], a.threads)
     print(f"model {base.name_or_path}; data: {desc}; {len(train_rows)} training problems")
     tag = desc.split(" ")[0] if desc.startswith("synth") else "gsm8k"
     if a.instruction != "cot":  # runs with another prompt get their own folder

@@ -62,6 +62,14 @@ def load_data(spec, seed, max_examples, n_eval):
     """(train rows, held-out rows, description) for --data: 'gsm8k' (hub, else synth), 'synth', a
     GSM8K-style folder, a .jsonl file, or a hub dataset name such as allenai/tulu-3-sft-mixture."""
     spec = lora.gsm8k_or_synth(spec)
+    if spec.startswith("facts:"):
+        k = spec.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise lora.UserError(f"--data {spec}: write facts:K with K the number of random facts, e.g. facts:2000")
+        rows = lora.facts(int(k), seed)
+        # memorisation: the eval rows are trained facts (an unseen random code cannot be predicted)
+        return rows, rows[:n_eval], (f"facts: {k} random keys -> 4-digit codes = {int(k) * math.log2(1e4):.0f} bits "
+                                     f"(seed {seed}; eval on the first {n_eval} trained facts)")
     if spec == "synth":
         n = max_examples or 5000
         return lora.synth_problems(n, seed), lora.synth_problems(n_eval, seed + 10_000), f"synth ({n} generated, seed {seed})"
@@ -133,7 +141,7 @@ def evaluate(model, examples, micro, pad_id, device, amp):
 
 
 def run_name(a, data_tag):
-    mode = "full" if a.rank == 0 else f"r{a.rank}" + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}") + ("_head" if a.lm_head else "")
+    mode = ("full" if a.rank == 0 else f"r{a.rank}") + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}") + ("_head" if a.lm_head else "")
     extra = "" if a.lr_ratio_b == 1 else f"_b{a.lr_ratio_b:g}"
     extra += "" if a.init_scale == 1 else f"_init{a.init_scale:g}"
     extra += "" if a.seed == 0 else f"_s{a.seed}"
@@ -185,7 +193,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
                   model=asdict(cfg), model_name=base.name_or_path, data=data_desc, n_train_examples=len(train_ex),
                   n_eval_examples=len(eval_ex), trainable_params=n_train, fullft_lr=lora.fullft_lr(cfg),
                   flops_per_token=lora.train_flops_per_token(cfg, a.rank, a.layers, a.max_len, a.lm_head),
-                  world_size=world, total_steps=total_steps)
+                  world_size=world, total_steps=total_steps, lora_modules=list(lora.lora_modules(model)))
     log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None) if master else None
     n_evals = (a.eval_every > 0) * ((start == 0) + (total_steps - start) // max(a.eval_every, 1) + 1)
     progress = lora.Progress((total_steps - start) * step_flops + n_evals * eval_flops)
@@ -205,6 +213,11 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
         advance(eval_flops)
         if master:
             log.write({"type": "eval", "step": step, "loss": loss})
+            if a.rank:  # the post's finding 11: B ends with a larger spectral norm than A
+                mods = lora.lora_modules(model).values()
+                norm = lambda w: round(torch.linalg.matrix_norm(w.detach().float(), ord=2).item(), 6)
+                log.write({"type": "norms", "step": step, "A": [norm(m.lora_A.weight) for m in mods],
+                           "B": [norm(m.lora_B.weight) for m in mods]})
             print(f" eval loss {loss:.4f} | {progress}")
         return loss
 
@@ -277,10 +290,11 @@ def parse_args(argv=None):
     g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward to save memory")
     g = p.add_argument_group("LoRA (comma lists sweep)")
-    g.add_argument("--rank", default="16", help="LoRA rank; 0 = full fine-tuning")
+    g.add_argument("--rank", default="16", help="LoRA rank; 0 = full fine-tuning (of --layers' weights only, unless all)")
     g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
     g.add_argument("--lm_head", action="store_true", help="also adapt the unembedding")
     g.add_argument("--alpha", type=float, default=32)
@@ -298,7 +312,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--seed", default="0", help="seed of LoRA's init and the data order; a comma list runs each")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="gsm8k", help="gsm8k, synth, a GSM8K-style folder, a .jsonl file, or a hub dataset")
+    g.add_argument("--data", default="gsm8k", help="gsm8k, synth, facts:K (K random facts to memorise), a GSM8K-style "
+                   "folder, a .jsonl file, or a hub dataset")
     g.add_argument("--max_examples", type=int, default=0, help="use the first N training rows (0 = all)")
     g.add_argument("--max_len", type=int, default=512, help="truncate examples to this many tokens")
     g.add_argument("--eval_examples", type=int, default=64)
@@ -316,7 +331,7 @@ def check_args(a):
     """Every flag checked before the model loads: errors in a second, each naming the fix."""
     lora.check_flags(a, positive=["batch_size", "micro_batch", "alpha", "init_scale", "lr_ratio_b", "epochs", "log_every"]
                      + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
-                     non_negative=["steps", "max_examples", "eval_examples", "eval_every", "save_every", "weight_decay", "grad_clip"],
+                     non_negative=["threads", "steps", "max_examples", "eval_examples", "eval_every", "save_every", "weight_decay", "grad_clip"],
                      ints=["rank", "batch_size", "seed"])
     if a.max_len < 8:
         raise lora.UserError(f"--max_len {a.max_len} leaves no room for a prompt and an answer: use 256 or more")
@@ -336,8 +351,8 @@ def grid(a, cfg):
     inits, ratios, seeds = split(a.init_scale, float), split(a.lr_ratio_b, float), split(a.seed, int)
     runs = []
     for r, ly, bs, ini, rb, seed in itertools.product(ranks, layers, bss, inits, ratios, seeds):
-        if r == 0 and (ly != layers[0] or ini != inits[0] or rb != ratios[0]):
-            continue  # FullFT ignores the LoRA-only options: run it once
+        if r == 0 and (ini != inits[0] or rb != ratios[0]):
+            continue  # FullFT ignores the LoRA-only options: run it once per layer set
         for lr in lora.resolve_lrs(a.lr, a.lr_mult, r, cfg):
             runs.append(argparse.Namespace(**{**vars(a), "rank": r, "layers": ly, "batch_size": bs, "init_scale": ini,
                                               "lr_ratio_b": rb, "lr": lr, "seed": seed}))
@@ -359,7 +374,7 @@ def main(argv=None):
     train_rows, eval_rows, desc = load_data(a.data, data_seed, a.max_examples, a.eval_examples)
     if a.max_examples:
         train_rows = train_rows[:a.max_examples]
-    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")])
+    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")], a.threads)
     say(f"model {base.name_or_path}; tokenizing {len(train_rows) + len(eval_rows)} rows ...", flush=True)
     train_ex, truncated, empty = tokenize(train_rows, tok, a.max_len, a.data)
     eval_ex, _, eval_empty = tokenize(eval_rows, tok, a.max_len, a.data)
@@ -371,7 +386,7 @@ def main(argv=None):
     say(f"data: {desc}; {len(eval_ex)} held out" + (f" ({eval_empty} dropped)" if eval_empty else ""))
     world = dist.get_world_size() if ddp else 1
     runs = grid(a, base.config)
-    data_tag = "synth" if "synth" in desc.split(":")[0] else Path(a.data).name.replace(".jsonl", "") or "data"
+    data_tag = "synth" if "synth" in desc.split(":")[0] else Path(a.data).name.replace(".jsonl", "").replace(":", "") or "data"
     for r in runs:
         if r.batch_size % world:
             raise lora.UserError(f"--batch_size {r.batch_size} is not divisible by the {world} processes")
