@@ -76,6 +76,7 @@ def load_run(path):
         if rl:   # an RL task is also its prompt, temperature and length limit: rewards differ across them
             data += "".join(f" {k}={a[k]}" for k in ("instruction", "temperature", "max_new_tokens") if k in a)
         return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]), lr=float(a["lr"]),
+                    seed=int(a.get("seed", 0)),
                     layers=str(a.get("layers", "all")), batch_size=batch, data=data, variant=variant,
                     plain=plain, standard=plain and a.get("layers", "all") == "all", params=cfg.get("trainable_params"),
                     diverged=any(r.get("type") == "diverged" for r in records),
@@ -159,35 +160,96 @@ def smooth(y, w):
     return (c[i] - c[lo]) / (i - lo)
 
 
+def seed_mean(runs, w):
+    """(steps, mean, standard error) of the smoothed train curves of one LR's seeds, on their common steps."""
+    steps = runs[0]["train"][0]
+    for r in runs[1:]:
+        steps = np.intersect1d(steps, r["train"][0])
+    ys = np.array([smooth(r["train"][1], w)[np.isin(r["train"][0], steps)] for r in runs])
+    se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
+    return steps, ys.mean(0), se
+
+
 def envelope(runs, w):
-    """Pointwise minimum over runs (one per LR) of their smoothed train losses, as the post draws a rank."""
+    """Pointwise minimum over LRs of the seed-mean smoothed train loss, as the post draws a rank,
+    with the standard error over seeds of the LR that gives it: (steps, loss, se)."""
     out = {}
-    for r in runs:
-        for step, v in zip(r["train"][0], smooth(r["train"][1], w)):
-            out[step] = min(out.get(step, v), v)
+    for rs in group(runs, "lr").values():
+        for step, v, e in zip(*seed_mean(rs, w)):
+            if step not in out or v < out[step][0]:
+                out[step] = (v, e)
     steps = np.array(sorted(out))
-    return steps, np.array([out[s] for s in steps])
+    return steps, np.array([out[s][0] for s in steps]), np.array([out[s][1] for s in steps])
 
 
 # -----------------------------------------------------------------------------
 # optimal learning rates
 
 
-def optimal_lr(runs):
-    """Best LR of one configuration's sweep: the argmin of the final loss (or -reward), refined by a
-    parabola in log10(LR) through it and its two neighbours when both exist, clipped to their range.
-    None with fewer than 2 LRs that finished."""
-    by_lr = group([r for r in runs if math.isfinite(_score(r))], "lr")
-    if len(by_lr) < 2:
-        return None
-    x = np.log10(sorted(by_lr))
-    y = np.array([np.mean([_score(r) for r in by_lr[lr]]) for lr in sorted(by_lr)])   # seeds: average
+def _parabola_min(x, y):
+    """The argmin of y over x (log10 LRs), refined by a parabola through it and its two neighbours
+    when both exist and it opens upward, clipped to their range."""
     i = int(np.argmin(y))
     if 0 < i < len(x) - 1:
         a, b, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)
         if a > 0:
-            return float(10 ** np.clip(-b / (2 * a), x[i - 1], x[i + 1]))
-    return float(10 ** x[i])   # at the sweep's edge: the true optimum may lie beyond it
+            return float(np.clip(-b / (2 * a), x[i - 1], x[i + 1]))
+    return float(x[i])
+
+
+def scores_by_lr(runs):
+    """{lr: [final loss (or -reward) of each seed]} over a sweep's finished runs."""
+    out = defaultdict(list)
+    for r in runs:
+        if math.isfinite(_score(r)):
+            out[r["lr"]].append(_score(r))
+    return dict(out)
+
+
+def optimal_lr(runs):
+    """Best LR of one configuration's sweep (seeds averaged per LR), parabola-refined in log10(LR).
+    None with fewer than 2 LRs that finished."""
+    by_lr = scores_by_lr(runs)
+    if len(by_lr) < 2:
+        return None
+    lrs = sorted(by_lr)
+    return float(10 ** _parabola_min(np.log10(lrs), np.array([np.mean(by_lr[lr]) for lr in lrs])))
+
+
+def bootstrap(values, stat, n=2000, seed=0):
+    """n values of stat over resamples (with replacement) of each list in `values` (a dict of lists)."""
+    rng = np.random.default_rng(seed)
+    return np.array([stat({k: rng.choice(v, len(v)) for k, v in values.items()}) for _ in range(n)])
+
+
+def optimal_lr_stats(runs):
+    """The optimal LR of a sweep with a 95% interval from a bootstrap over seeds (None without 2+
+    seeds at every LR), whether the grid brackets it (the best mean LR is not at an edge of the
+    grid: otherwise the optimum may lie beyond, and is not reported as found), and the draws."""
+    by_lr = scores_by_lr(runs)
+    if len(by_lr) < 2:
+        return None
+    lrs = sorted(by_lr)
+    x = np.log10(lrs)
+    fit = lambda d: _parabola_min(x, np.array([np.mean(d[lr]) for lr in lrs]))
+    i = int(np.argmin([np.mean(by_lr[lr]) for lr in lrs]))
+    seeds = min(len(v) for v in by_lr.values())
+    draws = 10 ** bootstrap(by_lr, fit) if seeds >= 2 else None
+    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws is not None else (math.nan, math.nan)
+    edge = "<=" if i == 0 else ">=" if i == len(lrs) - 1 else ""  # where the true optimum may lie beyond the grid
+    return dict(lr=10 ** fit(by_lr), lo=float(lo), hi=float(hi), bracketed=not edge, edge=edge, seeds=seeds, draws=draws,
+                best=by_lr[lrs[i]])
+
+
+def gap_interval(a, b):
+    """Mean of a minus mean of b (seed scores at each side's best LR) with a 95% bootstrap interval."""
+    d = bootstrap({"a": a, "b": b}, lambda s: np.mean(s["a"]) - np.mean(s["b"])) if min(len(a), len(b)) >= 2 else None
+    lo, hi = np.percentile(d, [2.5, 97.5]) if d is not None else (math.nan, math.nan)
+    return float(np.mean(a) - np.mean(b)), float(lo), float(hi)
+
+
+def _ci(lo, hi, fmt="{:.3g}"):
+    return f"[{fmt.format(lo)}, {fmt.format(hi)}]" if math.isfinite(lo) else "(1 seed: no interval)"
 
 
 def optimal_lrs(runs):
@@ -196,13 +258,28 @@ def optimal_lrs(runs):
     return {k: v for k, v in opt.items() if v is not None}
 
 
-def _ratio(opt):
-    """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank."""
+def _ratio(opt, stats=None):
+    """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank, with a
+    95% interval where seeds allow and a flag where an optimum is not bracketed by its grid."""
     per_rank = {k: v / opt[0] for k, v in sorted(opt.items()) if k > 0} if 0 in opt else {}
     if not per_rank:
         return None, "optimal-LR ratio needs FullFT and LoRA sweeps"
-    med, items = statistics.median(per_rank.values()), [f"rank {k}: {v:.2g}x" for k, v in per_rank.items()]
-    lines = [", ".join(items[i:i + 3]) for i in range(0, len(items), 3)]   # 3 ranks a line fit a legend title
+    stats = stats or {}
+    items = []
+    for k, v in per_rank.items():
+        st, st0 = stats.get(k), stats.get(0)
+        ci = ""
+        if st and st0 and st["draws"] is not None and st0["draws"] is not None:
+            ci = " " + _ci(*np.percentile(st["draws"] / st0["draws"], [2.5, 97.5]), fmt="{:.2g}")
+        if st and st0 and not (st["bracketed"] and st0["bracketed"]):  # a bound, never reported as found
+            bound = {("", "<="): ">=", ("", ">="): "<=", (">=", ""): ">=", ("<=", ""): "<="}.get((st["edge"], st0["edge"]), "?")
+            items.append(f"rank {k}: {bound}{v:.2g}x (optimum not bracketed)")
+        else:
+            items.append(f"rank {k}: {v:.2g}x{ci}")
+    found = [v for k, v in per_rank.items() if not stats or (stats.get(k) and stats.get(0) and stats[k]["bracketed"] and stats[0]["bracketed"])]
+    med = statistics.median(found or per_rank.values())  # bounds stay out of the median where optima were found
+    per_line = 1 if stats else 3   # 3 ranks a line fit a legend title; one a line with intervals
+    lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
     return med, "\n".join([f"optimal LR, LoRA / FullFT: {med:.2g}x (median over ranks)"] + lines)
 
 
@@ -261,13 +338,14 @@ def fig_rank_curves(runs, w=5):
     if not sweep:
         return None, f"needs an SFT sweep over ranks and LRs ({SFT_SWEEP})"
     fig, (ax,) = _fig()
-    by_rank, cols, rows = group(sweep, "rank"), _colors(r["rank"] for r in sweep), ["rank      LRs  steps  loss at last step"]
+    by_rank, cols, rows = group(sweep, "rank"), _colors(r["rank"] for r in sweep), ["rank     runs  steps  loss at last step"]
     for k in _ranks(sweep):
-        steps, loss = envelope(by_rank[k], w)
+        steps, loss, se = envelope(by_rank[k], w)
         ax.plot(steps, loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
+        ax.fill_between(steps, loss - se, loss + se, color=cols[k], alpha=0.2, lw=0)  # +-1 SE over seeds
         rows.append(f"{_label(k):9} {len(by_rank[k]):4} {int(steps[-1]):6}  {loss[-1]:.4f}")
     ax.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)",
-           title="LoRA rank vs full fine-tuning: learning curves (minimum over LRs)")
+           title="LoRA rank vs FullFT (min over LRs; band: +-1 SE over seeds)")
     ax.legend()
     return fig, "\n".join(rows)
 
@@ -279,15 +357,24 @@ def fig_lr_sweep(runs, w=5):
         return None, f"needs an SFT sweep over 2+ LRs per rank ({SFT_SWEEP})"
     fig, (ax,) = _fig(width=9)
     cols, opt = _colors(by_rank), optimal_lrs(sweep)
-    rows = ["rank      LRs  optimal LR  best final loss"]
+    stats = {k: optimal_lr_stats(rs) for k, rs in by_rank.items()}
+    rows = ["rank     runs seeds  optimal LR [95% CI]          bracketed  best final loss  minus FullFT's [95% CI]"]
     for k in _ranks(sweep):
         if k in by_rank:
             _lr_line(ax, by_rank[k], final_loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
-            if k in opt:
-                ax.axvline(opt[k], color=cols[k], ls=":", lw=0.8)
-            best = min((final_loss(r) for r in by_rank[k]), key=lambda v: v if math.isfinite(v) else math.inf)
-            rows.append(f"{_label(k):9} {len(by_rank[k]):4}  {opt.get(k, math.nan):10.3g}  {best:.4f}")
-    text = _ratio(opt)[1]
+            st = stats[k]
+            if k in opt:  # dotted at a bracketed optimum; dashed where the grid's edge is the best it found
+                ax.axvline(opt[k], color=cols[k], ls=":" if st and st["bracketed"] else "--", lw=0.8)
+            if not st:
+                continue
+            gap = ""
+            if k != 0 and stats.get(0):
+                d, lo, hi = gap_interval(st["best"], stats[0]["best"])
+                gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+            found = f"{st['lr']:10.3g} {_ci(st['lo'], st['hi']):19}" if st["bracketed"] else f"{st['edge'] + format(st['lr'], '.3g'):>10} {'':19}"
+            rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
+                        f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           {gap}")
+    text = _ratio(opt, stats)[1]
     ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="Learning rate vs final loss per rank")
     _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
     return fig, "\n".join(rows + [text])

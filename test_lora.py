@@ -1273,15 +1273,15 @@ def write_log(root, name, script, args, records):
     return d / "log.jsonl"
 
 
-def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30):
+def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30, seed=0):
     """An SFT run whose train loss falls to `final` and whose last eval loss is exactly `final`."""
     args = dict(rank=rank, layers=layers, lm_head=False, lr=lr, lr_mult=None, batch_size=batch_size, lr_ratio_b=1.0,
-                init_scale=1.0, alpha=32, data="synth", seed=0)
+                init_scale=1.0, alpha=32, data="synth", seed=seed)
     per_step = 3e9 if rank == 0 else 2e9
     train = [{"type": "train", "step": s, "loss": final + 2.0 / s ** 0.5 - 2.0 / steps ** 0.5, "lr": lr,
               "flops": per_step * s} for s in range(1, steps + 1)]
     evals = [{"type": "eval", "step": 0, "loss": 3.0}, {"type": "eval", "step": steps, "loss": final}]
-    name = f"sft_r{rank}_{layers}_lr{lr:.3e}_bs{batch_size}"
+    name = f"sft_r{rank}_{layers}_lr{lr:.3e}_bs{batch_size}" + (f"_s{seed}" if seed else "")
     return write_log(root, name, "train_sft", args, train + evals)
 
 
@@ -1324,6 +1324,31 @@ def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
     assert opt[0] == pytest.approx(1e-4, rel=0.01) and opt[256] == pytest.approx(1e-3, rel=0.01)
     out = capsys.readouterr().out
     assert "optimal LR, LoRA / FullFT: 10x (median" in out and "skip" not in out
+
+
+def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsys):
+    # 4 seeds per LR, noise 0.01 around exact parabolas: FullFT's optimum 1e-4 inside its grid,
+    # rank 16's at 1e-3 with the same loss, rank 1's 0.05 worse and its grid stopping at the optimum.
+    rng = np.random.default_rng(0)
+    for rank, opt, offsets, shift in [(0, 1e-4, [-1, -0.5, 0, 0.5, 1], 0), (16, 1e-3, [-1, -0.5, 0, 0.5, 1], 0),
+                                      (1, 1e-3, [-1.5, -1, -0.5, 0], 0.05)]:
+        for off in offsets:
+            for seed in range(4):
+                sft(tmp_path / "out", rank, opt * 10 ** off, 1.0 + shift + 0.3 * off ** 2 + rng.normal(0, 0.01), seed=seed)
+    runs = plot.main_sweep(plot.load_runs(tmp_path / "out"))
+    st = {k: plot.optimal_lr_stats(rs) for k, rs in plot.group(runs, "rank").items()}
+    assert st[0]["seeds"] == 4 and st[0]["bracketed"] and st[0]["lo"] <= st[0]["lr"] <= st[0]["hi"] < 2 * st[0]["lo"]
+    assert abs(math.log10(st[0]["lr"] / 1e-4)) < 0.05
+    assert not st[1]["bracketed"]
+    same = plot.gap_interval(st[16]["best"], st[0]["best"])
+    worse = plot.gap_interval(st[1]["best"], st[0]["best"])
+    assert same[1] < 0 < same[2] and 0.03 < worse[1] < worse[0] < worse[2]
+    plot.main([str(tmp_path / "out"), "--to", str(tmp_path / "png")])
+    out = capsys.readouterr().out
+    assert "NO: at edge" in out and "rank 1: " in out and "(optimum not bracketed)" in out
+    assert re.search(r"rank 16: [\d.]+x \[\d", out) and "rank 1: >=" in out  # an interval; a bound, not a value
+    steps, loss, se = plot.envelope(plot.group(runs, "rank")[0], 3)
+    assert (se > 0).all() and len(steps) == 30
 
 
 def test_missing_runs_skip_with_what_they_need(tmp_path, capsys):
