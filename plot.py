@@ -17,6 +17,7 @@ The "main sweep" is the SFT runs on all layers with the default LoRA settings at
     fig5_rl.png             RL reward against step per rank, and final reward against LR
     fig6_early_rank.png     rank 16 against a higher rank at one LR: the same start of training
     fig7_loss_vs_flops.png  loss against training FLOPs, LoRA against FullFT
+    fig8_lora_norms.png     spectral norms of LoRA's A and B during training (the post's finding 11)
 """
 
 import argparse
@@ -81,7 +82,9 @@ def load_run(path):
                     plain=plain, standard=plain and a.get("layers", "all") == "all", params=cfg.get("trainable_params"),
                     diverged=any(r.get("type") == "diverged" for r in records),
                     train=_series(records, "train", metric), flops=_series(records, "train", "flops"),
-                    eval=_series(records, "eval", "accuracy" if rl else "loss"))
+                    eval=_series(records, "eval", "accuracy" if rl else "loss"),
+                    norms=[(int(r["step"]), r["A"], r["B"]) for r in records
+                           if r.get("type") == "norms" and isinstance(r.get("A"), list) and len(r["A"]) == len(r.get("B") or [])])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         print(f"warning: skip {path}: no usable config record ({type(e).__name__}: {e})")
         return None
@@ -518,9 +521,34 @@ def fig_flops(runs, w=5):
     return fig, "\n".join(rows)
 
 
+def fig_norms(runs, w=5):
+    """The post's finding 11: B starts at zero and grows during training; by the end of its long runs B
+    had larger spectral norms than A. Median over the adapted matrices of ||A||_2 and ||B||_2 per eval."""
+    rs = sorted((r for r in runs if len(r["norms"]) >= 2 and not r["diverged"]), key=lambda r: (-r["norms"][-1][0], r["name"]))
+    if not rs:
+        return None, "needs LoRA runs with evals (train_sft.py logs the spectral norms of A and B at each eval)"
+    rs = rs[:4]   # the longest runs: the finding is about the end of training
+    fig, (ax,) = _fig(width=9)
+    rows = ["run                                              step  median |A|_2  median |B|_2  B > A in"]
+    for i, r in enumerate(rs):
+        steps = np.array([s for s, _, _ in r["norms"]])
+        for j, (which, ls) in enumerate((("A", "-"), ("B", "--"))):
+            v = np.array([a if which == "A" else b for _, a, b in r["norms"]])
+            q1, med, q3 = np.percentile(v, [25, 50, 75], axis=1)
+            ax.plot(steps, med, ls, color=f"C{i}", marker="o", ms=3, label=f"{which}: {r['name']}")
+            ax.fill_between(steps, q1, q3, color=f"C{i}", alpha=0.12, lw=0)
+        step, a, b = r["norms"][-1]
+        rows.append(f"{r['name'][:48]:48} {step:5}  {np.median(a):12.4f}  {np.median(b):12.4f}  "
+                    f"{sum(y > x for x, y in zip(a, b))}/{len(a)} matrices")
+    ax.set(xlabel="step", ylabel="spectral norm (median over adapted matrices; band: quartiles)",
+           title="LoRA's A (solid) and B (dashed): B grows from zero")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig, "\n".join(rows)
+
+
 FIGURES = [("fig1_rank_curves.png", fig_rank_curves), ("fig2_lr_vs_loss.png", fig_lr_sweep),
            ("fig3_batch_size.png", fig_batch_size), ("fig4_layers.png", fig_layers), ("fig5_rl.png", fig_rl),
-           ("fig6_early_rank.png", fig_early_rank), ("fig7_loss_vs_flops.png", fig_flops)]
+           ("fig6_early_rank.png", fig_early_rank), ("fig7_loss_vs_flops.png", fig_flops), ("fig8_lora_norms.png", fig_norms)]
 
 
 def main(argv=None):

@@ -1281,6 +1281,8 @@ def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30, seed=0):
     train = [{"type": "train", "step": s, "loss": final + 2.0 / s ** 0.5 - 2.0 / steps ** 0.5, "lr": lr,
               "flops": per_step * s} for s in range(1, steps + 1)]
     evals = [{"type": "eval", "step": 0, "loss": 3.0}, {"type": "eval", "step": steps, "loss": final}]
+    if rank:  # B grows from zero past A, as in the post's long runs
+        evals += [{"type": "norms", "step": s, "A": [0.7, 0.8], "B": [0.0, 0.0] if s == 0 else [0.9, 0.5]} for s in (0, steps)]
     name = f"sft_r{rank}_{layers}_lr{lr:.3e}_bs{batch_size}" + (f"_s{seed}" if seed else "")
     return write_log(root, name, "train_sft", args, train + evals)
 
@@ -1324,6 +1326,7 @@ def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
     assert opt[0] == pytest.approx(1e-4, rel=0.01) and opt[256] == pytest.approx(1e-3, rel=0.01)
     out = capsys.readouterr().out
     assert "optimal LR, LoRA / FullFT: 10x (median" in out and "skip" not in out
+    assert "0.7500        0.7000  1/2 matrices" in out  # medians of A and B at the last eval, B > A in one of two
 
 
 def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsys):
@@ -1358,7 +1361,7 @@ def test_missing_runs_skip_with_what_they_need(tmp_path, capsys):
     assert [p.name for p in written] == ["fig5_rl.png"]
     out = capsys.readouterr().out
     assert "skip fig3_batch_size.png: needs SFT runs at 2+ batch sizes" in out
-    assert out.count("skip ") == 6
+    assert out.count("skip ") == 7
 
 
 def test_malformed_logs_do_not_crash(tmp_path, capsys):
