@@ -540,7 +540,7 @@ def fig_norms(runs, w=5):
         step, a, b = r["norms"][-1]
         rows.append(f"{r['name'][:48]:48} {step:5}  {np.median(a):12.4f}  {np.median(b):12.4f}  "
                     f"{sum(y > x for x, y in zip(a, b))}/{len(a)} matrices")
-    ax.set(xlabel="step", ylabel="spectral norm (median over adapted matrices; band: quartiles)",
+    ax.set(xlabel="step", ylabel="spectral norm (median; band: quartiles)",
            title="LoRA's A (solid) and B (dashed): B grows from zero")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig, "\n".join(rows)
