@@ -1596,8 +1596,9 @@ def gsm8k_or_synth(spec):
 
 
 def check_flags(a, positive=(), non_negative=(), ints=()):
-    """Refuse bad numeric flags before anything slow starts: one line naming the flag and the fix.
-    ints: comma-list flags of integers (sweeps), each of whose values must be >= 0."""
+    """Refuse bad flags before anything slow starts: one line naming the flag and the fix. ints:
+    comma-list flags of integers (sweeps), each value >= 0; then --layers, --device/--dtype and
+    --eval_every against --eval_examples, which both training scripts have."""
     for name in positive:
         for v in str(getattr(a, name)).split(","):
             try:
@@ -1613,6 +1614,11 @@ def check_flags(a, positive=(), non_negative=(), ints=()):
         for v in str(getattr(a, name)).split(","):
             if not v.strip().isdigit():
                 raise UserError(f"--{name} {getattr(a, name)!r}: must be whole numbers >= 0, comma-separated (e.g. 1,16,0)")
+    for layers in a.layers.split(","):  # the flags both training scripts share
+        layer_set(layers)
+    pick_device(a.device, a.dtype)
+    if a.eval_every and not a.eval_examples:
+        raise UserError("--eval_every needs held-out examples: set --eval_examples N, or --eval_every 0")
 
 
 class Diverged(UserError):

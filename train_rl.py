@@ -321,11 +321,6 @@ def check_args(a):
         raise lora.UserError(f"--group_size {a.group_size}: advantages are centred within a group, so one sample has none: use 2 or more (the post: 16)")
     if a.top_p > 1:
         raise lora.UserError(f"--top_p {a.top_p}: must be in (0, 1]")
-    for layers in a.layers.split(","):
-        lora.layer_set(layers)
-    lora.pick_device(a.device, a.dtype)
-    if a.eval_every and not a.eval_examples:
-        raise lora.UserError("--eval_every needs eval problems: set --eval_examples N, or --eval_every 0")
 
 
 def main(argv=None):

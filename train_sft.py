@@ -337,11 +337,6 @@ def check_args(a):
         raise lora.UserError(f"--max_len {a.max_len} leaves no room for a prompt and an answer: use 256 or more")
     if not 0 <= a.beta2 < 1:
         raise lora.UserError(f"--beta2 {a.beta2}: must be in [0, 1)")
-    for layers in a.layers.split(","):
-        lora.layer_set(layers)
-    lora.pick_device(a.device, a.dtype)
-    if a.eval_every and not a.eval_examples:
-        raise lora.UserError("--eval_every needs held-out examples: set --eval_examples N, or --eval_every 0")
 
 
 def grid(a, cfg):
