@@ -156,7 +156,12 @@ def plan(a, cfg, train_ex, eval_ex):
     step = lora.sequence_flops(cfg, a.rank, a.layers, a.lm_head, [mean_len] * a.batch_size)
     # an eval is a forward pass: about a third of a full fine-tuning step's FLOPs
     evals = lora.sequence_flops(cfg, 0, "all", False, [len(ids) for ids, _ in eval_ex]) / 3 if a.eval_every else 0
-    return total_steps, step, evals, total_steps * step + evals * (total_steps // max(a.eval_every, 1) + 1)
+    return total_steps, step, evals, total_steps * step + evals * n_evals(a.eval_every, 0, total_steps)
+
+
+def n_evals(every, start, total):
+    """Evals a run makes from `start`: step 0 (fresh runs), each multiple of `every` before the end, the end."""
+    return 0 if not every else (start == 0) + (total - 1) // every - start // every + 1
 
 
 def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
@@ -195,8 +200,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
                   flops_per_token=lora.train_flops_per_token(cfg, a.rank, a.layers, a.max_len, a.lm_head),
                   world_size=world, total_steps=total_steps, lora_modules=list(lora.lora_modules(model)))
     log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None) if master else None
-    n_evals = (a.eval_every > 0) * ((start == 0) + (total_steps - start) // max(a.eval_every, 1) + 1)
-    progress = lora.Progress((total_steps - start) * step_flops + n_evals * eval_flops)
+    progress = lora.Progress((total_steps - start) * step_flops + n_evals(a.eval_every, start, total_steps) * eval_flops)
     if master:
         print(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, {n_train:,} trainable, "
               f"lr {a.lr:.3g}, {total_steps} steps of {a.batch_size} sequences, log {run_dir / 'log.jsonl'}")
