@@ -1858,6 +1858,14 @@ def check_run_dir(run_dir, resume):
                         "or --tag / --out for a new run, or delete that folder")
 
 
+def finished_run(run_dir, total_steps):
+    """The `final` record of a run in run_dir that already reached total_steps (a resumed sweep skips
+    it), or None."""
+    log = Path(run_dir) / "log.jsonl"
+    done = [r for r in read_jsonl(log, torn_tail=True) if r.get("type") == "final"] if log.exists() else []
+    return done[-1] if done and done[-1]["step"] == total_steps else None
+
+
 class JsonlLog:
     """Append-only JSONL run log: a config record first, then one record per step or eval; plot.py
     and flops.py read nothing else. Resuming keeps the records up to the checkpoint's step (a line

@@ -161,13 +161,12 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None):
     """Train one configuration; returns the final greedy accuracy. grid: the sweep's Progress (in steps)."""
     device, amp = a.device, a.amp
     run_dir = Path(a.out) / a.name
-    if a.resume and (run_dir / "log.jsonl").exists():
-        done = [r for r in lora.read_jsonl(run_dir / "log.jsonl", torn_tail=True) if r.get("type") == "final"]
-        if done and done[-1]["step"] == a.steps:  # a finished run of a resumed sweep: nothing to redo
-            print(f"== {a.name}: already finished (final accuracy {done[-1]['accuracy']:.3f}); skipped")
-            if grid:
-                grid.total -= a.steps
-            return done[-1]["accuracy"]
+    done = lora.finished_run(run_dir, a.steps) if a.resume else None
+    if done:  # a finished run of a resumed sweep: nothing to redo
+        print(f"== {a.name}: already finished (final accuracy {done['accuracy']:.3f}); skipped")
+        if grid:
+            grid.total -= a.steps
+        return done["accuracy"]
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, device=device, seed=a.seed)
     params = [p for g in opt.param_groups for p in g["params"]]
     learner = torch.compile(model) if a.compile else model  # the learner's forward; sampling stays eager

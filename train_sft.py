@@ -173,14 +173,13 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
     run_dir = Path(a.out) / a.name
     total_steps, step_flops, eval_flops, run_flops = plan(a, cfg, train_ex, eval_ex)
     steps_per_epoch = len(train_ex) // a.batch_size
-    if a.resume and (run_dir / "log.jsonl").exists():
-        done = [r for r in lora.read_jsonl(run_dir / "log.jsonl", torn_tail=True) if r.get("type") == "final"]
-        if done and done[-1]["step"] == total_steps:  # a finished run of a resumed sweep: nothing to redo
-            if master:
-                print(f"== {a.name}: already finished (final held-out loss {done[-1]['loss']:.4f}); skipped")
-            if grid:
-                grid.total -= run_flops
-            return done[-1]["loss"]
+    done = lora.finished_run(run_dir, total_steps) if a.resume else None
+    if done:  # a finished run of a resumed sweep: nothing to redo
+        if master:
+            print(f"== {a.name}: already finished (final held-out loss {done['loss']:.4f}); skipped")
+        if grid:
+            grid.total -= run_flops
+        return done["loss"]
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
                                        a.weight_decay, a.beta2, device, a.seed)
     model.gradient_checkpointing = a.grad_ckpt
