@@ -103,11 +103,12 @@ def lora_params(cfg, rank, layers="all", lm_head=False):
     """Trainable LoRA parameters per matrix type (summed over layers) and their 'total'. MoE experts
     each get rank / num_experts_per_tok, the post's rule, which keeps LoRA's share of the expert
     parameters equal to that of dense layers."""
-    s, chosen = shape(cfg), targets(layers)
+    s = shape(cfg)
+    plan = lora.layer_plan(layers, s["num_hidden_layers"])
     out = {}
     for name, d_in, d_out, copies, active in matrices(cfg):
-        if name in chosen:
-            n = rank * (d_in + d_out) * copies * s["num_hidden_layers"]
+        if n_layers := sum(name in p for p in plan):
+            n = rank * (d_in + d_out) * copies * n_layers
             out[name] = n // active if n % active == 0 else n / active
     out["lm_head"] = rank * (s["hidden_size"] + s["vocab_size"]) if lm_head else 0
     out["total"] = sum(out.values())

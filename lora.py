@@ -288,27 +288,32 @@ class Llama(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False):
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False, trunk=None, upto=None):
         """idx (B, T) token ids -> logits (B, T, vocab). With targets (B, T): (None, the mean cross
         entropy over positions where targets != -100 and loss_mask (B, T) is nonzero), computing
         logits only at those positions.
-        With a KVCache, idx continues the cached sequences. last_only: logits of the last position."""
+        With a KVCache, idx continues the cached sequences. last_only: logits of the last position.
+        trunk: (L, h) with h (B, T, hidden) the output of the first L layers for idx, which then
+        start at layer L (TrunkCache: the frozen layers below every adapter, run once); upto=L
+        returns that h, the hidden states after layer L-1."""
         B, T = idx.shape
         if cache is None:
             pos, mask = torch.arange(T, device=idx.device)[None], None
         else:
             pos, mask = cache.positions(T), cache.mask(T)
-        x = self.model.embed_tokens(idx)
+        first, x = trunk if trunk is not None else (0, self.model.embed_tokens(idx))
         freqs = pos[..., None].float() * self.inv_freq              # (B or 1, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]            # (B or 1, 1, T, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.model.layers:
+        for layer in self.model.layers[first:upto]:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
+        if upto is not None:
+            return x
         x = self.model.norm(x)
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)
@@ -393,18 +398,23 @@ class LoRALinear(nn.Linear):
 
 def lora_targets(model, layers="all", lm_head=False):
     """Names of the linear layers that `layers` selects: 'all', 'mlp', 'attn', or a list (or
-    comma-separated string) of names, each matching a module named so or ending in '.' + name."""
-    if isinstance(layers, str):
-        layers = [s.strip() for s in layers.split(",") if s.strip()]
-    layers = [n for x in layers for n in LAYER_SETS.get(x, (x,))]  # set names inside a list expand too
-    patterns = list(layers) + (["lm_head"] if lm_head and "lm_head" not in layers else [])
+    comma-separated string) of names, each matching a module named so or ending in '.' + name;
+    a layer index or range in front limits a name to those layers: '29.down_proj', '24-29.mlp'."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
     chosen = []
-    for p in patterns:
-        hits = [n for n in linears if n == p or n.endswith("." + p)]
+    for p in _split_layers(layers) + (["lm_head"] if lm_head and "lm_head" not in _split_layers(layers) else []):
+        indexed = LAYER_TOKEN.fullmatch(p) and layer_token(p)
+        if indexed:
+            lo, hi, kinds = indexed
+            at = lambda n: re.fullmatch(r"(?:.*\.)?layers\.(\d+)\.(?:.*\.)?(\w+)", n)
+            hits = [n for n in linears if at(n) and lo <= int(at(n)[1]) <= hi and at(n)[2] in kinds]
+        else:
+            names = LAYER_SETS.get(p, (p,))  # set names expand
+            hits = [n for n in linears if any(n == q or n.endswith("." + q) for q in names)]
         if not hits:
             kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise UserError(f"layer name {p!r} matches no linear layer: use all, mlp, attn or names from {', '.join(kinds)}")
+            raise UserError(f"layer name {p!r} matches no linear layer: use all, mlp, attn or names from {', '.join(kinds)}"
+                            ", optionally after a layer index or range (29.down_proj, 24-29.mlp)")
         chosen += [n for n in hits if n not in chosen]
     return chosen
 
@@ -1348,14 +1358,65 @@ def layer_matrices(cfg):
     return attn + [("gate_proj", h, i, 1, 1), ("up_proj", h, i, 1, 1), ("down_proj", i, h, 1, 1)]
 
 
-def layer_set(layers):
-    """'all', 'mlp', 'attn', or names joined by ',' or '+' (or a list) -> the set of matrix names."""
+LAYER_TOKEN = re.compile(r"(?:(?:model\.)?layers\.)?(\d+)(?:-(\d+))?\.(?:(?:self_attn|mlp)\.)?(\w+)")
+
+
+def _split_layers(layers):
     if isinstance(layers, str):
-        layers = LAYER_SETS.get(layers) or [n.strip() for n in layers.replace("+", ",").split(",") if n.strip()]
-    bad = [n for n in layers if n not in LAYER_SETS["all"]]
-    if bad:
-        raise UserError(f"layer name {bad[0]!r} is unknown: use all, mlp, attn or names from {', '.join(LAYER_SETS['all'])}")
-    return set(layers)
+        layers = [n.strip() for n in layers.replace("+", ",").split(",") if n.strip()]
+    return list(layers)
+
+
+def layer_token(tok):
+    """One --layers entry -> (first layer, last layer or None for every layer, matrix names):
+    'mlp' -> (0, None, gate/up/down); '29.down_proj' -> (29, 29, {down_proj}); '24-29.attn',
+    'layers.29.mlp.down_proj' (HF's module path) work too. None if tok is no such name."""
+    m = LAYER_TOKEN.fullmatch(tok)
+    lo, hi, kind = (int(m[1]), int(m[2] or m[1]), m[3]) if m else (0, None, tok)
+    if kind not in LAYER_SETS and kind not in LAYER_SETS["all"]:
+        return None
+    return lo, hi, set(LAYER_SETS.get(kind, (kind,)))
+
+
+def layer_plan(layers, n_layers):
+    """--layers -> the set of matrix names chosen in each of the n_layers layers. Entries are 'all',
+    'mlp', 'attn' or matrix names, joined by ',' or '+' (or a list), each optionally limited to a
+    layer or a range in front: '29.down_proj', '24-29.mlp' (PEFT's layers_to_transform)."""
+    plan = [set() for _ in range(n_layers)]
+    for tok in _split_layers(layers):
+        parsed = layer_token(tok)
+        if parsed is None:
+            raise UserError(f"layer name {tok!r} is unknown: use all, mlp, attn or names from {', '.join(LAYER_SETS['all'])}, "
+                            "optionally after a layer index or range (29.down_proj, 24-29.mlp)")
+        lo, hi, kinds = parsed
+        hi = n_layers - 1 if hi is None else hi
+        if not lo <= hi < n_layers:
+            raise UserError(f"--layers {tok!r}: layers run 0-{n_layers - 1} in this model (and a range is low-high)")
+        for i in range(lo, hi + 1):
+            plan[i] |= kinds
+    return plan
+
+
+def layer_set(layers, n_layers=10**4):
+    """The matrix names --layers chooses in any layer (see layer_plan)."""
+    return set().union(*layer_plan(layers, n_layers))
+
+
+def is_full(rank, layers):
+    """Full fine-tuning of every weight (embedding, norms, lm_head too): rank 0 on 'all'. Rank 0 on
+    anything else trains just those matrices."""
+    return rank == 0 and _split_layers(layers) == ["all"]
+
+
+def first_trained_layer(cfg, rank, layers, lm_head=False):
+    """Index of the first layer whose weights train or carry an adapter: every layer before it is
+    frozen and sees no gradient, so its output is a fixed function of the tokens (train_sft caches
+    it). 0 whenever the embedding trains (full fine-tuning, or a trained lm_head tied to it)."""
+    s = config_shape(cfg)
+    if is_full(rank, layers) or (lm_head and rank == 0 and s.get("tie_word_embeddings")):
+        return 0
+    plan = layer_plan(layers, s["num_hidden_layers"])
+    return next((i for i, p in enumerate(plan) if p), s["num_hidden_layers"])
 
 
 def attention_macs(cfg, seq_len, backward=True):
@@ -1379,34 +1440,37 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
     dict (MoE experts: `active` of them per token, each with rank / active, the post's rule).
     rank 0 with layers other than 'all' is full fine-tuning of just those matrices."""
     s = config_shape(cfg)
-    chosen = layer_set(layers) | ({"lm_head"} if lm_head else set())
-    full = rank == 0 and chosen >= set(LAYER_SETS["all"])  # every weight trains, the embedding too
-    trained = set(m for m, *_ in layer_matrices(cfg)) | {"lm_head"} if full else chosen if rank == 0 else set()
-    adapted = chosen if rank > 0 else set()
+    plan = layer_plan(layers, s["num_hidden_layers"])
+    full = is_full(rank, layers)  # every weight trains, the embedding and lm_head too
+    every = set(m for m, *_ in layer_matrices(cfg))
     m = {name: (d_in, d_out, active) for name, d_in, d_out, _, active in layer_matrices(cfg)}
     m["lm_head"] = (s["hidden_size"], s["vocab_size"], 1)
 
-    def mm(name, grad_in):
+    def mm(name, grad_in, trained, adapted):
         d_in, d_out, active = m[name]
         macs = active * d_in * d_out * (1 + grad_in + (name in trained))  # forward, input grad if needed, W grad if trained
         return macs + (rank * (3 * d_out + (2 + grad_in) * d_in) if name in adapted else 0)
 
-    touched = trained | adapted
     # does the residual stream carry a gradient here? From the start when the embedding trains
     # (full fine-tuning, or a trained lm_head tied to it)
-    g = full or not skip or "lm_head" in trained and bool(s.get("tie_word_embeddings"))
+    g = full or not skip or rank == 0 and lm_head and bool(s.get("tie_word_embeddings"))
     total = 0
-    for _ in range(s["num_hidden_layers"]):
-        total += sum(mm(n, g) for n in ("q_proj", "k_proj", "v_proj"))
+    for chosen in plan:
+        trained = every if full else chosen if rank == 0 else set()
+        adapted = chosen if rank > 0 else set()
+        touched = trained | adapted
+        w = lambda name, grad_in: mm(name, grad_in, trained, adapted)
+        total += sum(w(n, g) for n in ("q_proj", "k_proj", "v_proj"))
         qkv = g or bool(touched & {"q_proj", "k_proj", "v_proj"})  # does attention run backward?
         total += attention_macs(cfg, seq_len, backward=qkv) if attention else 0
-        total += mm("o_proj", qkv)
+        total += w("o_proj", qkv)
         g = g or qkv or "o_proj" in touched
-        total += sum(mm(n, g) for n in ("router", "gate_proj", "up_proj") if n in m)
+        total += sum(w(n, g) for n in ("router", "gate_proj", "up_proj") if n in m)
         hidden = g or bool(touched & {"gate_proj", "up_proj"})
-        total += mm("down_proj", hidden)
+        total += w("down_proj", hidden)
         g = g or hidden or "down_proj" in touched
-    return 2 * (total + mm("lm_head", g))  # the embedding is a lookup: no multiply-adds
+    head = {"lm_head"} if lm_head or full else set()
+    return 2 * (total + mm("lm_head", g, head if rank == 0 else set(), head if rank > 0 else set()))
 
 
 def sequence_flops(cfg, rank, layers, lm_head, lengths):
@@ -1497,14 +1561,15 @@ def facts(k, seed=0, digits=4):
     bits (13.3 a fact at 4 digits), so an adapter's capacity can be set against it (the post's
     'LoRA falls behind once the data holds more than it can store'). Rows are chat messages."""
     import random
-    rng, keys = random.Random(seed), set()
-    while len(keys) < k:
-        keys.add("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6)))
+    rng, keys = random.Random(seed), {}  # a dict keeps insertion order; a set's order would follow
+    while len(keys) < k:                  # PYTHONHASHSEED, making the data differ between processes
+        keys["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))] = None
     rows = []
-    for key in sorted(keys, key=lambda _: rng.random()):
+    for key in keys:
         code = f"{rng.randrange(10 ** digits):0{digits}d}"
-        rows.append({"messages": [{"role": "user", "content": f"Code of {key}?"}, {"role": "assistant", "content": code}],
-                     "code": code})
+        # a short system turn: chat templates otherwise add their default one (SmolLM2's is 20 tokens)
+        rows.append({"messages": [{"role": "system", "content": "Recall codes."}, {"role": "user", "content": f"Code of {key}?"},
+                                  {"role": "assistant", "content": code}], "code": code})
     return rows
 
 
@@ -1665,6 +1730,35 @@ def collate(examples, pad_id, device):
     return x[:, :-1].to(device), x[:, 1:].to(device), m[:, 1:].to(device)
 
 
+class TrunkCache:
+    """The output of a model's first L layers for each example, computed once. When every adapter
+    (or trained weight) sits at layer L or later, those layers are frozen and get no gradient, so
+    their output is a fixed function of the tokens: a run that trains only the last layers, over
+    many epochs or evals, skips almost all of its forward pass (the capacity experiment's
+    30-layer model adapting one matrix of layer 29 ran ~10x faster). Padding on the right leaves
+    causal states unchanged, so each example's states are kept unpadded and padded per batch."""
+
+    def __init__(self, model, layers, examples, micro, pad_id, device, amp):
+        self.layers, self.states = layers, {}
+        examples = sorted(examples, key=lambda e: len(e[0]))
+        with torch.no_grad(), autocast(device, amp):
+            for start, end in micro_batches([len(ids) for ids, _ in examples], micro):
+                h = model(collate(examples[start:end], pad_id, device)[0], upto=layers)
+                for (ids, _), row in zip(examples[start:end], h):
+                    self.states[id(ids)] = (ids, row[:len(ids) - 1].clone())  # ids kept: the key stays valid
+
+    @staticmethod
+    def nbytes(cfg, examples, dtype=torch.float32):
+        return sum(len(ids) for ids, _ in examples) * cfg.hidden_size * dtype.itemsize
+
+    def batch(self, examples):
+        rows = [self.states[id(ids)][1] for ids, _ in examples]
+        h = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[-1])
+        for i, r in enumerate(rows):
+            h[i, :len(r)] = r
+        return self.layers, h
+
+
 def micro_batches(lengths, micro, overhead=128):
     """Split rows sorted by length into contiguous micro-batches of at most `micro` rows, minimising
     the padded positions computed plus `overhead` positions' worth per forward (a smaller GEMM and
@@ -1682,13 +1776,13 @@ def micro_batches(lengths, micro, overhead=128):
     return spans[::-1]
 
 
-def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward):
+def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None):
     """(sum of per-token NLL over the examples' loss tokens, positions computed including padding),
     in micro-batches of at most `micro` rows; with backward, each micro-batch's gradient is scaled
     so that the accumulated total is the mean over scale_tokens. The examples go in order of length
     and are grouped to waste little on padding (micro_batches), which leaves the sum unchanged:
     bucketing without changing the data. On GSM8K batches of 8 this ran 12-15% faster on a CPU than
-    fixed groups of 4."""
+    fixed groups of 4. trunk: a TrunkCache holding the examples' frozen first layers."""
     examples = sorted(examples, key=lambda e: len(e[0]))
     spans = micro_batches([len(ids) for ids, _ in examples], micro)
     total, positions = 0.0, 0
@@ -1697,7 +1791,10 @@ def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backwa
         n = int(m.sum())
         sync = nullcontext() if (not backward or j == len(spans) - 1 or not hasattr(model, "no_sync")) else model.no_sync()
         with sync, autocast(device, amp):
-            _, loss = model(x, y, loss_mask=m)
+            if trunk is None:
+                _, loss = model(x, y, loss_mask=m)
+            else:
+                _, loss = model(x, y, loss_mask=m, trunk=trunk.batch(examples[start:end]))
         if backward:
             (loss * n / scale_tokens).backward()
         total, positions = total + loss.item() * n, positions + x.numel()

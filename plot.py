@@ -18,6 +18,8 @@ The "main sweep" is the SFT runs on all layers with the default LoRA settings at
     fig6_early_rank.png     rank 16 against a higher rank at one LR: the same start of training
     fig7_loss_vs_flops.png  loss against training FLOPs, LoRA against FullFT
     fig8_lora_norms.png     spectral norms of LoRA's A and B during training (the post's finding 11)
+    fig9_capacity.png       memorising K random facts: low ranks fall behind once the data holds more than they store
+    fig10_invariance.png    init_A / LR_A, the second direction the post's invariances leave, changes training
 """
 
 import argparse
@@ -81,6 +83,11 @@ def load_run(path):
                     layers=str(a.get("layers", "all")), batch_size=batch, data=data, variant=variant,
                     plain=plain, standard=plain and a.get("layers", "all") == "all", params=cfg.get("trainable_params"),
                     diverged=any(r.get("type") == "diverged" for r in records),
+                    facts=int(data[6:]) if data.startswith("facts:") and data[6:].isdigit() else 0,
+                    # the data a run sees, steps x batch: a longer run (fig 8's) is no point of a 20-step sweep
+                    examples=int(cfg.get("total_steps") or max([r.get("step", 0) for r in records if r.get("type") == "train"] or [0])) * batch,
+                    eval_tokens=[(int(r["step"]), r["tokens"]) for r in records if r.get("type") == "eval" and "tokens" in r],
+                    n_eval=cfg.get("n_eval_examples"),
                     train=_series(records, "train", metric), flops=_series(records, "train", "flops"),
                     eval=_series(records, "eval", "accuracy" if rl else "loss"),
                     norms=[(int(r["step"]), r["A"], r["B"]) for r in records
@@ -91,8 +98,9 @@ def load_run(path):
 
 
 def load_runs(log_dir):
-    """Every out/<run>/log.jsonl under log_dir, as a list of run dicts."""
-    runs = [load_run(p) for p in sorted(Path(log_dir).glob("*/log.jsonl"))]
+    """Every <run>/log.jsonl under log_dir, at any depth (results/ keeps one folder per study), as a
+    list of run dicts."""
+    runs = [load_run(p) for p in sorted(Path(log_dir).rglob("log.jsonl"))]
     return [r for r in runs if r is not None]
 
 
@@ -133,7 +141,7 @@ def group(runs, key):
 
 def config(run):
     """Everything but the LR: the runs of one configuration form an LR sweep."""
-    return (run["rl"], run["rank"], run["layers"], run["variant"], run["batch_size"], run["data"])
+    return (run["rl"], run["rank"], run["layers"], run["variant"], run["batch_size"], run["data"], run["examples"])
 
 
 def best_per_config(runs):
@@ -147,12 +155,12 @@ def best_per_config(runs):
 
 
 def main_sweep(runs, rl=False):
-    """Standard runs (all layers, default LoRA settings) at the most common (data, batch size)."""
+    """Standard runs (all layers, default LoRA settings) at the most common (data, batch size, examples seen)."""
     std = [r for r in runs if r["rl"] == rl and r["standard"]]
     if not std:
         return []
-    common = Counter((r["data"], r["batch_size"]) for r in std).most_common(1)[0][0]
-    return [r for r in std if (r["data"], r["batch_size"]) == common]
+    common = Counter((r["data"], r["batch_size"], r["examples"]) for r in std).most_common(1)[0][0]
+    return [r for r in std if (r["data"], r["batch_size"], r["examples"]) == common]
 
 
 def smooth(y, w):
@@ -384,8 +392,8 @@ def fig_lr_sweep(runs, w=5):
 
 
 def fig_batch_size(runs, w=5):
-    data = {r["data"] for r in main_sweep(runs)}   # every batch size, on the main sweep's data
-    rs = [r for r in runs if not r["rl"] and r["standard"] and r["data"] in data]
+    data = {(r["data"], r["examples"]) for r in main_sweep(runs)}   # every batch size, on the main sweep's data
+    rs = [r for r in runs if not r["rl"] and r["standard"] and (r["data"], r["examples"]) in data]
     best = {(r["rank"], r["batch_size"]): r for r in best_per_config(rs).values()}
     n_sizes = Counter(k for k, _ in best)
     best = {(k, bs): r for (k, bs), r in best.items() if n_sizes[k] >= 2}   # ranks that ran 2+ batch sizes
@@ -546,9 +554,107 @@ def fig_norms(runs, w=5):
     return fig, "\n".join(rows)
 
 
+BITS_PER_FACT = math.log2(1e4)   # lora.facts: a 4-digit code drawn uniformly
+
+
+def stored_bits(run):
+    """Bits of the facts' codes a run has stored, from its final eval: the K codes hold K log2(10^4)
+    bits, and what the model still needs to be told is its summed log loss on the answers in bits
+    (the answer's end-of-turn token included, so this slightly undercounts), scaled from the eval
+    facts to all K. 0 = nothing beyond uniform digits; K log2(10^4) = every code recalled."""
+    if run["diverged"] or not run["eval_tokens"] or not run["n_eval"]:
+        return math.nan
+    step, tokens = run["eval_tokens"][-1]
+    steps, losses = run["eval"]
+    loss = float(losses[steps == step][-1])
+    return run["facts"] * (BITS_PER_FACT - loss * tokens / run["n_eval"] / math.log(2))
+
+
+def fig_capacity(runs, w=5):
+    """This project's own experiment (the post's finding 3 made measurable): K random facts, LoRA of
+    each rank and full fine-tuning on the same matrices. A panel per K of eval loss against epoch
+    (best LR per rank, seed mean +-1 SE), and bits stored against trainable parameters."""
+    rs = [r for r in runs if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
+    if not rs:
+        return None, "needs runs on --data facts:K (see the README's capacity experiment)"
+    ks = sorted({r["facts"] for r in rs})
+    fig, axes = _fig(ncols=len(ks) + 1, width=5 * (len(ks) + 1))
+    cols, rows = _colors(r["rank"] for r in rs), ["facts  bits in data  rank     params   best LR   seeds  final loss      bits stored [95% CI]   bits/param"]
+    points = []
+    for ax, k in zip(axes, ks):
+        mine = [r for r in rs if r["facts"] == k]
+        for rank in _ranks(mine):
+            by_lr = group([r for r in mine if r["rank"] == rank], "lr")
+            lr = min(by_lr, key=lambda x: np.mean([final_loss(r) for r in by_lr[x]]))
+            best = by_lr[lr]
+            steps = best[0]["eval"][0]
+            for r in best[1:]:
+                steps = np.intersect1d(steps, r["eval"][0])
+            ys = np.array([r["eval"][1][np.isin(r["eval"][0], steps)] for r in best])
+            se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
+            epochs = steps * best[0]["batch_size"] / k
+            ax.plot(epochs, ys.mean(0), color=cols[rank], lw=2 if rank == 0 else 1.3, label=f"{_label(rank)} ({best[0]['params']:,})")
+            ax.fill_between(epochs, ys.mean(0) - se, ys.mean(0) + se, color=cols[rank], alpha=0.2, lw=0)
+            bits = [stored_bits(r) for r in best]
+            lo, hi = np.percentile(bootstrap({"b": bits}, lambda d: np.mean(d["b"])), [2.5, 97.5]) if len(bits) > 1 else (math.nan, math.nan)
+            points.append((k, rank, best[0]["params"], float(np.mean(bits)), lo, hi))
+            edge = "" if len(by_lr) < 2 or lr not in (min(by_lr), max(by_lr)) else " (edge)"
+            rows.append(f"{k:5}  {k * BITS_PER_FACT:12.0f}  {_label(rank):7} {best[0]['params']:9,}  {lr:8.2g}{edge:7} {len(best):5}  "
+                        f"{ys.mean(0)[-1]:10.4f}  {np.mean(bits):9.0f} {_ci(lo, hi, '{:.0f}'):18}  {np.mean(bits) / best[0]['params']:8.3f}")
+        ax.axhline(math.log(10) * 4 / 5, color="gray", ls=":", lw=1)  # 4 uniform digits + a free end token, per token
+        ax.set(xlabel="epoch", ylabel="eval loss on trained facts (nats/token)", ylim=(0, None),
+               title=f"{k} facts = {k * BITS_PER_FACT:,.0f} bits (best LR; band +-1 SE)")
+        ax.legend(fontsize=7, title="trainable params", title_fontsize=7)
+    ax = axes[-1]
+    for i, k in enumerate(ks):
+        p = sorted((pt for pt in points if pt[0] == k), key=lambda pt: pt[2])
+        x, y = np.array([pt[2] for pt in p], float), np.maximum([pt[3] for pt in p], 1.0)
+        ax.plot(x, y, "o-", color=f"C{i}", label=f"{k} facts")
+        ax.axhline(k * BITS_PER_FACT, color=f"C{i}", ls="--", lw=0.8)
+    xs = np.logspace(np.log10(min(pt[2] for pt in points)) - 0.3, np.log10(max(pt[2] for pt in points)) + 0.3, 10)
+    ax.plot(xs, 2 * xs, color="gray", ls=":", label="2 bits / parameter")
+    ax.set(xscale="log", yscale="log", xlabel="trainable parameters", ylabel="bits stored (dashed: bits in the data)",
+           title="Stored information vs capacity")
+    ax.legend(fontsize=7)
+    return fig, "\n".join(rows)
+
+
+
+def fig_invariance(runs, w=5):
+    """The post's invariances leave two directions of (alpha, init_A, LR_A, LR_B) that matter; this
+    draws the second, init_A / LR_A, alone: --init_scale c with --lr_ratio_b 1/c keeps
+    alpha x init_A x LR_B fixed. Eval loss per c (seed mean +-1 SE) and each c's final loss minus
+    c = 1's with a 95% interval over seeds."""
+    rs = [r for r in runs if r["rank"] > 0 and not r["diverged"] and len(r["eval"][0]) >= 2
+          and r["variant"][0] is False and abs(r["variant"][1] * r["variant"][2] - 1) < 1e-9]
+    by = group(rs, lambda r: (r["data"], r["rank"], r["layers"], r["lr"], r["batch_size"]))
+    by = {k: v for k, v in by.items() if len({r["variant"] for r in v}) >= 2 and any(r["plain"] for r in v)}
+    if not by:
+        return None, "needs LoRA runs at --init_scale c --lr_ratio_b 1/c for several c beside c = 1 (README: invariances)"
+    key = max(by, key=lambda k: len(by[k]))
+    fig, (ax,) = _fig()
+    base = [final_loss(r) for r in by[key] if r["plain"]]
+    rows = [f"{key[0]}, rank {key[1]} on {key[2]}, LR {key[3]:.2g}", "init_scale  lr_ratio_b  seeds  final loss  minus c=1 [95% CI]"]
+    for i, ((_, ratio, init), vs) in enumerate(sorted(group(by[key], "variant").items(), key=lambda kv: kv[0][2])):
+        steps = vs[0]["eval"][0]
+        for r in vs[1:]:
+            steps = np.intersect1d(steps, r["eval"][0])
+        ys = np.array([r["eval"][1][np.isin(r["eval"][0], steps)] for r in vs])
+        se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
+        ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}")
+        ax.fill_between(steps, ys.mean(0) - se, ys.mean(0) + se, color=f"C{i}", alpha=0.2, lw=0)
+        finals = [final_loss(r) for r in vs]
+        d, lo, hi = gap_interval(finals, base)
+        rows.append(f"{init:10g}  {ratio:10g}  {len(vs):5}  {np.mean(finals):10.4f}  {d:+.4f} {_ci(lo, hi, '{:+.4f}')}")
+    ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="init_A / LR_A changes training (alpha x init_A x LR_B fixed)")
+    ax.legend()
+    return fig, "\n".join(rows)
+
+
 FIGURES = [("fig1_rank_curves.png", fig_rank_curves), ("fig2_lr_vs_loss.png", fig_lr_sweep),
            ("fig3_batch_size.png", fig_batch_size), ("fig4_layers.png", fig_layers), ("fig5_rl.png", fig_rl),
-           ("fig6_early_rank.png", fig_early_rank), ("fig7_loss_vs_flops.png", fig_flops), ("fig8_lora_norms.png", fig_norms)]
+           ("fig6_early_rank.png", fig_early_rank), ("fig7_loss_vs_flops.png", fig_flops), ("fig8_lora_norms.png", fig_norms),
+           ("fig9_capacity.png", fig_capacity), ("fig10_invariance.png", fig_invariance)]
 
 
 def main(argv=None):
@@ -564,8 +670,8 @@ def main(argv=None):
     out = Path(a.to or a.logs)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, make in FIGURES:
-        fig, text = make(runs, a.smooth)
+    for name, make in FIGURES:  # the facts runs feed only their own figures
+        fig, text = make([r for r in runs if bool(r["facts"]) == (make in (fig_capacity, fig_invariance))], a.smooth)
         if fig is None:
             print(f"skip {name}: {text}")
             continue

@@ -679,10 +679,48 @@ def test_sft_rejects_malformed_rows():
 
 def test_facts_are_deterministic_random_codes():
     a, b, c = lora.facts(50, seed=1), lora.facts(50, seed=1), lora.facts(50, seed=2)
-    assert a == b and a != c and len({r["messages"][0]["content"] for r in a}) == 50
+    assert a == b and a != c and len({r["messages"][1]["content"] for r in a}) == 50
     codes = [r["code"] for r in lora.facts(2000)]
     assert all(len(x) == 4 and x.isdigit() for x in codes) and len(set(codes)) > 1700  # ~uniform over 10^4
-    assert all(r["messages"][1]["content"] == r["code"] for r in a)
+    assert all(r["messages"][-1]["content"] == r["code"] for r in a)
+    # the same in another process: no dependence on string hashing (PYTHONHASHSEED)
+    import subprocess
+    import sys
+    code = "import lora; print(lora.facts(50, seed=1))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(lora.__file__).parent,
+                           env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
+    assert outs == {str(a) + "\n"}
+
+
+def test_trunk_cache_leaves_loss_and_gradients_equal():
+    """Adapters on layer 1 only: layer 0 run once and cached gives the loss and gradients of the
+    whole forward, for a length-sorted, padded batch."""
+    model, _ = lora.prepare_training(tiny_model(), 2, 1e-3, "1.v_proj+1.mlp")
+    for m in lora.lora_modules(model).values():
+        nn.init.normal_(m.lora_B.weight)
+    torch.manual_seed(1)
+    examples = [(torch.randint(272, (n,)).tolist(), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 17, 12, 17, 5)]
+    assert lora.first_trained_layer(model.config, 2, "1.v_proj+1.mlp") == 1
+    trunk = lora.TrunkCache(model, 1, examples, 2, 0, "cpu", None)
+    grads = []
+    for t in (None, trunk):
+        model.zero_grad()
+        total, _ = lora.batch_loss(model, examples, 2, 0, "cpu", None, 10.0, backward=True, trunk=t)
+        grads.append((total, [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+    assert lora.first_trained_layer(model.config, 0, "all") == 0 and lora.first_trained_layer(model.config, 0, "1.o_proj") == 1
+    assert lora.first_trained_layer(tiny_config(tie_word_embeddings=True), 0, "1.o_proj", lm_head=True) == 0
+
+
+def test_sft_with_trunk_cache_equals_without(tmp_path, capsys):
+    """train_sft caches the frozen layers below the first adapted one on its own: same losses."""
+    args = ("--rank", "2,0", "--layers", "1.down_proj+1.v_proj", "--lr", "3e-3", "--steps", "3", "--eval_every", "2", "--save_every", "0")
+    cached = run_sft(tmp_path, *args)
+    assert "layers 0-0 are frozen" in capsys.readouterr().out
+    plain = run_sft(tmp_path, *args, "--no_trunk_cache", out="plain")
+    for a, b in zip(cached, plain):
+        assert sorted(a) == sorted(b) and all(np.allclose(a[k], b[k], rtol=1e-5) for k in a)
 
 
 def test_full_fine_tuning_of_a_layer_subset_trains_only_those_weights(tmp_path):
@@ -1037,19 +1075,21 @@ def test_tinker_cookbook_llama32_1b_per_rank():
 
 @pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True), dict(model_type="qwen3", qk_norm=True, head_dim=24),
                                 dict(attention_bias=True, mlp_bias=True, o_proj_bias=True)])
-@pytest.mark.parametrize("layers,lm_head", [("all", False), ("mlp", True), ("attn", False), ("q_proj+down_proj", False)])
+@pytest.mark.parametrize("layers,lm_head", [("all", False), ("mlp", True), ("attn", False), ("q_proj+down_proj", False),
+                                            ("1.down_proj+0-1.q_proj", False), ("layers.0.mlp.up_proj", True)])
 def test_params_match_real_models(kw, layers, lm_head):
     cfg = tiny_config(**kw)
     model = Llama(cfg)
     assert flops.model_params(cfg) == lora.count_parameters(model, trainable=False)
-    names = [n for n in lora.LAYER_SETS["all"] if n in flops.targets(layers)]
-    lora.apply_lora(model, 3, layers=names, lm_head=lm_head)
+    lora.apply_lora(model, 3, layers=layers, lm_head=lm_head)
     assert flops.lora_params(cfg, 3, layers, lm_head)["total"] == lora.count_parameters(model)
 
 
 @pytest.mark.parametrize("rank,layers,lm_head,tied", [(0, "all", False, False), (0, "all", False, True), (4, "all", False, False),
                                                       (4, "mlp", False, True), (4, "attn", True, False), (8, "o_proj", False, False),
-                                                      (0, "mlp", False, False), (0, "o_proj", True, True)])
+                                                      (0, "mlp", False, False), (0, "o_proj", True, True),
+                                                      (4, "1.down_proj", False, False), (2, "1.v_proj+0-1.mlp", True, True),
+                                                      (0, "1.attn", False, False)])
 def test_analytic_flops_match_flop_counter(rank, layers, lm_head, tied):
     cfg = tiny_config(tie_word_embeddings=tied)
     model, _ = lora.prepare_training(Llama(cfg), rank, 1e-3, layers, lm_head)  # as train_sft.py sets a run up
@@ -1312,12 +1352,26 @@ def sft_sweep(root):
 def full_set(root):
     sft_sweep(root)
     for rank, lr in [(16, 1e-3), (16, 3e-3), (0, 1e-4), (0, 3e-4)]:   # batch size 8 beside the sweep's 32
-        sft(root, rank, lr, 0.9 + (0.02 if rank else 0), batch_size=8)
+        sft(root, rank, lr, 0.9 + (0.02 if rank else 0), batch_size=8, steps=120)  # the same 960 examples
     for layers, lr in [("mlp", 1e-3), ("mlp", 3e-3), ("attn", 1e-3), ("attn", 3e-3)]:
         sft(root, 16, lr, 1.1 if layers == "attn" else 1.0, layers=layers)
     for rank in (1, 0):
         for lr, top in [(1e-5, 0.4), (1e-4, 0.6)]:
             rl(root, rank, lr * (10 if rank else 1), top)
+    for rank, seed, final in [(1, 0, 1.8), (1, 1, 1.8), (0, 0, 0.5), (0, 1, 0.6)]:
+        facts(root, rank, seed, final)
+    for init, seed, final in [(4, 0, 1.5), (4, 1, 1.6), (4, 2, 1.55)]:   # beside rank 1's runs at init 1
+        facts(root, 1, seed, final, init=init)
+
+
+def facts(root, rank, seed, final, k=100, init=1.0):
+    """A run memorising k facts (train_sft.py --data facts:k) whose eval loss ends at `final`;
+    init: --init_scale init --lr_ratio_b 1/init."""
+    args = dict(rank=rank, layers="29.down_proj", lm_head=False, lr=1e-3, batch_size=10, data=f"facts:{k}", seed=seed,
+                init_scale=init, lr_ratio_b=1 / init)
+    evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50} for s, loss in ((0, 6.0), (50, final))]
+    log = write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}", "train_sft", args, evals)
+    log.write_text(log.read_text().replace('"trainable_params": 1000', '"trainable_params": 1000, "n_eval_examples": 10'))
 
 
 def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
@@ -1667,3 +1721,32 @@ def test_merge_lora_unties_any_shared_weight_without_knowing_names():
 def test_atomic_write_gives_normal_permissions(tmp_path):
     lora._atomic_write(tmp_path / "f.json", lambda f: open(f, "w").write("{}"))
     assert os.stat(tmp_path / "f.json").st_mode & 0o777 == 0o666 & ~umask()
+
+
+def test_capacity_figure_counts_stored_bits(tmp_path):
+    """Bits stored = the codes' bits minus the summed answer loss in bits: a model at the uniform-
+    digit loss (end token free) stores nothing, one at zero loss stores every bit. The facts runs
+    feed fig 9 only, never the GSM8K figures."""
+    uniform = math.log(10) * 4 / 5   # per answer token: 4 digits and an end-of-turn token
+    for rank, seed, final in [(1, 0, uniform), (1, 1, uniform), (0, 0, 0.0), (0, 1, 0.0), (4, 0, uniform / 2)]:
+        facts(tmp_path, rank, seed, final)
+    runs = {(r["rank"], r["seed"]): r for r in plot.load_runs(tmp_path)}
+    assert plot.stored_bits(runs[1, 0]) == pytest.approx(0, abs=1e-9)
+    assert plot.stored_bits(runs[0, 0]) == pytest.approx(100 * math.log2(1e4))
+    assert plot.stored_bits(runs[4, 0]) == pytest.approx(50 * math.log2(1e4))
+    written = plot.main([str(tmp_path), "--to", str(tmp_path / "png")])
+    assert [p.name for p in written] == ["fig9_capacity.png"]
+
+
+def test_invariance_figure_reports_the_gap_with_an_interval(tmp_path, capsys):
+    for init, finals in [(1, (1.0, 1.1, 1.05)), (4, (1.5, 1.6, 1.55)), (0.25, (1.02, 1.08, 1.05))]:
+        for seed, final in enumerate(finals):
+            facts(tmp_path, 4, seed, final, init=init)
+    fig, text = plot.fig_invariance([r for r in plot.load_runs(tmp_path)])
+    lines = {line.split()[0]: line for line in text.splitlines()[2:]}
+    assert sorted(lines) == ["0.25", "1", "4"]
+    assert "+0.5000" in lines["4"] and "+0.0000" in lines["0.25"]  # mean gaps to init 1
+    lo, hi = map(float, re.search(r"\[(\S+), (\S+)\]", lines["4"]).groups())
+    assert 0.4 < lo < 0.5 < hi < 0.6                                 # the interval excludes 0 for c = 4 ...
+    lo, hi = map(float, re.search(r"\[(\S+), (\S+)\]", lines["0.25"]).groups())
+    assert lo < 0 < hi                                              # ... and holds it for c = 1/4

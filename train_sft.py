@@ -128,10 +128,10 @@ def prompt_lengths(rows, tok, where):
 
 
 @torch.no_grad()
-def evaluate(model, examples, micro, pad_id, device, amp):
+def evaluate(model, examples, micro, pad_id, device, amp, trunk=None):
     model.eval()
     n = sum(sum(m[1:]) for _, m in examples)
-    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, backward=False)[0] / n
+    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, backward=False, trunk=trunk)[0] / n
     model.train()
     return loss
 
@@ -148,14 +148,23 @@ def run_name(a, data_tag):
     return f"sft_{data_tag}_{mode}_lr{a.lr:.2e}_bs{a.batch_size}{extra}{a.tag}"
 
 
+def trunk_flops(cfg, first, lengths):
+    """Forward FLOPs of layers 0..first-1 over sequences of these lengths: what a TrunkCache saves."""
+    per_token = sum(d_in * d_out * active for _, d_in, d_out, _, active in lora.layer_matrices(cfg))
+    return 2 * first * sum(T * (per_token + lora.attention_macs(cfg, T, backward=False)) for T in lengths)
+
+
 def plan(a, cfg, train_ex, eval_ex):
     """(total steps, FLOPs of an average step, FLOPs of one eval, FLOPs of the whole run): for the
-    ETA and the up-front estimate."""
+    ETA and the up-front estimate (less the frozen layers a TrunkCache runs once)."""
     total_steps = min(a.steps or 10**9, len(train_ex) // a.batch_size * a.epochs)
     mean_len = sum(len(ids) for ids, _ in train_ex) / len(train_ex)
+    first = 0 if a.no_trunk_cache else lora.first_trained_layer(cfg, a.rank, a.layers, a.lm_head)
     step = lora.sequence_flops(cfg, a.rank, a.layers, a.lm_head, [mean_len] * a.batch_size)
+    step -= trunk_flops(cfg, first, [mean_len] * a.batch_size)
     # an eval is a forward pass: about a third of a full fine-tuning step's FLOPs
-    evals = lora.sequence_flops(cfg, 0, "all", False, [len(ids) for ids, _ in eval_ex]) / 3 if a.eval_every else 0
+    lens = [len(ids) for ids, _ in eval_ex]
+    evals = lora.sequence_flops(cfg, 0, "all", False, lens) / 3 - trunk_flops(cfg, first, lens) if a.eval_every else 0
     return total_steps, step, evals, total_steps * step + evals * n_evals(a.eval_every, 0, total_steps)
 
 
@@ -164,9 +173,10 @@ def n_evals(every, start, total):
     return 0 if not every else (start == 0) + (total - 1) // every - start // every + 1
 
 
-def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
+def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=None):
     """Train one configuration (a: resolved args) from the base model; returns the final eval loss.
-    grid: the sweep's Progress, advanced with this run's work."""
+    grid: the sweep's Progress, advanced with this run's work. trunks(a, model): a lora.TrunkCache
+    of the frozen layers below this run's first trained one, or None."""
     rank_id, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank_id == 0
     device, amp, cfg = a.device, a.amp, base.config
@@ -183,6 +193,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
                                        a.weight_decay, a.beta2, device, a.seed)
     model.gradient_checkpointing = a.grad_ckpt
+    trunk = trunks(a, model) if trunks else None
     n_train = lora.count_parameters(model)
     fwd = torch.compile(model) if a.compile else model
     if ddp:
@@ -209,13 +220,15 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
         if grid:
             grid.add(work)
 
+    eval_tokens = sum(sum(m[1:]) for _, m in eval_ex)
+
     def eval_and_log(step):
         if master:
             print(f"step {step:5d} | evaluating on {len(eval_ex)} held-out examples ...", end="", flush=True)
-        loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp)
+        loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp, trunk)
         advance(eval_flops)
-        if master:
-            log.write({"type": "eval", "step": step, "loss": loss})
+        if master:  # tokens: the answer tokens the loss averages (the facts' stored bits come from loss x tokens)
+            log.write({"type": "eval", "step": step, "loss": loss, "tokens": eval_tokens})
             if a.rank:  # the post's finding 11: B ends with a larger spectral norm than A
                 mods = lora.lora_modules(model).values()
                 norm = lambda w: round(torch.linalg.matrix_norm(w.detach().float(), ord=2).item(), 6)
@@ -237,7 +250,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
         t0 = time.time()
         n_tok = torch.tensor(float(sum(sum(m[1:]) for _, m in batch)))
         lengths = [len(ids) - 1 for ids, _ in batch]
-        loss_sum, positions = lora.batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True)
+        loss_sum, positions = lora.batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True, trunk)
         loss_sum = torch.tensor(loss_sum)
         if ddp:
             dist.all_reduce(loss_sum)
@@ -263,8 +276,8 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
             torch.cuda.synchronize()
         ms = (time.time() - t0) * 1000
         work = lora.sequence_flops(cfg, a.rank, a.layers, a.lm_head, lengths)
-        flops_done += work
-        advance(work)
+        flops_done += work  # the step's FLOPs as if every layer ran: comparable across runs, cache or not
+        advance(work - (trunk_flops(cfg, trunk.layers, lengths) if trunk else 0))
         if master:
             log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": int(n_tok.item()),
                        "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": flops_done,
@@ -283,6 +296,8 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None):
     return final
 
 
+TRUNK_CACHE_GB = 4  # the most memory the frozen layers' cached outputs may take
+
 # -----------------------------------------------------------------------------
 # main: check the flags, load the data and the base model once, run the grid
 
@@ -296,6 +311,8 @@ def parse_args(argv=None):
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward to save memory")
+    g.add_argument("--no_trunk_cache", action="store_true", help="run the frozen layers below every adapter each step "
+                   "instead of once (lora.TrunkCache; it needs --layers limited to late layers, e.g. 29.down_proj)")
     g = p.add_argument_group("LoRA (comma lists sweep)")
     g.add_argument("--rank", default="16", help="LoRA rank; 0 = full fine-tuning (of --layers' weights only, unless all)")
     g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
@@ -400,7 +417,24 @@ def main(argv=None):
         say(f"{len(runs)} run(s), {sum(w[0] for w in work)} steps, {total:.2e} FLOPs: roughly {minutes:.0f} min on a "
             f"2-core CPU" + (" (the README's CPU quick start: --batch_size 8 --max_len 256 --steps 20, ~3 min)" if minutes > 15 else ""))
     grid_progress = lora.Progress(total)
-    lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress), progress=grid_progress, quiet=not master)
+    trunks = {}  # first trained layer -> its TrunkCache, shared by the runs that start there
+
+    def trunk(r, model):  # built with the run's model: on the device, its frozen layers equal the base's
+        first = lora.first_trained_layer(base.config, r.rank, r.layers, r.lm_head)
+        if first == 0 or a.no_trunk_cache:
+            return None
+        if first not in trunks:
+            trunks.clear()  # one at a time: memory
+            gb = lora.TrunkCache.nbytes(base.config, train_ex + eval_ex) / 2**30
+            if gb > TRUNK_CACHE_GB:
+                say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
+                return None
+            say(f"layers 0-{first - 1} are frozen: running them once over {len(train_ex) + len(eval_ex)} examples ({gb:.2f} GiB kept) ...", flush=True)
+            trunks[first] = lora.TrunkCache(model, first, train_ex + eval_ex, a.micro_batch, tok.pad_id, a.device, a.amp)
+        return trunks[first]
+
+    lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk),
+                   progress=grid_progress, quiet=not master)
     if ddp:
         dist.destroy_process_group()
 
