@@ -108,8 +108,7 @@ def lora_params(cfg, rank, layers="all", lm_head=False):
     out = {}
     for name, d_in, d_out, copies, active in matrices(cfg):
         if n_layers := sum(name in p for p in plan):
-            n = rank * (d_in + d_out) * copies * n_layers
-            out[name] = n // active if n % active == 0 else n / active
+            out[name] = (lora.expert_rank(rank, active) if active > 1 else rank) * (d_in + d_out) * copies * n_layers
     out["lm_head"] = rank * (s["hidden_size"] + s["vocab_size"]) if lm_head else 0
     out["total"] = sum(out.values())
     return out

@@ -47,7 +47,7 @@ class UserError(ValueError):
 # -----------------------------------------------------------------------------
 # Model config: field names mirror Hugging Face config.json
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 
 
 @dataclass
@@ -70,6 +70,14 @@ class Config:
     mlp_bias: bool = False
     qk_norm: bool = False              # RMSNorm on each head's q and k before RoPE (Qwen3)
     model_type: str = "llama"
+    # mixture of experts (Qwen3-MoE): a router sends each token to num_experts_per_tok of
+    # num_experts SwiGLU experts of width moe_intermediate_size; 0 experts = a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False       # renormalise the top-k router probabilities to sum to 1
+    decoder_sparse_step: int = 1       # every step-th layer is MoE ...
+    mlp_only_layers: tuple = ()        # ... except these, which keep a dense MLP of intermediate_size
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
@@ -91,7 +99,16 @@ class Config:
         rope = d.get("rope_parameters") or {}   # transformers >= 5 moves theta and scaling here
         scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         bias = bool(d.get("attention_bias", False))
-        return cls(
+        moe = {}
+        if mt == "qwen3_moe":  # transformers 5 renames num_experts to num_local_experts
+            moe = dict(num_experts=d.get("num_experts") or d.get("num_local_experts") or 0,
+                       num_experts_per_tok=d.get("num_experts_per_tok") or 0, moe_intermediate_size=d.get("moe_intermediate_size") or 0,
+                       norm_topk_prob=bool(d.get("norm_topk_prob", False)), decoder_sparse_step=d.get("decoder_sparse_step") or 1,
+                       mlp_only_layers=tuple(d.get("mlp_only_layers") or ()))
+            if not (moe["num_experts"] and moe["num_experts_per_tok"] and moe["moe_intermediate_size"]):
+                raise UserError("a qwen3_moe config.json needs num_experts, num_experts_per_tok and moe_intermediate_size: "
+                                "copy the full config.json from the model's hub page")
+        return cls(**moe,
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
@@ -102,20 +119,23 @@ class Config:
             rope_scaling=scaling, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             # Qwen2 hard-codes a bias on q/k/v and none on o; Llama and Qwen3 use one flag for all four.
             attention_bias=True if mt == "qwen2" else bias, o_proj_bias=False if mt == "qwen2" else bias,
-            mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=mt == "qwen3", model_type=mt)
+            mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "qwen3_moe"), model_type=mt)
 
     def to_hf(self):
         """The config.json dict for this model (what save_model writes)."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
-        d = {k: v for k, v in asdict(self).items() if k not in ("qk_norm", "o_proj_bias")}
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[self.model_type]
+        moe_keys = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+        d = {k: v for k, v in asdict(self).items() if k not in ("qk_norm", "o_proj_bias") and (self.num_experts or k not in moe_keys)}
+        if self.num_experts:
+            d["mlp_only_layers"] = list(self.mlp_only_layers)
         if self.model_type == "qwen2":
             d.pop("attention_bias")
         # Full attention, said explicitly: a missing sliding_window reads as 4096 in transformers'
         # MistralConfig, and Qwen's configs turn it on with use_sliding_window.
         if self.model_type == "mistral":
             d["sliding_window"] = None
-        elif self.model_type in ("qwen2", "qwen3"):
+        elif self.model_type in ("qwen2", "qwen3", "qwen3_moe"):
             d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
         d.update(architectures=[arch], hidden_act="silu", torch_dtype="float32")
         return d
@@ -198,13 +218,46 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, width=None):
         super().__init__()
-        h, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        h, i, b = cfg.hidden_size, width or cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b), nn.Linear(i, h, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    """Qwen3-MoE's MLP: a linear router (`gate`) scores the experts, each token goes to its top k,
+    their outputs summed with the softmax probabilities (renormalised over the k when
+    norm_topk_prob). The experts are ordinary MLPs, so LoRA puts an adapter on each expert's
+    gate/up/down_proj like on any linear layer. No auxiliary load-balancing loss: SFT and RL here
+    leave the router as it is (LoRA does not adapt it; full fine-tuning trains it on the task loss).
+    The loop visits the experts that got tokens, each a dense matmul over its tokens: on a CPU it
+    beat grouping by torch's gather-matmul (see flops.py --moe)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+
+    def forward(self, x):
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)   # the router in float32, as HF does
+        weight, chosen = probs.topk(self.top_k, dim=-1)                # (tokens, k)
+        if self.norm_topk_prob:
+            weight = weight / weight.sum(-1, keepdim=True)
+        weight = weight.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            out = out.index_add(0, token, self.experts[e](x[token]) * weight[token, slot, None])
+        return out.view(shape)
+
+
+def is_moe_layer(cfg, i):
+    return cfg.num_experts > 0 and i not in cfg.mlp_only_layers and (i + 1) % cfg.decoder_sparse_step == 0
 
 
 class Block(nn.Module):
@@ -213,7 +266,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg) if is_moe_layer(cfg, layer_idx) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -419,19 +472,32 @@ def lora_targets(model, layers="all", lm_head=False):
     return chosen
 
 
-def apply_lora(model, rank, alpha=32, layers="all", lm_head=False, init_scale=1.0, rslora=False, dtype=torch.float32):
+def expert_rank(rank, active):
+    """Rank of each expert's adapter when `rank` is the layer's: rank / active experts per token,
+    as the post ran Qwen3-MoE (--rank 64 on a top-8 model: rank 8 per expert), so that LoRA's
+    share of the parameters a token passes through is that of a dense layer. At least 1."""
+    return max(1, rank // active)
+
+
+def apply_lora(model, rank, alpha=32, layers="all", lm_head=False, init_scale=1.0, rslora=False, dtype=torch.float32,
+               rank_of=None, alpha_of=None):
     """Freeze the model and put a LoRA adapter of this rank on the selected linear layers (see
-    lora_targets); lm_head=True adds the unembedding. Returns the model."""
+    lora_targets); lm_head=True adds the unembedding. Each MoE expert's matrices get their own
+    adapter of rank expert_rank(rank, experts per token). rank_of(name) -> rank and alpha_of(name)
+    -> alpha override them per module (PEFT's rank_pattern, alpha_pattern). Returns the model."""
     if not isinstance(rank, int) or rank < 1:
         raise UserError(f"LoRA rank must be an integer >= 1, got {rank!r} (the training scripts take --rank 0 for full fine-tuning)")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("the model already has LoRA adapters: load a fresh model before applying another")
     names = lora_targets(model, layers, lm_head)
     model.requires_grad_(False)
+    k = getattr(getattr(model, "config", None), "num_experts_per_tok", 0) or 1
     for name in names:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, attr, LoRALinear(getattr(owner, attr), rank, alpha, init_scale, rslora, dtype))
+        r = rank_of(name) if rank_of else expert_rank(rank, k) if ".experts." in name else rank
+        a = alpha_of(name) if alpha_of else alpha
+        setattr(owner, attr, LoRALinear(getattr(owner, attr), r, a, init_scale, rslora, dtype))
     return model
 
 
@@ -486,6 +552,87 @@ def lora_state_dict(model):
             for n, m in lora_modules(model).items() for ab in "AB"}
 
 
+# MoE experts in PEFT's format for transformers 5, whose Qwen3-MoE fuses each layer's experts
+# into gate_up_proj (E, 2I, h) and down_proj (E, h, I). PEFT (0.21) adapts those with
+# target_parameters: per layer one lora_A (E r, d_in), expert-major rows, and one lora_B
+# (d_out, r E), rank-major columns (column j E + e is expert e's j-th); gate_up_proj's wrapper sits
+# inside down_proj's ("experts.base_layer.lora_A" vs "experts.lora_A"). Here each expert keeps
+# separate gate/up/down adapters; gate and up of rank r become one gate_up adapter of rank 2r
+# (A stacked, B block-diagonal: exact), with alpha doubled so that the scale alpha / r stays.
+
+def _fused_keys(layer, which, both):
+    inner = "base_layer." if which == "gate_up_proj" and both else ""
+    return [f"{PEFT_PREFIX}{layer}.mlp.experts.{inner}lora_{ab}.weight" for ab in "AB"]
+
+
+def fused_expert_state(model):
+    """{PEFT key: tensor} for the expert adapters of every MoE layer, and the target_parameters."""
+    out, params = {}, []
+    for name, moe in model.named_modules():
+        if not isinstance(moe, SparseMoE):
+            continue
+        layer = name.rsplit(".mlp", 1)[0]
+        ex = moe.experts
+        has = {p: isinstance(getattr(ex[0], p), LoRALinear) for p in ("gate_proj", "up_proj", "down_proj")}
+        both = (has["gate_proj"] or has["up_proj"]) and has["down_proj"]
+        if has["gate_proj"] or has["up_proj"]:
+            r = next(getattr(ex[0], p).rank for p in ("gate_proj", "up_proj") if has[p])
+            I, h = ex[0].gate_proj.out_features, ex[0].gate_proj.in_features
+            A, B = [], torch.zeros(2 * I, 2 * r, len(ex))
+            for e, mlp in enumerate(ex):
+                for half, p in enumerate(("gate_proj", "up_proj")):
+                    m = getattr(mlp, p)
+                    A.append(m.lora_A.weight.detach().float() if has[p] else torch.zeros(r, h))
+                    if has[p]:
+                        B[half * I:(half + 1) * I, half * r:(half + 1) * r, e] = m.lora_B.weight.detach().float()
+            a, b = _fused_keys(layer, "gate_up_proj", both)
+            out[a], out[b] = torch.cat(A), B.reshape(2 * I, -1)
+            params.append("gate_up_proj")
+        if has["down_proj"]:
+            a, b = _fused_keys(layer, "down_proj", both)
+            out[a] = torch.cat([mlp.down_proj.lora_A.weight.detach().float() for mlp in ex])
+            out[b] = torch.stack([mlp.down_proj.lora_B.weight.detach().float() for mlp in ex], -1).reshape(ex[0].down_proj.out_features, -1)
+            params.append("down_proj")
+    return out, list(dict.fromkeys(params))
+
+
+def load_fused_experts(model, sd, cfg):
+    """Put PEFT's fused expert adapters (see fused_expert_state) on each expert's matrices: gate and
+    up each get gate_up's A and their half of B, so a rank-r gate_up adapter is two of rank r."""
+    params = cfg.get("target_parameters") or []
+    for name, moe in model.named_modules():
+        if not isinstance(moe, SparseMoE):
+            continue
+        layer, E = name.rsplit(".mlp", 1)[0], len(moe.experts)
+        for which in params:
+            a_key, b_key = _fused_keys(layer, which, len(params) == 2)
+            if a_key not in sd:
+                raise UserError(f"the adapter has no {a_key}: load it into the base model it was trained on")
+            A, B = sd.pop(a_key).float(), sd.pop(b_key).float()
+            r = A.shape[0] // E
+            A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)
+            alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if re.match(rf"(.*\.)?({k})$", f"{layer}.mlp.experts.{which}")),
+                         cfg["lora_alpha"])
+            for e, mlp in enumerate(moe.experts):
+                half = B.shape[0] // 2
+                parts = [("gate_proj", B[:half]), ("up_proj", B[half:])] if which == "gate_up_proj" else [("down_proj", B)]
+                for i, (p, b) in enumerate(parts):
+                    m = getattr(mlp, p)
+                    if isinstance(m, LoRALinear):  # resuming our own run: the block of B (and rows of A) it wrote
+                        a_e, b_e = (A[e, i * m.rank:(i + 1) * m.rank], b[:, i * m.rank:(i + 1) * m.rank, e]) if len(parts) == 2 \
+                            else (A[e], b[:, :, e])
+                        if a_e.shape != m.lora_A.weight.shape or b_e.shape != m.lora_B.weight.shape:
+                            raise UserError(f"{layer}.mlp.experts.{which}: adapter rank {r} does not fit the model's experts "
+                                            f"(rank {m.rank}): load it into a fresh base model")
+                    else:
+                        m = LoRALinear(m, r, alpha, rslora=cfg.get("use_rslora", False))
+                        a_e, b_e = A[e], b[:, :, e]
+                        setattr(mlp, p, m)
+                    with torch.no_grad():
+                        m.lora_A.weight.copy_(a_e)
+                        m.lora_B.weight.copy_(b_e)
+
+
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: a kill never leaves half a file."""
     path = Path(path)
@@ -515,41 +662,58 @@ def save_adapter(model, path, base_model=None):
     mods = lora_modules(model)
     if not mods:
         raise UserError("the model has no LoRA adapters to save: call apply_lora first")
-    first = next(iter(mods.values()))
     if any(m.merged for m in mods.values()):
         raise UserError("adapters are merged into the base weights: unmerge_lora(model) before saving them")
-    if any((m.rank, m.alpha, m.rslora) != (first.rank, first.alpha, first.rslora) for m in mods.values()):
-        raise UserError("adapters have different ranks or alphas; PEFT folders written here need one of each")
+    # MoE experts (rank / k each) go in PEFT's fused layout for transformers 5 (fused_expert_state)
+    expert = {n: m for n, m in mods.items() if ".experts." in n}
+    dense = {n: m for n, m in mods.items() if n not in expert}
+    first = next(iter((dense or expert).values()))
+    if any((m.alpha, m.rslora) != (first.alpha, first.rslora) for m in mods.values()) or \
+            len({m.rank for m in dense.values()}) > 1 or len({m.rank for m in expert.values()}) > 1:
+        raise UserError("adapters have different ranks or alphas; PEFT folders written here need one of each "
+                        "(MoE experts may differ from the rest)")
+    fused, params = fused_expert_state(model) if expert else ({}, [])
+    if expert and sum(len(m.experts) * sum(isinstance(getattr(x, p), LoRALinear) for x in m.experts[:1]
+                                           for p in ("gate_proj", "up_proj", "down_proj"))
+                      for m in model.modules() if isinstance(m, SparseMoE)) != len(expert):
+        raise UserError("adapters on some experts of a layer but not all: PEFT's MoE format adapts every expert of a matrix")
+    if expert and any(n.rsplit(".", 1)[-1] in LAYER_SETS["mlp"] for n in dense):
+        warnings.warn("adapters on the dense MLP layers of a MoE model (mlp_only_layers): PEFT 0.21 maps gate/up/down_proj "
+                      "to the fused experts on such models and drops these adapters; they load here", stacklevel=2)
+    r_e = next(iter(expert.values())).rank if expert else 0
+    rank_pattern = {r"experts\.gate_up_proj": 2 * r_e, r"experts\.down_proj": r_e} if expert else {}
+    alpha_pattern = {r"experts\.gate_up_proj": 2 * first.alpha} if "gate_up_proj" in params else {}
     head = mods.get("lm_head")
     if head is not None and _is_shared(model, head.weight):
         warnings.warn("an lm_head adapter on a base with tied embeddings: llama.cpp's convert_lora_to_gguf cannot "
                       "convert it (no output.weight) and PEFT's merge also changes the input embedding; "
                       "train on an untied base or without --lm_head", stacklevel=2)
     # Short names when every layer of that kind is adapted (what PEFT users write), else full names.
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n and ".experts." not in n]
     leaf = lambda n: n.rsplit(".", 1)[-1]
     targets = []
-    for n in mods:
+    for n in dense:
         short = leaf(n)
         whole_kind = all(x in mods for x in linears if leaf(x) == short)
         t = short if whole_kind else n
         if t not in targets:
             targets.append(t)
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=first.rank, lora_alpha=first.alpha,
-               target_modules=targets, lora_dropout=0.0, bias="none", use_rslora=first.rslora,
+               target_modules=targets, target_parameters=params or None, lora_dropout=0.0, bias="none", use_rslora=first.rslora,
                use_dora=False, fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None,
                base_model_name_or_path=base_model or model.name_or_path, inference_mode=True,
-               rank_pattern={}, alpha_pattern={}, revision=None)
+               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, revision=None)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items() if ".experts." not in k} | fused
     _atomic_write(path / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     _atomic_write(path / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
 
 
+EXPERT_PATTERN = r"mlp\.experts\.\d+\.\w+_proj"   # rank_pattern key of per-expert adapters (PEFT matches (.*\.)?key$)
+
 # adapter_config.json keys that change what the adapter computes, beyond W + scale B A on linear layers.
-PEFT_UNSUPPORTED = {"use_dora": "DoRA", "rank_pattern": "per-module ranks (rank_pattern)",
-                    "alpha_pattern": "per-module alphas (alpha_pattern)", "lora_bias": "a LoRA bias (lora_bias)",
+PEFT_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "a LoRA bias (lora_bias)",
                     "modules_to_save": "fully trained modules (modules_to_save)",
                     "target_parameters": "LoRA on bare parameters (target_parameters)",
                     "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
@@ -612,17 +776,28 @@ def load_adapter(model, path):
     cfg = json.loads((path / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path} is a {cfg['peft_type']} adapter, not LoRA: only PEFT LoRA adapters load here")
-    extras = [what for key, what in PEFT_UNSUPPORTED.items() if cfg.get(key)]
+    moe = any(isinstance(m, SparseMoE) for m in model.modules())
+    experts_only = set(cfg.get("target_parameters") or []) <= {"gate_up_proj", "down_proj"} and moe
+    extras = [what for key, what in PEFT_UNSUPPORTED.items() if cfg.get(key) and not (key == "target_parameters" and experts_only)]
     if cfg.get("bias", "none") != "none":
         extras.append(f"trained biases (bias={cfg['bias']!r})")
     if extras:
-        raise UserError(f"{path} uses {', '.join(extras)}, which this plain, uniform-rank LoRA cannot reproduce: "
+        raise UserError(f"{path} uses {', '.join(extras)}, which this plain LoRA cannot reproduce: "
                         "train the adapter without it")
     if not lora_modules(model):
         targets = peft_targets(model, cfg)
+        if moe:  # transformers 5 fuses the experts: PEFT's target_modules never reach them (target_parameters does)
+            targets = [n for n in targets if ".experts." not in n]
         first = next(iter(model.parameters()))
-        apply_lora(model, cfg["r"], cfg["lora_alpha"], layers=targets, rslora=cfg.get("use_rslora", False),
-                   dtype=first.dtype if first.is_floating_point() else torch.float32)
+        def pick(pattern, default):  # PEFT's rule: the first key that matches the end of the module's name
+            return lambda name: next((v for key, v in (pattern or {}).items() if re.match(rf"(.*\.)?({key})$", name)), default)
+        rank_of, alpha_of = pick(cfg.get("rank_pattern"), cfg["r"]), pick(cfg.get("alpha_pattern"), cfg["lora_alpha"])
+        if targets or not cfg.get("target_parameters"):
+            apply_lora(model, cfg["r"], cfg["lora_alpha"], layers=targets, rslora=cfg.get("use_rslora", False),
+                       dtype=first.dtype if first.is_floating_point() else torch.float32, rank_of=rank_of, alpha_of=alpha_of)
+        model.requires_grad_(False)
+        for m in lora_modules(model).values():
+            m.lora_A.requires_grad_(True), m.lora_B.requires_grad_(True)
     files = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
     if files[0].exists():
         sd = load_file(files[0])
@@ -632,7 +807,9 @@ def load_adapter(model, path):
         raise UserError(f"{path} has no adapter_model.safetensors: the adapter folder is incomplete")
     own = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in sd.items()}
     own = {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v for k, v in own.items()}
-    mine = lora_state_dict(model)
+    if cfg.get("target_parameters"):
+        load_fused_experts(model, own, cfg)  # takes its tensors out of `own`
+    mine = {k: v for k, v in lora_state_dict(model).items() if not (cfg.get("target_parameters") and ".experts." in k)}
     unknown, missing = sorted(set(own) - set(mine)), sorted(set(mine) - set(own))
     if unknown or missing:
         raise UserError(f"adapter keys do not match the model ({len(unknown)} unknown, e.g. {unknown[:1]}; "
@@ -1003,6 +1180,19 @@ def _empty_model(cfg):
         return Llama(cfg)
 
 
+def _split_fused_experts(name, tensor):
+    """transformers 5 keeps a Qwen3-MoE layer's experts as two 3-D tensors, gate_up_proj
+    (E, 2I, h) and down_proj (E, h, I); the hub's checkpoints (and transformers' save_pretrained)
+    hold one matrix per expert. Either loads: fused tensors become [(per-expert name, matrix)]."""
+    m = re.fullmatch(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)", name)
+    if not m or tensor.dim() != 3:
+        return [(name, tensor)]
+    if m[2] == "down_proj":
+        return [(f"{m[1]}.{e}.down_proj.weight", t) for e, t in enumerate(tensor)]
+    gate, up = tensor.chunk(2, dim=1)
+    return [(f"{m[1]}.{e}.{p}_proj.weight", t[e]) for e in range(len(tensor)) for p, t in (("gate", gate), ("up", up))]
+
+
 def _assign(model, name, tensor):
     parent, _, attr = name.rpartition(".")
     owner = model.get_submodule(parent)
@@ -1050,7 +1240,8 @@ def load_hf_folder(path, device="cpu", dtype=torch.float32):
                     if key.endswith("rotary_emb.inv_freq"):
                         continue
                     try:
-                        _assign(model, key, f.get_tensor(key).to(device=device, dtype=dtype))
+                        for k, t in _split_fused_experts(key, f.get_tensor(key)):
+                            _assign(model, k, t.to(device=device, dtype=dtype).contiguous())
                     except (KeyError, AttributeError):
                         raise UserError(f"{fname} holds {key}, which a {cfg.model_type} model does not have: "
                                         "the checkpoint is for another architecture")
@@ -1449,7 +1640,8 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
     def mm(name, grad_in, trained, adapted):
         d_in, d_out, active = m[name]
         macs = active * d_in * d_out * (1 + grad_in + (name in trained))  # forward, input grad if needed, W grad if trained
-        return macs + (rank * (3 * d_out + (2 + grad_in) * d_in) if name in adapted else 0)
+        r = active * expert_rank(rank, active) if active > 1 else rank  # each active expert's adapter has rank / active
+        return macs + (r * (3 * d_out + (2 + grad_in) * d_in) if name in adapted else 0)
 
     # does the residual stream carry a gradient here? From the start when the embedding trains
     # (full fine-tuning, or a trained lm_head tied to it)

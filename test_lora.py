@@ -1750,3 +1750,160 @@ def test_invariance_figure_reports_the_gap_with_an_interval(tmp_path, capsys):
     assert 0.4 < lo < 0.5 < hi < 0.6                                 # the interval excludes 0 for c = 4 ...
     lo, hi = map(float, re.search(r"\[(\S+), (\S+)\]", lines["0.25"]).groups())
     assert lo < 0 < hi                                              # ... and holds it for c = 1/4
+
+
+# -----------------------------------------------------------------------------
+# Qwen3-MoE: routing, both checkpoint layouts, per-expert LoRA at rank r / k
+
+
+def moe_config(**kw):
+    base = dict(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
+                qk_norm=True, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(1,))
+    return Config(**{**base, **kw})
+
+
+def moe_model(**kw):
+    torch.manual_seed(0)
+    model = Llama(moe_config(**kw))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0)   # a router with preferences: top-k choices that matter
+    return model.eval()
+
+
+MOE_IDS = [[53, 43, 236, 8, 31, 41, 75, 101, 175, 192, 16, 257], [140, 23, 205, 252, 182, 57, 34, 4, 270, 85, 226, 228]]
+
+
+def test_moe_logits_equal_transformers(tmp_path):
+    """Reference: transformers 5.24's Qwen3MoeForCausalLM loading this model's save_model folder
+    (last position's first 6 logits of each row, and the sum of squares of all logits); max |diff|
+    over all logits was 2e-7. A folder written by transformers loaded here gave 1.5e-7."""
+    model = moe_model()
+    assert [type(b.mlp).__name__ for b in model.model.layers] == ["SparseMoE", "MLP", "SparseMoE"]  # mlp_only_layers
+    lora.save_model(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_experts"] == 8 and cfg["mlp_only_layers"] == [1]
+    again = lora.load_hf_folder(tmp_path / "m")
+    with torch.no_grad():
+        logits = again(torch.tensor(MOE_IDS))
+    ref = [0.092627, -0.057579, 0.032958, -0.002633, 0.258496, 0.163594, 0.40921, -0.153891, 0.128661, -0.103815, 0.25298, 0.011522]
+    assert torch.allclose(logits[:, -1, :6].flatten(), torch.tensor(ref), atol=1e-5)
+    assert logits.double().pow(2).sum().item() == pytest.approx(177.8984, abs=1e-3)
+
+
+def test_moe_routing_equals_dense_reference():
+    """Each token's output = sum over its top-k experts of (renormalised) router probability x
+    expert output, computed here by running every expert on every token."""
+    for norm in (True, False):
+        moe = moe_model(norm_topk_prob=norm).model.layers[0].mlp
+        x = torch.randn(2, 7, 64)
+        probs = torch.softmax(moe.gate(x), -1)
+        w, top = probs.topk(2, -1)
+        w = w / w.sum(-1, keepdim=True) if norm else w
+        every = torch.stack([e(x) for e in moe.experts], -2)                      # (2, 7, E, 64)
+        ref = (every.gather(-2, top[..., None].expand(-1, -1, -1, 64)) * w[..., None]).sum(-2)
+        assert torch.allclose(moe(x), ref, atol=1e-6)
+
+
+def test_moe_loads_fused_expert_tensors(tmp_path):
+    """transformers 5 keeps experts fused, gate_up_proj (E, 2I, h) and down_proj (E, h, I): a
+    checkpoint in that layout loads to the same model as the hub's one-matrix-per-expert layout."""
+    model = moe_model()
+    lora.save_model(model, tmp_path / "m")
+    from safetensors.torch import load_file
+    sd = load_file(tmp_path / "m" / "model.safetensors")
+    fused = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+)_proj\.weight", k)
+        if not m:
+            fused[k] = v
+    for i in (0, 2):
+        p = f"model.layers.{i}.mlp.experts"
+        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([sd[f"{p}.{e}.gate_proj.weight"], sd[f"{p}.{e}.up_proj.weight"]]) for e in range(8)])
+        fused[f"{p}.down_proj"] = torch.stack([sd[f"{p}.{e}.down_proj.weight"] for e in range(8)])
+    save_file(fused, tmp_path / "m" / "model.safetensors")
+    again = lora.load_hf_folder(tmp_path / "m")
+    idx = torch.tensor(MOE_IDS)
+    with torch.no_grad():
+        assert torch.equal(again(idx), model(idx))
+
+
+def test_moe_per_expert_lora_rank_params_flops_and_adapter_round_trip(tmp_path):
+    """--rank 8 on a top-2 model: rank 8 on attention, rank 4 on each expert's gate/up/down (the
+    post's rule), the router untouched; flops.py counts the same parameters as torch, and the
+    adapter saves in PEFT's layout for transformers 5's fused experts and reloads to equal logits.
+    (Checked with PEFT 0.21 + transformers 5.24 on this model without mlp_only_layers: our adapter
+    in PEFT and PEFT's in ours give logits within 1.2e-6.)"""
+    model = moe_model()
+    lora.apply_lora(model, 8, layers="all")
+    mods = lora.lora_modules(model)
+    assert mods["model.layers.0.self_attn.q_proj"].rank == 8 and mods["model.layers.0.mlp.experts.5.up_proj"].rank == 4
+    assert mods["model.layers.1.mlp.down_proj"].rank == 8          # a dense layer (mlp_only_layers) keeps the full rank
+    assert not any(n.endswith("mlp.gate") for n in mods)             # the router is not adapted
+    cfg = moe_config(mlp_only_layers=())
+    dense_free = Llama(cfg)
+    lora.apply_lora(dense_free, 8)
+    assert flops.lora_params(cfg, 8, "all")["total"] == lora.count_parameters(dense_free)
+    assert flops.model_params(cfg) == lora.count_parameters(dense_free, trainable=False) - lora.count_parameters(dense_free)
+    for m in mods.values():
+        nn.init.normal_(m.lora_B.weight, std=0.1)
+    idx = torch.tensor(MOE_IDS)
+    with torch.no_grad():
+        before = model(idx)
+    with pytest.warns(UserWarning, match="mlp_only_layers"):   # PEFT would drop layer 1's dense MLP adapters
+        lora.save_adapter(model, tmp_path / "a", base_model="tiny-moe")
+    fresh = moe_model()
+    lora.load_adapter(fresh, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.allclose(fresh(idx), before, atol=1e-6)
+    conf = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    # PEFT's layout for transformers 5's fused experts: gate+up as one adapter of rank 2 x 4, down of rank 4
+    assert conf["r"] == 8 and conf["target_parameters"] == ["gate_up_proj", "down_proj"]
+    assert list(conf["rank_pattern"].values()) == [8, 4] and list(conf["alpha_pattern"].values()) == [64]
+    assert not any("experts" in t for t in conf["target_modules"])
+
+
+@pytest.mark.parametrize("rank", [0, 8, 2])
+def test_moe_flops_match_flop_counter(rank):
+    """Each token runs its k experts (with adapters of rank / k) and the router: the analytic count
+    equals torch's FlopCounterMode on a real step, for full fine-tuning and per-expert LoRA."""
+    cfg = moe_config(mlp_only_layers=())
+    model, _ = lora.prepare_training(moe_model(mlp_only_layers=()), rank, 1e-3)
+    B, T = 2, 12
+    idx, tgt = torch.tensor(MOE_IDS), torch.tensor(MOE_IDS).roll(1, 1)
+    counted = flops.counted_flops(model, idx, tgt)
+    assert counted == B * T * lora.train_flops_per_token(cfg, rank, "all", T)
+
+
+def test_sft_trains_a_moe_model_with_per_expert_lora(tmp_path):
+    """train_sft.py on a Qwen3-MoE folder: per-expert adapters learn, and the checkpoint is a PEFT
+    folder in the fused-expert layout that reloads into a fresh model."""
+    model_dir, data = sft_setup(tmp_path)
+    moe = moe_model(vocab_size=272, mlp_only_layers=())
+    lora.save_model(moe, tmp_path / "moe")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "moe" / f).write_text((model_dir / f).read_text())
+    train_sft.main(["--model", str(tmp_path / "moe"), "--data", str(data), "--out", str(tmp_path / "out"), "--rank", "4",
+                    "--lr", "1e-2", "--steps", "6", "--batch_size", "8", "--eval_every", "6", "--eval_examples", "8",
+                    "--save_every", "6", "--log_every", "100"])
+    (run,) = (tmp_path / "out").iterdir()
+    evals = [r["loss"] for r in lora.read_jsonl(run / "log.jsonl") if r["type"] == "eval"]
+    assert evals[-1] < evals[0] - 0.5
+    ckpt = run / (run / "latest").read_text().strip() if (run / "latest").is_file() else (run / "latest").resolve()
+    conf = json.loads((ckpt / "adapter_config.json").read_text())
+    assert conf["target_parameters"] == ["gate_up_proj", "down_proj"] and conf["rank_pattern"]["experts\\.down_proj"] == 2
+    fresh = lora.load_hf_folder(tmp_path / "moe")
+    lora.load_adapter(fresh, ckpt)
+    assert {m.rank for n, m in lora.lora_modules(fresh).items() if ".experts." in n} == {2, 4}  # down 2, gate/up 2 x 2
+    # --resume reads the checkpoint back into the run's own rank-2 expert adapters: the same curve
+    losses = [r["loss"] for r in lora.read_jsonl(run / "log.jsonl") if r["type"] == "train"]
+    args = ["--model", str(tmp_path / "moe"), "--data", str(data), "--rank", "4", "--lr", "1e-2", "--batch_size", "8",
+            "--eval_every", "0", "--eval_examples", "8", "--save_every", "3", "--log_every", "100"]
+    train_sft.main(args + ["--out", str(tmp_path / "o2"), "--steps", "3"])
+    train_sft.main(args + ["--out", str(tmp_path / "o2"), "--steps", "6", "--resume"])
+    (run2,) = (tmp_path / "o2").iterdir()
+    resumed = {r["step"]: r["loss"] for r in lora.read_jsonl(run2 / "log.jsonl") if r["type"] == "train"}
+    assert [resumed[s] for s in range(1, 7)] == pytest.approx(losses, rel=1e-5)
