@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import lora
 from lora import Config, UserError, train_flops_per_token
@@ -572,6 +573,49 @@ def print_measured(m):
     print(f"  process max RSS {m['process_max_rss'] / 2**30:.2f} GiB, both models together (a CPU peak is about state + activations)")
 
 
+def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, rounds=5, seed=0):
+    """Forward + backward time of one MoE layer with per-expert LoRA (rank / top_k each): the
+    model's loop over the experts that got tokens (lora.SparseMoE) against a grouped version that
+    pads every expert's tokens to the busiest one and runs each projection as one batched matmul
+    over stacked (merged) expert weights. Medians of interleaved rounds; returns ms for each."""
+    torch.manual_seed(seed)
+    cfg = Config(hidden_size=hidden, model_type="qwen3_moe", num_experts=experts, num_experts_per_tok=top_k,
+                 moe_intermediate_size=width, norm_topk_prob=True)
+    moe = lora.SparseMoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    holder = torch.nn.Module()
+    holder.config, holder.mlp = cfg, moe
+    lora.apply_lora(holder, rank, layers="mlp")
+    x = torch.randn(tokens, hidden, requires_grad=True)
+
+    def grouped(x):
+        probs = torch.softmax(moe.gate(x), -1, dtype=torch.float32)
+        w, chosen = probs.topk(top_k, -1)
+        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        flat = chosen.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=experts)
+        cap = int(counts.max())
+        slot = torch.arange(len(flat)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        xs = x.new_zeros(experts, cap, hidden)
+        xs[flat[order], slot] = x[order // top_k]
+        W = lambda p: torch.stack([getattr(e, p).weight + getattr(e, p).delta_weight() for e in moe.experts])
+        h = F.silu(torch.bmm(xs, W("gate_proj").transpose(1, 2))) * torch.bmm(xs, W("up_proj").transpose(1, 2))
+        ys = torch.bmm(h, W("down_proj").transpose(1, 2))
+        out = torch.zeros_like(x)
+        return out.index_add(0, order // top_k, ys[flat[order], slot] * w.flatten()[order, None])
+
+    with torch.no_grad():
+        assert torch.allclose(grouped(x), moe(x), atol=1e-4)   # the same function
+    times = {"loop": [], "grouped": []}
+    for _ in range(rounds + 1):
+        for name, f in (("loop", moe), ("grouped", grouped)):
+            t0 = time.perf_counter()
+            f(x).square().mean().backward()
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and adapter")
@@ -591,12 +635,18 @@ def main(argv=None):
     g.add_argument("--speed", action="store_true", help="time real SFT steps and sampling, against transformers + PEFT if installed")
     g.add_argument("--data", default=None, help="--speed: a GSM8K folder for the SFT batches and prompts (default: built-in synth)")
     g.add_argument("--rounds", type=int, default=3, help="--speed: timed rounds after a warm-up")
+    g.add_argument("--moe", action="store_true", help="time an MoE layer with per-expert LoRA: the expert loop vs grouped matmuls")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     a = p.parse_args(argv)
     if min(a.rank, a.seq_len or 1, a.batch, a.steps) < 1:
         raise UserError("--rank, --seq_len, --batch and --steps must be positive integers (FullFT is always shown beside LoRA)")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.moe:
+        t = moe_speed(rounds=max(a.rounds, 5))
+        return print(json.dumps(t)) if a.json else print(
+            f"MoE layer (2048 tokens, hidden 576, 32 experts x 192, top 4, LoRA rank 8 = 2 per expert), forward + backward, "
+            f"median ms: expert loop {t['loop']:.1f}, grouped bmm {t['grouped']:.1f} (loop / grouped {t['loop'] / t['grouped']:.2f})")
     if a.speed:
         s = speed(None if a.model == "smollm2-135m" else a.model, a.data, a.rank, a.rounds)
         return print(json.dumps(s, indent=1)) if a.json else print_speed(s)

@@ -234,7 +234,7 @@ class SparseMoE(nn.Module):
     gate/up/down_proj like on any linear layer. No auxiliary load-balancing loss: SFT and RL here
     leave the router as it is (LoRA does not adapt it; full fine-tuning trains it on the task loss).
     The loop visits the experts that got tokens, each a dense matmul over its tokens: on a CPU it
-    beat grouping by torch's gather-matmul (see flops.py --moe)."""
+    took 0.75x the time of padded batched matmuls over stacked expert weights (flops.py --moe)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -1890,30 +1890,95 @@ def divergence_limit(first_loss, vocab_size):
 
 
 def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init_scale=1.0, lr_ratio_b=1.0,
-                     weight_decay=0.0, beta2=0.95, device="cpu", seed=0):
+                     weight_decay=0.0, beta2=0.95, device="cpu", seed=0, shard=None):
     """A copy of the base model set up as the post trains it, and its AdamW optimizer: LoRA of this
     rank on `layers` (names joined by '+' allowed), B's LR scaled by lr_ratio_b; rank 0 trains
     every weight (full fine-tuning), or with layers other than 'all' only those matrices' weights.
-    Constant LR, no warmup: the post's schedule."""
+    Constant LR, no warmup: the post's schedule. shard(model): applied before the optimizer sees
+    the parameters (fsdp_shard replaces them with sharded ones)."""
     import copy
     torch.manual_seed(seed)  # the same A init for the same seed, whatever ran before
     model = copy.deepcopy(base)
     layers = layers.split("+") if "+" in layers else layers
     if rank > 0:
         apply_lora(model, rank, alpha, layers, lm_head=lm_head, init_scale=init_scale)
-        groups = lora_param_groups(model, lr, lr_ratio_b, weight_decay)
     elif layers == "all":
         model.requires_grad_(True)
-        groups = [dict(params=list(model.parameters()), lr=lr, weight_decay=weight_decay)]
     else:  # full fine-tuning of just these matrices: LoRA's like-for-like baseline on a layer subset
         model.requires_grad_(False)
-        weights = [model.get_submodule(n).weight for n in lora_targets(model, layers, lm_head)]
-        for w in weights:
-            w.requires_grad_(True)
-        groups = [dict(params=list({id(w): w for w in weights}.values()), lr=lr, weight_decay=weight_decay)]
+        for n in lora_targets(model, layers, lm_head):
+            model.get_submodule(n).weight.requires_grad_(True)
     model.to(device).train()
+    if shard:
+        shard(model)
+    if rank > 0:
+        groups = lora_param_groups(model, lr, lr_ratio_b, weight_decay)
+    else:  # a tied head and embedding are one parameter: listed once
+        groups = [dict(params=list({id(p): p for p in model.parameters() if p.requires_grad}.values()), lr=lr, weight_decay=weight_decay)]
     opt = torch.optim.AdamW(groups, betas=(0.9, beta2), eps=1e-8, fused=str(device).startswith("cuda"))
     return model, opt
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: weights, gradients and optimizer state sharded over the processes (torchrun --fsdp)
+
+def fsdp_shard(model, mesh, amp=None):
+    """Shard each transformer block, then the root (embedding, norm, lm_head), over `mesh` with
+    PyTorch's FSDP2 (fully_shard). Parameters become DTensors, each process holding 1/N; a block's
+    weights are gathered just for its forward and backward. A frozen base shards like the rest; with
+    amp (bf16 on CUDA) blocks compute in bf16 while the sharded float32 weights (the adapters,
+    or all of FullFT's) are what AdamW updates, and gradients are reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+class FullOptimizerState:
+    """An optimizer state dict standing in for the optimizer in save_checkpoint/load_checkpoint."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def fsdp_save_checkpoint(run_dir, step, model, optimizer, shadow, extra=None):
+    """save_checkpoint for a sharded model, in the same formats (PEFT adapter or HF folder, plus
+    the optimizer state keyed by parameter name): every process gathers the full state (a
+    collective), rank 0 loads it into `shadow`, its unsharded CPU copy, and writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, opt_state = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    if shadow is not None:
+        shadow.load_state_dict(weights)
+        save_checkpoint(run_dir, step, shadow, FullOptimizerState(opt_state), extra)
+
+
+def fsdp_load_checkpoint(run_dir, model, optimizer, shadow):
+    """load_checkpoint for a sharded model: rank 0 reads the checkpoint into `shadow`, then the
+    weights and optimizer state are broadcast and sharded; returns the state (step, ...) on every rank."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    holder, state = FullOptimizerState(), [None]
+    if shadow is not None:
+        state[0] = load_checkpoint(run_dir, shadow, holder)
+    dist.broadcast_object_list(state, src=0)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, shadow.state_dict() if shadow is not None else {}, options=opts)
+    set_optimizer_state_dict(model, optimizer, holder.state if shadow is not None else {}, options=opts)
+    return {k: v for k, v in state[0].items() if k != "optimizer"}
+
+
+def full(t):
+    """A DTensor (a sharded parameter or gradient norm) gathered whole; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def collate(examples, pad_id, device):

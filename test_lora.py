@@ -1025,6 +1025,41 @@ def test_sft_ddp_two_processes_equal_one(tmp_path):
     assert len(one) == 4 and np.allclose(one, two, rtol=1e-5), (one, two)
 
 
+def torchrun(tmp_path, n, args, out):
+    """train_sft.py under torchrun with n processes on the CPU (gloo); one retry (see the DDP test)."""
+    import subprocess
+    import sys
+    for attempt in range(2):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                            "train_sft.py", *args, "--out", str(tmp_path / out)], capture_output=True, text=True,
+                           cwd=str(Path(__file__).parent), env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if r.returncode == 0 or "--resume" in args:
+            break
+        print(f"torchrun failed (attempt {attempt + 1}): {r.stderr[-1500:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_sft_fsdp_two_processes_equal_one_and_resume(tmp_path):
+    """FSDP2 (fully_shard over 2 gloo processes) gives the losses of one unsharded process with the
+    same global batch, for LoRA and full fine-tuning; its checkpoints are the usual PEFT / HF
+    folders, and a run resumed from one continues the same curve."""
+    model_dir, data = sft_setup(tmp_path)
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8", "--micro_batch", "2",
+            "--rank", "4,0", "--lr", "3e-3", "--eval_every", "2"]
+    run_sft(tmp_path, "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3", "--steps", "4", "--eval_every", "2",
+            "--save_every", "0", out="one")
+    torchrun(tmp_path, 2, args + ["--fsdp", "--steps", "2", "--save_every", "2"], "fsdp")
+    torchrun(tmp_path, 2, args + ["--fsdp", "--steps", "4", "--save_every", "2", "--resume"], "fsdp")
+    for kind in ("train", "eval"):
+        one, two = sft_losses(tmp_path / "one", kind), sft_losses(tmp_path / "fsdp", kind)
+        assert sorted(one) == sorted(two) and all(np.allclose(one[k], two[k], rtol=1e-5) for k in one), (one, two)
+    full, lr4 = sorted((tmp_path / "fsdp").iterdir())
+    assert (full / "ckpt-4" / "model.safetensors").exists() and (lr4 / "ckpt-4" / "adapter_model.safetensors").exists()
+    fresh = tiny_model()
+    lora.load_adapter(fresh, lr4 / "ckpt-4")   # the sharded run's adapter loads into a plain model
+    assert lora.count_parameters(fresh) == lora.count_parameters(lora.apply_lora(tiny_model(), 4))
+
+
 def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
     # Two steps of 4 synth problems at 20x the formula's FullFT LR take the held-out loss from ~0.98
     # to ~0.59 nats: real weights, the real tokenizer and train_sft.train, small enough for CI.
@@ -1907,3 +1942,9 @@ def test_sft_trains_a_moe_model_with_per_expert_lora(tmp_path):
     (run2,) = (tmp_path / "o2").iterdir()
     resumed = {r["step"]: r["loss"] for r in lora.read_jsonl(run2 / "log.jsonl") if r["type"] == "train"}
     assert [resumed[s] for s in range(1, 7)] == pytest.approx(losses, rel=1e-5)
+
+
+def test_moe_benchmark_compares_equal_functions():
+    """flops.py --moe times two implementations of one MoE layer; it first checks they agree."""
+    t = flops.moe_speed(tokens=64, hidden=32, width=16, experts=8, top_k=2, rank=4, rounds=1)
+    assert set(t) == {"loop", "grouped"} and min(t.values()) > 0

@@ -16,6 +16,7 @@ that --resume continues from.
 """
 
 import argparse
+import copy
 import itertools
 import math
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 import lora
 
@@ -190,17 +192,23 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         if grid:
             grid.total -= run_flops
         return done["loss"]
+    shadow = None
+
+    def shard(m):  # --fsdp: rank 0 keeps an unsharded CPU copy to write checkpoints in HF / PEFT format from
+        nonlocal shadow
+        shadow = copy.deepcopy(m).cpu() if master else None
+        lora.fsdp_shard(m, init_device_mesh(device.split(":")[0], (world,)), amp)
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
-                                       a.weight_decay, a.beta2, device, a.seed)
+                                       a.weight_decay, a.beta2, device, a.seed, shard if a.fsdp else None)
     model.gradient_checkpointing = a.grad_ckpt
     trunk = trunks(a, model) if trunks else None
     n_train = lora.count_parameters(model)
     fwd = torch.compile(model) if a.compile else model
-    if ddp:
+    if ddp and not a.fsdp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
     start, flops_done, first_loss = 0, 0.0, None
     if a.resume and (run_dir / "latest").exists():
-        state = lora.load_checkpoint(run_dir, model, opt)
+        state = lora.fsdp_load_checkpoint(run_dir, model, opt, shadow) if a.fsdp else lora.load_checkpoint(run_dir, model, opt)
         start, flops_done, first_loss = state["step"], state["flops"], state.get("first_loss")
         if master:
             print(f"resumed {a.name} at step {start}")
@@ -227,13 +235,14 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
             print(f"step {step:5d} | evaluating on {len(eval_ex)} held-out examples ...", end="", flush=True)
         loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp, trunk)
         advance(eval_flops)
+        if a.rank:  # the post's finding 11: B ends with a larger spectral norm than A (gathered whole under FSDP)
+            mods = lora.lora_modules(model).values()
+            norm = lambda w: round(torch.linalg.matrix_norm(lora.full(w.detach()).float(), ord=2).item(), 6)
+            norms = {"A": [norm(m.lora_A.weight) for m in mods], "B": [norm(m.lora_B.weight) for m in mods]}
         if master:  # tokens: the answer tokens the loss averages (the facts' stored bits come from loss x tokens)
             log.write({"type": "eval", "step": step, "loss": loss, "tokens": eval_tokens})
-            if a.rank:  # the post's finding 11: B ends with a larger spectral norm than A
-                mods = lora.lora_modules(model).values()
-                norm = lambda w: round(torch.linalg.matrix_norm(w.detach().float(), ord=2).item(), 6)
-                log.write({"type": "norms", "step": step, "A": [norm(m.lora_A.weight) for m in mods],
-                           "B": [norm(m.lora_B.weight) for m in mods]})
+            if a.rank:
+                log.write({"type": "norms", "step": step, **norms})
             print(f" eval loss {loss:.4f} | {progress}")
         return loss
 
@@ -257,7 +266,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         loss = loss_sum.item() / n_tok.item()
         first_loss = loss if first_loss is None else first_loss
         limit = lora.divergence_limit(first_loss, cfg.vocab_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or float("inf"))
+        grad_norm = lora.full(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or float("inf")))
         if not (math.isfinite(loss) and loss <= limit and math.isfinite(grad_norm.item())):
             # The weights that gave this loss came out of the previous step's update: a checkpoint
             # of that step is ruined too, so the guard falls back to the one before it.
@@ -288,8 +297,12 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
                       f"{sum(lengths) / ms * 1000:7.0f} tok/s | {flops_done:.3e} FLOPs | {progress}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != total_steps:
             eval_and_log(step)
-        if master and a.save_every and (step % a.save_every == 0 or step == total_steps):
-            lora.save_checkpoint(run_dir, step, model, opt, {"flops": flops_done, "first_loss": first_loss})
+        if a.save_every and (step % a.save_every == 0 or step == total_steps):
+            extra = {"flops": flops_done, "first_loss": first_loss}
+            if a.fsdp:  # a collective: every process gathers
+                lora.fsdp_save_checkpoint(run_dir, step, model, opt, shadow, extra)
+            elif master:
+                lora.save_checkpoint(run_dir, step, model, opt, extra)
     final = eval_and_log(total_steps) if a.eval_every else float("nan")
     if master:
         log.write({"type": "final", "step": total_steps, "loss": final})
@@ -310,6 +323,8 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state "
+                   "over the processes (FSDP2) instead of replicating them (DDP)")
     g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward to save memory")
     g.add_argument("--no_trunk_cache", action="store_true", help="run the frozen layers below every adapter each step "
                    "instead of once (lora.TrunkCache; it needs --layers limited to late layers, e.g. 29.down_proj)")
@@ -378,6 +393,8 @@ def main(argv=None):
     a = parse_args(argv)
     check_args(a)
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if a.fsdp and not ddp:
+        raise lora.UserError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2)")
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and a.device != "cpu" else "gloo")
         if torch.cuda.is_available() and a.device != "cpu":
