@@ -166,6 +166,14 @@ def memory_bytes(cfg, rank=0, layers="all", lm_head=False, dtype="bf16"):
     return {**parts, "total": sum(parts.values()), "sampling": P * BYTES["bf16"]}
 
 
+def fsdp_memory_bytes(cfg, rank=0, gpus=8, layers="all", lm_head=False, dtype="bf16"):
+    """Training state per GPU under N-way FSDP (train_sft.py --fsdp): every part of memory_bytes
+    sharded N ways, plus the unsharded weights of two transformer blocks in `dtype` (the one
+    computing and the one prefetched). Activations excluded."""
+    block = sum(d_in * d_out * copies for _, d_in, d_out, copies, _ in matrices(cfg)) * BYTES[dtype]
+    return memory_bytes(cfg, rank, layers, lm_head, dtype)["total"] / gpus + 2 * block * (gpus > 1)
+
+
 # -----------------------------------------------------------------------------
 # Capacity: networks store about 2 bits per parameter (Allen-Zhu & Li, 2024); an SFT dataset holds
 # at most its description length; an RL episode gives about 1 bit (the post's argument)
@@ -483,6 +491,8 @@ def report(cfg, name, rank=16, layers="all", lm_head=False, seq_len=2048, log=No
                      for dt in ("fp32", "bf16")}
     rep["memory_presets_bf16"] = {k: {m: memory_bytes(c, r, layers, lm_head)["total"] for m, r in (("FullFT", 0), ("LoRA", rank))}
                                   | {"sampling": memory_bytes(c)["sampling"]} for k, c in presets.items()}
+    rep["fsdp_per_gpu_bf16"] = {k: {f"{m} x{n}": fsdp_memory_bytes(c, r, n, layers, lm_head) for m, r in (("FullFT", 0), ("LoRA", rank))
+                                    for n in (1, 2, 4, 8)} for k, c in presets.items()}
     rep["capacity"] = dict(bits_by_rank={r: capacity_bits(cfg, r, layers, lm_head) for r in (1, 16, 256)},
                            fullft_bits=BITS_PER_PARAM * P, math_bits=MATH_BITS, r1_zero_episodes=R1_ZERO_EPISODES,
                            llama8b_rank1_bits=capacity_bits(presets["llama-3.1-8b"], 1, "all", lm_head=True))
@@ -536,6 +546,14 @@ def print_report(rep):
     print(f"  presets in bf16, GiB: {'sampling':>8} {'FullFT':>8} {f'LoRA r={R}':>9}")
     for name, m in rep["memory_presets_bf16"].items():
         print(f"  {name:20} " + " ".join(gib(m[c]) for c in ("sampling", "FullFT")) + f" {m['LoRA'] / 2**30:9.1f}")
+    print("\nPer GPU under N-way FSDP (train_sft.py --fsdp), bf16, GiB: training state / N + two unsharded blocks "
+          "(activations excluded; * = over an 80 GB GPU's ~74 GiB usable)")
+    print(f"  {'preset':20} " + " ".join(f"{'FullFT x' + str(n):>10}" for n in (1, 2, 4, 8)) + " "
+          + " ".join(f"{f'r={R} x{n}':>10}" for n in (1, 2, 4, 8)))
+    for name, m in rep["fsdp_per_gpu_bf16"].items():
+        cell = lambda v: f"{v / 2**30:9.1f}" + ("*" if v / 2**30 > 74 else " ")
+        print(f"  {name:20} " + " ".join(cell(m[f'FullFT x{n}']) for n in (1, 2, 4, 8)) + " "
+              + " ".join(cell(m[f'LoRA x{n}']) for n in (1, 2, 4, 8)))
     c = rep["capacity"]
     print(f"\nCapacity at {BITS_PER_PARAM} bits per parameter, LoRA on {where}: "
           + ", ".join(f"rank {r} {human(b)} bits" for r, b in c["bits_by_rank"].items()) + f"; FullFT {human(c['fullft_bits'])} bits")

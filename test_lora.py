@@ -1948,3 +1948,14 @@ def test_moe_benchmark_compares_equal_functions():
     """flops.py --moe times two implementations of one MoE layer; it first checks they agree."""
     t = flops.moe_speed(tokens=64, hidden=32, width=16, experts=8, top_k=2, rank=4, rounds=1)
     assert set(t) == {"loop", "grouped"} and min(t.values()) > 0
+
+
+def test_fsdp_memory_table_shards_the_training_state():
+    """N-way FSDP divides weights, grads, master copy and Adam moments by N and adds two unsharded
+    blocks: Llama-3.1-8B FullFT (~120 GiB of state) fits 80 GB GPUs from 2-way on, rank-16 LoRA on one."""
+    cfg = flops.presets["llama-3.1-8b"]
+    one, two = flops.fsdp_memory_bytes(cfg, 0, 1), flops.fsdp_memory_bytes(cfg, 0, 2)
+    assert one == flops.memory_bytes(cfg, 0)["total"] and one / 2**30 > 80
+    block = 2 * sum(a * b * c for _, a, b, c, _ in flops.matrices(cfg))   # bf16 bytes of one block's matrices
+    assert two == pytest.approx(one / 2 + 2 * block) and two / 2**30 < 74
+    assert flops.fsdp_memory_bytes(cfg, 16, 1) / 2**30 < 20
