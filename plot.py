@@ -88,6 +88,7 @@ def load_run(path):
                     examples=int(cfg.get("total_steps") or max([r.get("step", 0) for r in records if r.get("type") == "train"] or [0])) * batch,
                     eval_tokens=[(int(r["step"]), r["tokens"]) for r in records if r.get("type") == "eval" and "tokens" in r],
                     n_eval=cfg.get("n_eval_examples"),
+                    ms=sum(r.get("ms", 0) for r in records if r.get("type") == "train" and isinstance(r.get("ms"), (int, float))),
                     train=_series(records, "train", metric), flops=_series(records, "train", "flops"),
                     eval=_series(records, "eval", "accuracy" if rl else "loss"),
                     norms=[(int(r["step"]), r["A"], r["B"]) for r in records
@@ -245,7 +246,8 @@ def optimal_lr_stats(runs):
     fit = lambda d: _parabola_min(x, np.array([np.mean(d[lr]) for lr in lrs]))
     i = int(np.argmin([np.mean(by_lr[lr]) for lr in lrs]))
     seeds = min(len(v) for v in by_lr.values())
-    draws = 10 ** bootstrap(by_lr, fit) if seeds >= 2 else None
+    # an extra LR run with fewer seeds stays in the fit (resampling one value leaves it fixed)
+    draws = 10 ** bootstrap(by_lr, fit) if max(len(v) for v in by_lr.values()) >= 2 and len(by_lr[lrs[i]]) >= 2 else None
     lo, hi = np.percentile(draws, [2.5, 97.5]) if draws is not None else (math.nan, math.nan)
     edge = "<=" if i == 0 else ">=" if i == len(lrs) - 1 else ""  # where the true optimum may lie beyond the grid
     return dict(lr=10 ** fit(by_lr), lo=float(lo), hi=float(hi), bracketed=not edge, edge=edge, seeds=seeds, draws=draws,
@@ -482,32 +484,43 @@ def fig_rl(runs, w=5):
 
 
 def fig_early_rank(runs, w=5):
-    sweep = [r for r in main_sweep(runs) if len(r["train"][0])]
-    low = {r["lr"]: r for r in sweep if r["rank"] == 16}
-    for hi in sorted({r["rank"] for r in sweep if r["rank"] > 16}, key=lambda k: (k != 256, -k)):   # 256, else highest
-        high = {r["lr"]: r for r in sweep if r["rank"] == hi and r["lr"] in low}
+    """The post: with alpha/r scaling, ranks start training identically at the same LR. Rank 16
+    (else the lowest rank) against a higher one (256, else the highest) at their shared LR, paired
+    by seed (a seed fixes the batches); the mean loss difference over the first and the last 10%
+    of steps, with a 95% interval over seeds."""
+    sweep = [r for r in main_sweep(runs) if len(r["train"][0]) and not r["diverged"]]
+    lora_ranks = sorted({r["rank"] for r in sweep if r["rank"] > 0})
+    lo = 16 if 16 in lora_ranks else (lora_ranks[0] if lora_ranks else None)
+    low = group([r for r in sweep if r["rank"] == lo], "lr")
+    for hi in sorted((k for k in lora_ranks if lo is not None and k > lo), key=lambda k: (k != 256, -k)):   # 256, else highest
+        high = {lr: rs for lr, rs in group([r for r in sweep if r["rank"] == hi], "lr").items() if lr in low}
         if high:
             break
     else:
-        return None, "needs SFT runs at rank 16 and a higher rank with the same LR (train_sft.py --rank 16,256 --lr 1e-3)"
-    lr = min(high, key=lambda lr: final_loss(low[lr]) if math.isfinite(final_loss(low[lr])) else math.inf)
-    a, b = low[lr], high[lr]
+        return None, "needs SFT runs at two ranks with the same LR (train_sft.py --rank 16,256 --lr 1e-3)"
+    lr = min(high, key=lambda lr: np.mean([final_loss(r) for r in low[lr]]))
+    pairs = [(a, b) for a in low[lr] for b in high[lr] if a["seed"] == b["seed"]]
     fig, (left, right) = _fig(2)
-    cols = _colors([16, hi])
-    for r in (a, b):
-        left.plot(r["train"][0], smooth(r["train"][1], w), color=cols[r["rank"]], label=_label(r["rank"]))
-    steps, ia, ib = np.intersect1d(a["train"][0], b["train"][0], return_indices=True)
-    diff = smooth(a["train"][1][ia] - b["train"][1][ib], w)   # same seed, same batches: the difference is paired
-    right.plot(steps, diff, color="C3")
+    cols = _colors([lo, hi])
+    firsts, lasts = [], []
+    for i, (a, b) in enumerate(pairs):
+        for r in (a, b):
+            left.plot(r["train"][0], smooth(r["train"][1], w), color=cols[r["rank"]], alpha=0.7,
+                      label=_label(r["rank"]) if i == 0 else "_nolegend_")
+        steps, ia, ib = np.intersect1d(a["train"][0], b["train"][0], return_indices=True)
+        diff = smooth(a["train"][1][ia] - b["train"][1][ib], w)   # same seed, same batches: a paired difference
+        right.plot(steps, diff, color="C3", alpha=0.7)
+        n = max(1, len(diff) // 10)
+        firsts.append(float(diff[:n].mean()))
+        lasts.append(float(diff[-n:].mean()))
     right.axhline(0, color="gray", lw=0.8)
-    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)", title="Learning curves")
-    right.set(xscale="log", xlabel="step", ylabel=f"loss difference (nats/token, {w}-step mean)",
-              title=f"rank 16 minus rank {hi}")
+    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)", title="Learning curves (one line per seed)")
+    right.set(xscale="log", xlabel="step", ylabel=f"loss difference (nats/token, {w}-step mean)", title=f"rank {lo} minus rank {hi}")
     left.legend()
-    fig.suptitle(f"Rank 16 vs rank {hi} at the same LR ({lr:.2g}): the same start of training (1/r scaling)")
-    n = max(1, len(diff) // 10)
-    return fig, (f"rank 16 - rank {hi} at LR {lr:.3g}: mean difference {diff[:n].mean():+.4f} over the first 10% of "
-                 f"steps, {diff[-n:].mean():+.4f} over the last 10% ({len(diff)} steps)")
+    fig.suptitle(f"Rank {lo} vs rank {hi} at the same LR ({lr:.2g}): the same start of training (1/r scaling)")
+    ci = lambda v: _ci(*np.percentile(bootstrap({"d": v}, lambda d: np.mean(d["d"])), [2.5, 97.5]), "{:+.4f}") if len(v) > 1 else _ci(math.nan, math.nan)
+    return fig, (f"rank {lo} - rank {hi} at LR {lr:.3g}, {len(pairs)} seed(s): mean difference {np.mean(firsts):+.4f} {ci(firsts)} "
+                 f"over the first 10% of steps, {np.mean(lasts):+.4f} {ci(lasts)} over the last 10%")
 
 
 def fig_flops(runs, w=5):
@@ -666,7 +679,8 @@ def main(argv=None):
     if not Path(a.logs).is_dir():
         p.error(f"{a.logs} is not a folder: pass the --out folder of train_sft.py / train_rl.py")
     runs = load_runs(a.logs)
-    print(f"{len(runs)} runs in {a.logs}")
+    print(f"{len(runs)} runs in {a.logs}; their training steps took {sum(r['ms'] for r in runs) / 3.6e6:.1f} hours "
+          "(the logged step times; evals, loading and caching not counted)")
     out = Path(a.to or a.logs)
     out.mkdir(parents=True, exist_ok=True)
     written = []
