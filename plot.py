@@ -605,9 +605,8 @@ def fig_capacity(runs, w=5):
                 steps = np.intersect1d(steps, r["eval"][0])
             ys = np.array([r["eval"][1][np.isin(r["eval"][0], steps)] for r in best])
             se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
-            epochs = steps * best[0]["batch_size"] / k
-            ax.plot(epochs, ys.mean(0), color=cols[rank], lw=2 if rank == 0 else 1.3, label=f"{_label(rank)} ({best[0]['params']:,})")
-            ax.fill_between(epochs, ys.mean(0) - se, ys.mean(0) + se, color=cols[rank], alpha=0.2, lw=0)
+            ax.plot(steps, ys.mean(0), color=cols[rank], lw=2 if rank == 0 else 1.3, label=f"{_label(rank)} ({best[0]['params']:,})")
+            ax.fill_between(steps, ys.mean(0) - se, ys.mean(0) + se, color=cols[rank], alpha=0.2, lw=0)
             bits = [stored_bits(r) for r in best]
             lo, hi = np.percentile(bootstrap({"b": bits}, lambda d: np.mean(d["b"])), [2.5, 97.5]) if len(bits) > 1 else (math.nan, math.nan)
             points.append((k, rank, best[0]["params"], float(np.mean(bits)), lo, hi))
@@ -615,19 +614,22 @@ def fig_capacity(runs, w=5):
             rows.append(f"{k:5}  {k * BITS_PER_FACT:12.0f}  {_label(rank):7} {best[0]['params']:9,}  {lr:8.2g}{edge:7} {len(best):5}  "
                         f"{ys.mean(0)[-1]:10.4f}  {np.mean(bits):9.0f} {_ci(lo, hi, '{:.0f}'):18}  {np.mean(bits) / best[0]['params']:8.3f}")
         ax.axhline(math.log(10) * 4 / 5, color="gray", ls=":", lw=1)  # 4 uniform digits + a free end token, per token
-        ax.set(xlabel="epoch", ylabel="eval loss on trained facts (nats/token)", ylim=(0, None),
-               title=f"{k} facts = {k * BITS_PER_FACT:,.0f} bits (best LR; band +-1 SE)")
+        last = max(r["eval"][0][-1] for r in mine)
+        epochs = last * mine[0]["batch_size"] / k
+        ax.set(xlabel="step", ylabel="eval loss on trained facts (nats/token)", ylim=(0, None),
+               title=f"{k} facts = {k * BITS_PER_FACT:,.0f} bits, {epochs:.3g} epochs (band +-1 SE)")
         ax.legend(fontsize=7, title="trainable params", title_fontsize=7)
     ax = axes[-1]
     for i, k in enumerate(ks):
         p = sorted((pt for pt in points if pt[0] == k), key=lambda pt: pt[2])
         x, y = np.array([pt[2] for pt in p], float), np.maximum([pt[3] for pt in p], 1.0)
-        ax.plot(x, y, "o-", color=f"C{i}", label=f"{k} facts")
+        lo, hi = np.maximum([pt[4] for pt in p], 1.0), np.maximum([pt[5] for pt in p], 1.0)
+        ax.errorbar(x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], fmt="o-", color=f"C{i}", capsize=3, label=f"{k} facts")
         ax.axhline(k * BITS_PER_FACT, color=f"C{i}", ls="--", lw=0.8)
     xs = np.logspace(np.log10(min(pt[2] for pt in points)) - 0.3, np.log10(max(pt[2] for pt in points)) + 0.3, 10)
     ax.plot(xs, 2 * xs, color="gray", ls=":", label="2 bits / parameter")
-    ax.set(xscale="log", yscale="log", xlabel="trainable parameters", ylabel="bits stored (dashed: bits in the data)",
-           title="Stored information vs capacity")
+    ax.set(xscale="log", yscale="log", xlabel="trainable parameters", ylabel="bits stored, 95% CI (dashed: bits in the data)",
+           title="Stored information vs capacity (<= 0 drawn at 1)")
     ax.legend(fontsize=7)
     return fig, "\n".join(rows)
 
@@ -638,7 +640,7 @@ def fig_invariance(runs, w=5):
     draws the second, init_A / LR_A, alone: --init_scale c with --lr_ratio_b 1/c keeps
     alpha x init_A x LR_B fixed. Eval loss per c (seed mean +-1 SE) and each c's final loss minus
     c = 1's with a 95% interval over seeds."""
-    rs = [r for r in runs if r["rank"] > 0 and not r["diverged"] and len(r["eval"][0]) >= 2
+    rs = [r for r in runs if r["rank"] > 0 and (r["diverged"] or len(r["eval"][0]) >= 2)
           and r["variant"][0] is False and abs(r["variant"][1] * r["variant"][2] - 1) < 1e-9]
     by = group(rs, lambda r: (r["data"], r["rank"], r["layers"], r["lr"], r["batch_size"]))
     by = {k: v for k, v in by.items() if len({r["variant"] for r in v}) >= 2 and any(r["plain"] for r in v)}
@@ -646,9 +648,14 @@ def fig_invariance(runs, w=5):
         return None, "needs LoRA runs at --init_scale c --lr_ratio_b 1/c for several c beside c = 1 (README: invariances)"
     key = max(by, key=lambda k: len(by[k]))
     fig, (ax,) = _fig()
-    base = [final_loss(r) for r in by[key] if r["plain"]]
-    rows = [f"{key[0]}, rank {key[1]} on {key[2]}, LR {key[3]:.2g}", "init_scale  lr_ratio_b  seeds  final loss  minus c=1 [95% CI]"]
-    for i, ((_, ratio, init), vs) in enumerate(sorted(group(by[key], "variant").items(), key=lambda kv: kv[0][2])):
+    base = [final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]]
+    rows = [f"{key[0]}, rank {key[1]} on {key[2]}, LR {key[3]:.2g}",
+            "init_scale  lr_ratio_b  seeds  diverged  final loss  minus c=1 [95% CI]"]
+    for i, ((_, ratio, init), every) in enumerate(sorted(group(by[key], "variant").items(), key=lambda kv: kv[0][2])):
+        vs = [r for r in every if not r["diverged"]]
+        if not vs:
+            rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every):8}")
+            continue
         steps = vs[0]["eval"][0]
         for r in vs[1:]:
             steps = np.intersect1d(steps, r["eval"][0])
@@ -658,7 +665,8 @@ def fig_invariance(runs, w=5):
         ax.fill_between(steps, ys.mean(0) - se, ys.mean(0) + se, color=f"C{i}", alpha=0.2, lw=0)
         finals = [final_loss(r) for r in vs]
         d, lo, hi = gap_interval(finals, base)
-        rows.append(f"{init:10g}  {ratio:10g}  {len(vs):5}  {np.mean(finals):10.4f}  {d:+.4f} {_ci(lo, hi, '{:+.4f}')}")
+        gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+        rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  {np.mean(finals):10.4f}  {gap}")
     ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="init_A / LR_A changes training (alpha x init_A x LR_B fixed)")
     ax.legend()
     return fig, "\n".join(rows)
