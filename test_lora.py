@@ -1827,6 +1827,13 @@ def test_moe_logits_equal_transformers(tmp_path):
     ref = [0.092627, -0.057579, 0.032958, -0.002633, 0.258496, 0.163594, 0.40921, -0.153891, 0.128661, -0.103815, 0.25298, 0.011522]
     assert torch.allclose(logits[:, -1, :6].flatten(), torch.tensor(ref), atol=1e-5)
     assert logits.double().pow(2).sum().item() == pytest.approx(177.8984, abs=1e-3)
+    # the config.json transformers 5.24 writes for this model: num_local_experts, rope_parameters
+    hf_cfg = {k: v for k, v in cfg.items() if k not in ("num_experts", "rope_theta", "rope_scaling")}
+    hf_cfg.update(num_local_experts=8, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                  output_router_logits=False, router_aux_loss_coef=0.001, transformers_version="5.24.0")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(hf_cfg))
+    with torch.no_grad():
+        assert torch.equal(lora.load_hf_folder(tmp_path / "m")(torch.tensor(MOE_IDS)), logits)
 
 
 def test_moe_routing_equals_dense_reference():
