@@ -650,7 +650,7 @@ def fig_invariance(runs, w=5):
     fig, (ax,) = _fig()
     base = [final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]]
     rows = [f"{key[0]}, rank {key[1]} on {key[2]}, LR {key[3]:.2g}",
-            "init_scale  lr_ratio_b  seeds  diverged  final loss  minus c=1 [95% CI]"]
+            "init_scale  lr_ratio_b  seeds  diverged  final loss  minus c=1, paired by seed [95% CI]"]
     for i, ((_, ratio, init), every) in enumerate(sorted(group(by[key], "variant").items(), key=lambda kv: kv[0][2])):
         vs = [r for r in every if not r["diverged"]]
         if not vs:
@@ -664,7 +664,13 @@ def fig_invariance(runs, w=5):
         ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}")
         ax.fill_between(steps, ys.mean(0) - se, ys.mean(0) + se, color=f"C{i}", alpha=0.2, lw=0)
         finals = [final_loss(r) for r in vs]
-        d, lo, hi = gap_interval(finals, base)
+        ref = {r["seed"]: final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]}
+        paired = [final_loss(r) - ref[r["seed"]] for r in vs if r["seed"] in ref]   # a seed fixes the facts and the batches
+        if len(paired) >= 2:
+            d = float(np.mean(paired))
+            lo, hi = np.percentile(bootstrap({"d": paired}, lambda x: np.mean(x["d"])), [2.5, 97.5])
+        else:
+            d, lo, hi = gap_interval(finals, base)
         gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
         rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  {np.mean(finals):10.4f}  {gap}")
     ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="init_A / LR_A changes training (alpha x init_A x LR_B fixed)")

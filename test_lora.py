@@ -1782,7 +1782,7 @@ def test_invariance_figure_reports_the_gap_with_an_interval(tmp_path, capsys):
     assert sorted(lines) == ["0.25", "1", "4"]
     assert "+0.5000" in lines["4"] and "+0.0000" in lines["0.25"]  # mean gaps to init 1
     lo, hi = map(float, re.search(r"\[(\S+), (\S+)\]", lines["4"]).groups())
-    assert 0.4 < lo < 0.5 < hi < 0.6                                 # the interval excludes 0 for c = 4 ...
+    assert lo == hi == 0.5      # paired by seed: c = 4 is 0.5 worse in every seed, an interval without spread ...
     lo, hi = map(float, re.search(r"\[(\S+), (\S+)\]", lines["0.25"]).groups())
     assert lo < 0 < hi                                              # ... and holds it for c = 1/4
 
