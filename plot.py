@@ -661,7 +661,8 @@ def fig_invariance(runs, w=5):
             steps = np.intersect1d(steps, r["eval"][0])
         ys = np.array([r["eval"][1][np.isin(r["eval"][0], steps)] for r in vs])
         se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
-        ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}")
+        bad = len(every) - len(vs)
+        ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
         ax.fill_between(steps, ys.mean(0) - se, ys.mean(0) + se, color=f"C{i}", alpha=0.2, lw=0)
         finals = [final_loss(r) for r in vs]
         ref = {r["seed"]: final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]}
@@ -673,7 +674,7 @@ def fig_invariance(runs, w=5):
             d, lo, hi = gap_interval(finals, base)
         gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
         rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  {np.mean(finals):10.4f}  {gap}")
-    ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="init_A / LR_A changes training (alpha x init_A x LR_B fixed)")
+    ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="The second direction alone: init_A / LR_A x c (alpha x init_A x LR_B fixed)")
     ax.legend()
     return fig, "\n".join(rows)
 
