@@ -565,6 +565,12 @@ def _fused_keys(layer, which, both):
     return [f"{PEFT_PREFIX}{layer}.mlp.experts.{inner}lora_{ab}.weight" for ab in "AB"]
 
 
+def peft_pattern(pattern, default):
+    """name -> value of PEFT's rank_pattern / alpha_pattern: the first key (a regex) that matches the
+    end of the module's name, else the default."""
+    return lambda name: next((v for key, v in (pattern or {}).items() if re.match(rf"(.*\.)?({key})$", name)), default)
+
+
 def fused_expert_state(model):
     """{PEFT key: tensor} for the expert adapters of every MoE layer, and the target_parameters."""
     out, params = {}, []
@@ -611,8 +617,7 @@ def load_fused_experts(model, sd, cfg):
             A, B = sd.pop(a_key).float(), sd.pop(b_key).float()
             r = A.shape[0] // E
             A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)
-            alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if re.match(rf"(.*\.)?({k})$", f"{layer}.mlp.experts.{which}")),
-                         cfg["lora_alpha"])
+            alpha = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])(f"{layer}.mlp.experts.{which}")
             for e, mlp in enumerate(moe.experts):
                 half = B.shape[0] // 2
                 parts = [("gate_proj", B[:half]), ("up_proj", B[half:])] if which == "gate_up_proj" else [("down_proj", B)]
@@ -789,9 +794,8 @@ def load_adapter(model, path):
         if moe:  # transformers 5 fuses the experts: PEFT's target_modules never reach them (target_parameters does)
             targets = [n for n in targets if ".experts." not in n]
         first = next(iter(model.parameters()))
-        def pick(pattern, default):  # PEFT's rule: the first key that matches the end of the module's name
-            return lambda name: next((v for key, v in (pattern or {}).items() if re.match(rf"(.*\.)?({key})$", name)), default)
-        rank_of, alpha_of = pick(cfg.get("rank_pattern"), cfg["r"]), pick(cfg.get("alpha_pattern"), cfg["lora_alpha"])
+        rank_of = peft_pattern(cfg.get("rank_pattern"), cfg["r"])
+        alpha_of = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])
         if targets or not cfg.get("target_parameters"):
             apply_lora(model, cfg["r"], cfg["lora_alpha"], layers=targets, rslora=cfg.get("use_rslora", False),
                        dtype=first.dtype if first.is_floating_point() else torch.float32, rank_of=rank_of, alpha_of=alpha_of)

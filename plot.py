@@ -172,12 +172,13 @@ def smooth(y, w):
     return (c[i] - c[lo]) / (i - lo)
 
 
-def seed_mean(runs, w):
-    """(steps, mean, standard error) of the smoothed train curves of one LR's seeds, on their common steps."""
-    steps = runs[0]["train"][0]
+def seed_mean(runs, w, kind="train"):
+    """(steps, mean, standard error) of the smoothed train (or eval, w = 1) curves of one
+    configuration's seeds, on their common steps."""
+    steps = runs[0][kind][0]
     for r in runs[1:]:
-        steps = np.intersect1d(steps, r["train"][0])
-    ys = np.array([smooth(r["train"][1], w)[np.isin(r["train"][0], steps)] for r in runs])
+        steps = np.intersect1d(steps, r[kind][0])
+    ys = np.array([smooth(r[kind][1], w)[np.isin(r[kind][0], steps)] for r in runs])
     se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
     return steps, ys.mean(0), se
 
@@ -600,19 +601,15 @@ def fig_capacity(runs, w=5):
             by_lr = group([r for r in mine if r["rank"] == rank], "lr")
             lr = min(by_lr, key=lambda x: np.mean([final_loss(r) for r in by_lr[x]]))
             best = by_lr[lr]
-            steps = best[0]["eval"][0]
-            for r in best[1:]:
-                steps = np.intersect1d(steps, r["eval"][0])
-            ys = np.array([r["eval"][1][np.isin(r["eval"][0], steps)] for r in best])
-            se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
-            ax.plot(steps, ys.mean(0), color=cols[rank], lw=2 if rank == 0 else 1.3, label=f"{_label(rank)} ({best[0]['params']:,})")
-            ax.fill_between(steps, ys.mean(0) - se, ys.mean(0) + se, color=cols[rank], alpha=0.2, lw=0)
+            steps, mean, se = seed_mean(best, 1, "eval")
+            ax.plot(steps, mean, color=cols[rank], lw=2 if rank == 0 else 1.3, label=f"{_label(rank)} ({best[0]['params']:,})")
+            ax.fill_between(steps, mean - se, mean + se, color=cols[rank], alpha=0.2, lw=0)
             bits = [stored_bits(r) for r in best]
             lo, hi = np.percentile(bootstrap({"b": bits}, lambda d: np.mean(d["b"])), [2.5, 97.5]) if len(bits) > 1 else (math.nan, math.nan)
             points.append((k, rank, best[0]["params"], float(np.mean(bits)), lo, hi))
             edge = "" if len(by_lr) < 2 or lr not in (min(by_lr), max(by_lr)) else " (edge)"
             rows.append(f"{k:5}  {k * BITS_PER_FACT:12.0f}  {_label(rank):7} {best[0]['params']:9,}  {lr:8.2g}{edge:7} {len(best):5}  "
-                        f"{ys.mean(0)[-1]:10.4f}  {np.mean(bits):9.0f} {_ci(lo, hi, '{:.0f}'):18}  {np.mean(bits) / best[0]['params']:8.3f}")
+                        f"{mean[-1]:10.4f}  {np.mean(bits):9.0f} {_ci(lo, hi, '{:.0f}'):18}  {np.mean(bits) / best[0]['params']:8.3f}")
         ax.axhline(math.log(10) * 4 / 5, color="gray", ls=":", lw=1)  # 4 uniform digits + a free end token, per token
         last = max(r["eval"][0][-1] for r in mine)
         epochs = last * mine[0]["batch_size"] / k
@@ -656,14 +653,10 @@ def fig_invariance(runs, w=5):
         if not vs:
             rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every):8}")
             continue
-        steps = vs[0]["eval"][0]
-        for r in vs[1:]:
-            steps = np.intersect1d(steps, r["eval"][0])
-        ys = np.array([r["eval"][1][np.isin(r["eval"][0], steps)] for r in vs])
-        se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
+        steps, mean, se = seed_mean(vs, 1, "eval")
         bad = len(every) - len(vs)
-        ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
-        ax.fill_between(steps, ys.mean(0) - se, ys.mean(0) + se, color=f"C{i}", alpha=0.2, lw=0)
+        ax.plot(steps, mean, color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
+        ax.fill_between(steps, mean - se, mean + se, color=f"C{i}", alpha=0.2, lw=0)
         finals = [final_loss(r) for r in vs]
         ref = {r["seed"]: final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]}
         paired = [final_loss(r) - ref[r["seed"]] for r in vs if r["seed"] in ref]   # a seed fixes the facts and the batches
