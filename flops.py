@@ -280,10 +280,11 @@ def state_bytes(model, opt):
     return out
 
 
-def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto"):
+def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto", compile=False):
     """Count, time and weigh real AdamW training steps of FullFT and LoRA on a random-init model of this
     shape (the weights' values change nothing measured), interleaved FullFT, LoRA, FullFT, ... so that
-    a noisy machine slows both alike. Adapters are fp32 and bf16 autocast runs on CUDA (lora.pick_device)."""
+    a noisy machine slows both alike. Adapters are fp32 and bf16 autocast runs on CUDA (lora.pick_device).
+    compile: time torch.compile(model) as train_sft.py --compile does (the untimed warm-up step compiles)."""
     if shape(cfg).get("num_experts"):
         raise UserError("MoE models are analytic only (lora.Llama builds dense models): measure a dense preset")
     dev, _, amp, how = lora.pick_device(device)
@@ -299,7 +300,7 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto"):
             lora.apply_lora(model, r, layers=[n for n in lora.LAYER_SETS["all"] if n in targets(layers)], lm_head=lm_head)
         model.to(dev).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)  # as train_sft.py
-        runs[method] = dict(model=model, opt=opt, rank=r, times=[])
+        runs[method] = dict(model=model, fwd=torch.compile(model) if compile else model, opt=opt, rank=r, times=[])
     idx, tgt = (torch.randint(cfg.vocab_size, (batch, seq_len), device=dev) for _ in range(2))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for i in range(steps + 1):  # step 0 warms up (allocator, Adam state) and is not timed
@@ -310,17 +311,19 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto"):
             sync()
             t0 = time.perf_counter()
             run["opt"].zero_grad(set_to_none=True)
-            _forward_backward(run["model"], idx, tgt, amp)
+            _forward_backward(run["fwd"], idx, tgt, amp)
             sync()
             t1 = time.perf_counter()
             run["opt"].step()
             sync()
             run["times"].append((1000 * (t1 - t0), 1000 * (time.perf_counter() - t1)))  # forward + backward, optimizer
+            if i == 0:
+                run["warmup_s"] = time.perf_counter() - t0   # with compile: the compilation
             if cuda and i == steps:
                 run["peak"] = resident + torch.cuda.max_memory_allocated() - before
     peak, peak_what = device_peak(dev)
     out = dict(device=how, peak_flops=peak, peak=peak_what, batch=batch, seq_len=seq_len, rank=rank, layers=layers,
-               steps=steps, threads=torch.get_num_threads(),
+               steps=steps, threads=torch.get_num_threads(), compiled=compile,
                process_max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
     tokens = batch * seq_len
     for method, run in runs.items():
@@ -335,7 +338,7 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto"):
             flops_per_s=analytic / ms * 1e3, mfu=analytic / ms * 1e3 / peak if peak else None,
             state=state, analytic_state=memory_bytes(cfg, r, layers, lm_head, "fp32"),
             activation_bytes=activation_bytes(model, idx, tgt, amp), peak_bytes=run.get("peak"),
-            fwd_bwd_ms=med(lambda fb, o: fb))
+            fwd_bwd_ms=med(lambda fb, o: fb), warmup_s=run["warmup_s"])
         m["counter_vs_analytic"] = m["counted_flops"] / analytic - 1
         m["state_bytes"], m["analytic_state_bytes"] = sum(m["state"].values()), m["analytic_state"]["total"]
     full, lo = out["FullFT"], out["LoRA"]
@@ -570,7 +573,7 @@ def print_report(rep):
 
 def print_measured(m):
     full, lo = m["FullFT"], m["LoRA"]
-    print(f"\nMeasured on {m['device']}, random init, {m['batch']} x {m['seq_len']} tokens, LoRA r={m['rank']} on {m['layers']}, "
+    print(f"\nMeasured on {m['device']}{', torch.compile' if m['compiled'] else ''}, random init, {m['batch']} x {m['seq_len']} tokens, LoRA r={m['rank']} on {m['layers']}, "
           f"median of {m['steps']} interleaved AdamW steps; peak {m['peak_flops'] or 0:.3g} FLOP/s ({m['peak']})")
     G = 2 ** 30
     rows = [("FLOPs/step, FlopCounterMode", "counted_flops", "{:.4g}", 1), ("FLOPs/step, analytic", "analytic_flops", "{:.4g}", 1),
@@ -579,7 +582,8 @@ def print_measured(m):
             ("  of which optimizer.step", "optimizer_ms", "{:.1f}", 1), ("tokens/s", "tokens_per_s", "{:.0f}", 1),
             ("achieved FLOP/s", "flops_per_s", "{:.3g}", 1), ("MFU", "mfu", "{:.1%}", 1),
             ("state GiB (weights+grads+adam)", "state_bytes", "{:.3f}", G), ("  analytic, fp32 row", "analytic_state_bytes", "{:.3f}", G),
-            ("saved activations GiB", "activation_bytes", "{:.3f}", G), ("peak GiB, CUDA, this method alone", "peak_bytes", "{:.3f}", G)]
+            ("saved activations GiB", "activation_bytes", "{:.3f}", G), ("peak GiB, CUDA, this method alone", "peak_bytes", "{:.3f}", G),
+            ("warm-up step s (compiles)" if m["compiled"] else "warm-up step s", "warmup_s", "{:.1f}", 1)]
     print(f"  {'':32} {'FullFT':>12} {'LoRA':>12}")
     for label, key, fmt, scale in rows:
         print(f"  {label:32} " + " ".join(f"{fmt.format(r[key] / scale) if r.get(key) is not None else 'n/a':>12}" for r in (full, lo)))
@@ -650,6 +654,7 @@ def main(argv=None):
     g.add_argument("--steps", type=int, default=3, help="timed steps per method, after one warm-up step")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    g.add_argument("--compile", action="store_true", help="--measure: time torch.compile'd steps (the warm-up compiles)")
     g.add_argument("--speed", action="store_true", help="time real SFT steps and sampling, against transformers + PEFT if installed")
     g.add_argument("--data", default=None, help="--speed: a GSM8K folder for the SFT batches and prompts (default: built-in synth)")
     g.add_argument("--rounds", type=int, default=3, help="--speed: timed rounds after a warm-up")
@@ -671,7 +676,7 @@ def main(argv=None):
     cfg, seq_len = load_config(a.model), a.seq_len or (256 if a.measure else 2048)
     rep = report(cfg, a.model, a.rank, a.layers, a.lm_head, seq_len, a.log)
     if a.measure:
-        rep["measured"] = measure(cfg, a.rank, a.layers, a.lm_head, seq_len, a.batch, a.steps, a.device)
+        rep["measured"] = measure(cfg, a.rank, a.layers, a.lm_head, seq_len, a.batch, a.steps, a.device, a.compile)
     if a.json:
         return print(json.dumps(rep, indent=1))
     print_report(rep)

@@ -78,6 +78,11 @@ def load_run(path):
         data = str(a.get("data"))
         if rl:   # an RL task is also its prompt, temperature and length limit: rewards differ across them
             data += "".join(f" {k}={a[k]}" for k in ("instruction", "temperature", "max_new_tokens") if k in a)
+        last = max([r.get("step", 0) for r in records if r.get("type") == "train"] or [0])
+        total = cfg.get("total_steps") or (a.get("steps") if rl else None)
+        if total and last < total and not any(r.get("type") == "diverged" for r in records):
+            print(f"warning: skip {path}: unfinished (step {last} of {total}; still running, or stopped: --resume finishes it)")
+            return None
         return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]), lr=float(a["lr"]),
                     seed=int(a.get("seed", 0)),
                     layers=str(a.get("layers", "all")), batch_size=batch, data=data, variant=variant,
@@ -251,15 +256,49 @@ def optimal_lr_stats(runs):
     draws = 10 ** bootstrap(by_lr, fit) if max(len(v) for v in by_lr.values()) >= 2 and len(by_lr[lrs[i]]) >= 2 else None
     lo, hi = np.percentile(draws, [2.5, 97.5]) if draws is not None else (math.nan, math.nan)
     edge = "<=" if i == 0 else ">=" if i == len(lrs) - 1 else ""  # where the true optimum may lie beyond the grid
+    at_best = {r["seed"]: _score(r) for r in runs if r["lr"] == lrs[i] and math.isfinite(_score(r))}
     return dict(lr=10 ** fit(by_lr), lo=float(lo), hi=float(hi), bracketed=not edge, edge=edge, seeds=seeds, draws=draws,
-                best=by_lr[lrs[i]])
+                best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best)
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df):
+    """Student's t 0.975 quantile (the half-width factor of a two-sided 95% interval): the table, the
+    next smaller df's (a wider interval) between its entries, 1.96 + 2.4/df above 30 df (within 0.002)."""
+    return T975.get(df) or (1.96 + 2.4 / df if df > 30 else T975[max(k for k in T975 if k < df)])
+
+
+def mean_ci(values):
+    """(mean, low, high): a 95% Student-t interval over seeds (NaN bounds with fewer than 2). With 3
+    seeds t = 4.30: wider than a bootstrap over 3 values, which covers far less than 95%."""
+    v = np.array([x for x in values if math.isfinite(x)], dtype=float)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else math.nan), math.nan, math.nan
+    h = t975(len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - h), float(v.mean() + h)
 
 
 def gap_interval(a, b):
-    """Mean of a minus mean of b (seed scores at each side's best LR) with a 95% bootstrap interval."""
-    d = bootstrap({"a": a, "b": b}, lambda s: np.mean(s["a"]) - np.mean(s["b"])) if min(len(a), len(b)) >= 2 else None
-    lo, hi = np.percentile(d, [2.5, 97.5]) if d is not None else (math.nan, math.nan)
-    return float(np.mean(a) - np.mean(b)), float(lo), float(hi)
+    """Mean of a minus mean of b, unpaired, with a 95% Welch-t interval (df = the smaller n - 1, the
+    conservative choice). For seed scores that share no data order; paired_gap pairs them when they do."""
+    a, b = (np.array([x for x in v if math.isfinite(x)], dtype=float) for v in (a, b))
+    d = float(a.mean() - b.mean())
+    if min(len(a), len(b)) < 2:
+        return d, math.nan, math.nan
+    h = t975(min(len(a), len(b)) - 1) * math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    return d, d - h, d + h
+
+
+def paired_gap(a, b):
+    """a minus b, each {seed: score}: the mean difference over shared seeds with a 95% t interval (a
+    seed fixes the data order, and pairing takes it out of the gap); unpaired with fewer than 2 shared."""
+    shared = sorted(set(a) & set(b))
+    if len(shared) >= 2:
+        return mean_ci([a[s] - b[s] for s in shared])
+    return gap_interval(list(a.values()), list(b.values()))
 
 
 def _ci(lo, hi, fmt="{:.3g}"):
@@ -330,13 +369,19 @@ def _colors(ranks, cmap="plasma"):
 
 
 def _lr_line(ax, runs, metric, **style):
-    """A sweep as final metric against LR; a diverged run is an x at the top edge (its loss is not a number)."""
-    rs = sorted(runs, key=lambda r: r["lr"])
-    lr, y, bad = (np.array([f(r) for r in rs]) for f in (lambda r: r["lr"], metric, lambda r: r["diverged"]))
-    ax.plot(lr[np.isfinite(y)], y[np.isfinite(y)], marker="o", ms=4, **style)
-    if bad.any():   # x in data units, y in axes units: the top edge whatever the loss range
+    """A sweep as final metric against LR: the mean over seeds at each LR with +-1 SE bars; a diverged
+    run is an x at the top edge (its loss is not a number)."""
+    by_lr = group(runs, "lr")
+    lrs = np.array(sorted(by_lr))
+    vals = [[v for v in map(metric, by_lr[lr]) if math.isfinite(v)] for lr in lrs]
+    ok = np.array([bool(v) for v in vals])
+    mean = np.array([np.mean(v) if v else math.nan for v in vals])
+    se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in vals])
+    ax.errorbar(lrs[ok], mean[ok], yerr=se[ok], marker="o", ms=4, capsize=2, **style)
+    bad = np.array([r["lr"] for r in runs if r["diverged"]])
+    if len(bad):   # x in data units, y in axes units: the top edge whatever the loss range
         first = "diverged" not in [line.get_label() for line in ax.lines]
-        ax.plot(lr[bad], [0.97] * bad.sum(), "x", color=style.get("color"), transform=ax.get_xaxis_transform(),
+        ax.plot(bad, [0.97] * len(bad), "x", color=style.get("color"), transform=ax.get_xaxis_transform(),
                 label="diverged" if first else "_nolegend_")
 
 
@@ -372,7 +417,7 @@ def fig_lr_sweep(runs, w=5):
     fig, (ax,) = _fig(width=9)
     cols, opt = _colors(by_rank), optimal_lrs(sweep)
     stats = {k: optimal_lr_stats(rs) for k, rs in by_rank.items()}
-    rows = ["rank     runs seeds  optimal LR [95% CI]          bracketed  best final loss  minus FullFT's [95% CI]"]
+    rows = ["rank     runs seeds  optimal LR [95% CI]          bracketed  best final loss  minus FullFT's, paired by seed [95% CI]"]
     for k in _ranks(sweep):
         if k in by_rank:
             _lr_line(ax, by_rank[k], final_loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
@@ -383,40 +428,66 @@ def fig_lr_sweep(runs, w=5):
                 continue
             gap = ""
             if k != 0 and stats.get(0):
-                d, lo, hi = gap_interval(st["best"], stats[0]["best"])
+                d, lo, hi = paired_gap(st["by_seed"], stats[0]["by_seed"])
                 gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
             found = f"{st['lr']:10.3g} {_ci(st['lo'], st['hi']):19}" if st["bracketed"] else f"{st['edge'] + format(st['lr'], '.3g'):>10} {'':19}"
             rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
                         f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           {gap}")
     text = _ratio(opt, stats)[1]
-    ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="Learning rate vs final loss per rank")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="Learning rate vs final loss per rank (seed mean +-1 SE)")
     _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
     return fig, "\n".join(rows + [text])
 
 
 def fig_batch_size(runs, w=5):
-    data = {(r["data"], r["examples"]) for r in main_sweep(runs)}   # every batch size, on the main sweep's data
-    rs = [r for r in runs if not r["rl"] and r["standard"] and (r["data"], r["examples"]) in data]
-    best = {(r["rank"], r["batch_size"]): r for r in best_per_config(rs).values()}
-    n_sizes = Counter(k for k, _ in best)
-    best = {(k, bs): r for (k, bs), r in best.items() if n_sizes[k] >= 2}   # ranks that ran 2+ batch sizes
-    sizes = sorted({bs for _, bs in best})
+    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. The standard
+    SFT runs on the (data, examples seen) with the most batch sizes; per (rank, batch size) the best LR
+    of its grid; the gap to FullFT at each batch size and its growth, paired by seed (a seed fixes
+    which examples a run sees, at any batch size)."""
+    std = [r for r in runs if not r["rl"] and r["standard"]]
+    where = group(std, lambda r: (r["data"], r["examples"]))
+    sizes_of = lambda rs: {r["batch_size"] for r in rs}
+    key = max(where, key=lambda k: (len(sizes_of(where[k])), len(where[k])), default=None)
+    rs = where[key] if key else []
+    arms = {ck: _arm_row(g, final_loss) for ck, g in group(rs, lambda r: (r["rank"], r["batch_size"])).items()}
+    n_sizes = Counter(k for k, _ in arms)
+    arms = {(k, bs): a for (k, bs), a in arms.items() if n_sizes[k] >= 2}   # ranks that ran 2+ batch sizes
+    sizes = sorted({bs for _, bs in arms})
     if len(sizes) < 2:
         return None, "needs SFT runs at 2+ batch sizes (train_sft.py --batch_size 8,32 --rank 16,0 --lr_mult 1,3,10,30)"
     fig, (left, right) = _fig(2)
     bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1)) for i, bs in enumerate(sizes)}
-    rank_col, rows = _colors(k for k, _ in best), ["rank      batch   best LR  final loss"]
-    for (k, bs), r in sorted(best.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
-        ls = "-" if k == 0 else "--"   # the post's convention: FullFT solid, LoRA dashed
-        # x in examples seen: runs at different batch sizes line up at the same data
-        left.plot(np.asarray(r["train"][0]) * bs, smooth(r["train"][1], w), ls, color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
-        rows.append(f"{_label(k):9} {bs:6}  {r['lr']:8.3g}  {final_loss(r):.4f}")
-    for k in _ranks(best.values()):
-        pts = sorted((bs, final_loss(r)) for (kk, bs), r in best.items() if kk == k)
-        right.plot(*zip(*pts), "-" if k == 0 else "--", marker="o", color=rank_col[k], label=_label(k))
+    rank_col = _colors(k for k, _ in arms)
+    rows = [f"{key[0]}, {key[1]} examples a run", "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    minus FullFT's, paired [95% CI]"]
+    gaps = {}
+    for (k, bs), (st, by_seed, text) in sorted(arms.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
+        mine = [r for r in rs if (r["rank"], r["batch_size"]) == (k, bs)]
+        lr = st["best_lr"] if st else mine[0]["lr"]
+        best = [r for r in mine if r["lr"] == lr and not r["diverged"]]
+        steps, mean, se = seed_mean(best, w)
+        # x in examples seen: runs at different batch sizes line up at the same data; the post's convention: FullFT solid, LoRA dashed
+        left.plot(steps * bs, mean, "-" if k == 0 else "--", color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
+        gap = ""
+        if k != 0 and (0, bs) in arms:
+            gaps[(k, bs)] = {s: v - arms[(0, bs)][1][s] for s, v in by_seed.items() if s in arms[(0, bs)][1]}
+            d, lo, hi = paired_gap(by_seed, arms[(0, bs)][1])
+            gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+        rows.append(f"{_label(k):9} {bs:6} {int(steps[-1]) if len(steps) else 0:6} {len({r['lr'] for r in mine}):4} {len(by_seed):5}  "
+                    f"{_best_lr_text(st, mine):9} {text:28}  {gap}")
+    for k in _ranks([{"rank": k} for k, _ in arms]):
+        pts = [(bs, mean_ci(arms[(k, bs)][1].values())) for bs in sizes if (k, bs) in arms]
+        x, m = [p[0] for p in pts], np.array([p[1][0] for p in pts])
+        err = np.nan_to_num(np.array([[p[1][0] - p[1][1], p[1][2] - p[1][0]] for p in pts]).T)
+        right.errorbar(x, m, yerr=err, fmt="-o" if k == 0 else "--o", capsize=3, color=rank_col[k], label=_label(k))
+    for k in sorted({k for k, _ in gaps}):
+        lo_bs, hi_bs = min(bs for kk, bs in gaps if kk == k), max(bs for kk, bs in gaps if kk == k)
+        if lo_bs != hi_bs:
+            a, b = gaps[(k, hi_bs)], gaps[(k, lo_bs)]
+            d, lo, hi = paired_gap(a, b)
+            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}: {d:+.4f} {_ci(lo, hi, '{:+.4f}')}")
     left.set(xscale="log", xlabel="training examples (steps x batch size)", ylabel=f"train loss (nats/token, {w}-step mean)",
-             title="Learning curves (best LR)")
-    right.set(xscale="log", xlabel="batch size (sequences)", ylabel=_loss_label(best.values()), title="Final loss vs batch size")
+             title="Learning curves (best LR, seed mean)")
+    right.set(xscale="log", xlabel="batch size (sequences)", ylabel=_loss_label(rs) + ", 95% CI", title="Final loss vs batch size")
     right.set_xticks(sizes, [str(s) for s in sizes])
     right.minorticks_off()   # else log-axis minor labels (2x10^1) crowd the batch sizes
     left.legend(fontsize=7), right.legend(fontsize=8)
@@ -424,12 +495,27 @@ def fig_batch_size(runs, w=5):
     return fig, "\n".join(rows)
 
 
+def _arm_row(rs, metric):
+    """(optimal-LR stats, {seed: metric at the best grid LR}, mean [95% CI] text) of one arm's sweep."""
+    st = optimal_lr_stats(rs)
+    by_seed = {s: (-v if rs[0]["rl"] else v) for s, v in st["by_seed"].items()} if st else \
+        {r["seed"]: metric(r) for r in rs if math.isfinite(metric(r))}
+    m, lo, hi = mean_ci(list(by_seed.values()))
+    return st, by_seed, f"{m:.4f} {_ci(lo, hi, '{:.4f}')}"
+
+
+def _best_lr_text(st, rs):
+    if not st:
+        return f"{rs[0]['lr']:.3g} (one LR)"
+    return f"{st['best_lr']:.3g}" + ("" if st["bracketed"] else f" (grid edge: optimum {st['edge']})")
+
+
 def fig_layers(runs, w=5):
     panels = []
     for rl in (False, True):
         main = main_sweep(runs, rl)
-        where = {(r["data"], r["batch_size"]) for r in main}
-        rs = [r for r in runs if r["rl"] == rl and r["rank"] > 0 and r["plain"] and (r["data"], r["batch_size"]) in where]
+        where = {(r["data"], r["batch_size"], r["examples"]) for r in main}
+        rs = [r for r in runs if r["rl"] == rl and r["rank"] > 0 and r["plain"] and (r["data"], r["batch_size"], r["examples"]) in where]
         others = {r["rank"] for r in rs if r["layers"] != "all"}   # "all" only at the ranks the others ran
         by = group([r for r in rs if r["layers"] != "all" or r["rank"] in others], lambda r: (r["layers"], r["rank"]))
         if len({ly for ly, _ in by}) >= 2:
@@ -439,21 +525,29 @@ def fig_layers(runs, w=5):
                       "(train_sft.py --rank 16 --layers mlp,attn --lr_mult 1,3,10,30)")
     fig, axes = _fig(len(panels), width=9 if len(panels) == 1 else 14)
     title = "Which layers get LoRA: learning rate vs final " + " / ".join("reward" if rl else "loss" for rl, _ in panels)
-    rows = ["script     layers          rank  params    best LR  final"]
+    rows = []
     for ax, (rl, by) in zip(axes, panels):
         metric = final_reward if rl else final_loss
         layer_sets = sorted({ly for ly, _ in by}, key=lambda s: ({"all": 0, "mlp": 1, "attn": 2}.get(s, 3), s))
         ranks = sorted({k for _, k in by})
+        arms = {key: _arm_row(rs, metric) for key, rs in by.items()}
+        ref = next((key for key in by if key[0] == "mlp"), None)   # the post's recommendation is the reference
+        rows.append(f"{'train_rl' if rl else 'train_sft'}: layers  rank  params  LRs  seeds  best LR   "
+                    f"final {'reward' if rl else 'loss'} at it [95% CI]   minus {ref[0] + ' rank ' + str(ref[1]) if ref else '-'}, paired by seed [95% CI]")
         for (ly, k), rs in sorted(by.items(), key=lambda kv: (layer_sets.index(kv[0][0]), kv[0][1])):
             params = f", {rs[0]['params'] / 1e6:.3g}M params" if rs[0]["params"] else ""
             _lr_line(ax, rs, metric, color=f"C{layer_sets.index(ly)}", ls=["-", "--", ":", "-."][ranks.index(k) % 4],
                      label=f"{ly}, rank {k}{params}")
-            best = min(rs, key=lambda r: _score(r) if math.isfinite(_score(r)) else math.inf)
-            rows.append(f"{'train_rl' if rl else 'train_sft':10} {ly:15} {k:4}  {rs[0]['params'] or 0:8.3g}  "
-                        f"{best['lr']:7.3g}  {metric(best):.4f}")
+            st, by_seed, text = arms[(ly, k)]
+            gap = ""
+            if ref and (ly, k) != ref:
+                d, lo, hi = paired_gap(by_seed, arms[ref][1])
+                gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+            rows.append(f"  {ly:13} {k:4}  {(rs[0]['params'] or 0) / 1e6:5.2f}M {len({r['lr'] for r in rs}):4} {len(by_seed):5}  "
+                        f"{_best_lr_text(st, rs):9} {text:28}  {gap}")
         ylabel = "final reward (mean of last 20% steps)" if rl else _loss_label([r for rs in by.values() for r in rs])
         ax.set(xscale="log", xlabel="learning rate", ylabel=ylabel,
-               title=f"{'RL' if rl else 'SFT'}: LoRA on different layers" if len(panels) > 1 else title)
+               title=(f"{'RL' if rl else 'SFT'}: LoRA on different layers" if len(panels) > 1 else title) + " (seed mean +-1 SE)")
         _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     if len(panels) > 1:
         fig.suptitle(title)
@@ -466,34 +560,40 @@ def fig_rl(runs, w=5):
         return None, "needs train_rl.py runs (train_rl.py --rank 1,8,0 --lr_mult 3,10,30)"
     fig, (left, right) = _fig(2)
     by_rank, cols, opt = group(sweep, "rank"), _colors(r["rank"] for r in sweep), optimal_lrs(sweep)
-    best = {r["rank"]: r for r in best_per_config(sweep).values()}
-    rows = ["rank      LRs  best LR  final reward"]
+    arms = {k: _arm_row(rs, final_reward) for k, rs in by_rank.items()}
+    rows = ["rank      LRs  seeds  best LR   final reward at it [95% CI]   minus FullFT's, paired by seed [95% CI]"]
     for k in _ranks(sweep):
-        lw = 2 if k == 0 else 1.3
-        if k in best:
-            left.plot(best[k]["train"][0], smooth(best[k]["train"][1], w), color=cols[k], lw=lw,
-                      label=f"{_label(k)}, LR {best[k]['lr']:.2g}")
-            rows.append(f"{_label(k):9} {len(by_rank[k]):4}  {best[k]['lr']:7.3g}  {final_reward(best[k]):.3f}")
+        lw, (st, by_seed, text) = 2 if k == 0 else 1.3, arms[k]
+        lr = st["best_lr"] if st else by_rank[k][0]["lr"]
+        best = [r for r in by_rank[k] if r["lr"] == lr and not r["diverged"] and len(r["train"][0])]
+        if best:
+            steps, mean, se = seed_mean(best, w)
+            left.plot(steps, mean, color=cols[k], lw=lw, label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
+            left.fill_between(steps, mean - se, mean + se, color=cols[k], alpha=0.2, lw=0)
+        gap = ""
+        if k != 0 and 0 in arms:
+            d, lo, hi = paired_gap(by_seed, arms[0][1])
+            gap = f"{d:+.3f} {_ci(lo, hi, '{:+.3f}')}"
+        rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  {_best_lr_text(st, by_rank[k]):9} {text:30} {gap}")
         _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
-    text = _ratio(opt)[1]
-    left.set(xlabel="step", ylabel=f"train reward ({w}-step mean)", title="Reward during training (best LR per rank)")
+    text = _ratio(opt, {k: a[0] for k, a in arms.items()})[1]
+    left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)", title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
-              title="Final reward vs learning rate")
+              title="Final reward vs learning rate (seed mean +-1 SE)")
     left.legend(fontsize=8), _legend(right, title=text, fontsize=8, title_fontsize=8)
     fig.suptitle("RL: LoRA vs full fine-tuning")
     return fig, "\n".join(rows + [text])
 
 
 def fig_early_rank(runs, w=5):
-    """The post: with alpha/r scaling, ranks start training identically at the same LR. Rank 16
-    (else the lowest rank) against a higher one (256, else the highest) at their shared LR, paired
-    by seed (a seed fixes the batches); the mean loss difference over the first and the last 10%
-    of steps, with a 95% interval over seeds."""
+    """The post: with alpha/r scaling, ranks start training identically at the same LR. The lowest
+    rank against the highest that shares an LR with it, paired by seed (a seed fixes the batches);
+    the mean loss difference over the first and the last 10% of steps, with a 95% interval over seeds."""
     sweep = [r for r in main_sweep(runs) if len(r["train"][0]) and not r["diverged"]]
     lora_ranks = sorted({r["rank"] for r in sweep if r["rank"] > 0})
-    lo = 16 if 16 in lora_ranks else (lora_ranks[0] if lora_ranks else None)
+    lo = lora_ranks[0] if lora_ranks else None
     low = group([r for r in sweep if r["rank"] == lo], "lr")
-    for hi in sorted((k for k in lora_ranks if lo is not None and k > lo), key=lambda k: (k != 256, -k)):   # 256, else highest
+    for hi in sorted((k for k in lora_ranks if lo is not None and k > lo), reverse=True):   # the highest that shares an LR
         high = {lr: rs for lr, rs in group([r for r in sweep if r["rank"] == hi], "lr").items() if lr in low}
         if high:
             break
@@ -519,7 +619,7 @@ def fig_early_rank(runs, w=5):
     right.set(xscale="log", xlabel="step", ylabel=f"loss difference (nats/token, {w}-step mean)", title=f"rank {lo} minus rank {hi}")
     left.legend()
     fig.suptitle(f"Rank {lo} vs rank {hi} at the same LR ({lr:.2g}): the same start of training (1/r scaling)")
-    ci = lambda v: _ci(*np.percentile(bootstrap({"d": v}, lambda d: np.mean(d["d"])), [2.5, 97.5]), "{:+.4f}") if len(v) > 1 else _ci(math.nan, math.nan)
+    ci = lambda v: _ci(*mean_ci(v)[1:], "{:+.4f}")
     return fig, (f"rank {lo} - rank {hi} at LR {lr:.3g}, {len(pairs)} seed(s): mean difference {np.mean(firsts):+.4f} {ci(firsts)} "
                  f"over the first 10% of steps, {np.mean(lasts):+.4f} {ci(lasts)} over the last 10%")
 
@@ -593,23 +693,33 @@ def fig_capacity(runs, w=5):
         return None, "needs runs on --data facts:K (see the README's capacity experiment)"
     ks = sorted({r["facts"] for r in rs})
     fig, axes = _fig(ncols=len(ks) + 1, width=5 * (len(ks) + 1))
-    cols, rows = _colors(r["rank"] for r in rs), ["facts  bits in data  rank     params   best LR   seeds  final loss      bits stored [95% CI]   bits/param"]
+    cols = _colors(r["rank"] for r in rs)
+    rows = ["facts  bits in data  rank     params   best LR   seeds  final loss      bits stored [95% CI]   bits/param  "
+            "minus FullFT's, paired by seed [95% CI]"]
     points = []
+
+    def best_runs(mine, rank):
+        by_lr = group([r for r in mine if r["rank"] == rank], "lr")
+        lr = min(by_lr, key=lambda x: np.mean([final_loss(r) for r in by_lr[x]]))
+        return lr, by_lr, by_lr[lr]
     for ax, k in zip(axes, ks):
         mine = [r for r in rs if r["facts"] == k]
+        full = {r["seed"]: stored_bits(r) for r in best_runs(mine, 0)[2]} if any(r["rank"] == 0 for r in mine) else {}
         for rank in _ranks(mine):
-            by_lr = group([r for r in mine if r["rank"] == rank], "lr")
-            lr = min(by_lr, key=lambda x: np.mean([final_loss(r) for r in by_lr[x]]))
-            best = by_lr[lr]
+            lr, by_lr, best = best_runs(mine, rank)
             steps, mean, se = seed_mean(best, 1, "eval")
             ax.plot(steps, mean, color=cols[rank], lw=2 if rank == 0 else 1.3, label=f"{_label(rank)} ({best[0]['params']:,})")
             ax.fill_between(steps, mean - se, mean + se, color=cols[rank], alpha=0.2, lw=0)
             bits = [stored_bits(r) for r in best]
-            lo, hi = np.percentile(bootstrap({"b": bits}, lambda d: np.mean(d["b"])), [2.5, 97.5]) if len(bits) > 1 else (math.nan, math.nan)
+            _, lo, hi = mean_ci(bits)
             points.append((k, rank, best[0]["params"], float(np.mean(bits)), lo, hi))
             edge = "" if len(by_lr) < 2 or lr not in (min(by_lr), max(by_lr)) else " (edge)"
+            gap = ""
+            if rank and full:   # a seed fixes the facts: pairing takes their difficulty out of the gap
+                d, glo, ghi = paired_gap({r["seed"]: stored_bits(r) for r in best}, full)
+                gap = f"{d:+.0f} {_ci(glo, ghi, '{:+.0f}')}"
             rows.append(f"{k:5}  {k * BITS_PER_FACT:12.0f}  {_label(rank):7} {best[0]['params']:9,}  {lr:8.2g}{edge:7} {len(best):5}  "
-                        f"{mean[-1]:10.4f}  {np.mean(bits):9.0f} {_ci(lo, hi, '{:.0f}'):18}  {np.mean(bits) / best[0]['params']:8.3f}")
+                        f"{mean[-1]:10.4f}  {np.mean(bits):9.0f} {_ci(lo, hi, '{:.0f}'):18}  {np.mean(bits) / best[0]['params']:8.3f}    {gap}")
         ax.axhline(math.log(10) * 4 / 5, color="gray", ls=":", lw=1)  # 4 uniform digits + a free end token, per token
         last = max(r["eval"][0][-1] for r in mine)
         epochs = last * mine[0]["batch_size"] / k
@@ -645,7 +755,6 @@ def fig_invariance(runs, w=5):
         return None, "needs LoRA runs at --init_scale c --lr_ratio_b 1/c for several c beside c = 1 (README: invariances)"
     key = max(by, key=lambda k: len(by[k]))
     fig, (ax,) = _fig()
-    base = [final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]]
     rows = [f"{key[0]}, rank {key[1]} on {key[2]}, LR {key[3]:.2g}",
             "init_scale  lr_ratio_b  seeds  diverged  final loss  minus c=1, paired by seed [95% CI]"]
     for i, ((_, ratio, init), every) in enumerate(sorted(group(by[key], "variant").items(), key=lambda kv: kv[0][2])):
@@ -659,12 +768,7 @@ def fig_invariance(runs, w=5):
         ax.fill_between(steps, mean - se, mean + se, color=f"C{i}", alpha=0.2, lw=0)
         finals = [final_loss(r) for r in vs]
         ref = {r["seed"]: final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]}
-        paired = [final_loss(r) - ref[r["seed"]] for r in vs if r["seed"] in ref]   # a seed fixes the facts and the batches
-        if len(paired) >= 2:
-            d = float(np.mean(paired))
-            lo, hi = np.percentile(bootstrap({"d": paired}, lambda x: np.mean(x["d"])), [2.5, 97.5])
-        else:
-            d, lo, hi = gap_interval(finals, base)
+        d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)   # a seed fixes the facts and the batches
         gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
         rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  {np.mean(finals):10.4f}  {gap}")
     ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="The second direction alone: init_A / LR_A x c (alpha x init_A x LR_B fixed)")

@@ -247,6 +247,8 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None):
                "ratio_min": r_all.min().item(), "ratio_mean": r_all.mean().item(), "ratio_max": r_all.max().item(),
                "sample_tok_s": n_gen / t_sample, "learn_tok_s": n_learn / max(t_learn, 1e-9),
                "ms": (time.time() - t0) * 1000, "lr": a.lr}
+        if str(device).startswith("cuda"):   # what this run holds at its peak: weights, optimizer, KV cache, activations
+            rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         log.write(rec)
         progress.add(1)
         if grid:

@@ -291,7 +291,8 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
             log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": int(n_tok.item()),
                        "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": flops_done,
                        "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch,
-                       "pad_frac": 1 - sum(len(ids) - 1 for ids, _ in mine) / positions})
+                       "pad_frac": 1 - sum(len(ids) - 1 for ids, _ in mine) / positions}
+                      | ({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if device.startswith("cuda") else {}))
             if step % a.log_every == 0 or step == total_steps:
                 print(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr:.2e} | {ms:6.0f} ms | "
                       f"{sum(lengths) / ms * 1000:7.0f} tok/s | {flops_done:.3e} FLOPs | {progress}", flush=True)
