@@ -757,6 +757,7 @@ def fig_invariance(runs, w=5):
     fig, (ax,) = _fig()
     rows = [f"{key[0]}, rank {key[1]} on {key[2]}, LR {key[3]:.2g}",
             "init_scale  lr_ratio_b  seeds  diverged  final loss  minus c=1, paired by seed [95% CI]"]
+    ref = {r["seed"]: final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]}   # c = 1, by seed
     for i, ((_, ratio, init), every) in enumerate(sorted(group(by[key], "variant").items(), key=lambda kv: kv[0][2])):
         vs = [r for r in every if not r["diverged"]]
         if not vs:
@@ -767,7 +768,6 @@ def fig_invariance(runs, w=5):
         ax.plot(steps, mean, color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
         ax.fill_between(steps, mean - se, mean + se, color=f"C{i}", alpha=0.2, lw=0)
         finals = [final_loss(r) for r in vs]
-        ref = {r["seed"]: final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]}
         d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)   # a seed fixes the facts and the batches
         gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
         rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  {np.mean(finals):10.4f}  {gap}")
