@@ -25,6 +25,7 @@ The "main sweep" is the SFT runs on all layers with the default LoRA settings at
 import argparse
 import json
 import math
+import re
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -440,12 +441,12 @@ def fig_lr_sweep(runs, w=5):
 
 
 def fig_batch_size(runs, w=5):
-    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. The standard
-    SFT runs on the (data, examples seen) with the most batch sizes; per (rank, batch size) the best LR
+    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. The plain
+    SFT runs on the (data, examples seen, layers) with the most batch sizes; per (rank, batch size) the best LR
     of its grid; the gap to FullFT at each batch size and its growth, paired by seed (a seed fixes
     which examples a run sees, at any batch size)."""
-    std = [r for r in runs if not r["rl"] and r["standard"]]
-    where = group(std, lambda r: (r["data"], r["examples"]))
+    std = [r for r in runs if not r["rl"] and r["plain"]]
+    where = group(std, lambda r: (r["data"], r["examples"], r["layers"]))
     sizes_of = lambda rs: {r["batch_size"] for r in rs}
     key = max(where, key=lambda k: (len(sizes_of(where[k])), len(where[k])), default=None)
     rs = where[key] if key else []
@@ -458,7 +459,7 @@ def fig_batch_size(runs, w=5):
     fig, (left, right) = _fig(2)
     bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1)) for i, bs in enumerate(sizes)}
     rank_col = _colors(k for k, _ in arms)
-    rows = [f"{key[0]}, {key[1]} examples a run", "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    minus FullFT's, paired [95% CI]"]
+    rows = [f"{key[0]}, {key[1]} examples a run, layers: {key[2]}", "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    minus FullFT's, paired [95% CI]"]
     gaps = {}
     for (k, bs), (st, by_seed, text) in sorted(arms.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
         mine = [r for r in rs if (r["rank"], r["batch_size"]) == (k, bs)]
@@ -645,11 +646,15 @@ def fig_flops(runs, w=5):
 
 def fig_norms(runs, w=5):
     """The post's finding 11: B starts at zero and grows during training; by the end of its long runs B
-    had larger spectral norms than A. Median over the adapted matrices of ||A||_2 and ||B||_2 per eval."""
-    rs = sorted((r for r in runs if len(r["norms"]) >= 2 and not r["diverged"]), key=lambda r: (-r["norms"][-1][0], r["name"]))
-    if not rs:
+    had larger spectral norms than A. Drawn: median over the adapted matrices of ||A||_2 and ||B||_2 per
+    eval, for the longest runs on real data (on facts where there are none). The table adds, for every
+    configuration run with 2+ seeds (facts included), ||B|| / ||A|| at the last eval (median over
+    matrices): its mean over seeds with a 95% interval."""
+    every = [r for r in runs if len(r["norms"]) >= 2 and not r["diverged"]]
+    if not every:
         return None, "needs LoRA runs with evals (train_sft.py logs the spectral norms of A and B at each eval)"
-    rs = rs[:4]   # the longest runs: the finding is about the end of training
+    longest = lambda r: (-r["norms"][-1][0], r["name"])
+    rs = sorted([r for r in every if not r["facts"]] or every, key=longest)[:4]   # the finding is about the end of training
     fig, (ax,) = _fig(width=9)
     rows = ["run                                              step  median |A|_2  median |B|_2  B > A in"]
     for i, r in enumerate(rs):
@@ -662,6 +667,12 @@ def fig_norms(runs, w=5):
         step, a, b = r["norms"][-1]
         rows.append(f"{r['name'][:48]:48} {step:5}  {np.median(a):12.4f}  {np.median(b):12.4f}  "
                     f"{sum(y > x for x, y in zip(a, b))}/{len(a)} matrices")
+    ratio = lambda r: float(np.median(np.array(r["norms"][-1][2]) / np.maximum(r["norms"][-1][1], 1e-12)))
+    seeded = [g for g in group(every, lambda r: config(r) + (r["lr"],)).values() if len({r["seed"] for r in g}) >= 2]
+    rows += ["", "configuration (2+ seeds, longest first)                   step  seeds  |B|/|A| at the end [95% CI]"]
+    for g in sorted(seeded, key=lambda g: longest(g[0]))[:12]:
+        m, lo, hi = mean_ci([ratio(r) for r in g])
+        rows.append(f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])[:56]:56} {g[0]['norms'][-1][0]:5}  {len(g):5}  {m:.3f} {_ci(lo, hi, '{:.3f}')}")
     ax.set(xlabel="step", ylabel="spectral norm (median; band: quartiles)",
            title="LoRA's A (solid) and B (dashed): B grows from zero")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -704,6 +715,8 @@ def fig_capacity(runs, w=5):
         return lr, by_lr, by_lr[lr]
     for ax, k in zip(axes, ks):
         mine = [r for r in rs if r["facts"] == k]
+        longest = max(group(mine, lambda r: (r["examples"], r["batch_size"])).items(), key=lambda kv: (kv[0][0], len(kv[1])))
+        mine = longest[1]   # the longest study on these facts: capacity is what a run stores once it stops gaining
         full = {r["seed"]: stored_bits(r) for r in best_runs(mine, 0)[2]} if any(r["rank"] == 0 for r in mine) else {}
         for rank in _ranks(mine):
             lr, by_lr, best = best_runs(mine, rank)
@@ -749,7 +762,7 @@ def fig_invariance(runs, w=5):
     c = 1's with a 95% interval over seeds."""
     rs = [r for r in runs if r["rank"] > 0 and (r["diverged"] or len(r["eval"][0]) >= 2)
           and r["variant"][0] is False and abs(r["variant"][1] * r["variant"][2] - 1) < 1e-9]
-    by = group(rs, lambda r: (r["data"], r["rank"], r["layers"], r["lr"], r["batch_size"]))
+    by = group(rs, lambda r: (r["data"], r["rank"], r["layers"], r["lr"], r["batch_size"], r["examples"]))
     by = {k: v for k, v in by.items() if len({r["variant"] for r in v}) >= 2 and any(r["plain"] for r in v)}
     if not by:
         return None, "needs LoRA runs at --init_scale c --lr_ratio_b 1/c for several c beside c = 1 (README: invariances)"
@@ -796,8 +809,11 @@ def main(argv=None):
     out = Path(a.to or a.logs)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, make in FIGURES:  # the facts runs feed only their own figures
-        fig, text = make([r for r in runs if bool(r["facts"]) == (make in (fig_capacity, fig_invariance))], a.smooth)
+    for name, make in FIGURES:
+        # the facts runs feed their own figures, the batch study (the data with the most batch sizes wins) and
+        # the norms table (not its drawing)
+        mine = runs if make in (fig_batch_size, fig_norms) else [r for r in runs if bool(r["facts"]) == (make in (fig_capacity, fig_invariance))]
+        fig, text = make(mine, a.smooth)
         if fig is None:
             print(f"skip {name}: {text}")
             continue

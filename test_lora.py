@@ -1399,14 +1399,15 @@ def full_set(root):
         facts(root, 1, seed, final, init=init)
 
 
-def facts(root, rank, seed, final, k=100, init=1.0):
-    """A run memorising k facts (train_sft.py --data facts:k) whose eval loss ends at `final`;
-    init: --init_scale init --lr_ratio_b 1/init."""
+def facts(root, rank, seed, final, k=100, init=1.0, steps=50):
+    """A run memorising k facts (train_sft.py --data facts:k) whose eval loss ends at `final` after
+    `steps` steps of 10; init: --init_scale init --lr_ratio_b 1/init."""
     args = dict(rank=rank, layers="29.down_proj", lm_head=False, lr=1e-3, batch_size=10, data=f"facts:{k}", seed=seed,
                 init_scale=init, lr_ratio_b=1 / init)
-    evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50} for s, loss in ((0, 6.0), (50, final))]
-    log = write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}", "train_sft", args, evals)
-    log.write_text(log.read_text().replace('"trainable_params": 1000', '"trainable_params": 1000, "n_eval_examples": 10'))
+    evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50} for s, loss in ((0, 6.0), (steps, final))]
+    evals.append({"type": "train", "step": steps, "loss": final})   # finished: its last step is the total
+    log = write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}", "train_sft", args, evals)
+    log.write_text(log.read_text().replace('"trainable_params": 1000', f'"trainable_params": 1000, "n_eval_examples": 10, "total_steps": {steps}'))
 
 
 def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
@@ -1806,6 +1807,35 @@ def test_capacity_figure_counts_stored_bits(tmp_path):
     assert plot.stored_bits(runs[4, 0]) == pytest.approx(50 * math.log2(1e4))
     written = plot.main([str(tmp_path), "--to", str(tmp_path / "png")])
     assert [p.name for p in written] == ["fig9_capacity.png"]
+
+
+def test_a_shorter_study_on_the_same_facts_stays_out_of_the_capacity_figure(tmp_path):
+    # the capacity study trains longest; a batch-size study on the same facts (fewer examples seen)
+    # shares its LR, so mixing them would average unlike runs into one point
+    for seed in (0, 1):
+        for rank, final in ((0, 0.0), (4, 0.5)):
+            facts(tmp_path, rank, seed, final, steps=50)
+            facts(tmp_path, rank, seed, final + 2, steps=20)
+    fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
+    rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:]]
+    assert [r[2] for r in rows] == ["rank_4", "FullFT"] and [r[5] for r in rows] == ["2", "2"]   # 2 seeds, not 4
+    assert [float(r[6]) for r in rows] == [0.5, 0.0]                                           # the 50-step runs' losses
+
+
+def test_a_batch_study_of_a_few_matrices_reaches_the_batch_figure(tmp_path):
+    # the batch study may train a layer subset (the facts study does): plain runs of any layer set count
+    for seed in range(3):
+        for bs, steps, gap in ((10, 40, 0.0), (40, 10, 0.05)):
+            for rank, opt in ((0, 1e-3), (32, 1e-2)):
+                for k in (-1, 0, 1):
+                    final = 1.0 + 0.1 * seed + (gap if rank else 0) + 0.01 * k * k
+                    sft(tmp_path, rank, opt * 2.0 ** k, final, batch_size=bs, steps=steps, seed=seed, layers="29.down_proj")
+    fig, text = plot.fig_batch_size(plot.load_runs(tmp_path), 3)
+    assert fig is not None and "layers: 29.down_proj" in text
+    assert "rank 32's gap to FullFT at batch 40 minus at batch 10: +0.0500" in text
+    # the norms table: |B| / |A| at the end, the median over matrices (0.9 / 0.7 and 0.5 / 0.8), over 3 seeds
+    _, text = plot.fig_norms(plot.load_runs(tmp_path))
+    assert re.search(r"sft_r32_29.down_proj_lr1.000e-02_bs10 +40 +3 +0.955 \[0.955, 0.955\]", text), text
 
 
 def test_invariance_figure_reports_the_gap_with_an_interval(tmp_path, capsys):
