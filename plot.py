@@ -244,7 +244,8 @@ def bootstrap(values, stat, n=2000, seed=0):
 def optimal_lr_stats(runs):
     """The optimal LR of a sweep with a 95% interval from a bootstrap over seeds (None without 2+
     seeds at every LR), whether the grid brackets it (the best mean LR is not at an edge of the
-    grid: otherwise the optimum may lie beyond, and is not reported as found), and the draws."""
+    grid: otherwise the optimum may lie beyond, and is not reported as found; an LR whose every run
+    diverged counts as a worse point of the grid), and the draws."""
     by_lr = scores_by_lr(runs)
     if len(by_lr) < 2:
         return None
@@ -256,7 +257,8 @@ def optimal_lr_stats(runs):
     # an extra LR run with fewer seeds stays in the fit (resampling one value leaves it fixed)
     draws = 10 ** bootstrap(by_lr, fit) if max(len(v) for v in by_lr.values()) >= 2 and len(by_lr[lrs[i]]) >= 2 else None
     lo, hi = np.percentile(draws, [2.5, 97.5]) if draws is not None else (math.nan, math.nan)
-    edge = "<=" if i == 0 else ">=" if i == len(lrs) - 1 else ""  # where the true optimum may lie beyond the grid
+    tried = sorted({r["lr"] for r in runs})   # with the LRs that only diverged: the loss beyond them is worse
+    edge = "<=" if lrs[i] == tried[0] else ">=" if lrs[i] == tried[-1] else ""  # where the true optimum may lie beyond the grid
     at_best = {r["seed"]: _score(r) for r in runs if r["lr"] == lrs[i] and math.isfinite(_score(r))}
     return dict(lr=10 ** fit(by_lr), lo=float(lo), hi=float(hi), bracketed=not edge, edge=edge, seeds=seeds, draws=draws,
                 best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best)

@@ -1523,6 +1523,20 @@ def test_diverged_run_is_excluded_from_the_optimum(tmp_path):
     assert plot.optimal_lr_ratio(runs) == pytest.approx(10, rel=0.01)
 
 
+def test_an_lr_that_only_diverged_brackets_the_optimum(tmp_path):
+    # best finished LR 2e-3 at the top of what finished; 4e-3 was run and blew up in both seeds:
+    # the optimum is not beyond the grid. Without the 4e-3 runs it would be a bound.
+    for seed in (0, 1):
+        for lr, final in ((5e-4, 1.2), (1e-3, 1.1), (2e-3, 1.0)):
+            sft(tmp_path, 16, lr, final + 0.01 * seed, seed=seed)
+    assert plot.optimal_lr_stats(plot.load_runs(tmp_path))["edge"] == ">="
+    for seed in (0, 1):
+        with open(sft(tmp_path, 16, 4e-3, 0.5, seed=seed), "a") as f:
+            f.write(json.dumps({"type": "diverged", "step": 31, "loss": float("nan")}) + "\n")
+    st = plot.optimal_lr_stats(plot.load_runs(tmp_path))
+    assert st["bracketed"] and st["best_lr"] == 2e-3 and st["lr"] == pytest.approx(2e-3)
+
+
 # -----------------------------------------------------------------------------
 # interop: tokenizer files from any Tokenizer, chat rendering as apply_chat_template tokenizes,
 # full-attention configs, PEFT's target rules, the recorded base model, tied-head warnings
