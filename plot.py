@@ -133,7 +133,7 @@ def _score(run):   # lower is better for both scripts
 
 
 def _loss_label(runs):
-    if all(len(r["eval"][0]) and r["eval"][0][-1] > 0 for r in runs):
+    if all(len(r["eval"][0]) and r["eval"][0][-1] > 0 for r in runs if not r["diverged"]):   # a diverged run has no final loss
         return "final eval loss (nats/token)"
     return "final loss (nats/token; eval, else mean of last 10% train)"
 
@@ -461,6 +461,8 @@ def fig_batch_size(runs, w=5):
     fig, (left, right) = _fig(2)
     bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1)) for i, bs in enumerate(sizes)}
     rank_col = _colors(k for k, _ in arms)
+    lora_ranks = sorted({k for k, _ in arms if k})
+    dash = {k: ("--", ":", "-.")[i % 3] for i, k in enumerate(lora_ranks)} | {0: "-"}   # FullFT solid, a dash per LoRA rank
     rows = [f"{key[0]}, {key[1]} examples a run, layers: {key[2]}", "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    minus FullFT's, paired [95% CI]"]
     gaps = {}
     for (k, bs), (st, by_seed, text) in sorted(arms.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
@@ -469,7 +471,7 @@ def fig_batch_size(runs, w=5):
         best = [r for r in mine if r["lr"] == lr and not r["diverged"]]
         steps, mean, se = seed_mean(best, w)
         # x in examples seen: runs at different batch sizes line up at the same data; the post's convention: FullFT solid, LoRA dashed
-        left.plot(steps * bs, mean, "-" if k == 0 else "--", color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
+        left.plot(steps * bs, mean, dash[k], color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
         gap = ""
         if k != 0 and (0, bs) in arms:
             gaps[(k, bs)] = {s: v - arms[(0, bs)][1][s] for s, v in by_seed.items() if s in arms[(0, bs)][1]}
@@ -481,7 +483,7 @@ def fig_batch_size(runs, w=5):
         pts = [(bs, mean_ci(arms[(k, bs)][1].values())) for bs in sizes if (k, bs) in arms]
         x, m = [p[0] for p in pts], np.array([p[1][0] for p in pts])
         err = np.nan_to_num(np.array([[p[1][0] - p[1][1], p[1][2] - p[1][0]] for p in pts]).T)
-        right.errorbar(x, m, yerr=err, fmt="-o" if k == 0 else "--o", capsize=3, color=rank_col[k], label=_label(k))
+        right.errorbar(x, m, yerr=err, fmt=dash[k] + "o", capsize=3, color=rank_col[k], label=_label(k))
     for k in sorted({k for k, _ in gaps}):
         lo_bs, hi_bs = min(bs for kk, bs in gaps if kk == k), max(bs for kk, bs in gaps if kk == k)
         if lo_bs != hi_bs:
@@ -494,7 +496,7 @@ def fig_batch_size(runs, w=5):
     right.set_xticks(sizes, [str(s) for s in sizes])
     right.minorticks_off()   # else log-axis minor labels (2x10^1) crowd the batch sizes
     left.legend(fontsize=7), right.legend(fontsize=8)
-    fig.suptitle("Batch size effects: LoRA (dashed) vs FullFT (solid)")
+    fig.suptitle("Batch size effects: LoRA (dashed, dotted) vs FullFT (solid)")
     return fig, "\n".join(rows)
 
 
