@@ -93,7 +93,7 @@ def load_run(path):
                     # the data a run sees, steps x batch: a longer run (fig 8's) is no point of a 20-step sweep
                     examples=int(cfg.get("total_steps") or max([r.get("step", 0) for r in records if r.get("type") == "train"] or [0])) * batch,
                     eval_tokens=[(int(r["step"]), r["tokens"]) for r in records if r.get("type") == "eval" and "tokens" in r],
-                    n_eval=cfg.get("n_eval_examples"),
+                    n_eval=cfg.get("n_eval_examples"), n_layers=(cfg.get("model") or {}).get("num_hidden_layers"),
                     ms=sum(r.get("ms", 0) for r in records if r.get("type") == "train" and isinstance(r.get("ms"), (int, float))),
                     train=_series(records, "train", metric), flops=_series(records, "train", "flops"),
                     eval=_series(records, "eval", "accuracy" if rl else "loss"),
@@ -671,16 +671,24 @@ def fig_norms(runs, w=5):
         step, a, b = r["norms"][-1]
         rows.append(f"{r['name'][:48]:48} {step:5}  {np.median(a):12.4f}  {np.median(b):12.4f}  "
                     f"{sum(y > x for x, y in zip(a, b))}/{len(a)} matrices")
-    ratio = lambda r: float(np.median(np.array(r["norms"][-1][2]) / np.maximum(r["norms"][-1][1], 1e-12)))
+    def ratio(r, part=slice(None)):   # part: of the 7 matrices of each layer (q, k, v, o, gate, up, down: lora_modules' order)
+        a, b = (np.array(v, dtype=float) for v in r["norms"][-1][1:])
+        q = b / np.maximum(a, 1e-12)
+        if part != slice(None):
+            q = q.reshape(-1, 7)[:, part]
+        return float(np.median(q))
+    split = lambda r: r["layers"] == "all" and r["n_layers"] and len(r["norms"][-1][1]) == 7 * r["n_layers"]
     seeded = []   # per configuration, its best LR among those run with 2+ seeds
     for rs_ in group(every, config).values():
         by_lr = [g for g in group(rs_, "lr").values() if len({r["seed"] for r in g}) >= 2]
         if by_lr:
             seeded.append(min(by_lr, key=lambda g: np.mean([final_loss(r) for r in g])))
-    rows += ["", "configuration at its best LR (2+ seeds, longest first)      step  seeds  |B|/|A| at the end [95% CI]"]
+    rows += ["", "configuration at its best LR (2+ seeds, longest first)      step  seeds  |B|/|A| at the end [95% CI]"
+                 "   attention matrices       MLP matrices"]
     for g in sorted(seeded, key=lambda g: longest(g[0]))[:30]:
-        m, lo, hi = mean_ci([ratio(r) for r in g])
-        rows.append(f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])[:56]:56} {g[0]['norms'][-1][0]:5}  {len(g):5}  {m:.3f} {_ci(lo, hi, '{:.3f}')}")
+        parts = [slice(None)] + ([slice(0, 4), slice(4, 7)] if all(split(r) for r in g) else [])
+        cells = [f"{m:.3f} {_ci(lo, hi, '{:.3f}'):16}" for m, lo, hi in (mean_ci([ratio(r, p) for r in g]) for p in parts)]
+        rows.append(f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])[:56]:56} {g[0]['norms'][-1][0]:5}  {len(g):5}  " + "  ".join(cells))
     ax.set(xlabel="step", ylabel="spectral norm (median; band: quartiles)",
            title="LoRA's A (solid) and B (dashed): B grows from zero")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))

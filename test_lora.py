@@ -1852,6 +1852,21 @@ def test_a_batch_study_of_a_few_matrices_reaches_the_batch_figure(tmp_path):
     assert re.search(r"sft_r32_29.down_proj_lr1.000e-02_bs10 +40 +3 +0.955 \[0.955, 0.955\]", text), text
 
 
+def test_the_norms_table_splits_attention_from_mlp_matrices(tmp_path):
+    # all layers of a 2-layer Llama: 14 matrices in lora_modules' order (q, k, v, o, gate, up, down per
+    # layer); B is half A in the attention matrices, twice A in the MLP ones
+    for seed in (0, 1):
+        log = sft(tmp_path, 16, 1e-3, 1.0, seed=seed)
+        recs = [json.loads(line) for line in log.read_text().splitlines()]
+        recs[0]["model"] = {"num_hidden_layers": 2}
+        for r in recs:
+            if r["type"] == "norms":
+                r["A"], r["B"] = [1.0] * 14, ([0.5] * 4 + [2.0] * 3) * 2 if r["step"] else [0.0] * 14
+        log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    _, text = plot.fig_norms(plot.load_runs(tmp_path))
+    assert re.search(r"sft_r16_all_lr1.000e-03_bs32 +30 +2 +0.500 \[0.500, 0.500\] +0.500 \[0.500, 0.500\] +2.000 \[2.000, 2.000\]", text), text
+
+
 def test_invariance_figure_reports_the_gap_with_an_interval(tmp_path, capsys):
     for init, finals in [(1, (1.0, 1.1, 1.05)), (4, (1.5, 1.6, 1.55)), (0.25, (1.02, 1.08, 1.05))]:
         for seed, final in enumerate(finals):
