@@ -217,10 +217,11 @@ def _parabola_min(x, y):
 
 
 def scores_by_lr(runs):
-    """{lr: [final loss (or -reward) of each seed]} over a sweep's finished runs."""
-    out = defaultdict(list)
+    """{lr: [final loss (or -reward) of each seed]} over a sweep's finished runs, leaving out every LR at
+    which any seed diverged: its survivors alone would make an unstable LR look like the best."""
+    out, bad = defaultdict(list), {r["lr"] for r in runs if not math.isfinite(_score(r))}
     for r in runs:
-        if math.isfinite(_score(r)):
+        if r["lr"] not in bad:
             out[r["lr"]].append(_score(r))
     return dict(out)
 
@@ -244,7 +245,7 @@ def bootstrap(values, stat, n=2000, seed=0):
 def optimal_lr_stats(runs):
     """The optimal LR of a sweep with a 95% interval from a bootstrap over seeds (None without 2+
     seeds at every LR), whether the grid brackets it (the best mean LR is not at an edge of the
-    grid: otherwise the optimum may lie beyond, and is not reported as found; an LR whose every run
+    grid: otherwise the optimum may lie beyond, and is not reported as found; an LR at which a run
     diverged counts as a worse point of the grid), and the draws."""
     by_lr = scores_by_lr(runs)
     if len(by_lr) < 2:

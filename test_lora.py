@@ -1523,7 +1523,7 @@ def test_diverged_run_is_excluded_from_the_optimum(tmp_path):
     assert plot.optimal_lr_ratio(runs) == pytest.approx(10, rel=0.01)
 
 
-def test_an_lr_that_only_diverged_brackets_the_optimum(tmp_path):
+def test_an_lr_that_diverged_brackets_the_optimum_and_never_wins(tmp_path):
     # best finished LR 2e-3 at the top of what finished; 4e-3 was run and blew up in both seeds:
     # the optimum is not beyond the grid. Without the 4e-3 runs it would be a bound.
     for seed in (0, 1):
@@ -1535,6 +1535,12 @@ def test_an_lr_that_only_diverged_brackets_the_optimum(tmp_path):
             f.write(json.dumps({"type": "diverged", "step": 31, "loss": float("nan")}) + "\n")
     st = plot.optimal_lr_stats(plot.load_runs(tmp_path))
     assert st["bracketed"] and st["best_lr"] == 2e-3 and st["lr"] == pytest.approx(2e-3)
+    # 3e-3: one seed the best of all, the other diverged; its survivor alone must not win
+    sft(tmp_path, 16, 3e-3, 0.7, seed=0)
+    with open(sft(tmp_path, 16, 3e-3, 0.7, seed=1), "a") as f:
+        f.write(json.dumps({"type": "diverged", "step": 31, "loss": float("nan")}) + "\n")
+    st = plot.optimal_lr_stats(plot.load_runs(tmp_path))
+    assert st["best_lr"] == 2e-3 and st["bracketed"] and sorted(st["by_seed"]) == [0, 1]
 
 
 # -----------------------------------------------------------------------------
