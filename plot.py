@@ -679,11 +679,12 @@ def fig_norms(runs, w=5):
             q = q.reshape(-1, 7)[:, part]
         return float(np.median(q))
     split = lambda r: r["layers"] == "all" and r["n_layers"] and len(r["norms"][-1][1]) == 7 * r["n_layers"]
-    seeded = []   # per configuration, its best LR among those run with 2+ seeds
+    seeded = []   # per configuration, its best LR (by mean final loss) among those with 2+ finished seeds
     for rs_ in group(every, config).values():
-        by_lr = [g for g in group(rs_, "lr").values() if len({r["seed"] for r in g}) >= 2]
-        if by_lr:
-            seeded.append(min(by_lr, key=lambda g: np.mean([final_loss(r) for r in g])))
+        scores = {lr: v for lr, v in scores_by_lr(rs_).items() if len(v) >= 2}
+        if scores:
+            best = min(scores, key=lambda lr: np.mean(scores[lr]))
+            seeded.append([r for r in rs_ if r["lr"] == best])
     rows += ["", "configuration at its best LR (2+ seeds, longest first)      step  seeds  |B|/|A| at the end [95% CI]"
                  "   attention matrices       MLP matrices"]
     for g in sorted(seeded, key=lambda g: longest(g[0]))[:30]:
@@ -732,8 +733,8 @@ def fig_capacity(runs, w=5):
         return lr, by_lr, by_lr[lr]
     for ax, k in zip(axes, ks):
         mine = [r for r in rs if r["facts"] == k]
-        longest = max(group(mine, lambda r: (r["examples"], r["batch_size"])).items(), key=lambda kv: (kv[0][0], len(kv[1])))
-        mine = longest[1]   # the longest study on these facts: capacity is what a run stores once it stops gaining
+        # the longest study on these facts: capacity is what a run stores once it stops gaining
+        mine = max(group(mine, lambda r: (r["examples"], r["batch_size"])).values(), key=lambda g: (g[0]["examples"], len(g)))
         full = {r["seed"]: stored_bits(r) for r in best_runs(mine, 0)[2]} if any(r["rank"] == 0 for r in mine) else {}
         for rank in _ranks(mine):
             lr, by_lr, best = best_runs(mine, rank)
