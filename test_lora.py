@@ -1026,16 +1026,19 @@ def test_sft_ddp_two_processes_equal_one(tmp_path):
 
 
 def torchrun(tmp_path, n, args, out):
-    """train_sft.py under torchrun with n processes on the CPU (gloo); one retry (see the DDP test)."""
+    """train_sft.py under torchrun with n processes on the CPU (gloo); one retry (see the DDP test).
+    The retry resumes: whatever the failed attempt saved must lead to the same curve, so a
+    rendezvous that failed on a busy box costs time, never the check."""
     import subprocess
     import sys
     for attempt in range(2):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                             "train_sft.py", *args, "--out", str(tmp_path / out)], capture_output=True, text=True,
                            cwd=str(Path(__file__).parent), env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if r.returncode == 0 or "--resume" in args:
+        if r.returncode == 0:
             break
         print(f"torchrun failed (attempt {attempt + 1}): {r.stderr[-1500:]}")
+        args = args if "--resume" in args else [*args, "--resume"]
     assert r.returncode == 0, r.stderr[-2000:]
 
 
