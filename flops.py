@@ -345,7 +345,21 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto", co
     lo["mfu_if_counted_as_fullft"] = full["analytic_flops"] / lo["ms"] * 1e3 / peak if peak else None
     out["time_ratio"], out["flop_ratio"] = lo["ms"] / full["ms"], lo["analytic_flops"] / full["analytic_flops"]
     out["fwd_bwd_time_ratio"] = lo["fwd_bwd_ms"] / full["fwd_bwd_ms"]
+    out["time_ratio_ci"] = paired_ratio_interval([sum(t) for t in runs["LoRA"]["times"][1:]],
+                                                 [sum(t) for t in runs["FullFT"]["times"][1:]])
     return out
+
+
+def paired_ratio_interval(a, b, draws=2000, seed=0):
+    """95% bootstrap interval of median(a) / median(b) over interleaved steps, resampled in pairs (a
+    slow moment of the machine slows both members of a pair); None under 5 pairs."""
+    if len(a) < 5:
+        return None
+    g, n = torch.Generator().manual_seed(seed), len(a)
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    idx = torch.randint(n, (draws, n), generator=g)
+    r = (a[idx].median(1).values / b[idx].median(1).values).sort().values
+    return [r[int(0.025 * draws)].item(), r[int(0.975 * draws) - 1].item()]
 
 
 
@@ -590,7 +604,9 @@ def print_measured(m):
     if lo["mfu_if_counted_as_fullft"]:
         print(f"  LoRA's MFU if its FLOPs were counted as FullFT's (as if frozen weights got weight gradients): "
               f"{lo['mfu_if_counted_as_fullft']:.1%}")
-    print(f"  LoRA/FullFT time {m['time_ratio']:.3f} measured ({m['fwd_bwd_time_ratio']:.3f} for forward + backward alone), "
+    ci = m.get("time_ratio_ci")
+    ci = f" [{ci[0]:.3f}, {ci[1]:.3f}] (95%, pairs of steps resampled)" if ci else " (no interval under 5 steps)"
+    print(f"  LoRA/FullFT time {m['time_ratio']:.3f}{ci} measured ({m['fwd_bwd_time_ratio']:.3f} for forward + backward alone), "
           f"{m['flop_ratio']:.3f} analytic FLOPs (which leave out the optimizer)")
     print(f"  process max RSS {m['process_max_rss'] / 2**30:.2f} GiB, both models together (a CPU peak is about state + activations)")
 

@@ -1161,7 +1161,21 @@ def test_measure_tiny_model_state_and_counts():
         assert r["state"] == {k: r["analytic_state"][k] for k in ("weights", "grads", "adam")}
         assert r["activation_bytes"] > 0 and r["ms"] > 0
     assert m["LoRA"]["state_bytes"] < m["FullFT"]["state_bytes"]
+    assert m["time_ratio_ci"] is None   # one timed step: no interval claimed
     json.dumps(m)
+
+
+def test_paired_ratio_interval_brackets_the_ratio_and_follows_the_pairs():
+    # LoRA steps at 0.7x of FullFT's while the machine's speed swings 3x: pairing keeps the interval tight
+    speed = [1, 3, 1.5, 2, 1, 3, 2.5, 1.2, 2, 1.1]
+    full = [100 * s for s in speed]
+    lo = [70 * s * (1 + 0.01 * (-1) ** i) for i, s in enumerate(speed)]
+    ci = flops.paired_ratio_interval(lo, full)
+    ratio = np.median(lo) / np.median(full)
+    assert ci[0] <= ratio <= ci[1] and ci[0] > 0.6 and ci[1] < 0.8, ci
+    loose = flops.paired_ratio_interval(lo[3:] + lo[:3], full)   # the same times, pairs broken: the swings show
+    assert loose[1] - loose[0] > 5 * (ci[1] - ci[0]), (ci, loose)
+    assert flops.paired_ratio_interval(lo[:4], full[:4]) is None
 
 
 def test_bf16_lora_state_matches_the_memory_formula():
