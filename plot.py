@@ -583,12 +583,40 @@ def fig_rl(runs, w=5):
         rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  {_best_lr_text(st, by_rank[k]):9} {text:30} {gap}")
         _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
     text = _ratio(opt, {k: a[0] for k, a in arms.items()})[1]
+    rows += _lr_range(by_rank, {k: a[0] for k, a in arms.items()})
     left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)", title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
               title="Final reward vs learning rate (seed mean +-1 SE)")
     left.legend(fontsize=8), _legend(right, title=text, fontsize=8, title_fontsize=8)
     fig.suptitle("RL: LoRA vs full fine-tuning")
     return fig, "\n".join(rows + [text])
+
+
+def _lr_range(by_rank, stats):
+    """The post's wider range of good LRs for LoRA, as lines: each arm's final reward at every grid LR,
+    what a 2x step down and up from its best grid LR costs (paired by seed), and LoRA's cost minus
+    FullFT's (paired by seed: below 0 means LoRA's range is wider that way)."""
+    rows, costs = ["final reward at each LR, mean over seeds [95% CI], and the cost of a 2x step from the best grid LR"], {}
+    for k, rs in sorted(by_rank.items(), key=lambda kv: (kv[0] == 0, kv[0])):
+        if not stats.get(k):
+            continue
+        by_lr = {lr: {r["seed"]: final_reward(r) for r in g} for lr, g in group(rs, "lr").items()}
+        top = stats[k]["best_lr"]
+        for lr in sorted(by_lr):
+            m, lo, hi = mean_ci(list(by_lr[lr].values()))
+            rows.append(f"  {_label(k):9} LR {lr:9.3g} ({lr / top:5.3g}x best) {m:.3f} {_ci(lo, hi, '{:.3f}')}, {len(by_lr[lr])} seed(s)")
+        for way, f in (("down", 0.5), ("up", 2.0)):
+            near = next((v for lr, v in by_lr.items() if math.isclose(lr, top * f, rel_tol=0.05)), None)
+            if near is None:
+                continue
+            costs[k, way] = {s: by_lr[top][s] - near[s] for s in set(by_lr[top]) & set(near)}
+            m, lo, hi = mean_ci(list(costs[k, way].values()))
+            rows.append(f"  {_label(k):9} a 2x step {way:4} costs {m:+.3f} {_ci(lo, hi, '{:+.3f}')} over {len(costs[k, way])} seed(s)")
+    for (k, way), c in sorted(costs.items()):
+        if k and (0, way) in costs:
+            d, lo, hi = paired_gap(c, costs[0, way])
+            rows.append(f"  {way:4}: {_label(k)}'s cost minus FullFT's {d:+.3f} {_ci(lo, hi, '{:+.3f}')} (below 0: LoRA's range is wider)")
+    return rows
 
 
 def fig_early_rank(runs, w=5):
