@@ -1393,18 +1393,15 @@ def rl(root, rank, lr, top, steps=20, seed=0):
     return write_log(root, name, "train_rl", args, train + [{"type": "eval", "step": steps, "accuracy": top}])
 
 
-def test_rl_range_of_good_lrs_costs_a_2x_step_each_way_paired_by_seed():
+def test_rl_range_of_good_lrs_costs_a_2x_step_each_way_paired_by_seed(tmp_path):
     # Rewards on 2x grids, a seed shifting both arms alike: a 2x step down from the best LR costs rank 1
     # 0.05 and FullFT 0.30; a 2x step up costs both 0.10. Pairing by seed must see the first gap clear of 0.
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        root, shift, rng = Path(d), [0.0, 0.15, -0.1], np.random.default_rng(0)
-        for seed in range(3):
-            for rank, best, down in ((1, 2e-4, 0.05), (0, 1e-5, 0.30)):
-                for f, cost in ((0.5, down), (1, 0.0), (2, 0.10)):
-                    rl(root, rank, best * f, 0.8 + shift[seed] - cost + rng.normal(0, 0.005), seed=seed)
-        runs = plot.load_runs(root)
-        fig, text = plot.fig_rl(runs, 3)
+    shift, rng = [0.0, 0.15, -0.1], np.random.default_rng(0)
+    for seed in range(3):
+        for rank, best, down in ((1, 2e-4, 0.05), (0, 1e-5, 0.30)):
+            for f, cost in ((0.5, down), (1, 0.0), (2, 0.10)):
+                rl(tmp_path, rank, best * f, 0.8 + shift[seed] - cost + rng.normal(0, 0.005), seed=seed)
+    fig, text = plot.fig_rl(plot.load_runs(tmp_path), 3)
     assert fig is not None
     down = re.search(r"down: rank 1's cost minus FullFT's ([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]", text)
     up = re.search(r"up  : rank 1's cost minus FullFT's ([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]", text)
