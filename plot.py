@@ -582,8 +582,9 @@ def fig_rl(runs, w=5):
             gap = f"{d:+.3f} {_ci(lo, hi, '{:+.3f}')}"
         rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  {_best_lr_text(st, by_rank[k]):9} {text:30} {gap}")
         _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
-    text = _ratio(opt, {k: a[0] for k, a in arms.items()})[1]
-    rows += _lr_range(by_rank, {k: a[0] for k, a in arms.items()})
+    stats = {k: a[0] for k, a in arms.items()}
+    text = _ratio(opt, stats)[1]
+    rows += _lr_range(by_rank, stats)
     left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)", title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
               title="Final reward vs learning rate (seed mean +-1 SE)")
