@@ -379,16 +379,22 @@ class Llama(nn.Module):
         return None, unembed_nll(self.lm_head, x[keep], targets[keep]) / keep.sum().clamp(min=1)
 
 
-def unembed_nll(head, h, y, max_logits=2**27):
-    """Summed cross entropy of head(h) (N, vocab) against y (N,), in float32. Past max_logits
-    elements (512 MiB of float32) the rows go in chunks whose logits are recomputed in backward
-    instead of kept: Llama 3's 128K vocabulary over a batch would otherwise hold gigabytes."""
-    nll = lambda hh, yy: F.cross_entropy(head(hh).float(), yy, reduction="sum")
+def unembed_nll(head, h, y, max_logits=2**27, reduction="sum", vocab=None, temperature=1.0):
+    """Cross entropy of head(h)[:, :vocab] / temperature (N, vocab) against y (N,), in float32:
+    summed, or per row with reduction="none" (RL's token log-probabilities). vocab: score only the
+    tokenizer's ids (checkpoints pad the embedding to a round size). Past max_logits elements (512
+    MiB of float32) the rows go in chunks whose logits are recomputed in backward instead of kept:
+    Llama 3's 128K vocabulary over a batch would otherwise hold gigabytes."""
+    def nll(hh, yy):
+        logits = head(hh)[:, :vocab]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits / temperature if temperature != 1 else logits, yy, reduction=reduction)
     rows = max(1, max_logits // head.out_features)
     if len(h) <= rows:
         return nll(h, y)
-    return sum(torch.utils.checkpoint.checkpoint(nll, h[i:i + rows], y[i:i + rows], use_reentrant=False)
-               for i in range(0, len(h), rows))
+    parts = [torch.utils.checkpoint.checkpoint(nll, h[i:i + rows], y[i:i + rows], use_reentrant=False)
+             for i in range(0, len(h), rows)]
+    return sum(parts) if reduction == "sum" else torch.cat(parts)
 
 
 # -----------------------------------------------------------------------------
@@ -1459,14 +1465,19 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), generator=None, pad_id=0, compact=True):
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), generator=None, pad_id=0, compact=True,
+             vocab=None):
     """Sample continuations of a batch of token-id prompts (lists of different lengths) with a KV
     cache. Returns (tokens, logprobs): per prompt, the new token ids, ending at the first stop id
     (kept) or at max_new_tokens, and the log-probability of each (see sample_next); RL uses these
     as the sampler's log-probabilities in its importance ratio. compact: drop finished rows from
     the batch (whenever a quarter of it has finished), so that RL completions of very different
-    lengths do not all decode to the longest; the tokens drawn do not change."""
+    lengths do not all decode to the longest; the tokens drawn do not change. vocab: draw only ids
+    below it (the tokenizer's size: checkpoints pad the embedding past it, e.g. Qwen2.5 by 271 rows).
+    On a GPU the host looks at the batch (all finished? compact?) every 8 tokens rather than every
+    token, so decoding does not wait on the device; the tokens drawn do not change."""
     device = model.lm_head.weight.device
+    every = 1 if device.type == "cpu" else 8
     B, lens = len(prompts), [len(p) for p in prompts]
     if min(lens) == 0:
         raise UserError("an empty prompt cannot be continued: give each prompt at least one token")
@@ -1486,7 +1497,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
-    logits = model(idx.to(device), cache=cache, last_only=True)[:, -1][row_of]
+    logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
     if len(uniq) < B:
         cache.select(row_of)
     rows = torch.arange(B, device=device)             # the prompt of each row still in the batch
@@ -1496,17 +1507,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         # one draw per prompt every step, used or not: the random stream does not depend on compaction
         u = torch.rand(B, generator=generator, device=device)[rows] if temperature > 0 else None
         tok, lp = sample_next(logits, temperature, top_p, u=u)
-        live = ~done
-        out_tok[rows[live], t], out_lp[rows[live], t], n = tok[live], lp[live].double(), t + 1
+        out_tok[rows, t] = tok.masked_fill(done, pad_id)   # finished rows write padding, never read
+        out_lp[rows, t] = lp.double().masked_fill(done, 0.0)
+        n = t + 1
         done |= torch.isin(tok, stop)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
             break
         tok = tok.masked_fill(done, pad_id)  # finished rows not yet dropped decode padding; it is never read
-        if compact and 4 * int(done.sum()) >= len(done):
+        if compact and t % every == every - 1 and 4 * int(done.sum()) >= len(done):
             keep = (~done).nonzero().squeeze(1)
             cache.select(keep)
             rows, done, tok = rows[keep], done[keep], tok[keep]
-        logits = model(tok[:, None], cache=cache, last_only=True)[:, -1]
+        logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
     model.train(was_training)
     tokens, logprobs = [], []
     for row_t, row_lp in zip(out_tok[:, :n].tolist(), out_lp[:, :n].tolist()):
@@ -1886,6 +1898,42 @@ class Diverged(UserError):
     """A NaN, inf or blown-up loss: the run stops before the bad update; its last good checkpoint stays."""
 
 
+class Preempted(Exception):
+    """SIGTERM arrived (SLURM and spot instances send it, then SIGKILL after a grace period): the
+    run finished its step, wrote a checkpoint and stopped; --resume continues it."""
+
+
+class StopSignal:
+    """Turns SIGTERM into a flag the training loop reads once per step, so the step in flight
+    finishes and is checkpointed rather than lost. Under torchrun every process gets the signal;
+    `requested` still takes a vote (any process asked), because one process stopping alone would
+    leave the others waiting in a collective."""
+
+    def __init__(self):
+        import signal
+        self.flag = False
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
+
+    def requested(self, device="cpu", distributed=False):
+        if not distributed:
+            return self.flag
+        import torch.distributed as dist
+        vote = torch.tensor(float(self.flag), device=device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        return bool(vote.item())
+
+
+def compile_blocks(model, **kwargs):
+    """torch.compile each transformer block in place (nn.Module.compile: names and state dicts
+    unchanged, so checkpoints, LoRA and FSDP see the same module). The blocks hold all the
+    matmuls and have no data-dependent shapes; the embedding, the answer-token gather and the
+    chunked unembedding stay eager. The blocks share one code object, so after the first shape
+    change dynamo compiles a dynamic-shape graph that every block and later shape reuses."""
+    for block in model.model.layers:
+        block.compile(**kwargs)
+    return model
+
+
 def divergence_limit(first_loss, vocab_size):
     """The loss above which a run counts as diverged: over twice its first step's loss plus a nat,
     or a nat above ln(vocab) (the uniform predictor a blown-up model drifts to), whichever is lower.
@@ -2020,13 +2068,18 @@ class TrunkCache:
         return self.layers, h
 
 
-def micro_batches(lengths, micro, overhead=128):
-    """Split rows sorted by length into contiguous micro-batches of at most `micro` rows, minimising
-    the padded positions computed plus `overhead` positions' worth per forward (a smaller GEMM and
-    Python's per-layer cost): an exact dynamic program over the batch. Returns [(start, end)]."""
+def micro_batches(lengths, micro, overhead=128, count=None, max_tokens=0):
+    """Split rows sorted by length into contiguous micro-batches of at most `micro` rows (and at most
+    `max_tokens` padded positions, when set; a longer row goes alone), minimising the padded
+    positions computed plus `overhead` positions' worth per forward (a smaller GEMM and Python's
+    per-layer cost): an exact dynamic program over the batch. count: then split the largest
+    micro-batches in two until there are exactly `count` (no more than the rows), so that every
+    DDP/FSDP process runs the same number of forwards and their collectives line up. Returns [(start, end)]."""
     best, cut = [0.0] + [math.inf] * len(lengths), [0] * (len(lengths) + 1)
     for i in range(1, len(lengths) + 1):
         for j in range(max(0, i - micro), i):
+            if max_tokens and i - j > 1 and (i - j) * lengths[i - 1] > max_tokens:
+                continue
             cost = best[j] + (i - j) * lengths[i - 1] + overhead
             if cost < best[i]:
                 best[i], cut[i] = cost, j
@@ -2034,23 +2087,40 @@ def micro_batches(lengths, micro, overhead=128):
     while i:
         spans.append((cut[i], i))
         i = cut[i]
-    return spans[::-1]
+    spans = spans[::-1]
+    if count is not None:
+        if not len(spans) <= count <= len(lengths):
+            raise ValueError(f"cannot split {len(lengths)} rows in {len(spans)} micro-batches into {count}")
+        while len(spans) < count:
+            k = max(range(len(spans)), key=lambda k: (spans[k][1] - spans[k][0]) * lengths[spans[k][1] - 1])
+            a, b = spans[k]
+            if b - a < 2:  # the costliest is one row: split the widest instead
+                k = max(range(len(spans)), key=lambda k: spans[k][1] - spans[k][0])
+                a, b = spans[k]
+            spans[k:k + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
+    return spans
 
 
-def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None):
-    """(sum of per-token NLL over the examples' loss tokens, positions computed including padding),
-    in micro-batches of at most `micro` rows; with backward, each micro-batch's gradient is scaled
-    so that the accumulated total is the mean over scale_tokens. The examples go in order of length
-    and are grouped to waste little on padding (micro_batches), which leaves the sum unchanged:
-    bucketing without changing the data. On GSM8K batches of 8 this ran 12-15% faster on a CPU than
-    fixed groups of 4. trunk: a TrunkCache holding the examples' frozen first layers."""
+def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None, forwards=None, max_tokens=0):
+    """(sum of per-token NLL over the examples' loss tokens, a 0-dim float32 tensor on `device`;
+    positions computed including padding), in micro-batches of at most `micro` rows and
+    `max_tokens` positions; with backward, each micro-batch's gradient is scaled so that the
+    accumulated total is the mean over scale_tokens. The examples go in order of length and are
+    grouped to waste little on padding (micro_batches), which leaves the sum unchanged: bucketing
+    without changing the data. forwards: run exactly this many micro-batches (DDP/FSDP processes
+    must agree). Gradients are synchronised across processes on the last micro-batch only (DDP's
+    no_sync, FSDP2's set_requires_gradient_sync). No host sync: the loss stays on the device.
+    trunk: a TrunkCache holding the examples' frozen first layers."""
     examples = sorted(examples, key=lambda e: len(e[0]))
-    spans = micro_batches([len(ids) for ids, _ in examples], micro)
-    total, positions = 0.0, 0
+    spans = micro_batches([len(ids) for ids, _ in examples], micro, count=forwards, max_tokens=max_tokens)
+    total, positions = torch.zeros((), device=device), 0
     for j, (start, end) in enumerate(spans):
         x, y, m = collate(examples[start:end], pad_id, device)
-        n = int(m.sum())
-        sync = nullcontext() if (not backward or j == len(spans) - 1 or not hasattr(model, "no_sync")) else model.no_sync()
+        n = sum(sum(mask[1:]) for _, mask in examples[start:end])
+        last = j == len(spans) - 1
+        sync = model.no_sync() if backward and not last and hasattr(model, "no_sync") else nullcontext()
+        if backward and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(last)
         with sync, autocast(device, amp):
             if trunk is None:
                 _, loss = model(x, y, loss_mask=m)
@@ -2058,7 +2128,7 @@ def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backwa
                 _, loss = model(x, y, loss_mask=m, trunk=trunk.batch(examples[start:end]))
         if backward:
             (loss * n / scale_tokens).backward()
-        total, positions = total + loss.item() * n, positions + x.numel()
+        total, positions = total + loss.detach().float() * n, positions + x.numel()
     return total, positions
 
 

@@ -646,7 +646,7 @@ def test_length_bucketing_leaves_the_loss_and_gradient_unchanged(tmp_path):
         randomize_lora(model)
         n = sum(sum(m[1:]) for _, m in examples)
         total, positions = lora.batch_loss(model, examples, micro, tok.pad_id, "cpu", None, n, backward=True)
-        results.append((total, positions, [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
+        results.append((total.item(), positions, [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
     real = sum(len(ids) - 1 for ids, _ in examples)
     assert results[0][1] == real and all(real <= r[1] < 1.5 * real for r in results)  # padding only where lengths meet
     for total, _, grads in results[1:]:
@@ -706,7 +706,7 @@ def test_trunk_cache_leaves_loss_and_gradients_equal():
     for t in (None, trunk):
         model.zero_grad()
         total, _ = lora.batch_loss(model, examples, 2, 0, "cpu", None, 10.0, backward=True, trunk=t)
-        grads.append((total, [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
+        grads.append((total.item(), [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
     assert lora.first_trained_layer(model.config, 0, "all") == 0 and lora.first_trained_layer(model.config, 0, "1.o_proj") == 1

@@ -87,18 +87,18 @@ def group_advantages(rewards, group_size, std=False):
     return adv.flatten()
 
 
-def completion_logprobs(model, prompts, completions, temperature=1.0):
-    """Log-probabilities (under softmax(logits / temperature)) of each completion's tokens given
-    its prompt, one tensor per episode, from one right-padded forward pass."""
+def completion_logprobs(model, prompts, completions, temperature=1.0, vocab=None):
+    """Log-probabilities (under softmax(logits[:vocab] / temperature)) of each completion's tokens
+    given its prompt, one tensor per episode, from one right-padded pass through the blocks. The
+    unembedding runs at the completion positions only, in chunks (lora.unembed_nll): the prompt
+    positions' logits are never built, which at a 128K vocabulary is most of a step's memory."""
     device = next(model.parameters()).device
     x = lora.pad_right([p + c for p, c in zip(prompts, completions)]).to(device)
-    logits = model(x[:, :-1])
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    out = []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        rows = logits[i, len(p) - 1:len(p) - 1 + len(c)]   # position t predicts token t + 1
-        out.append(-F.cross_entropy(rows, torch.tensor(c, device=device), reduction="none"))
-    return out
+    h = model(x[:, :-1], upto=len(model.model.layers))    # hidden states, before the final norm
+    at = torch.cat([h[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, completions))])
+    y = torch.tensor([t for c in completions for t in c], device=device)   # position t predicts token t + 1
+    nll = lora.unembed_nll(model.lm_head, model.model.norm(at), y, reduction="none", vocab=vocab, temperature=temperature)
+    return list((-nll).split([len(c) for c in completions]))
 
 
 def pg_loss(logp_new, logp_old, adv, clip=0.0):
@@ -148,7 +148,7 @@ def evaluate(model, tok, rows, max_new_tokens, batch, amp, device, instruction=l
         chunk = rows[i:i + batch]
         with lora.autocast(device, amp):
             outs, _ = lora.generate(model, [prompt_ids(tok, r, instruction) for r in chunk], max_new_tokens, temperature=0,
-                                    stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+                                    stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab=tok.vocab_size)
         correct += sum(gsm8k_reward(tok.decode(o), r["answer"]) for o, r in zip(outs, chunk))
     return correct / len(rows)
 
@@ -157,7 +157,7 @@ def evaluate(model, tok, rows, max_new_tokens, batch, amp, device, instruction=l
 # one run
 
 
-def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None):
+def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
     """Train one configuration; returns the final greedy accuracy. grid: the sweep's Progress (in steps)."""
     device, amp = a.device, a.amp
     run_dir = Path(a.out) / a.name
@@ -169,7 +169,10 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None):
         return done["accuracy"]
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, device=device, seed=a.seed)
     params = [p for g in opt.param_groups for p in g["params"]]
+    model.gradient_checkpointing = a.grad_ckpt
     learner = torch.compile(model) if a.compile else model  # the learner's forward; sampling stays eager
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
     start = 0
     if a.resume and (run_dir / "latest").exists():
         start = lora.load_checkpoint(run_dir, model, opt)["step"]
@@ -203,7 +206,8 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None):
         t0 = time.time()
         model.eval()
         with lora.autocast(device, amp):
-            comps, old_lp = lora.generate(model, prompts, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids, gen, tok.pad_id)
+            comps, old_lp = lora.generate(model, prompts, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids, gen, tok.pad_id,
+                                          vocab=tok.vocab_size)
         model.train()
         t_sample = time.time() - t0
         # 2. reward and advantage
@@ -219,7 +223,8 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None):
             for j in range(0, len(live), a.micro_batch):
                 idx = live[j:j + a.micro_batch]
                 with lora.autocast(device, amp):
-                    new_lp = completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature)
+                    new_lp = completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature,
+                                                 tok.vocab_size)
                 loss = 0.0
                 for i, lp in zip(idx, new_lp):
                     ep_loss, ratio = pg_loss(lp, torch.tensor(old_lp[i], device=device), adv[i].item(), a.clip)
@@ -259,8 +264,14 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None):
               f"{rec['ms'] / 1000:.1f} s | {progress}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             eval_and_log(step)
-        if a.save_every and (step % a.save_every == 0 or step == a.steps):
+        saved = a.save_every and (step % a.save_every == 0 or step == a.steps)
+        if saved:
             lora.save_checkpoint(run_dir, step, model, opt)
+        if stop and stop.requested():  # SIGTERM: this step is done; keep it and stop
+            if not saved:
+                lora.save_checkpoint(run_dir, step, model, opt)
+            raise lora.Preempted(f"{a.name}: SIGTERM, stopped after step {step} with a checkpoint; "
+                                 "continue with the same command plus --resume")
     final = eval_and_log(a.steps) if a.eval_every else float("nan")
     log.write({"type": "final", "step": a.steps, "accuracy": final})
     return final
@@ -278,6 +289,7 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     g.add_argument("--compile", action="store_true", help="torch.compile the learner's forward")
+    g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in the learner's backward to save memory")
     g = p.add_argument_group("LoRA and LR (comma lists sweep)")
     g.add_argument("--rank", default="1", help="LoRA rank; 0 = full fine-tuning")
     g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by +")
@@ -343,9 +355,12 @@ def main(argv=None):
                 name = f"rl_{tag}_{mode}_lr{lr:.2e}_g{a.group_size}" + (f"_s{seed}" if seed else "") + a.tag
                 runs.append(argparse.Namespace(**{**vars(a), "rank": r, "lr": lr, "seed": seed, "name": name}))
                 lora.check_run_dir(Path(a.out) / name, a.resume)
-    grid = lora.Progress(len(runs) * a.steps)
-    lora.run_sweep(runs, lambda r: train(r, base, tok, train_rows, eval_rows, desc, grid), "final greedy eval accuracy",
-                   higher_is_better=True, progress=grid)
+    grid, stop = lora.Progress(len(runs) * a.steps), lora.StopSignal()
+    try:
+        lora.run_sweep(runs, lambda r: train(r, base, tok, train_rows, eval_rows, desc, grid, stop), "final greedy eval accuracy",
+                       higher_is_better=True, progress=grid)
+    except lora.Preempted as e:
+        print(f"preempted: {e}")
 
 
 if __name__ == "__main__":

@@ -130,10 +130,10 @@ def prompt_lengths(rows, tok, where):
 
 
 @torch.no_grad()
-def evaluate(model, examples, micro, pad_id, device, amp, trunk=None):
+def evaluate(model, examples, micro, pad_id, device, amp, trunk=None, micro_tokens=0):
     model.eval()
     n = sum(sum(m[1:]) for _, m in examples)
-    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, backward=False, trunk=trunk)[0] / n
+    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, False, trunk, max_tokens=micro_tokens)[0].item() / n
     model.train()
     return loss
 
@@ -175,7 +175,16 @@ def n_evals(every, start, total):
     return 0 if not every else (start == 0) + (total - 1) // every - start // every + 1
 
 
-def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=None):
+def forwards_per_process(batch, world, micro, micro_tokens):
+    """Forwards each DDP/FSDP process runs this step: the most that any one's share of the batch
+    needs. Every process plans every share (they all hold the whole batch), so they agree without
+    talking; one running fewer forwards than another would leave FSDP's per-block all-gathers
+    unmatched, a hang."""
+    return max(len(lora.micro_batches([len(ids) for ids, _ in batch[r::world]], micro, max_tokens=micro_tokens))
+               for r in range(world))
+
+
+def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=None, stop=None):
     """Train one configuration (a: resolved args) from the base model; returns the final eval loss.
     grid: the sweep's Progress, advanced with this run's work. trunks(a, model): a lora.TrunkCache
     of the frozen layers below this run's first trained one, or None."""
@@ -197,13 +206,19 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
     def shard(m):  # --fsdp: rank 0 keeps an unsharded CPU copy to write checkpoints in HF / PEFT format from
         nonlocal shadow
         shadow = copy.deepcopy(m).cpu() if master else None
+        if a.compile:  # compile before sharding, as FSDP2 expects
+            lora.compile_blocks(m)
         lora.fsdp_shard(m, init_device_mesh(device.split(":")[0], (world,)), amp)
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
                                        a.weight_decay, a.beta2, device, a.seed, shard if a.fsdp else None)
     model.gradient_checkpointing = a.grad_ckpt
     trunk = trunks(a, model) if trunks else None
     n_train = lora.count_parameters(model)
-    fwd = torch.compile(model) if a.compile else model
+    if a.compile and not a.fsdp:
+        lora.compile_blocks(model)
+    fwd = model
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
     if ddp and not a.fsdp:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
     start, flops_done, first_loss = 0, 0.0, None
@@ -233,7 +248,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
     def eval_and_log(step):
         if master:
             print(f"step {step:5d} | evaluating on {len(eval_ex)} held-out examples ...", end="", flush=True)
-        loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp, trunk)
+        loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp, trunk, a.micro_tokens)
         advance(eval_flops)
         if a.rank:  # the post's finding 11: B ends with a larger spectral norm than A (gathered whole under FSDP)
             mods = lora.lora_modules(model).values()
@@ -246,6 +261,13 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
             print(f" eval loss {loss:.4f} | {progress}")
         return loss
 
+    def save(step):
+        extra = {"flops": flops_done, "first_loss": first_loss}
+        if a.fsdp:  # a collective: every process gathers
+            lora.fsdp_save_checkpoint(run_dir, step, model, opt, shadow, extra)
+        elif master:
+            lora.save_checkpoint(run_dir, step, model, opt, extra)
+
     if start == 0 and a.eval_every:
         eval_and_log(0)
     # Data order is a pure function of (seed, epoch): a resumed run sees exactly the batches it would have.
@@ -257,13 +279,14 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         batch = sorted((train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]), key=lambda e: len(e[0]))
         mine = batch[rank_id::world]   # each DDP rank takes every world-th sequence of the length-sorted batch
         t0 = time.time()
-        n_tok = torch.tensor(float(sum(sum(m[1:]) for _, m in batch)))
+        n_tok = sum(sum(m[1:]) for _, m in batch)
         lengths = [len(ids) - 1 for ids, _ in batch]
-        loss_sum, positions = lora.batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok.item() / world, True, trunk)
-        loss_sum = torch.tensor(loss_sum)
+        forwards = forwards_per_process(batch, world, a.micro_batch, a.micro_tokens) if ddp else None
+        loss_sum, positions = lora.batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok / world, True, trunk,
+                                              forwards, a.micro_tokens)
         if ddp:
-            dist.all_reduce(loss_sum)
-        loss = loss_sum.item() / n_tok.item()
+            dist.all_reduce(loss_sum)  # on the device: NCCL refuses host tensors
+        loss = loss_sum.item() / n_tok
         first_loss = loss if first_loss is None else first_loss
         limit = lora.divergence_limit(first_loss, cfg.vocab_size)
         grad_norm = lora.full(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or float("inf")))
@@ -288,7 +311,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         flops_done += work  # the step's FLOPs as if every layer ran: comparable across runs, cache or not
         advance(work - (trunk_flops(cfg, trunk.layers, lengths) if trunk else 0))
         if master:
-            log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": int(n_tok.item()),
+            log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": n_tok,
                        "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": flops_done,
                        "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch,
                        "pad_frac": 1 - sum(len(ids) - 1 for ids, _ in mine) / positions}
@@ -298,12 +321,14 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
                       f"{sum(lengths) / ms * 1000:7.0f} tok/s | {flops_done:.3e} FLOPs | {progress}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != total_steps:
             eval_and_log(step)
-        if a.save_every and (step % a.save_every == 0 or step == total_steps):
-            extra = {"flops": flops_done, "first_loss": first_loss}
-            if a.fsdp:  # a collective: every process gathers
-                lora.fsdp_save_checkpoint(run_dir, step, model, opt, shadow, extra)
-            elif master:
-                lora.save_checkpoint(run_dir, step, model, opt, extra)
+        saved = a.save_every and (step % a.save_every == 0 or step == total_steps)
+        if saved:
+            save(step)
+        if stop and stop.requested(device, ddp):  # SIGTERM: this step is done; keep it and stop
+            if not saved:
+                save(step)
+            raise lora.Preempted(f"{a.name}: SIGTERM, stopped after step {step} with a checkpoint; "
+                                 "continue with the same command plus --resume")
     final = eval_and_log(total_steps) if a.eval_every else float("nan")
     if master:
         log.write({"type": "final", "step": total_steps, "loss": final})
@@ -341,6 +366,8 @@ def parse_args(argv=None):
     g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR for this model; default 10 for LoRA, 1 for FullFT")
     g.add_argument("--batch_size", default="32", help="sequences per optimizer step")
     g.add_argument("--micro_batch", type=int, default=8, help="sequences per forward (gradient accumulation)")
+    g.add_argument("--micro_tokens", type=int, default=0, help="at most this many padded positions per forward "
+                   "(0 = no limit; a longer sequence goes alone): bounds activation memory where --micro_batch counts rows")
     g.add_argument("--beta2", type=float, default=0.95)
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--grad_clip", type=float, default=0.0, help="0 = no clipping")
@@ -367,7 +394,7 @@ def check_args(a):
     """Every flag checked before the model loads: errors in a second, each naming the fix."""
     lora.check_flags(a, positive=["batch_size", "micro_batch", "alpha", "init_scale", "lr_ratio_b", "epochs", "log_every"]
                      + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
-                     non_negative=["threads", "steps", "max_examples", "eval_examples", "eval_every", "save_every", "weight_decay", "grad_clip"],
+                     non_negative=["threads", "micro_tokens", "steps", "max_examples", "eval_examples", "eval_every", "save_every", "weight_decay", "grad_clip"],
                      ints=["rank", "batch_size", "seed"])
     if a.max_len < 8:
         raise lora.UserError(f"--max_len {a.max_len} leaves no room for a prompt and an answer: use 256 or more")
@@ -451,8 +478,12 @@ def main(argv=None):
             trunks[first] = lora.TrunkCache(model, first, train_ex + eval_ex, a.micro_batch, tok.pad_id, a.device, a.amp)
         return trunks[first]
 
-    lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk),
-                   progress=grid_progress, quiet=not master)
+    stop = lora.StopSignal()
+    try:
+        lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk, stop),
+                       progress=grid_progress, quiet=not master)
+    except lora.Preempted as e:
+        say(f"preempted: {e}")
     if ddp:
         dist.destroy_process_group()
 
