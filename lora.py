@@ -1910,9 +1910,16 @@ class StopSignal:
     leave the others waiting in a collective."""
 
     def __init__(self):
-        import signal
         self.flag = False
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
+
+    def __enter__(self):
+        import signal
+        self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        signal.signal(signal.SIGTERM, self.previous)
 
     def requested(self, device="cpu", distributed=False):
         if not distributed:
@@ -1927,10 +1934,11 @@ def compile_blocks(model, **kwargs):
     """torch.compile each transformer block in place (nn.Module.compile: names and state dicts
     unchanged, so checkpoints, LoRA and FSDP see the same module). The blocks hold all the
     matmuls and have no data-dependent shapes; the embedding, the answer-token gather and the
-    chunked unembedding stay eager. The blocks share one code object, so after the first shape
-    change dynamo compiles a dynamic-shape graph that every block and later shape reuses."""
+    chunked unembedding stay eager. The blocks share one code object, compiled with dynamic batch
+    and length: a micro-batch of any shape reuses it. Three graphs in all: training, training the
+    first block (its input needs no gradient under LoRA), and eval (no_grad)."""
     for block in model.model.layers:
-        block.compile(**kwargs)
+        block.compile(**{"dynamic": True, **kwargs})
     return model
 
 

@@ -994,16 +994,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_compile_runs_a_training_step(tmp_path, monkeypatch):
-    # Dynamo and AOTAutograd trace the model's forward and backward as --compile does; the aot_eager
-    # backend skips inductor's C++ code generation (80+ s on this CPU), which is PyTorch's to test.
-    real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="aot_eager", fullgraph=True))
-    args = ["--rank", "4", "--lr", "3e-3", "--steps", "2", "--micro_batch", "8", "--eval_every", "0", "--save_every", "0"]
-    (compiled,), (plain,) = run_sft(tmp_path, *args, "--compile")[0].values(), run_sft(tmp_path, *args, out="plain")[0].values()
-    assert np.allclose(plain, compiled, rtol=1e-5), (plain, compiled)
-
-
 def test_sft_ddp_two_processes_equal_one(tmp_path):
     import subprocess
     import sys
@@ -1025,16 +1015,20 @@ def test_sft_ddp_two_processes_equal_one(tmp_path):
     assert len(one) == 4 and np.allclose(one, two, rtol=1e-5), (one, two)
 
 
-def torchrun(tmp_path, n, args, out):
-    """train_sft.py under torchrun with n processes on the CPU (gloo); one retry (see the DDP test).
-    The retry resumes: whatever the failed attempt saved must lead to the same curve, so a
-    rendezvous that failed on a busy box costs time, never the check."""
+def torchrun(tmp_path, n, args, out, script="train_sft.py", env=None):
+    """script (train_sft.py) under torchrun with n processes on the CPU (gloo); one retry (see the
+    DDP test). The retry resumes: whatever the failed attempt saved must lead to the same curve, so
+    a rendezvous that failed on a busy box costs time, never the check. A run that hangs (processes
+    waiting on each other in a collective) fails after 5 minutes."""
     import subprocess
     import sys
     for attempt in range(2):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                            "train_sft.py", *args, "--out", str(tmp_path / out)], capture_output=True, text=True,
-                           cwd=str(Path(__file__).parent), env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                                script, *args, "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=300,
+                               cwd=str(Path(__file__).parent), env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"torchrun {script} {' '.join(args)} hung for 5 minutes")
         if r.returncode == 0:
             break
         print(f"torchrun failed (attempt {attempt + 1}): {r.stderr[-1500:]}")
@@ -1061,6 +1055,232 @@ def test_sft_fsdp_two_processes_equal_one_and_resume(tmp_path):
     fresh = tiny_model()
     lora.load_adapter(fresh, lr4 / "ckpt-4")   # the sharded run's adapter loads into a plain model
     assert lora.count_parameters(fresh) == lora.count_parameters(lora.apply_lora(tiny_model(), 4))
+
+
+# The GPU path on a CPU. gloo takes what NCCL refuses (a tensor on the host), and processes that
+# disagree on how many forwards they run hang FSDP only some of the time; these tests make both
+# fail here for the GPU's reason.
+
+
+class HostBorn(torch.overrides.TorchFunctionMode):
+    """Tracks the tensors a CUDA run would leave on the host: made by a factory function (torch.tensor,
+    zeros, ...) without a device, or computed from such tensors alone; `.to(device)` moves one to
+    the device. Used with spy_collectives, which refuses them in a collective as NCCL would."""
+
+    FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
+                 torch.rand, torch.randn, torch.randint, torch.linspace}
+
+    def __init__(self):
+        super().__init__()
+        self.host = {}  # id -> weakref
+
+    def is_host(self, t):
+        ref = self.host.get(id(t))
+        return ref is not None and ref() is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import weakref
+        from torch.utils._pytree import tree_leaves
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = lambda x: [v for v in tree_leaves(x) if isinstance(v, torch.Tensor)]
+        if func in self.FACTORIES:
+            host = kwargs.get("device") is None
+        elif func in (torch.Tensor.to, torch.Tensor.cuda):
+            host = not (func is torch.Tensor.cuda or "device" in kwargs or any(isinstance(x, (str, torch.device)) for x in args[1:]))
+            host = host and self.is_host(args[0])
+        else:
+            ins = tensors((args, kwargs))
+            host = bool(ins) and all(self.is_host(x) for x in ins)
+        for o in tensors(out):
+            if host:
+                self.host[id(o)] = weakref.ref(o)
+            else:
+                self.host.pop(id(o), None)
+        return out
+
+
+def spy_collectives(mode, counts):
+    """Wrap torch.distributed's collectives: count each call, and raise where a tensor the CUDA run
+    would hold on the host (HostBorn) reaches one: NCCL's 'Tensors must be CUDA and dense'."""
+    import torch.distributed as dist
+    names = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+             "all_gather_single", "reduce_scatter_single")
+    for name in names:
+        real = getattr(dist, name, None)
+        if real is None:
+            continue
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            for x in list(args) + list(kwargs.values()):
+                for t in (x if isinstance(x, (list, tuple)) else [x]):
+                    if isinstance(t, torch.Tensor) and mode.is_host(t):
+                        raise RuntimeError(f"a host tensor {tuple(t.shape)} reached dist.{_name}: NCCL refuses it on a GPU")
+            counts[_name] = counts.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+        setattr(dist, name, spy)
+
+
+SPY_HARNESS = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+import test_lora, {script}
+mode, counts = test_lora.HostBorn(), {{}}
+test_lora.spy_collectives(mode, counts)
+with mode:
+    {script}.main(sys.argv[1:])
+json.dump(counts, open(os.environ["SPY_OUT"] + os.environ["RANK"] + ".json", "w"))
+"""
+
+
+def spied_torchrun(tmp_path, args, out, script="train_sft"):
+    """torchrun of `script` on 2 processes under HostBorn and spy_collectives; returns rank 0's counts."""
+    harness = tmp_path / f"spy_{script}.py"
+    harness.write_text(SPY_HARNESS.format(repo=str(Path(__file__).parent), script=script))
+    torchrun(tmp_path, 2, args, out, script=str(harness), env={"SPY_OUT": str(tmp_path / f"{out}_spy")})
+    return json.loads((tmp_path / f"{out}_spy0.json").read_text())
+
+
+def test_host_born_tracks_what_a_cuda_run_would_leave_on_the_host():
+    with HostBorn() as mode:
+        host, dev = torch.tensor(3.0), torch.ones(2, device="cpu")
+        assert mode.is_host(host) and mode.is_host(host * 2) and mode.is_host(torch.tensor(host.item()))
+        assert not mode.is_host(dev) and not mode.is_host(dev + host) and not mode.is_host(host.to("cpu"))
+        assert mode.is_host(torch.zeros(2).float()) and not mode.is_host(torch.zeros(2).to(torch.device("cpu")))
+
+
+def test_uneven_lengths_under_ddp_and_fsdp_run_in_step_on_device_tensors_and_equal_one_process(tmp_path):
+    """16 rows, 15 short and one long, batch 16 in micro-batches of 2: one process's share needs 4
+    forwards, the other's 5 (the long row goes alone). Each process must run the same number or
+    FSDP2's per-block all-gathers stop lining up (a hang); no collective may take a host tensor
+    (NCCL's refusal); FSDP2 reduce-scatters once per step, not once per micro-batch; and the
+    losses are those of one process."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_hf_folder(model_dir, tiny_model())
+    rows = [{"prompt": f"the {i}", "completion": " in the sea" * (30 if i == 20 else 1)} for i in range(24)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, tok = lora.load_model(model_dir)
+    batch = sorted(train_sft.tokenize(rows[8:], tok, 512, "t")[0], key=lambda e: len(e[0]))
+    plans = [len(lora.micro_batches([len(ids) for ids, _ in batch[r::2]], 2)) for r in range(2)]
+    assert sorted(plans) == [4, 5]  # the uneven case this test is about
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "16", "--micro_batch", "2",
+            "--rank", "4,0", "--lr", "3e-3", "--steps", "1", "--epochs", "2", "--eval_every", "0", "--save_every", "0"]
+    train_sft.main(args + ["--out", str(tmp_path / "one")])
+    ddp = spied_torchrun(tmp_path, args, "ddp")
+    fsdp = spied_torchrun(tmp_path, args + ["--fsdp"], "fsdp")
+    one = sft_losses(tmp_path / "one")
+    assert all(len(v) == 1 for v in one.values())
+    for out in ("ddp", "fsdp"):
+        two = sft_losses(tmp_path / out)
+        assert sorted(one) == sorted(two) and all(np.allclose(one[k], two[k], rtol=1e-5) for k in one), (out, one, two)
+    assert ddp["all_reduce"] >= 2   # the step's loss, per run
+    # per step: LoRA's 2 blocks, FullFT's 2 blocks and root; 5 forwards a step would make 25
+    assert 1 <= fsdp["reduce_scatter_single"] <= 5, fsdp
+
+
+def test_micro_batches_split_to_a_count_and_respect_a_token_budget():
+    lengths = [3, 4, 4, 5, 6, 7, 30, 31]
+    spans = lora.micro_batches(lengths, 4, count=6)
+    assert len(spans) == 6 and [i for a, b in spans for i in range(a, b)] == list(range(8))
+    assert lora.micro_batches(lengths, 4, count=8) == [(i, i + 1) for i in range(8)]
+    with pytest.raises(ValueError):
+        lora.micro_batches(lengths, 4, count=9)
+    budget = lora.micro_batches(lengths, 8, overhead=1000, max_tokens=40)
+    assert all(b - a == 1 or (b - a) * lengths[b - 1] <= 40 for a, b in budget)
+    assert lora.micro_batches(lengths, 8, overhead=1000) == [(0, 8)]  # no budget: one forward
+
+
+def sigterm_at_step(monkeypatch, k):
+    """Send this process a real SIGTERM during the k-th optimizer step, as SLURM or a spot
+    instance would before its SIGKILL."""
+    import signal
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == k:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_curve(tmp_path, monkeypatch, capsys):
+    import signal
+    args = ["--rank", "4", "--lr", "3e-3", "--steps", "5", "--eval_every", "0", "--save_every", "0"]
+    whole, _ = run_sft(tmp_path, *args, out="whole")
+    with monkeypatch.context() as m:
+        sigterm_at_step(m, 3)
+        run_sft(tmp_path, *args, out="stopped")  # returns: the script then exits 0
+    assert "--resume" in capsys.readouterr().out
+    run = next((tmp_path / "stopped").iterdir())
+    assert lora.checkpoint_step(run) == 3 and len(sft_losses(tmp_path / "stopped")[run.name]) == 3  # saved despite --save_every 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the script's only while it runs
+    resumed, _ = run_sft(tmp_path, *args, "--resume", out="stopped")
+    assert list(resumed.values()) == list(whole.values())
+
+
+def test_rl_sigterm_checkpoints_and_resumes_the_same_run(tmp_path, monkeypatch):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_hf_folder(model_dir, tiny_model(vocab_size=264))
+    monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
+    args = ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", "4", "--questions_per_step", "2",
+            "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0", "--save_every", "0", "--device", "cpu"]
+    curve = lambda out: [(r["reward"], r["loss"]) for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
+                         if r["type"] == "train"]
+    train_rl.main(args + ["--out", str(tmp_path / "whole")])
+    with monkeypatch.context() as m:
+        sigterm_at_step(m, 2)
+        train_rl.main(args + ["--out", str(tmp_path / "stopped")])
+    assert len(curve("stopped")) == 2 and lora.checkpoint_step(next((tmp_path / "stopped").iterdir())) == 2
+    train_rl.main(args + ["--out", str(tmp_path / "stopped"), "--resume"])
+    assert curve("stopped") == curve("whole") and any(loss != 0 for _, loss in curve("whole"))
+
+
+def test_rl_trains_a_model_whose_embedding_is_padded_past_the_tokenizer(tmp_path):
+    # Qwen2.5 has 151,936 embedding rows for 151,665 tokens; ids past the tokenizer cannot be decoded
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_hf_folder(model_dir, tiny_model(vocab_size=264 + 4096))
+    model, tok = lora.load_model(model_dir)
+    assert tok.vocab_size == 264
+    out, lp = lora.generate(model, [[5, 9, 200]] * 16, 12, generator=torch.Generator().manual_seed(0), vocab=tok.vocab_size)
+    assert max(max(o) for o in out) < 264
+    new = train_rl.completion_logprobs(model, [[5, 9, 200]] * 16, out, vocab=tok.vocab_size)
+    assert all(torch.allclose(a.double(), torch.tensor(b, dtype=torch.float64), atol=1e-4) for a, b in zip(new, lp))
+    train_rl.main(["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--steps", "2", "--questions_per_step", "2",
+                   "--group_size", "4", "--max_new_tokens", "8", "--eval_examples", "4", "--eval_every", "2", "--device", "cpu",
+                   "--out", str(tmp_path / "out")])
+    assert [r["type"] for r in lora.read_jsonl(next((tmp_path / "out").iterdir()) / "log.jsonl")][-1] == "final"
+
+
+def test_compile_over_varied_shapes_compiles_a_few_graphs_and_breaks_none(tmp_path, monkeypatch):
+    # Dynamo and AOTAutograd trace as --compile does (aot_eager skips inductor's C++ build, PyTorch's
+    # to test). 8 steps whose micro-batches differ in rows and length: the blocks' one code object
+    # compiles three dynamic-shape graphs (training, the first block's training, eval) and reuses them.
+    from torch._dynamo.utils import counters
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, **{**kw, "backend": "aot_eager"}))
+    torch._dynamo.reset()
+    counters.clear()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    write_hf_folder(model_dir, tiny_model())
+    rows = [{"prompt": "the " * (i % 7 + 1), "completion": " in the sea" * (i % 5 + 1)} for i in range(80)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "6", "--micro_batch", "4",
+            "--rank", "4", "--lr", "3e-3", "--steps", "8", "--eval_every", "4", "--save_every", "0", "--out"]
+    train_sft.main(args + [str(tmp_path / "compiled"), "--compile"])
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    shapes = {tuple(r) for r in counters["recompiles"]} if "recompiles" in counters else set()
+    assert 1 <= graphs <= 3 and breaks == 0, (graphs, dict(counters["graph_break"]), shapes)
+    torch._dynamo.reset()
+    train_sft.main(args + [str(tmp_path / "eager")])
+    (c,), (e,) = sft_losses(tmp_path / "compiled").values(), sft_losses(tmp_path / "eager").values()
+    assert len(c) == 8 and np.allclose(c, e, rtol=1e-5), (c, e)
 
 
 def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):

@@ -355,10 +355,11 @@ def main(argv=None):
                 name = f"rl_{tag}_{mode}_lr{lr:.2e}_g{a.group_size}" + (f"_s{seed}" if seed else "") + a.tag
                 runs.append(argparse.Namespace(**{**vars(a), "rank": r, "lr": lr, "seed": seed, "name": name}))
                 lora.check_run_dir(Path(a.out) / name, a.resume)
-    grid, stop = lora.Progress(len(runs) * a.steps), lora.StopSignal()
+    grid = lora.Progress(len(runs) * a.steps)
     try:
-        lora.run_sweep(runs, lambda r: train(r, base, tok, train_rows, eval_rows, desc, grid, stop), "final greedy eval accuracy",
-                       higher_is_better=True, progress=grid)
+        with lora.StopSignal() as stop:
+            lora.run_sweep(runs, lambda r: train(r, base, tok, train_rows, eval_rows, desc, grid, stop), "final greedy eval accuracy",
+                           higher_is_better=True, progress=grid)
     except lora.Preempted as e:
         print(f"preempted: {e}")
 

@@ -478,10 +478,10 @@ def main(argv=None):
             trunks[first] = lora.TrunkCache(model, first, train_ex + eval_ex, a.micro_batch, tok.pad_id, a.device, a.amp)
         return trunks[first]
 
-    stop = lora.StopSignal()
     try:
-        lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk, stop),
-                       progress=grid_progress, quiet=not master)
+        with lora.StopSignal() as stop:
+            lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk, stop),
+                           progress=grid_progress, quiet=not master)
     except lora.Preempted as e:
         say(f"preempted: {e}")
     if ddp:
