@@ -1211,13 +1211,14 @@ def _assign(model, name, tensor):
     setattr(owner, attr, nn.Parameter(tensor, requires_grad=True))
 
 
-def _finish(model, device, source):
-    """Tie embeddings, rebuild the RoPE buffer, and check that the checkpoint covered every weight."""
+def _finish(model, device, source, weights=True):
+    """Tie embeddings, rebuild the RoPE buffer, and check that the checkpoint covered every weight
+    (weights=False: the model stays on the meta device, for a process that receives its shard)."""
     cfg = model.config
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
+    if missing and weights:
         raise UserError(f"{source} lacks {len(missing)} weights (first: {missing[0]}): the checkpoint is "
                         "incomplete or for another architecture; download it again")
     model.inv_freq = rope_inv_freq(cfg).to(device)
@@ -1225,8 +1226,9 @@ def _finish(model, device, source):
     return model
 
 
-def load_hf_folder(path, device="cpu", dtype=torch.float32):
-    """A Hugging Face model folder: config.json, model.safetensors or shards with their index."""
+def load_hf_folder(path, device="cpu", dtype=torch.float32, weights=True):
+    """A Hugging Face model folder: config.json, model.safetensors or shards with their index.
+    weights=False: the model on the meta device, read from config.json alone."""
     from safetensors import safe_open
     path = Path(path)
     if not (path / "config.json").exists():
@@ -1241,6 +1243,8 @@ def load_hf_folder(path, device="cpu", dtype=torch.float32):
         raise UserError(f"{path} has no model.safetensors (or index): only safetensors checkpoints load; "
                         "convert .bin files with transformers' save_pretrained(safe_serialization=True)")
     model = _empty_model(cfg)
+    if not weights:
+        return _finish(model.to(dtype), device, path, weights)
     for fname in files:
         if not (path / fname).exists():
             raise UserError(f"{path / fname} is missing: download every shard listed in the index")
@@ -1279,9 +1283,10 @@ def _gguf_to_hf_name(name):
     return f"model.layers.{m.group(1)}.{GGUF_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def load_gguf(path, device="cpu", dtype=torch.float32):
+def load_gguf(path, device="cpu", dtype=torch.float32, weights=True):
     """A GGUF file, dequantised to `dtype`. llama.cpp stores the q/k rows of 'llama' models
-    interleaved for its rotary kernel; they are put back in HF's half-split order."""
+    interleaved for its rotary kernel; they are put back in HF's half-split order.
+    weights=False: the model on the meta device, from the metadata alone."""
     import numpy as np
     from gguf import GGUFReader, quants
     try:
@@ -1310,7 +1315,7 @@ def load_gguf(path, device="cpu", dtype=torch.float32):
                  qk_norm="blk.0.attn_q_norm.weight" in names, model_type=arch)
     model = _empty_model(cfg)
     rope_factors = None
-    for t in reader.tensors:
+    for t in reader.tensors if weights else []:
         kind = t.tensor_type.name
         if kind not in GGUF_TYPES:
             raise UserError(f"{t.name} in {Path(path).name} is {kind}, which is not supported "
@@ -1327,7 +1332,7 @@ def load_gguf(path, device="cpu", dtype=torch.float32):
             n = heads if ".attn_q." in t.name else cfg.num_key_value_heads
             w = w.reshape(n, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         _assign(model, hf, torch.from_numpy(np.ascontiguousarray(w)).to(device=device, dtype=dtype))
-    model = _finish(model, device, path)
+    model = _finish(model.to(dtype) if not weights else model, device, path, weights)
     if rope_factors is not None:
         model.inv_freq = model.inv_freq / rope_factors.to(device)
     return model, tokenizer_from_gguf(reader)
@@ -1370,9 +1375,10 @@ def _download_hub(repo_id):
                         f"local HF folder (config.json, *.safetensors, tokenizer.json), a .gguf file, or no model for the default {DEFAULT_MODEL}")
 
 
-def load_model(name_or_path=None, device="cpu", dtype=torch.float32):
+def load_model(name_or_path=None, device="cpu", dtype=torch.float32, weights=True):
     """(model, tokenizer) from a local HF folder, a .gguf file, a hub id such as
-    'meta-llama/Llama-3.2-1B', or, with None (or 'SmolLM2-135M-Instruct'), the default model."""
+    'meta-llama/Llama-3.2-1B', or, with None (or 'SmolLM2-135M-Instruct'), the default model.
+    weights=False: the model on the meta device (shapes and dtypes, no memory, nothing read)."""
     dtype = _resolve_dtype(dtype)
     if name_or_path in (None, "", "default", DEFAULT_MODEL, "HuggingFaceTB/" + DEFAULT_MODEL) and \
             not (name_or_path and Path(name_or_path).exists()):
@@ -1389,13 +1395,13 @@ def load_model(name_or_path=None, device="cpu", dtype=torch.float32):
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path} is a file but not .gguf: pass a .gguf file or the model's folder")
-        model, tok = load_gguf(path, device, dtype)
+        model, tok = load_gguf(path, device, dtype, weights)
         if path.name == DEFAULT_GGUF:
             name = "HuggingFaceTB/" + DEFAULT_MODEL
         elif name != "HuggingFaceTB/" + DEFAULT_MODEL:  # PEFT cannot open a .gguf: its hub repo, else its file name
             name = tok.name_or_path or path.name
     else:
-        model, tok = load_hf_folder(path, device, dtype), load_tokenizer(path)
+        model, tok = load_hf_folder(path, device, dtype, weights), load_tokenizer(path)
     model.name_or_path = tok.name_or_path = name
     return model, tok
 
@@ -1837,17 +1843,19 @@ def autocast(device, amp):
     return torch.autocast(str(device).split(":")[0], dtype=amp or torch.float32, enabled=amp is not None)
 
 
-def load_base(name, device, dtype, ranks, threads=0):
+def load_base(name, device, dtype, ranks, threads=0, weights=True):
     """(base model on the CPU, tokenizer, device, autocast dtype) for a grid of runs. LoRA-only grids
     keep the frozen base in the autocast dtype (bf16 on CUDA: half the memory, no master copy);
     full fine-tuning keeps float32 master weights for AdamW. Each run copies the base to the device.
-    threads: CPU threads for torch (0 keeps its default, one per core)."""
+    threads: CPU threads for torch (0 keeps its default, one per core). weights=False: the base on
+    the meta device (an FSDP process other than rank 0, which receives its shard from rank 0)."""
     if threads:
         torch.set_num_threads(threads)
     device, pdtype, amp, why = pick_device(device, dtype)
     why += f", {torch.get_num_threads()} threads" if device == "cpu" else ""
     print(f"device: {why}; loading {name or DEFAULT_MODEL} ...", flush=True)
-    base, tok = load_model(name, device="cpu", dtype=amp if amp is not None and all(r > 0 for r in ranks) else pdtype)
+    base, tok = load_model(name, device="cpu", dtype=amp if amp is not None and all(r > 0 for r in ranks) else pdtype,
+                           weights=weights)
     return base, tok, device, amp
 
 
@@ -1968,9 +1976,10 @@ def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init
         model.requires_grad_(False)
         for n in lora_targets(model, layers, lm_head):
             model.get_submodule(n).weight.requires_grad_(True)
-    model.to(device).train()
-    if shard:
-        shard(model)
+    if shard:  # fsdp_shard moves the shards to the device (a meta model gets rank 0's)
+        shard(model.train())
+    else:
+        model.to(device).train()
     if rank > 0:
         groups = lora_param_groups(model, lr, lr_ratio_b, weight_decay)
     else:  # a tied head and embedding are one parameter: listed once
@@ -1982,18 +1991,54 @@ def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init
 # -----------------------------------------------------------------------------
 # FSDP2: weights, gradients and optimizer state sharded over the processes (torchrun --fsdp)
 
-def fsdp_shard(model, mesh, amp=None):
+def fsdp_shard(model, mesh, amp=None, rank0_state=None):
     """Shard each transformer block, then the root (embedding, norm, lm_head), over `mesh` with
     PyTorch's FSDP2 (fully_shard). Parameters become DTensors, each process holding 1/N; a block's
     weights are gathered just for its forward and backward. A frozen base shards like the rest; with
     amp (bf16 on CUDA) blocks compute in bf16 while the sharded float32 weights (the adapters,
-    or all of FullFT's) are what AdamW updates, and gradients are reduced in float32."""
+    or all of FullFT's) are what AdamW updates, and gradients are reduced in float32.
+    Processes other than rank 0 may hold the model on the meta device (no memory, nothing read):
+    rank 0's weights (rank0_state: its full state dict; None elsewhere) are broadcast, and each
+    process keeps its shard. Every process calls this (collectives)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    set_model_state_dict(model, rank0_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.inv_freq = model.inv_freq.to(device)  # a buffer, not in the state dict (GGUF may rescale it)
+    dist.broadcast(model.inv_freq, src=0)
     return model
+
+
+def fsdp_skeleton(model):
+    """An unsharded copy of a (sharded) model's structure on the meta device: rank 0 fills in what a
+    checkpoint needs (the adapters, or every weight for full fine-tuning) and writes it as usual."""
+    import copy
+    cfg = model.config
+    with torch.device("meta"):
+        sk = Llama(cfg)
+    mods = lora_modules(model)
+    for name, m in mods.items():
+        parent, _, attr = name.rpartition(".")
+        owner = sk.get_submodule(parent) if parent else sk
+        setattr(owner, attr, LoRALinear(getattr(owner, attr), m.rank, m.alpha, rslora=m.rslora, dtype=m.lora_A.weight.dtype))
+    sk.name_or_path = model.name_or_path
+    for n, p in sk.named_parameters():
+        p.requires_grad_(model.get_parameter(n).requires_grad)
+    return sk
+
+
+def _fill(skeleton, state):
+    """Put real tensors into a meta skeleton by name (assign: the meta parameters are replaced)."""
+    skeleton.load_state_dict(state, strict=False, assign=True)
+    if skeleton.config.tie_word_embeddings and not isinstance(skeleton.lm_head, LoRALinear):
+        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
 
 
 class FullOptimizerState:
@@ -2009,30 +2054,41 @@ class FullOptimizerState:
         self.state = state
 
 
-def fsdp_save_checkpoint(run_dir, step, model, optimizer, shadow, extra=None):
+def fsdp_save_checkpoint(run_dir, step, model, optimizer, extra=None):
     """save_checkpoint for a sharded model, in the same formats (PEFT adapter or HF folder, plus
-    the optimizer state keyed by parameter name): every process gathers the full state (a
-    collective), rank 0 loads it into `shadow`, its unsharded CPU copy, and writes."""
+    the optimizer state keyed by parameter name). Every process gathers (collectives) what the
+    checkpoint holds: for LoRA the adapters alone, never the frozen base; rank 0 writes."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights, opt_state = get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-    if shadow is not None:
-        shadow.load_state_dict(weights)
-        save_checkpoint(run_dir, step, shadow, FullOptimizerState(opt_state), extra)
+    if lora_modules(model):
+        weights = {n: full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        weights = get_model_state_dict(model, options=opts)
+    opt_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    if dist.get_rank() == 0:
+        sk = fsdp_skeleton(model)
+        _fill(sk, weights)
+        save_checkpoint(run_dir, step, sk, FullOptimizerState(opt_state), extra)
 
 
-def fsdp_load_checkpoint(run_dir, model, optimizer, shadow):
-    """load_checkpoint for a sharded model: rank 0 reads the checkpoint into `shadow`, then the
-    weights and optimizer state are broadcast and sharded; returns the state (step, ...) on every rank."""
+def fsdp_load_checkpoint(run_dir, model, optimizer):
+    """load_checkpoint for a sharded model: rank 0 reads the checkpoint (the adapters, or every
+    weight), which is broadcast and sharded with the optimizer state; returns the state (step, ...)
+    on every rank."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    holder, state = FullOptimizerState(), [None]
-    if shadow is not None:
-        state[0] = load_checkpoint(run_dir, shadow, holder)
+    holder, state, weights = FullOptimizerState(), [None], {}
+    if dist.get_rank() == 0:
+        sk = fsdp_skeleton(model)
+        trained = [n for n, p in sk.named_parameters() if p.requires_grad] if lora_modules(sk) else [n for n, _ in sk.named_parameters()]
+        _fill(sk, {n: torch.zeros(sk.get_parameter(n).shape, dtype=sk.get_parameter(n).dtype) for n in trained})
+        state[0] = load_checkpoint(run_dir, sk, holder)
+        weights = {n: sk.get_parameter(n).detach() for n in trained}
     dist.broadcast_object_list(state, src=0)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, shadow.state_dict() if shadow is not None else {}, options=opts)
-    set_optimizer_state_dict(model, optimizer, holder.state if shadow is not None else {}, options=opts)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights, options=opts)
+    set_optimizer_state_dict(model, optimizer, holder.state if dist.get_rank() == 0 else {}, options=opts)
     return {k: v for k, v in state[0].items() if k != "optimizer"}
 
 

@@ -1125,8 +1125,19 @@ SPY_HARNESS = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import test_lora, {script}
+import lora
+from torch.distributed.checkpoint import state_dict as dsd
 mode, counts = test_lora.HostBorn(), {{}}
 test_lora.spy_collectives(mode, counts)
+load_base, get_msd = lora.load_base, dsd.get_model_state_dict
+def base_loaded(*a, **k):
+    out = load_base(*a, **k)
+    counts["base_on_meta"] = all(p.is_meta for p in out[0].parameters())
+    return out
+def whole_model_gathered(*a, **k):
+    counts["get_model_state_dict"] = counts.get("get_model_state_dict", 0) + 1
+    return get_msd(*a, **k)
+lora.load_base, dsd.get_model_state_dict = base_loaded, whole_model_gathered
 with mode:
     {script}.main(sys.argv[1:])
 json.dump(counts, open(os.environ["SPY_OUT"] + os.environ["RANK"] + ".json", "w"))
@@ -1134,11 +1145,12 @@ json.dump(counts, open(os.environ["SPY_OUT"] + os.environ["RANK"] + ".json", "w"
 
 
 def spied_torchrun(tmp_path, args, out, script="train_sft"):
-    """torchrun of `script` on 2 processes under HostBorn and spy_collectives; returns rank 0's counts."""
+    """torchrun of `script` on 2 processes under HostBorn and spy_collectives; returns each rank's
+    counts (calls per collective, whether its base model was on the meta device, whole-model gathers)."""
     harness = tmp_path / f"spy_{script}.py"
     harness.write_text(SPY_HARNESS.format(repo=str(Path(__file__).parent), script=script))
     torchrun(tmp_path, 2, args, out, script=str(harness), env={"SPY_OUT": str(tmp_path / f"{out}_spy")})
-    return json.loads((tmp_path / f"{out}_spy0.json").read_text())
+    return [json.loads((tmp_path / f"{out}_spy{r}.json").read_text()) for r in range(2)]
 
 
 def test_host_born_tracks_what_a_cuda_run_would_leave_on_the_host():
@@ -1166,10 +1178,10 @@ def test_uneven_lengths_under_ddp_and_fsdp_run_in_step_on_device_tensors_and_equ
     plans = [len(lora.micro_batches([len(ids) for ids, _ in batch[r::2]], 2)) for r in range(2)]
     assert sorted(plans) == [4, 5]  # the uneven case this test is about
     args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "16", "--micro_batch", "2",
-            "--rank", "4,0", "--lr", "3e-3", "--steps", "1", "--epochs", "2", "--eval_every", "0", "--save_every", "0"]
-    train_sft.main(args + ["--out", str(tmp_path / "one")])
-    ddp = spied_torchrun(tmp_path, args, "ddp")
-    fsdp = spied_torchrun(tmp_path, args + ["--fsdp"], "fsdp")
+            "--rank", "4,0", "--lr", "3e-3", "--steps", "1", "--epochs", "2", "--eval_every", "0"]
+    train_sft.main(args + ["--out", str(tmp_path / "one"), "--save_every", "0"])
+    ddp, _ = spied_torchrun(tmp_path, args + ["--save_every", "0"], "ddp")
+    fsdp, fsdp1 = spied_torchrun(tmp_path, args + ["--fsdp", "--save_every", "1"], "fsdp")
     one = sft_losses(tmp_path / "one")
     assert all(len(v) == 1 for v in one.values())
     for out in ("ddp", "fsdp"):
@@ -1178,6 +1190,12 @@ def test_uneven_lengths_under_ddp_and_fsdp_run_in_step_on_device_tensors_and_equ
     assert ddp["all_reduce"] >= 2   # the step's loss, per run
     # per step: LoRA's 2 blocks, FullFT's 2 blocks and root; 5 forwards a step would make 25
     assert 1 <= fsdp["reduce_scatter_single"] <= 5, fsdp
+    # FSDP: rank 1 never holds the base (a meta model that receives its shards from rank 0), and the
+    # LoRA run's checkpoint gathers the adapters alone: the one whole-model gather is FullFT's
+    assert fsdp1["base_on_meta"] and not fsdp["base_on_meta"] and fsdp["get_model_state_dict"] == 1, (fsdp, fsdp1)
+    fresh = tiny_model()
+    lora.load_adapter(fresh, tmp_path / "fsdp" / "sft_data_r4_lr3.00e-03_bs16" / "ckpt-1")
+    assert lora.count_parameters(fresh) == lora.count_parameters(lora.apply_lora(tiny_model(), 4))
 
 
 def test_micro_batches_split_to_a_count_and_respect_a_token_budget():

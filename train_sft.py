@@ -16,7 +16,6 @@ that --resume continues from.
 """
 
 import argparse
-import copy
 import itertools
 import math
 import os
@@ -201,14 +200,11 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         if grid:
             grid.total -= run_flops
         return done["loss"]
-    shadow = None
-
-    def shard(m):  # --fsdp: rank 0 keeps an unsharded CPU copy to write checkpoints in HF / PEFT format from
-        nonlocal shadow
-        shadow = copy.deepcopy(m).cpu() if master else None
+    def shard(m):  # --fsdp: rank 0 holds the weights, the other processes a meta model that gets its shards
+        rank0_state = m.state_dict() if master else None
         if a.compile:  # compile before sharding, as FSDP2 expects
             lora.compile_blocks(m)
-        lora.fsdp_shard(m, init_device_mesh(device.split(":")[0], (world,)), amp)
+        lora.fsdp_shard(m, init_device_mesh(device.split(":")[0], (world,)), amp, rank0_state)
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
                                        a.weight_decay, a.beta2, device, a.seed, shard if a.fsdp else None)
     model.gradient_checkpointing = a.grad_ckpt
@@ -223,7 +219,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
     start, flops_done, first_loss = 0, 0.0, None
     if a.resume and (run_dir / "latest").exists():
-        state = lora.fsdp_load_checkpoint(run_dir, model, opt, shadow) if a.fsdp else lora.load_checkpoint(run_dir, model, opt)
+        state = lora.fsdp_load_checkpoint(run_dir, model, opt) if a.fsdp else lora.load_checkpoint(run_dir, model, opt)
         start, flops_done, first_loss = state["step"], state["flops"], state.get("first_loss")
         if master:
             print(f"resumed {a.name} at step {start}")
@@ -264,7 +260,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
     def save(step):
         extra = {"flops": flops_done, "first_loss": first_loss}
         if a.fsdp:  # a collective: every process gathers
-            lora.fsdp_save_checkpoint(run_dir, step, model, opt, shadow, extra)
+            lora.fsdp_save_checkpoint(run_dir, step, model, opt, extra)
         elif master:
             lora.save_checkpoint(run_dir, step, model, opt, extra)
 
@@ -434,7 +430,13 @@ def main(argv=None):
     train_rows, eval_rows, desc = load_data(a.data, data_seed, a.max_examples, a.eval_examples)
     if a.max_examples:
         train_rows = train_rows[:a.max_examples]
-    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")], a.threads)
+    if ddp and not master:
+        dist.barrier()  # rank 0 loads first (and fetches the default model once)
+    # under FSDP only rank 0 reads the weights; the others build the model on the meta device
+    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")], a.threads,
+                                                weights=master or not a.fsdp)
+    if ddp and master:
+        dist.barrier()
     say(f"model {base.name_or_path}; tokenizing {len(train_rows) + len(eval_rows)} rows ...", flush=True)
     train_ex, truncated, empty = tokenize(train_rows, tok, a.max_len, a.data)
     eval_ex, _, eval_empty = tokenize(eval_rows, tok, a.max_len, a.data)
