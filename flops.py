@@ -8,6 +8,7 @@ the model's shape alone, then checked against torch's FlopCounterMode and a stop
     python flops.py --measure --seq_len 2048 --batch 8    # GPU (bf16 autocast): the README's benchmark
     python flops.py --model llama-3.1-8b --log out/sft/log.jsonl   # capacity: a run's bits against LoRA's
     python flops.py --model qwen3-30b-a3b --json          # MoE (analytic only), machine-readable
+    python flops.py --gpu                                 # CUDA: SFT tok/s, MFU, memory, sampler, bf16 checks (< 5 min)
 
 Conventions. A multiply-add (MAC) is 2 FLOPs. Per token, a d_out x d_in matrix costs d_in d_out MACs
 for y = W x, d_in d_out for the input gradient x_bar = W^T y_bar and, only if W trains, d_in d_out
@@ -486,6 +487,227 @@ def print_speed(s):
 
 
 # -----------------------------------------------------------------------------
+# The GPU benchmark (--gpu): what a CUDA user of train_sft.py / train_rl.py gets, on random weights of
+# real shapes (the values change no speed or memory figure; nothing is downloaded)
+
+
+class StageTimeout(Exception):
+    pass
+
+
+def run_stage(name, seconds, fn, out):
+    """out[name] = fn(), under its own time limit: a stage that overruns or fails (an OOM on a
+    smaller GPU) records one line saying so, and the benchmark goes on to the next."""
+    import signal
+
+    def alarm(*_):
+        raise StageTimeout
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    t0 = time.perf_counter()
+    try:
+        out[name] = fn()
+    except StageTimeout:
+        out[name] = {"error": f"over its {seconds} s limit"}
+    except Exception as e:  # noqa: BLE001  (reported, then the next stage)
+        out[name] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"}
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    out[name]["stage_s"] = time.perf_counter() - t0
+    return out[name]
+
+
+def random_model(cfg, dev, dtype, rank=0, seed=0):
+    """A randomly initialised model of cfg's shape, built on the device in `dtype` (an 8B model is
+    never materialised on the host), with fp32 LoRA adapters of this rank on every layer."""
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = lora.Llama(cfg)
+            model.inv_freq = lora.rope_inv_freq(cfg).to(dev)
+            if rank:
+                lora.apply_lora(model, rank)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.train()
+
+
+def _sync(dev):
+    if str(dev).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def sft_speed(cfg, dev, amp, rank=16, batch=1, seq=4096, steps=5, compile=False, backend=None):
+    """tokens/s, MFU and peak memory of LoRA SFT steps (AdamW, answer loss on every token) at one
+    micro-batch of batch x seq tokens; with compile, the blocks as train_sft.py --compile compiles
+    them and how many graphs that made."""
+    from torch._dynamo.utils import counters
+    model = random_model(cfg, dev, amp or torch.float32, rank)
+    if compile:
+        torch._dynamo.reset()
+        counters.clear()
+        lora.compile_blocks(model, **({"backend": backend} if backend else {}))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=str(dev).startswith("cuda"))
+    x, y = (torch.randint(cfg.vocab_size, (batch, seq), device=dev) for _ in range(2))
+    cuda, times = str(dev).startswith("cuda"), []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 2):  # two untimed steps: compilation, allocator, Adam state
+        _sync(dev)
+        t0 = time.perf_counter()
+        with lora.autocast(dev, amp):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    s = statistics.median(times[2:])
+    flops = batch * seq * train_flops_per_token(cfg, rank, "all", seq)
+    peak, _ = device_peak(str(dev))
+    return dict(tokens_per_s=batch * seq / s, ms=1000 * s, mfu=flops / s / peak if peak else None, first_step_s=times[0],
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, loss=loss.item(),
+                graphs=counters["stats"]["unique_graphs"] if compile else None,
+                graph_breaks=sum(counters["graph_break"].values()) if compile else None)
+
+
+def copy_bandwidth(dev, nbytes=2**30):
+    """Bytes/s of a device-to-device copy (read + write counted), the median of 5."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
+    b, times = torch.empty_like(a), []
+    for _ in range(6):
+        _sync(dev)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.nbytes / statistics.median(times[1:])
+
+
+def sampler_speed(cfg, dev, amp, rank=16, rows=64, new_tokens=256, prompt_len=128, group=8, bandwidth=None):
+    """RL-shaped sampling (rows = prompts x group, no stop id: every row decodes new_tokens) with
+    the LoRA adapters unmerged, as train_rl.py samples; tokens/s and the fraction of the
+    bandwidth floor, the time to read every weight and the KV cache once per decoded token."""
+    model = random_model(cfg, dev, amp or torch.float32, rank).eval()
+    g = torch.Generator(device=dev).manual_seed(0)
+    prompts = [torch.randint(cfg.vocab_size, (prompt_len,)).tolist() for _ in range(rows // group)]
+    prompts = [p for p in prompts for _ in range(group)]
+    lora.generate(model, prompts[:group], 4, generator=g)  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    out, _ = lora.generate(model, prompts, new_tokens, generator=g)
+    _sync(dev)
+    s = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    shp = shape(cfg)
+    kv_per_pos = 2 * shp["num_hidden_layers"] * shp["num_key_value_heads"] * shp["head_dim"] * (amp or torch.float32).itemsize
+    moved = sum(weights + rows * kv_per_pos * (prompt_len + t) for t in range(new_tokens))
+    bandwidth = bandwidth or copy_bandwidth(dev)
+    n = sum(map(len, out))
+    return dict(tokens_per_s=n / s, s=s, rows=rows, new_tokens=new_tokens, bandwidth_gb_s=bandwidth / 1e9,
+                floor_s=moved / bandwidth, of_floor=moved / bandwidth / s)
+
+
+def sdpa_backends(cfg, dev, amp):
+    """Which SDPA kernels accept each of the model's attention calls: training (causal, grouped
+    keys) and decoding (one query against a padded KV cache: a boolean mask, grouped keys).
+    PyTorch takes the first that accepts, in the order listed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    shp, dtype = shape(cfg), amp or torch.float32
+    H, kv, hd = shp["num_attention_heads"], shp["num_key_value_heads"], shp["head_dim"]
+    calls = {"train": dict(q=(2, H, 256, hd), kv=(2, kv, 256, hd), mask=None),
+             "decode": dict(q=(8, H, 1, hd), kv=(8, kv, 300, hd), mask=(8, 1, 1, 300))}
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    out = {}
+    for name, c in calls.items():
+        q, k, v = torch.randn(c["q"], device=dev, dtype=dtype), torch.randn(c["kv"], device=dev, dtype=dtype), torch.randn(c["kv"], device=dev, dtype=dtype)
+        mask = torch.rand(c["mask"], device=dev) > 0.1 if c["mask"] else None
+        ok = []
+        for b in order:
+            try:
+                with sdpa_kernel([b]):
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+                ok.append(b.name.lower())
+            except RuntimeError:
+                pass
+        out[name] = ok
+    return out
+
+
+def bf16_agreement(cfg, dev, amp, rank=16, seq=512, rows=16, new_tokens=32):
+    """bf16 autocast against float32 on the same weights: the loss, the gradient of the adapters
+    (B randomised so that A gets one too), and RL's importance ratio p_learner / p_sampler at step
+    0 (sampled in bf16 with the KV cache, rescored by a training forward in bf16) as train_rl.py
+    computes it."""
+    model = random_model(cfg, dev, torch.float32, rank)
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    x, y = (torch.randint(cfg.vocab_size, (1, seq), device=dev) for _ in range(2))
+    res = {}
+    for name, dtype in (("fp32", None), ("bf16", amp or torch.bfloat16)):
+        model.zero_grad(set_to_none=True)
+        with lora.autocast(dev, dtype):
+            _, loss = model(x, y)
+        loss.backward()
+        res[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    (l32, g32), (l16, g16) = res["fp32"], res["bf16"]
+    amp = amp or torch.bfloat16
+    prompts = [torch.randint(cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(rows)]
+    with lora.autocast(dev, amp):
+        comps, old = lora.generate(model, prompts, new_tokens, generator=torch.Generator(device=dev).manual_seed(0))
+        model.train()
+        xx = lora.pad_right([p + c for p, c in zip(prompts, comps)]).to(dev)
+        h = model(xx[:, :-1], upto=len(model.model.layers))
+        at = torch.cat([h[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, comps))])
+        yy = torch.tensor([t for c in comps for t in c], device=dev)
+        new = -lora.unembed_nll(model.lm_head, model.model.norm(at), yy, reduction="none")
+    log_ratio = new.detach().double() - torch.tensor([v for lp in old for v in lp], device=dev, dtype=torch.float64)
+    return dict(loss_fp32=l32, loss_rel_diff=abs(l16 - l32) / abs(l32), grad_cosine=F.cosine_similarity(g16, g32, dim=0).item(),
+                grad_rel_norm_diff=((g16 - g32).norm() / g32.norm()).item(), ratio_mean=log_ratio.exp().mean().item(),
+                ratio_min=log_ratio.exp().min().item(), ratio_max=log_ratio.exp().max().item(),
+                abs_log_ratio_mean=log_ratio.abs().mean().item())
+
+
+def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"), sample_shape="llama-3.2-1b", seq=4096,
+                  steps=5, rows=64, new_tokens=256, backend=None, limits=None, say=print):
+    """Every stage of the GPU benchmark, each under its own limit (seconds); returns their results
+    and prints a line per figure as it goes. Runs anywhere: a CPU with tiny shapes is its dry run."""
+    dev, _, amp, how = lora.pick_device(device)
+    lim = dict(sft=120, sample=60, sdpa=20, agree=60) | (limits or {})
+    out = dict(device=how)
+    say(f"gpu benchmark on {how}; LoRA r16 on every layer, random weights of each shape")
+    for name in train_shapes:
+        cfg = load_config(name) if isinstance(name, str) else name
+        label = name if isinstance(name, str) else "custom"
+        for compiled in (False, True):
+            key = f"sft_{label}_{'compiled' if compiled else 'eager'}"
+            r = run_stage(key, lim["sft"], lambda: sft_speed(cfg, dev, amp, 16, 1, seq, steps, compiled, backend), out)
+            say(f"{key}: " + (r["error"] if "error" in r else
+                f"{r['tokens_per_s']:,.0f} tok/s, {r['ms']:.0f} ms/step of 1 x {seq}"
+                + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] else "")
+                + (f", {r['graphs']} graphs, {r['graph_breaks']} breaks, first step {r['first_step_s']:.0f} s" if compiled else "")))
+    cfg = load_config(sample_shape) if isinstance(sample_shape, str) else sample_shape
+    r = run_stage("sample", lim["sample"], lambda: sampler_speed(cfg, dev, amp, 16, rows, new_tokens), out)
+    say("sample: " + (r["error"] if "error" in r else
+        f"{r['tokens_per_s']:,.0f} tok/s for {r['rows']} rows x {r['new_tokens']} tokens, {r['of_floor']:.1%} of the bandwidth "
+        f"floor ({r['floor_s']:.2f} s at {r['bandwidth_gb_s']:.0f} GB/s copy bandwidth; measured {r['s']:.2f} s)"))
+    r = run_stage("sdpa", lim["sdpa"], lambda: sdpa_backends(cfg, dev, amp), out)
+    say("sdpa: " + (r["error"] if "error" in r else "; ".join(f"{k} call accepted by {', '.join(v) or 'none'}"
+                                                              for k, v in r.items() if k != "stage_s")))
+    r = run_stage("agree", lim["agree"], lambda: bf16_agreement(cfg, dev, amp), out)
+    say("bf16 vs fp32: " + (r["error"] if "error" in r else
+        f"loss {r['loss_fp32']:.4f}, relative difference {r['loss_rel_diff']:.1e}; adapter gradient cosine {r['grad_cosine']:.5f} "
+        f"(relative norm of the difference {r['grad_rel_norm_diff']:.3f}); RL importance ratio at step 0 mean "
+        f"{r['ratio_mean']:.4f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}], mean |log ratio| {r['abs_log_ratio_mean']:.4f}"))
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Report: the numbers as one dict (--json), then as tables
 
 
@@ -675,6 +897,9 @@ def main(argv=None):
     g.add_argument("--data", default=None, help="--speed: a GSM8K folder for the SFT batches and prompts (default: built-in synth)")
     g.add_argument("--rounds", type=int, default=3, help="--speed: timed rounds after a warm-up")
     g.add_argument("--moe", action="store_true", help="time an MoE layer with per-expert LoRA: the expert loop vs grouped matmuls")
+    g.add_argument("--gpu", action="store_true", help="the GPU benchmark: LoRA SFT tokens/s, MFU and memory on Llama-3.2-1B and "
+                   "3.1-8B shapes (eager, compiled), sampler speed against the bandwidth floor, SDPA kernels, bf16 against fp32; "
+                   "random weights, each stage under its own time limit")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     a = p.parse_args(argv)
     if min(a.rank, a.seq_len or 1, a.batch, a.steps) < 1:
@@ -686,6 +911,9 @@ def main(argv=None):
         return print(json.dumps(t)) if a.json else print(
             f"MoE layer (2048 tokens, hidden 576, 32 experts x 192, top 4, LoRA rank 8 = 2 per expert), forward + backward, "
             f"median ms: expert loop {t['loop']:.1f}, grouped bmm {t['grouped']:.1f} (loop / grouped {t['loop'] / t['grouped']:.2f})")
+    if a.gpu:
+        out = gpu_benchmark(a.device)
+        return print(json.dumps(out, indent=1)) if a.json else None
     if a.speed:
         s = speed(None if a.model == "smollm2-135m" else a.model, a.data, a.rank, a.rounds)
         return print(json.dumps(s, indent=1)) if a.json else print_speed(s)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -1322,6 +1323,25 @@ def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
 
 
 import flops  # noqa: E402
+
+
+def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
+    # flops.py --gpu on a CPU with a tiny shape: every stage runs and reports, and its figures hold
+    # what they must on any device (compiled = eager losses, bf16 close to fp32, ratio near 1)
+    cfg, lines = tiny_config(), []
+    out = flops.gpu_benchmark("cpu", train_shapes=(cfg,), sample_shape=cfg, seq=64, steps=1, rows=8, new_tokens=8,
+                              backend="aot_eager", say=lines.append)
+    assert not [k for k, v in out.items() if isinstance(v, dict) and "error" in v], out
+    assert len(lines) == 6 and all("error" not in line for line in lines), lines
+    eager, compiled = out["sft_custom_eager"], out["sft_custom_compiled"]
+    assert eager["tokens_per_s"] > 0 and compiled["graphs"] <= 3 and compiled["graph_breaks"] == 0
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    assert 0 < out["sample"]["of_floor"] and out["sample"]["tokens_per_s"] > 0
+    assert "math" in out["sdpa"]["train"] and "math" in out["sdpa"]["decode"]
+    agree = out["agree"]
+    assert agree["loss_rel_diff"] < 1e-2 and agree["grad_cosine"] > 0.99 and abs(agree["ratio_mean"] - 1) < 0.05, agree
+    slow = flops.run_stage("slow", 1, lambda: time.sleep(3) or {}, {})
+    assert "limit" in slow["error"]  # a stage past its limit reports and the benchmark goes on
 
 
 def test_post_param_table_llama31_8b():
