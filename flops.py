@@ -639,11 +639,29 @@ def sdpa_backends(cfg, dev, amp):
     return out
 
 
-def bf16_agreement(cfg, dev, amp, rank=16, seq=512, rows=16, new_tokens=32):
-    """bf16 autocast against float32 on the same weights: the loss, the gradient of the adapters
-    (B randomised so that A gets one too), and RL's importance ratio p_learner / p_sampler at step
-    0 (sampled in bf16 with the KV cache, rescored by a training forward in bf16) as train_rl.py
-    computes it."""
+def importance_ratio(model, sampler, dev, amp, rows=16, new_tokens=32, prompt_len=64):
+    """exp(learner - sampler log-probability) of every sampled token at step 0, as train_rl.py
+    computes it: `sampler` draws with the KV cache, `model` rescores in one training forward with
+    the unembedding at the completion positions."""
+    prompts = [torch.randint(model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i in range(rows)]
+    with lora.autocast(dev, amp):
+        comps, old = lora.generate(sampler, prompts, new_tokens, generator=torch.Generator(device=dev).manual_seed(0))
+        model.train()
+        with torch.no_grad():
+            x = lora.pad_right([p + c for p, c in zip(prompts, comps)]).to(dev)
+            h = model(x[:, :-1], upto=len(model.model.layers))
+            at = torch.cat([h[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, comps))])
+            y = torch.tensor([t for c in comps for t in c], device=dev)
+            new = -lora.unembed_nll(model.lm_head, model.model.norm(at), y, reduction="none")
+    return (new.double() - torch.tensor([v for lp in old for v in lp], device=dev, dtype=torch.float64)).exp()
+
+
+def bf16_agreement(cfg, dev, amp, rank=16, seq=512):
+    """bf16 autocast against float32 on the same weights: the loss and the gradient of the adapters
+    (B randomised so that A gets one too); then RL's importance ratio p_learner / p_sampler at step
+    0 with train_rl.py's GPU setup (bf16 base, fp32 adapters, bf16 autocast), sampling with the
+    adapters unmerged and from a merged bf16 copy (--sample_merged), whose merge rounds."""
     model = random_model(cfg, dev, torch.float32, rank)
     for m in lora.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.02)
@@ -656,21 +674,17 @@ def bf16_agreement(cfg, dev, amp, rank=16, seq=512, rows=16, new_tokens=32):
         loss.backward()
         res[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     (l32, g32), (l16, g16) = res["fp32"], res["bf16"]
-    amp = amp or torch.bfloat16
-    prompts = [torch.randint(cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(rows)]
-    with lora.autocast(dev, amp):
-        comps, old = lora.generate(model, prompts, new_tokens, generator=torch.Generator(device=dev).manual_seed(0))
-        model.train()
-        xx = lora.pad_right([p + c for p, c in zip(prompts, comps)]).to(dev)
-        h = model(xx[:, :-1], upto=len(model.model.layers))
-        at = torch.cat([h[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, comps))])
-        yy = torch.tensor([t for c in comps for t in c], device=dev)
-        new = -lora.unembed_nll(model.lm_head, model.model.norm(at), yy, reduction="none")
-    log_ratio = new.detach().double() - torch.tensor([v for lp in old for v in lp], device=dev, dtype=torch.float64)
-    return dict(loss_fp32=l32, loss_rel_diff=abs(l16 - l32) / abs(l32), grad_cosine=F.cosine_similarity(g16, g32, dim=0).item(),
-                grad_rel_norm_diff=((g16 - g32).norm() / g32.norm()).item(), ratio_mean=log_ratio.exp().mean().item(),
-                ratio_min=log_ratio.exp().min().item(), ratio_max=log_ratio.exp().max().item(),
-                abs_log_ratio_mean=log_ratio.abs().mean().item())
+    out = dict(loss_fp32=l32, loss_rel_diff=abs(l16 - l32) / abs(l32), grad_cosine=F.cosine_similarity(g16, g32, dim=0).item(),
+               grad_rel_norm_diff=((g16 - g32).norm() / g32.norm()).item())
+    del model
+    model = random_model(cfg, dev, torch.bfloat16, rank)
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    for kind, sampler in (("unmerged", model), ("merged", lora.merged_copy(model))):
+        r = importance_ratio(model, sampler, dev, torch.bfloat16)
+        out[kind] = dict(ratio_mean=r.mean().item(), ratio_min=r.min().item(), ratio_max=r.max().item(),
+                         abs_log_ratio_mean=r.log().abs().mean().item())
+    return out
 
 
 def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"), sample_shape="llama-3.2-1b", seq=4096,
@@ -702,8 +716,11 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"), 
     r = run_stage("agree", lim["agree"], lambda: bf16_agreement(cfg, dev, amp), out)
     say("bf16 vs fp32: " + (r["error"] if "error" in r else
         f"loss {r['loss_fp32']:.4f}, relative difference {r['loss_rel_diff']:.1e}; adapter gradient cosine {r['grad_cosine']:.5f} "
-        f"(relative norm of the difference {r['grad_rel_norm_diff']:.3f}); RL importance ratio at step 0 mean "
-        f"{r['ratio_mean']:.4f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}], mean |log ratio| {r['abs_log_ratio_mean']:.4f}"))
+        f"(relative norm of the difference {r['grad_rel_norm_diff']:.3f})"))
+    if "error" not in r:
+        say("RL importance ratio at step 0, bf16: " + "; ".join(
+            f"sampling {k}: mean {r[k]['ratio_mean']:.4f} [{r[k]['ratio_min']:.3f}, {r[k]['ratio_max']:.3f}], "
+            f"mean |log ratio| {r[k]['abs_log_ratio_mean']:.4f}" for k in ("unmerged", "merged")))
     return out
 
 

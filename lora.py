@@ -212,8 +212,17 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, max_len, hd), masked beyond pos
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, pos + T, hd)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            # Decoding from the cache (a mask for padding): each KV head's group of G query heads goes
+            # in as G x T query rows of one head, so the call is plain attention with a mask, which
+            # the fused kernels take (a mask with grouped keys sends many builds to the math kernel,
+            # which copies K and V to every head).
+            G = self.n_head // self.n_kv
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G * T, -1), k, v,
+                                               attn_mask=mask.repeat(1, 1, G, 1)).view(B, self.n_head, T, -1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -310,8 +319,13 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
 
     def select(self, rows):
-        """Keep only these batch rows (an index tensor), e.g. the ones still decoding."""
-        self.k, self.v, self.pad = self.k[:, rows], self.v[:, rows], self.pad[rows]
+        """Keep only these batch rows (an index tensor), e.g. the ones still decoding; only the
+        filled part of the cache is copied."""
+        def keep(buf):
+            out = buf.new_empty(buf.shape[0], len(rows), *buf.shape[2:])
+            out[:, :, :, :self.pos] = buf[:, rows, :, :self.pos]
+            return out
+        self.k, self.v, self.pad = keep(self.k), keep(self.v), self.pad[rows]
 
 
 class Llama(nn.Module):
@@ -547,6 +561,33 @@ def unmerge_lora(model):
     for m in lora_modules(model).values():
         m.unmerge()
     return model
+
+
+@torch.no_grad()
+def merged_copy(model, out=None):
+    """A model without adapters whose adapted weights are W + scale B A, for sampling (one matmul
+    per linear layer instead of three): refreshed in `out` (the copy a previous call returned) or
+    built. Weights without an adapter are shared, not copied. The trained model is untouched:
+    merging in place and unmerging after would drift the frozen W by rounding at every step. A
+    bf16 W + B A is rounded to bf16, so its samples' log-probabilities differ slightly from the
+    unmerged learner's (the importance ratio shows it)."""
+    mods = lora_modules(model)
+    if out is None:
+        with torch.device("meta"):
+            out = Llama(model.config)
+        for name, dst in out.named_modules():
+            src = model.get_submodule(name)
+            for pname, p in list(dst.named_parameters(recurse=False)):
+                w = getattr(src, pname)
+                if name in mods and pname == "weight":
+                    w = nn.Parameter(torch.empty_like(w), requires_grad=False)
+                setattr(dst, pname, w)
+        out.inv_freq, out.name_or_path = model.inv_freq, model.name_or_path
+        out.eval()
+    for name, m in mods.items():
+        w = m.weight if m.merged else torch.addmm(m.weight.float(), m.lora_B.weight.float(), m.lora_A.weight.float(), alpha=m.scale)
+        out.get_submodule(name).weight.copy_(w)
+    return out
 
 
 PEFT_PREFIX = "base_model.model."

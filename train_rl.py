@@ -197,6 +197,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
     if start == 0 and a.eval_every:
         eval_and_log(0)
     order = random.Random(a.seed).sample(range(len(train_rows)), len(train_rows))
+    sampler = None  # --sample_merged: a copy with W + scale B A, refreshed each step
     for step in range(start + 1, a.steps + 1):
         # 1. sample: every problem group_size times, with the policy as it is now
         k = (step - 1) * a.questions_per_step
@@ -205,8 +206,10 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
         gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + step)  # resumed runs sample the same
         t0 = time.time()
         model.eval()
+        if a.sample_merged and a.rank:
+            sampler = lora.merged_copy(model, sampler)
         with lora.autocast(device, amp):
-            comps, old_lp = lora.generate(model, prompts, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids, gen, tok.pad_id,
+            comps, old_lp = lora.generate(sampler or model, prompts, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids, gen, tok.pad_id,
                                           vocab=tok.vocab_size)
         model.train()
         t_sample = time.time() - t0
@@ -308,6 +311,9 @@ def parse_args(argv=None):
     g.add_argument("--updates_per_batch", type=int, default=1, help="optimizer steps per batch of samples (>1: off-policy)")
     g.add_argument("--clip", type=float, default=0.0, help="PPO clip epsilon, e.g. 0.2 (0 = the post's plain objective)")
     g.add_argument("--micro_batch", type=int, default=8, help="episodes per learner forward")
+    g.add_argument("--sample_merged", action="store_true", help="sample from a copy with the adapters merged (W + scale B A, "
+                   "refreshed each step): one matmul per layer instead of three, at the cost of a copy of the adapted "
+                   "weights; in bf16 the merge rounds, which the logged importance ratio shows")
     g.add_argument("--grad_clip", type=float, default=0.0)
     g.add_argument("--seed", default="0", help="seed of LoRA's init, the problem order and sampling; a comma list runs each")
     g = p.add_argument_group("data and eval")

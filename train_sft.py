@@ -420,10 +420,10 @@ def main(argv=None):
     if a.fsdp and not ddp:
         raise lora.UserError("--fsdp shards over processes: launch with torchrun --nproc_per_node N (N >= 2)")
     if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and a.device != "cpu" else "gloo")
-        if torch.cuda.is_available() and a.device != "cpu":
+        if torch.cuda.is_available() and a.device != "cpu":  # the device first: NCCL binds each process to it
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             a.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
     master = not ddp or dist.get_rank() == 0
     say = print if master else (lambda *x, **k: None)
     data_seed = int(a.seed.split(",")[0])  # every seed of a sweep trains on the same data
