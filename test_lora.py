@@ -1257,12 +1257,7 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_cu
 
 
 def test_rl_sigterm_checkpoints_and_resumes_the_same_run(tmp_path, monkeypatch):
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    write_hf_folder(model_dir, tiny_model(vocab_size=264))
-    monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
-    args = ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", "4", "--questions_per_step", "2",
-            "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0", "--save_every", "0", "--device", "cpu"]
+    args = tiny_rl(tmp_path, monkeypatch, steps=4)
     curve = lambda out: [(r["reward"], r["loss"]) for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
                          if r["type"] == "train"]
     train_rl.main(args + ["--out", str(tmp_path / "whole")])
@@ -1292,12 +1287,7 @@ def test_rl_trains_a_model_whose_embedding_is_padded_past_the_tokenizer(tmp_path
 
 
 def test_rl_sampling_from_merged_weights_keeps_the_importance_ratio_at_one(tmp_path, monkeypatch):
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    write_hf_folder(model_dir, tiny_model(vocab_size=264))
-    monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
-    args = ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", "3", "--questions_per_step", "2",
-            "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0", "--save_every", "0", "--device", "cpu"]
+    args = tiny_rl(tmp_path, monkeypatch, steps=3)
     train_rl.main(args + ["--out", str(tmp_path / "merged"), "--sample_merged"])
     train_rl.main(args + ["--out", str(tmp_path / "plain")])
     rec = lambda out: [r for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl") if r["type"] == "train"]
@@ -1613,16 +1603,22 @@ def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
     assert (run / "ckpt-2" / "adapter_model.safetensors").exists()
 
 
-def test_rl_resume_after_a_kill_reproduces_the_run(tmp_path, monkeypatch):
-    # A tiny model cannot do arithmetic, so the reward is the completion's length parity: groups
-    # then have spread and every step updates the adapter. Killed during step 3's update (after
-    # checkpoint 2), the resumed run must sample and learn exactly as the uninterrupted one.
+def tiny_rl(tmp_path, monkeypatch, steps, save_every=0):
+    """train_rl.py flags for a tiny model whose vocabulary is the tiny tokenizer's (every sample
+    decodes), rewarded for its completion's length parity: a tiny model cannot do arithmetic, so
+    this gives groups spread and every step updates the adapter."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    write_hf_folder(model_dir, tiny_model(vocab_size=264))  # the tiny tokenizer's vocabulary: every sample decodes
+    write_hf_folder(model_dir, tiny_model(vocab_size=264))
     monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
-    args = ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", "4", "--questions_per_step", "2",
-            "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0", "--save_every", "2", "--device", "cpu"]
+    return ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", str(steps), "--questions_per_step",
+            "2", "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0", "--save_every", str(save_every), "--device", "cpu"]
+
+
+def test_rl_resume_after_a_kill_reproduces_the_run(tmp_path, monkeypatch):
+    # Killed during step 3's update (after checkpoint 2), the resumed run must sample and learn
+    # exactly as the uninterrupted one.
+    args = tiny_rl(tmp_path, monkeypatch, steps=4, save_every=2)
     keys = ("reward", "loss", "completion_len", "ratio_mean")
     curve = lambda out: [tuple(r[k] for k in keys) for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
                          if r["type"] == "train"]
