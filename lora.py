@@ -1,8 +1,8 @@
 """
 lora.py: the one module every script here shares, the way nanoGPT's model.py is.
 
-Top to bottom: a Llama-compatible model in plain PyTorch (Llama 2/3, SmolLM2, Qwen2/2.5,
-Qwen3 dense) with a KV cache; LoRA on any set of its linear layers, saved in PEFT's format;
+Top to bottom: a Llama-compatible model in plain PyTorch (Llama 3, SmolLM2, Mistral, Qwen2/2.5,
+Qwen3, Qwen3-MoE) with a KV cache; LoRA on any set of its linear layers, saved in PEFT's format;
 a tiktoken tokenizer built from tokenizer.json, a Llama 3 tokenizer.model or GGUF metadata;
 loaders for Hugging Face folders, GGUF files, hub ids and the offline default model; batched
 sampling; and the small helpers the training scripts share. Each section uses only torch and
@@ -2148,8 +2148,8 @@ class TrunkCache:
     """The output of a model's first L layers for each example, computed once. When every adapter
     (or trained weight) sits at layer L or later, those layers are frozen and get no gradient, so
     their output is a fixed function of the tokens: a run that trains only the last layers, over
-    many epochs or evals, skips almost all of its forward pass (the capacity experiment's
-    30-layer model adapting one matrix of layer 29 ran ~10x faster). Padding on the right leaves
+    many epochs or evals, skips almost all of its forward pass (the README gives the speed-up on
+    the capacity experiment). Padding on the right leaves
     causal states unchanged, so each example's states are kept unpadded and padded per batch."""
 
     def __init__(self, model, layers, examples, micro, pad_id, device, amp):
