@@ -1974,6 +1974,25 @@ def divergence_limit(first_loss, vocab_size):
     return min(2 * first_loss + 1, math.log(vocab_size) + 1)
 
 
+def stop_if_diverged(run_dir, step, loss, grad_norm, limit, name, lr, log=None, first_loss=None):
+    """The guard both training scripts run before the optimizer step: a NaN or inf loss or gradient
+    norm, or a loss above `limit`, stops the run with Diverged before the bad update. A bad loss
+    came from the previous update's weights, so a checkpoint of that step is dropped and `latest`
+    falls back to the one before. log: the run's JsonlLog on the process that writes (None on the
+    others, which only read where the last good checkpoint is)."""
+    bad_loss = not (math.isfinite(loss) and loss <= limit)
+    if not bad_loss and math.isfinite(grad_norm):
+        return
+    kept = drop_checkpoints_from(run_dir, step - 1) if log and bad_loss else checkpoint_step(run_dir)
+    if log:
+        log.write({"type": "diverged", "step": step, "loss": loss} | ({"limit": limit} if math.isfinite(limit) else {}))
+    why = f"loss {loss:.4g} above {limit:.3g}" if math.isfinite(loss) else f"loss {loss}"
+    first = f"; first step's loss {first_loss:.3g}" if first_loss is not None else ""
+    raise Diverged(f"{name} diverged at step {step} ({why}, grad norm {grad_norm:.3g}{first}): lower --lr (now {lr:.3g}; "
+                   "try 3x lower). " + (f"--resume continues from the last good checkpoint, step {kept}" if kept is not None
+                                        else "No good checkpoint was kept"))
+
+
 def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init_scale=1.0, lr_ratio_b=1.0,
                      weight_decay=0.0, beta2=0.95, device="cpu", seed=0, shard=None):
     """A copy of the base model set up as the post trains it, and its AdamW optimizer: LoRA of this

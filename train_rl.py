@@ -235,13 +235,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
                 loss.backward()
                 loss_total += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip or float("inf"))
-            if not (math.isfinite(loss_total) and math.isfinite(grad_norm.item())):
-                # a non-finite loss comes from the weights of the previous update: a checkpoint of it goes too
-                kept = lora.drop_checkpoints_from(run_dir, step - 1) if not math.isfinite(loss_total) else lora.checkpoint_step(run_dir)
-                log.write({"type": "diverged", "step": step, "loss": loss_total})
-                raise lora.Diverged(f"{a.name} diverged at step {step} (loss {loss_total}, grad norm {grad_norm.item()}): lower --lr "
-                                    f"(now {a.lr:.3g}; try 3x lower). " + (f"--resume continues from the last good checkpoint, "
-                                    f"step {kept}" if kept is not None else "No good checkpoint was kept"))
+            lora.stop_if_diverged(run_dir, step, loss_total, grad_norm.item(), math.inf, a.name, a.lr, log)
             opt.step()
             opt.zero_grad(set_to_none=True)
         t_learn = time.time() - t1

@@ -349,16 +349,70 @@ def forwards_per_process(batch, world, micro, micro_tokens):
                for r in range(world))
 
 
+def build(a, base, trunks, master, world, ddp):
+    """(model, the module the loop calls (DDP-wrapped under torchrun), optimizer, TrunkCache or None)
+    for one run: LoRA or FullFT on a copy of the base, on the device; under --fsdp sharded (only
+    rank 0 holds weights before that), compiled before sharding when --compile."""
+    def shard(m):
+        rank0_state = m.state_dict() if master else None
+        if a.compile:
+            lora.compile_blocks(m)
+        fsdp_shard(m, init_device_mesh(a.device.split(":")[0], (world,)), a.amp, rank0_state)
+    model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
+                                       a.weight_decay, a.beta2, a.device, a.seed, shard if a.fsdp else None)
+    model.gradient_checkpointing = a.grad_ckpt
+    trunk = trunks(a, model) if trunks else None
+    if a.compile and not a.fsdp:
+        lora.compile_blocks(model)
+    fwd = model
+    if ddp and not a.fsdp:
+        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(a.device).index] if a.device.startswith("cuda") else None)
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
+    return model, fwd, opt, trunk
+
+
+def batches(a, train_ex, start, total_steps):
+    """(step, batch sorted by length) from step start + 1 on. The order is a pure function of (seed,
+    epoch), so a resumed run sees exactly the batches it would have."""
+    per_epoch, order = len(train_ex) // a.batch_size, {}
+    for step in range(start + 1, total_steps + 1):
+        epoch, k = divmod(step - 1, per_epoch)
+        if epoch not in order:
+            order[epoch] = random.Random(a.seed * 1000 + epoch).sample(range(len(train_ex)), len(train_ex))
+        yield step, sorted((train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]), key=lambda e: len(e[0]))
+
+
+class Meter:
+    """FLOPs and the ETA. `flops` counts every step as if all layers ran (comparable across runs,
+    trunk cache or not); the ETA counts the work this run will really do, and advances the sweep's."""
+
+    def __init__(self, a, cfg, trunk, todo, flops=0.0, grid=None):
+        self.a, self.cfg, self.trunk, self.flops, self.grid = a, cfg, trunk, flops, grid
+        self.progress = lora.Progress(todo)
+
+    def add(self, work):
+        self.progress.add(work)
+        if self.grid:
+            self.grid.add(work)
+
+    def step(self, lengths):
+        work = sequence_flops(self.cfg, self.a.rank, self.a.layers, self.a.lm_head, lengths)
+        self.flops += work
+        self.add(work - (trunk_flops(self.cfg, self.trunk.layers, lengths) if self.trunk else 0))
+
+    def __str__(self):
+        return str(self.progress)
+
+
 def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=None, stop=None):
     """Train one configuration (a: resolved args) from the base model; returns the final eval loss.
     grid: the sweep's Progress, advanced with this run's work. trunks(a, model): a TrunkCache
-    of the frozen layers below this run's first trained one, or None."""
+    of the frozen layers below this run's first trained one, or None. stop: a lora.StopSignal."""
     rank_id, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank_id == 0
-    device, amp, cfg = a.device, a.amp, base.config
+    master, device, amp, cfg = rank_id == 0, a.device, a.amp, base.config
     run_dir = Path(a.out) / a.name
     total_steps, step_flops, eval_flops, run_flops = plan(a, cfg, train_ex, eval_ex)
-    steps_per_epoch = len(train_ex) // a.batch_size
     done = lora.finished_run(run_dir, total_steps) if a.resume else None
     if done:  # a finished run of a resumed sweep: nothing to redo
         if master:
@@ -366,52 +420,30 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         if grid:
             grid.total -= run_flops
         return done["loss"]
-    def shard(m):  # --fsdp: rank 0 holds the weights, the other processes a meta model that gets its shards
-        rank0_state = m.state_dict() if master else None
-        if a.compile:  # compile before sharding, as FSDP2 expects
-            lora.compile_blocks(m)
-        fsdp_shard(m, init_device_mesh(device.split(":")[0], (world,)), amp, rank0_state)
-    model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
-                                       a.weight_decay, a.beta2, device, a.seed, shard if a.fsdp else None)
-    model.gradient_checkpointing = a.grad_ckpt
-    trunk = trunks(a, model) if trunks else None
-    n_train = lora.count_parameters(model)
-    if a.compile and not a.fsdp:
-        lora.compile_blocks(model)
-    fwd = model
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
-    if ddp and not a.fsdp:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[int(os.environ["LOCAL_RANK"])] if device.startswith("cuda") else None)
-    start, flops_done, first_loss = 0, 0.0, None
+    model, fwd, opt, trunk = build(a, base, trunks, master, world, ddp)
+    start, flops, first_loss = 0, 0.0, None
     if a.resume and (run_dir / "latest").exists():
         state = fsdp_load_checkpoint(run_dir, model, opt) if a.fsdp else lora.load_checkpoint(run_dir, model, opt)
-        start, flops_done, first_loss = state["step"], state["flops"], state.get("first_loss")
+        start, flops, first_loss = state["step"], state["flops"], state.get("first_loss")
         if master:
             print(f"resumed {a.name} at step {start}")
+    n_train = lora.count_parameters(model)
     config = dict(script="train_sft", name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
                   model=asdict(cfg), model_name=base.name_or_path, data=data_desc, n_train_examples=len(train_ex),
                   n_eval_examples=len(eval_ex), trainable_params=n_train, fullft_lr=lora.fullft_lr(cfg),
                   flops_per_token=lora.train_flops_per_token(cfg, a.rank, a.layers, a.max_len, a.lm_head),
                   world_size=world, total_steps=total_steps, lora_modules=list(lora.lora_modules(model)))
     log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None) if master else None
-    progress = lora.Progress((total_steps - start) * step_flops + n_evals(a.eval_every, start, total_steps) * eval_flops)
-    if master:
-        print(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, {n_train:,} trainable, "
-              f"lr {a.lr:.3g}, {total_steps} steps of {a.batch_size} sequences, log {run_dir / 'log.jsonl'}")
-
-    def advance(work):
-        progress.add(work)
-        if grid:
-            grid.add(work)
-
+    meter = Meter(a, cfg, trunk, (total_steps - start) * step_flops + n_evals(a.eval_every, start, total_steps) * eval_flops, flops, grid)
+    say = print if master else (lambda *x, **k: None)
+    say(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, {n_train:,} trainable, "
+        f"lr {a.lr:.3g}, {total_steps} steps of {a.batch_size} sequences, log {run_dir / 'log.jsonl'}")
     eval_tokens = sum(sum(m[1:]) for _, m in eval_ex)
 
     def eval_and_log(step):
-        if master:
-            print(f"step {step:5d} | evaluating on {len(eval_ex)} held-out examples ...", end="", flush=True)
+        say(f"step {step:5d} | evaluating on {len(eval_ex)} held-out examples ...", end="", flush=True)
         loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp, trunk, a.micro_tokens)
-        advance(eval_flops)
+        meter.add(eval_flops)
         if a.rank:  # the post's finding 11: B ends with a larger spectral norm than A (gathered whole under FSDP)
             mods = lora.lora_modules(model).values()
             norm = lambda w: round(torch.linalg.matrix_norm(lora.full(w.detach()).float(), ord=2).item(), 6)
@@ -420,29 +452,23 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
             log.write({"type": "eval", "step": step, "loss": loss, "tokens": eval_tokens})
             if a.rank:
                 log.write({"type": "norms", "step": step, **norms})
-            print(f" eval loss {loss:.4f} | {progress}")
+        say(f" eval loss {loss:.4f} | {meter}")
         return loss
 
-    def save(step):
-        extra = {"flops": flops_done, "first_loss": first_loss}
-        if a.fsdp:  # a collective: every process gathers
+    def save(step):  # under FSDP a collective: every process gathers, rank 0 writes
+        extra = {"flops": meter.flops, "first_loss": first_loss}
+        if a.fsdp:
             fsdp_save_checkpoint(run_dir, step, model, opt, extra)
         elif master:
             lora.save_checkpoint(run_dir, step, model, opt, extra)
 
     if start == 0 and a.eval_every:
         eval_and_log(0)
-    # Data order is a pure function of (seed, epoch): a resumed run sees exactly the batches it would have.
-    order = {}
-    for step in range(start + 1, total_steps + 1):
-        epoch, k = divmod(step - 1, steps_per_epoch)
-        if epoch not in order:
-            order[epoch] = random.Random(a.seed * 1000 + epoch).sample(range(len(train_ex)), len(train_ex))
-        batch = sorted((train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]), key=lambda e: len(e[0]))
-        mine = batch[rank_id::world]   # each DDP rank takes every world-th sequence of the length-sorted batch
+    for step, batch in batches(a, train_ex, start, total_steps):
         t0 = time.time()
-        n_tok = sum(sum(m[1:]) for _, m in batch)
-        lengths = [len(ids) - 1 for ids, _ in batch]
+        mine = batch[rank_id::world]  # each process takes every world-th sequence of the length-sorted batch
+        n_tok, lengths = sum(sum(m[1:]) for _, m in batch), [len(ids) - 1 for ids, _ in batch]
+        # forward and backward, micro-batch by micro-batch (every process runs as many), gradients synced on the last
         forwards = forwards_per_process(batch, world, a.micro_batch, a.micro_tokens) if ddp else None
         loss_sum, positions = lora.batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok / world, True, trunk,
                                               forwards, a.micro_tokens)
@@ -450,37 +476,24 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
             dist.all_reduce(loss_sum)  # on the device: NCCL refuses host tensors
         loss = loss_sum.item() / n_tok
         first_loss = loss if first_loss is None else first_loss
-        limit = lora.divergence_limit(first_loss, cfg.vocab_size)
-        grad_norm = lora.full(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or float("inf")))
-        if not (math.isfinite(loss) and loss <= limit and math.isfinite(grad_norm.item())):
-            # The weights that gave this loss came out of the previous step's update: a checkpoint
-            # of that step is ruined too, so the guard falls back to the one before it.
-            bad_weights = not (math.isfinite(loss) and loss <= limit)
-            kept = lora.drop_checkpoints_from(run_dir, step - 1) if master and bad_weights else lora.checkpoint_step(run_dir)
-            if master:
-                log.write({"type": "diverged", "step": step, "loss": loss, "limit": limit})
-            why = f"loss {loss:.4g} above {limit:.3g}" if math.isfinite(loss) else f"loss {loss}"
-            raise lora.Diverged(f"{a.name} diverged at step {step} ({why}, grad norm {grad_norm.item():.3g}; first step's loss "
-                                f"{first_loss:.3g}): lower --lr (now {a.lr:.3g}; try 3x lower). "
-                                + (f"--resume continues from the last good checkpoint, step {kept}" if kept is not None
-                                   else "No good checkpoint was kept"))
+        grad_norm = lora.full(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or math.inf))
+        lora.stop_if_diverged(run_dir, step, loss, grad_norm.item(), lora.divergence_limit(first_loss, cfg.vocab_size),
+                              a.name, a.lr, log, first_loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         ms = (time.time() - t0) * 1000
-        work = sequence_flops(cfg, a.rank, a.layers, a.lm_head, lengths)
-        flops_done += work  # the step's FLOPs as if every layer ran: comparable across runs, cache or not
-        advance(work - (trunk_flops(cfg, trunk.layers, lengths) if trunk else 0))
+        meter.step(lengths)
         if master:
             log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": n_tok,
-                       "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": flops_done,
-                       "grad_norm": grad_norm.item(), "epoch": step / steps_per_epoch,
+                       "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": meter.flops,
+                       "grad_norm": grad_norm.item(), "epoch": step / (len(train_ex) // a.batch_size),
                        "pad_frac": 1 - sum(len(ids) - 1 for ids, _ in mine) / positions}
                       | ({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if device.startswith("cuda") else {}))
             if step % a.log_every == 0 or step == total_steps:
                 print(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr:.2e} | {ms:6.0f} ms | "
-                      f"{sum(lengths) / ms * 1000:7.0f} tok/s | {flops_done:.3e} FLOPs | {progress}", flush=True)
+                      f"{sum(lengths) / ms * 1000:7.0f} tok/s | {meter.flops:.3e} FLOPs | {meter}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != total_steps:
             eval_and_log(step)
         saved = a.save_every and (step % a.save_every == 0 or step == total_steps)
