@@ -791,8 +791,6 @@ def save_adapter(model, path, base_model=None):
     _atomic_write(path / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
 
 
-EXPERT_PATTERN = r"mlp\.experts\.\d+\.\w+_proj"   # rank_pattern key of per-expert adapters (PEFT matches (.*\.)?key$)
-
 # adapter_config.json keys that change what the adapter computes, beyond W + scale B A on linear layers.
 PEFT_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "a LoRA bias (lora_bias)",
                     "modules_to_save": "fully trained modules (modules_to_save)",
@@ -1476,12 +1474,12 @@ def load_model(name_or_path=None, device="cpu", dtype=torch.float32, weights=Tru
     return model, tok
 
 
-def save_model(model, path, tokenizer=None, tokenizer_src=None):
+def save_model(model, path, tokenizer=None):
     """Write a full model as a Hugging Face folder (config.json + model.safetensors), merging any
     LoRA adapters into a copy of the weights; transformers' from_pretrained and load_model read it.
     tokenizer: the Tokenizer, written as tokenizer.json, tokenizer_config.json and
     generation_config.json (so a model loaded from a GGUF, which has no such files, reloads); or a
-    folder to copy those files from (tokenizer_src is that argument's old name)."""
+    folder to copy those files from."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -1500,7 +1498,6 @@ def save_model(model, path, tokenizer=None, tokenizer_src=None):
     if isinstance(model.lm_head, LoRALinear) and model.config.tie_word_embeddings:
         cfg["tie_word_embeddings"] = False  # the merged head differs from the embedding now
     cfg["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
-    tokenizer = tokenizer if tokenizer is not None else tokenizer_src
     if isinstance(tokenizer, Tokenizer):
         # Every stop id, so that generate() in transformers stops where ours does (Llama 3: two).
         stop = tokenizer.stop_ids[0] if len(tokenizer.stop_ids) == 1 else tokenizer.stop_ids or None
@@ -1888,7 +1885,7 @@ def gsm8k_or_synth(spec):
     """--data gsm8k when the hub cannot be reached falls back to the built-in synth problems, saying so."""
     if spec == "gsm8k" and not hub_reachable():
         print("openai/gsm8k cannot be reached (offline): using --data synth instead; "
-              "pass --data PATH for a local GSM8K copy (e.g. ../shared/data/gsm8k)", file=sys.stderr)
+              "pass --data PATH for a local GSM8K copy (a folder with train.jsonl and test.jsonl)", file=sys.stderr)
         return "synth"
     return spec
 
