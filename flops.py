@@ -863,6 +863,8 @@ def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, r
     holder = torch.nn.Module()
     holder.config, holder.mlp = cfg, moe
     lora.apply_lora(holder, rank, layers="mlp")
+    for m in lora.lora_modules(holder).values():  # non-zero adapters, so that the check below covers them
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     x = torch.randn(tokens, hidden, requires_grad=True)
 
     def grouped(x):
@@ -883,14 +885,16 @@ def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, r
         return out.index_add(0, order // top_k, ys[flat[order], slot] * w.flatten()[order, None])
 
     with torch.no_grad():
-        assert torch.allclose(grouped(x), moe(x), atol=1e-4)   # the same function
+        diff = (grouped(x) - moe(x)).abs().max().item()
+        if diff > 1e-4:
+            raise RuntimeError(f"the grouped MoE layer differs from lora.SparseMoE by {diff:.2g}: the timing would compare two functions")
     times = {"loop": [], "grouped": []}
     for _ in range(rounds + 1):
         for name, f in (("loop", moe), ("grouped", grouped)):
             t0 = time.perf_counter()
             f(x).square().mean().backward()
             times[name].append((time.perf_counter() - t0) * 1000)
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {k: statistics.median(v[1:]) for k, v in times.items()} | {"max_abs_diff": diff}
 
 
 def main(argv=None):
