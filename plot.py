@@ -261,8 +261,34 @@ def optimal_lr_stats(runs):
     tried = sorted({r["lr"] for r in runs})   # with the LRs that only diverged: the loss beyond them is worse
     edge = "<=" if lrs[i] == tried[0] else ">=" if lrs[i] == tried[-1] else ""  # where the true optimum may lie beyond the grid
     at_best = {r["seed"]: _score(r) for r in runs if r["lr"] == lrs[i] and math.isfinite(_score(r))}
+    table = seed_table(runs)
+    seed_opt = {s: _parabola_min(np.log10(sorted(d)), np.array([d[lr] for lr in sorted(d)])) for s, d in table.items() if len(d) >= 2}
+    m, tlo, thi = mean_ci(list(seed_opt.values()))
     return dict(lr=10 ** fit(by_lr), lo=float(lo), hi=float(hi), bracketed=not edge, edge=edge, seeds=seeds, draws=draws,
-                best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best)
+                best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best, seed_opt=seed_opt, t_lr=10 ** m, t_lo=10 ** tlo,
+                t_hi=10 ** thi, oos=out_of_sample(table))
+
+
+def seed_table(runs):
+    """{seed: {lr: score}} over the LRs scores_by_lr keeps (none at which any seed diverged)."""
+    keep, out = scores_by_lr(runs), defaultdict(dict)
+    for r in runs:
+        if r["lr"] in keep and math.isfinite(_score(r)):
+            out[r["seed"]][r["lr"]] = _score(r)
+    return dict(out)
+
+
+def out_of_sample(table):
+    """{seed: its score at the LR the other seeds choose}: each seed's LR picked by the mean of the
+    others at the LRs they share with it (leave one seed out), so a comparison "at each arm's best
+    LR" does not pick the LR on the very seeds it then reports (the winner's curse)."""
+    out = {}
+    for s, mine in table.items():
+        others = {lr: [d[lr] for t, d in table.items() if t != s and lr in d] for lr in mine}
+        others = {lr: v for lr, v in others.items() if v}
+        if others:
+            out[s] = mine[min(others, key=lambda lr: np.mean(others[lr]))]
+    return out
 
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -316,24 +342,32 @@ def optimal_lrs(runs):
 
 
 def _ratio(opt, stats=None):
-    """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank, with a
-    95% interval where seeds allow and a flag where an optimum is not bracketed by its grid."""
+    """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank. With
+    seeds: each seed's optimum is the parabola through its own sweep, and the ratio is the mean of
+    the seeds' log ratios (paired by seed) with a 95% t interval; the ratio of the pooled optima and
+    its bootstrap follow. A flag where an optimum is not bracketed by its grid."""
+    stats = stats or {}
     per_rank = {k: v / opt[0] for k, v in sorted(opt.items()) if k > 0} if 0 in opt else {}
     if not per_rank:
         return None, "optimal-LR ratio needs FullFT and LoRA sweeps"
-    stats = stats or {}
-    items = []
-    for k, v in per_rank.items():
+    items, found = [], []
+    for k, pooled in per_rank.items():
         st, st0 = stats.get(k), stats.get(0)
-        ci = ""
-        if st and st0 and st["draws"] is not None and st0["draws"] is not None:
-            ci = " " + _ci(*np.percentile(st["draws"] / st0["draws"], [2.5, 97.5]), fmt="{:.2g}")
         if st and st0 and not (st["bracketed"] and st0["bracketed"]):  # a bound, never reported as found
             bound = {("", "<="): ">=", ("", ">="): "<=", (">=", ""): ">=", ("<=", ""): "<="}.get((st["edge"], st0["edge"]), "?")
-            items.append(f"rank {k}: {bound}{v:.2g}x (optimum not bracketed)")
+            items.append(f"rank {k}: {bound}{pooled:.2g}x (optimum not bracketed)")
+            continue
+        shared = sorted(set(st["seed_opt"]) & set(st0["seed_opt"])) if st and st0 else []
+        boot = ""
+        if st and st0 and st["draws"] is not None and st0["draws"] is not None:
+            boot = " " + _ci(*np.percentile(st["draws"] / st0["draws"], [2.5, 97.5]), fmt="{:.2g}")
+        if len(shared) >= 2:
+            m, lo, hi = mean_ci([st["seed_opt"][s] - st0["seed_opt"][s] for s in shared])
+            found.append(10 ** m)
+            items.append(f"rank {k}: {10 ** m:.2g}x {_ci(10 ** lo, 10 ** hi, fmt='{:.2g}')} ({len(shared)} seeds; pooled {pooled:.2g}x{boot})")
         else:
-            items.append(f"rank {k}: {v:.2g}x{ci}")
-    found = [v for k, v in per_rank.items() if not stats or (stats.get(k) and stats.get(0) and stats[k]["bracketed"] and stats[0]["bracketed"])]
+            found.append(pooled)
+            items.append(f"rank {k}: {pooled:.2g}x{boot}")
     med = statistics.median(found or per_rank.values())  # bounds stay out of the median where optima were found
     per_line = 1 if stats else 3   # 3 ranks a line fit a legend title; one a line with intervals
     lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
@@ -421,7 +455,8 @@ def fig_lr_sweep(runs, w=5):
     fig, (ax,) = _fig(width=9)
     cols, opt = _colors(by_rank), optimal_lrs(sweep)
     stats = {k: optimal_lr_stats(rs) for k, rs in by_rank.items()}
-    rows = ["rank     runs seeds  optimal LR [95% CI]          bracketed  best final loss  minus FullFT's, paired by seed [95% CI]"]
+    rows = ["rank     runs seeds  optimal LR [95% CI]          bracketed  best final loss  minus FullFT's, paired by seed [95% CI]"
+            "   out of sample [95% CI]   per-seed optimum [95% t CI]"]
     for k in _ranks(sweep):
         if k in by_rank:
             _lr_line(ax, by_rank[k], final_loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
@@ -430,13 +465,15 @@ def fig_lr_sweep(runs, w=5):
                 ax.axvline(opt[k], color=cols[k], ls=":" if st and st["bracketed"] else "--", lw=0.8)
             if not st:
                 continue
-            gap = ""
+            gap, oos = "", ""
             if k != 0 and stats.get(0):
                 d, lo, hi = paired_gap(st["by_seed"], stats[0]["by_seed"])
                 gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+                oos = _oos_gap(st, stats[0])
+            per_seed = f"{st['t_lr']:.3g} {_ci(st['t_lo'], st['t_hi'])} ({len(st['seed_opt'])} seeds)"
             found = f"{st['lr']:10.3g} {_ci(st['lo'], st['hi']):19}" if st["bracketed"] else f"{st['edge'] + format(st['lr'], '.3g'):>10} {'':19}"
             rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
-                        f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           {gap}")
+                        f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           {gap:27}  {oos:25} {per_seed}")
     text = _ratio(opt, stats)[1]
     ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="Learning rate vs final loss per rank (seed mean +-1 SE)")
     _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
@@ -501,6 +538,14 @@ def fig_batch_size(runs, w=5):
     return fig, "\n".join(rows)
 
 
+def _oos_gap(st, ref, sign=1):
+    """The gap to a reference arm with each seed's LR chosen out of sample (see out_of_sample), as text."""
+    if not (st and ref and st["oos"] and ref["oos"]):  # one seed: no other seed to choose its LR by
+        return ""
+    d, lo, hi = paired_gap({s: sign * v for s, v in st["oos"].items()}, {s: sign * v for s, v in ref["oos"].items()})
+    return f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+
+
 def _arm_row(rs, metric):
     """(optimal-LR stats, {seed: metric at the best grid LR}, mean [95% CI] text) of one arm's sweep."""
     st = optimal_lr_stats(rs)
@@ -539,18 +584,20 @@ def fig_layers(runs, w=5):
         arms = {key: _arm_row(rs, metric) for key, rs in by.items()}
         ref = next((key for key in by if key[0] == "mlp"), None)   # the post's recommendation is the reference
         rows.append(f"{'train_rl' if rl else 'train_sft'}: layers  rank  params  LRs  seeds  best LR   "
-                    f"final {'reward' if rl else 'loss'} at it [95% CI]   minus {ref[0] + ' rank ' + str(ref[1]) if ref else '-'}, paired by seed [95% CI]")
+                    f"final {'reward' if rl else 'loss'} at it [95% CI]   minus {ref[0] + ' rank ' + str(ref[1]) if ref else '-'}, paired by seed [95% CI]"
+                    "   out of sample [95% CI]")
         for (ly, k), rs in sorted(by.items(), key=lambda kv: (layer_sets.index(kv[0][0]), kv[0][1])):
             params = f", {rs[0]['params'] / 1e6:.3g}M params" if rs[0]["params"] else ""
             _lr_line(ax, rs, metric, color=f"C{layer_sets.index(ly)}", ls=["-", "--", ":", "-."][ranks.index(k) % 4],
                      label=f"{ly}, rank {k}{params}")
             st, by_seed, text = arms[(ly, k)]
-            gap = ""
+            gap, oos = "", ""
             if ref and (ly, k) != ref:
                 d, lo, hi = paired_gap(by_seed, arms[ref][1])
                 gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+                oos = _oos_gap(st, arms[ref][0], -1 if rl else 1)
             rows.append(f"  {ly:13} {k:4}  {(rs[0]['params'] or 0) / 1e6:5.2f}M {len({r['lr'] for r in rs}):4} {len(by_seed):5}  "
-                        f"{_best_lr_text(st, rs):9} {text:28}  {gap}")
+                        f"{_best_lr_text(st, rs):9} {text:28}  {gap:27}  {oos}")
         ylabel = "final reward (mean of last 20% steps)" if rl else _loss_label([r for rs in by.values() for r in rs])
         ax.set(xscale="log", xlabel="learning rate", ylabel=ylabel,
                title=(f"{'RL' if rl else 'SFT'}: LoRA on different layers" if len(panels) > 1 else title) + " (seed mean +-1 SE)")
@@ -567,7 +614,7 @@ def fig_rl(runs, w=5):
     fig, (left, right) = _fig(2)
     by_rank, cols, opt = group(sweep, "rank"), _colors(r["rank"] for r in sweep), optimal_lrs(sweep)
     arms = {k: _arm_row(rs, final_reward) for k, rs in by_rank.items()}
-    rows = ["rank      LRs  seeds  best LR   final reward at it [95% CI]   minus FullFT's, paired by seed [95% CI]"]
+    rows = ["rank      LRs  seeds  best LR   final reward at it [95% CI]   minus FullFT's, paired by seed [95% CI]   out of sample [95% CI]"]
     for k in _ranks(sweep):
         lw, (st, by_seed, text) = 2 if k == 0 else 1.3, arms[k]
         lr = st["best_lr"] if st else by_rank[k][0]["lr"]
@@ -576,11 +623,12 @@ def fig_rl(runs, w=5):
             steps, mean, se = seed_mean(best, w)
             left.plot(steps, mean, color=cols[k], lw=lw, label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
             left.fill_between(steps, mean - se, mean + se, color=cols[k], alpha=0.2, lw=0)
-        gap = ""
+        gap, oos = "", ""
         if k != 0 and 0 in arms:
             d, lo, hi = paired_gap(by_seed, arms[0][1])
             gap = f"{d:+.3f} {_ci(lo, hi, '{:+.3f}')}"
-        rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  {_best_lr_text(st, by_rank[k]):9} {text:30} {gap}")
+            oos = _oos_gap(st, arms[0][0], -1)
+        rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  {_best_lr_text(st, by_rank[k]):9} {text:30} {gap:27}  {oos}")
         _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
     stats = {k: a[0] for k, a in arms.items()}
     text = _ratio(opt, stats)[1]

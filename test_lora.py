@@ -1849,8 +1849,20 @@ def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsy
     out = capsys.readouterr().out
     assert "NO: at edge" in out and "rank 1: " in out and "(optimum not bracketed)" in out
     assert re.search(r"rank 16: [\d.]+x \[\d", out) and "rank 1: >=" in out  # an interval; a bound, not a value
+    # each seed's own parabola: 4 per arm, their log ratio 1 (10x) within the t interval
+    assert len(st[16]["seed_opt"]) == 4 and st[16]["t_lo"] < 1e-3 < st[16]["t_hi"]
+    m = re.search(r"rank 16: ([\d.]+)x \[([\d.]+), ([\d.]+)\] \(4 seeds", out)
+    log_ratio, lo, hi = plot.mean_ci([st[16]["seed_opt"][s] - st[0]["seed_opt"][s] for s in range(4)])
+    assert m and abs(float(m[1]) - 10) < 1.5 and lo - 0.02 < 1 < hi + 0.02 and hi - lo < 0.2
     steps, loss, se = plot.envelope(plot.group(runs, "rank")[0], 3)
     assert (se > 0).all() and len(steps) == 30
+
+
+def test_the_best_lr_of_each_seed_is_chosen_by_the_other_seeds():
+    # {seed: {lr: loss}}: seed 1 is lucky at LR 2 (0.0); in sample its arm's best LR would report that
+    table = {0: {1: 1.0, 2: 2.0}, 1: {1: 3.0, 2: 0.0}, 2: {1: 1.0, 2: 1.5}}
+    assert plot.out_of_sample(table) == {0: 2.0, 1: 3.0, 2: 1.5}   # LR 2, LR 1, LR 2: each by the other two
+    assert plot.out_of_sample({0: {1: 1.0}}) == {}                  # one seed: nothing to choose by
 
 
 def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path, capsys):
