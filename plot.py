@@ -668,43 +668,67 @@ def _lr_range(by_rank, stats):
     return rows
 
 
+def _rank_pair_diffs(low, high, lr):
+    """(steps from 2 on, per-seed raw loss differences low - high at those steps) for the seeds both
+    ranks ran at lr. Step 1 is left out: with B = 0 every rank's first loss is the base model's, equal
+    by construction, so it would only pull an early mean toward 0."""
+    rows, steps = [], None
+    for a in low[lr]:
+        for b in high[lr]:
+            if a["seed"] == b["seed"]:
+                st, ia, ib = np.intersect1d(a["train"][0], b["train"][0], return_indices=True)
+                keep = st >= 2
+                steps = st[keep] if steps is None else steps
+                rows.append((a["train"][1][ia] - b["train"][1][ib])[keep][:len(steps)])
+    n = min(map(len, rows)) if rows else 0
+    return (steps[:n], np.array([r[:n] for r in rows])) if rows else (None, None)
+
+
 def fig_early_rank(runs, w=5):
     """The post: with alpha/r scaling, ranks start training identically at the same LR. The lowest
-    rank against the highest that shares an LR with it, paired by seed (a seed fixes the batches);
-    the mean loss difference over the first and the last 10% of steps, with a 95% interval over seeds."""
+    rank against the highest that shares an LR with it (and the post's own pair, rank 16 against
+    256, where both ran), paired by seed (a seed fixes the batches): the loss difference from step 2
+    (step 1 is equal by construction) over its first and last 10% of steps (2 at least), 95% t intervals."""
     sweep = [r for r in main_sweep(runs) if len(r["train"][0]) and not r["diverged"]]
     lora_ranks = sorted({r["rank"] for r in sweep if r["rank"] > 0})
-    lo = lora_ranks[0] if lora_ranks else None
-    low = group([r for r in sweep if r["rank"] == lo], "lr")
-    for hi in sorted((k for k in lora_ranks if lo is not None and k > lo), reverse=True):   # the highest that shares an LR
-        high = {lr: rs for lr, rs in group([r for r in sweep if r["rank"] == hi], "lr").items() if lr in low}
-        if high:
-            break
-    else:
+    by = {k: group([r for r in sweep if r["rank"] == k], "lr") for k in lora_ranks}
+    pairs = []
+    if lora_ranks:
+        lo = lora_ranks[0]
+        hi = next((k for k in sorted(lora_ranks, reverse=True) if k > lo and set(by[k]) & set(by[lo])), None)
+        pairs = [(lo, hi)] if hi else []
+        if 16 in by and 256 in by and (16, 256) != (lo, hi) and set(by[16]) & set(by[256]):
+            pairs.append((16, 256))
+    if not pairs:
         return None, "needs SFT runs at two ranks with the same LR (train_sft.py --rank 16,256 --lr 1e-3)"
-    lr = min(high, key=lambda lr: np.mean([final_loss(r) for r in low[lr]]))
-    pairs = [(a, b) for a in low[lr] for b in high[lr] if a["seed"] == b["seed"]]
     fig, (left, right) = _fig(2)
+    lo, hi = pairs[0]
+    lr = min(set(by[lo]) & set(by[hi]), key=lambda lr: np.mean([final_loss(r) for r in by[lo][lr]]))
     cols = _colors([lo, hi])
-    firsts, lasts = [], []
-    for i, (a, b) in enumerate(pairs):
-        for r in (a, b):
-            left.plot(r["train"][0], smooth(r["train"][1], w), color=cols[r["rank"]], alpha=0.7,
-                      label=_label(r["rank"]) if i == 0 else "_nolegend_")
-        steps, ia, ib = np.intersect1d(a["train"][0], b["train"][0], return_indices=True)
-        diff = smooth(a["train"][1][ia] - b["train"][1][ib], w)   # same seed, same batches: a paired difference
-        right.plot(steps, diff, color="C3", alpha=0.7)
-        n = max(1, len(diff) // 10)
-        firsts.append(float(diff[:n].mean()))
-        lasts.append(float(diff[-n:].mean()))
+    for k in (lo, hi):
+        steps, mean, se = seed_mean(by[k][lr], w)
+        left.plot(steps, mean, color=cols[k], label=f"{_label(k)} ({len(by[k][lr])} seeds)")
+        left.fill_between(steps, mean - se, mean + se, color=cols[k], alpha=0.2, lw=0)
+    lines = []
+    for c, (a, b) in enumerate(pairs):
+        steps, d = _rank_pair_diffs(by[a], by[b], lr)
+        if steps is None or not len(steps):
+            continue
+        n = max(2, len(steps) // 10)
+        first, last = d[:, :n].mean(1), d[:, -n:].mean(1)
+        m, se = d.mean(0), (d.std(0, ddof=1) / math.sqrt(len(d)) if len(d) > 1 else np.zeros(d.shape[1]))
+        right.plot(steps, m, color=f"C{c + 3}", label=f"rank {a} minus rank {b} ({len(d)} seeds)")
+        right.fill_between(steps, m - se, m + se, color=f"C{c + 3}", alpha=0.2, lw=0)
+        ci = lambda v: f"{np.mean(v):+.4f} {_ci(*mean_ci(list(v))[1:], '{:+.4f}')}"
+        lines.append(f"rank {a} - rank {b} at LR {lr:.3g}, {len(d)} seed(s): steps {steps[0]:.0f}-{steps[n - 1]:.0f} {ci(first)}, "
+                     f"steps {steps[-n]:.0f}-{steps[-1]:.0f} {ci(last)} (step 1: equal by construction)")
     right.axhline(0, color="gray", lw=0.8)
-    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)", title="Learning curves (one line per seed)")
-    right.set(xscale="log", xlabel="step", ylabel=f"loss difference (nats/token, {w}-step mean)", title=f"rank {lo} minus rank {hi}")
-    left.legend()
-    fig.suptitle(f"Rank {lo} vs rank {hi} at the same LR ({lr:.2g}): the same start of training (1/r scaling)")
-    ci = lambda v: _ci(*mean_ci(v)[1:], "{:+.4f}")
-    return fig, (f"rank {lo} - rank {hi} at LR {lr:.3g}, {len(pairs)} seed(s): mean difference {np.mean(firsts):+.4f} {ci(firsts)} "
-                 f"over the first 10% of steps, {np.mean(lasts):+.4f} {ci(lasts)} over the last 10%")
+    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean; seed mean +-1 SE)", title="Learning curves")
+    right.set(xscale="log", xlabel="step", ylabel="loss difference, paired by seed (nats/token; mean +-1 SE)",
+              title="Loss difference from step 2 (step 1 is equal by construction)")
+    left.legend(), right.legend(fontsize=8)
+    fig.suptitle(f"Ranks at the same LR ({lr:.2g}): the same start of training (1/r scaling)")
+    return fig, "\n".join(lines)
 
 
 def fig_flops(runs, w=5):

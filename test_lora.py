@@ -1858,6 +1858,17 @@ def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsy
     assert (se > 0).all() and len(steps) == 30
 
 
+def test_early_rank_pairs_leave_out_step_one_and_show_the_posts_pair(tmp_path):
+    # rank 1 ends 0.05 worse than ranks 16 and 256, the same at every step; the early window starts
+    # at step 2 (step 1 is equal by construction in real runs) and the post's pair 16 vs 256 is shown
+    for seed in range(3):
+        for rank, final in ((1, 1.05), (16, 1.0), (256, 1.0)):
+            sft(tmp_path / "out", rank, 1e-3, final + 0.001 * seed, seed=seed)
+    _, text = plot.fig_early_rank(plot.load_runs(tmp_path / "out"))
+    assert "rank 1 - rank 256 at LR 0.001, 3 seed(s): steps 2-3 +0.0500" in text
+    assert "rank 16 - rank 256 at LR 0.001, 3 seed(s): steps 2-3 +0.0000" in text
+
+
 def test_the_best_lr_of_each_seed_is_chosen_by_the_other_seeds():
     # {seed: {lr: loss}}: seed 1 is lucky at LR 2 (0.0); in sample its arm's best LR would report that
     table = {0: {1: 1.0, 2: 2.0}, 1: {1: 3.0, 2: 0.0}, 2: {1: 1.0, 2: 1.5}}
