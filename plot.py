@@ -383,9 +383,9 @@ def optimal_lr_ratio(runs):
 # figures: each takes (runs, smoothing window) and returns (figure, summary) or (None, what it needs)
 
 
-def _fig(ncols=1, width=None):
-    fig = Figure(figsize=(width or (7 if ncols == 1 else 12), 4.5), dpi=150, layout="constrained")
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
+def _fig(ncols=1, width=None, nrows=1):
+    fig = Figure(figsize=(width or (7 if ncols == 1 else 12), 4.5 * nrows), dpi=150, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
     for ax in axes:
         ax.grid(alpha=0.3)
     return fig, axes
@@ -407,8 +407,9 @@ def _colors(ranks, cmap="plasma"):
 
 
 def _lr_line(ax, runs, metric, **style):
-    """A sweep as final metric against LR: the mean over seeds at each LR with +-1 SE bars; a diverged
-    run is an x at the top edge (its loss is not a number)."""
+    """A sweep as final metric against LR: the mean over seeds at each LR with +-1 SE bars; a point
+    with fewer seeds than the line's most is hollow and labelled with its count; a diverged run is an
+    x at the top edge (its loss is not a number)."""
     by_lr = group(runs, "lr")
     lrs = np.array(sorted(by_lr))
     vals = [[v for v in map(metric, by_lr[lr]) if math.isfinite(v)] for lr in lrs]
@@ -416,6 +417,12 @@ def _lr_line(ax, runs, metric, **style):
     mean = np.array([np.mean(v) if v else math.nan for v in vals])
     se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in vals])
     ax.errorbar(lrs[ok], mean[ok], yerr=se[ok], marker="o", ms=4, capsize=2, **style)
+    most = max(map(len, vals), default=0)
+    for lr, m, v in zip(lrs, mean, vals):
+        if v and len(v) < most:
+            ax.plot([lr], [m], "o", ms=7, mfc="white", color=style.get("color"), zorder=3)
+            ax.annotate(f"{len(v)} seed{'s' if len(v) > 1 else ''}", (lr, m), textcoords="offset points", xytext=(5, -10),
+                        fontsize=7, color=style.get("color"))
     bad = np.array([r["lr"] for r in runs if r["diverged"]])
     if len(bad):   # x in data units, y in axes units: the top edge whatever the loss range
         first = "diverged" not in [line.get_label() for line in ax.lines]
@@ -611,7 +618,7 @@ def fig_rl(runs, w=5):
     sweep = main_sweep(runs, rl=True)
     if not sweep:
         return None, "needs train_rl.py runs (train_rl.py --rank 1,8,0 --lr_mult 3,10,30)"
-    fig, (left, right) = _fig(2)
+    fig, (left, right) = _fig(2, width=15)
     by_rank, cols, opt = group(sweep, "rank"), _colors(r["rank"] for r in sweep), optimal_lrs(sweep)
     arms = {k: _arm_row(rs, final_reward) for k, rs in by_rank.items()}
     rows = ["rank      LRs  seeds  best LR   final reward at it [95% CI]   minus FullFT's, paired by seed [95% CI]   out of sample [95% CI]"]
@@ -636,7 +643,7 @@ def fig_rl(runs, w=5):
     left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)", title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
               title="Final reward vs learning rate (seed mean +-1 SE)")
-    left.legend(fontsize=8), _legend(right, title=text, fontsize=8, title_fontsize=8)
+    left.legend(fontsize=8), _legend(right, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("RL: LoRA vs full fine-tuning")
     return fig, "\n".join(rows + [text])
 
@@ -822,7 +829,11 @@ def fig_capacity(runs, w=5):
     if not rs:
         return None, "needs runs on --data facts:K (see the README's capacity experiment)"
     ks = sorted({r["facts"] for r in rs})
-    fig, axes = _fig(ncols=len(ks) + 1, width=5 * (len(ks) + 1))
+    panels = len(ks) + 1   # a panel per K, then the capacity panel: two to a row
+    fig, axes = _fig(ncols=min(panels, 2), width=12 if panels > 1 else 7, nrows=math.ceil(panels / 2))
+    for extra in axes[panels:]:
+        extra.remove()
+    axes = axes[:panels]
     cols = _colors(r["rank"] for r in rs)
     rows = ["facts  bits in data  rank     params   best LR   seeds  final loss      bits stored [95% CI]   bits/param  "
             "minus FullFT's, paired by seed [95% CI]"]
@@ -861,14 +872,16 @@ def fig_capacity(runs, w=5):
     ax = axes[-1]
     for i, k in enumerate(ks):
         p = sorted((pt for pt in points if pt[0] == k), key=lambda pt: pt[2])
-        x, y = np.array([pt[2] for pt in p], float), np.maximum([pt[3] for pt in p], 1.0)
-        lo, hi = np.maximum([pt[4] for pt in p], 1.0), np.maximum([pt[5] for pt in p], 1.0)
+        x, y = np.array([pt[2] for pt in p], float), np.array([pt[3] for pt in p])
+        lo, hi = np.array([pt[4] for pt in p]), np.array([pt[5] for pt in p])
         ax.errorbar(x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], fmt="o-", color=f"C{i}", capsize=3, label=f"{k} facts")
         ax.axhline(k * BITS_PER_FACT, color=f"C{i}", ls="--", lw=0.8)
     xs = np.logspace(np.log10(min(pt[2] for pt in points)) - 0.3, np.log10(max(pt[2] for pt in points)) + 0.3, 10)
     ax.plot(xs, 2 * xs, color="gray", ls=":", label="2 bits / parameter")
-    ax.set(xscale="log", yscale="log", xlabel="trainable parameters", ylabel="bits stored, 95% CI (dashed: bits in the data)",
-           title="Stored information vs capacity (<= 0 drawn at 1)")
+    ax.set_yscale("symlog", linthresh=100)   # below 0 too: a run can store less than a uniform guess
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="bits stored, 95% CI (dashed: bits in the data)",
+           title="Stored information vs capacity (symlog: linear within +-100 bits)")
+    ax.axhline(0, color="gray", lw=0.8)
     ax.legend(fontsize=7)
     return fig, "\n".join(rows)
 
