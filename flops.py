@@ -933,6 +933,9 @@ def main(argv=None):
             f"MoE layer (2048 tokens, hidden 576, 32 experts x 192, top 4, LoRA rank 8 = 2 per expert), forward + backward, "
             f"median ms: expert loop {t['loop']:.1f}, grouped bmm {t['grouped']:.1f} (loop / grouped {t['loop'] / t['grouped']:.2f})")
     if a.gpu:
+        if not torch.cuda.is_available() or a.device == "cpu":
+            raise UserError("--gpu benchmarks Llama-3.2-1B and 3.1-8B shapes on a CUDA GPU, and torch sees none "
+                            "(on a CPU: --measure or --speed; test_lora.py dry-runs --gpu on tiny shapes)")
         out = gpu_benchmark(a.device)
         return print(json.dumps(out, indent=1)) if a.json else None
     if a.speed:
