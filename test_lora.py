@@ -2192,7 +2192,7 @@ def test_default_model_records_its_hub_id(smol):
 
 def test_lm_head_adapter_on_tied_base_warns(tmp_path):
     tied = lora.apply_lora(tiny_model(tie_word_embeddings=True), rank=2, lm_head=True)
-    with pytest.warns(UserWarning, match="tied embeddings.*untied base or without --lm_head"):
+    with pytest.warns(UserWarning, match="tied embeddings.*untied base or without an lm_head adapter"):
         lora.save_adapter(tied, tmp_path / "a")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -173,7 +173,10 @@ def first_trained_layer(cfg, rank, layers, lm_head=False):
     s = lora.config_shape(cfg)
     if lora.is_full(rank, layers) or (lm_head and rank == 0 and s.get("tie_word_embeddings")):
         return 0
-    plan = lora.layer_plan(layers, s["num_hidden_layers"])
+    try:
+        plan = lora.layer_plan(layers, s["num_hidden_layers"])
+    except lora.UserError as e:  # the library speaks of layers; the script names its flag
+        raise lora.UserError(f"--layers {layers}: {e}") from None
     return next((i for i, p in enumerate(plan) if p), s["num_hidden_layers"])
 
 
