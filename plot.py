@@ -739,21 +739,31 @@ def fig_early_rank(runs, w=5):
 
 
 def fig_flops(runs, w=5):
-    best = [r for r in best_per_config(main_sweep(runs)).values() if len(r["flops"][0])]
-    if not best:
+    """Loss against cumulative training FLOPs, each rank at its best LR (best seed mean), as the seed
+    mean with a +-1 SE band: the seeds share their batches across ranks, so the curves compare like
+    with like (one best run per rank would pick different batches for each)."""
+    by_rank = {k: rs for k, rs in group([r for r in main_sweep(runs) if len(r["flops"][0])], "rank").items() if scores_by_lr(rs)}
+    if not by_rank:
         return None, f"needs SFT runs with FLOPs in their logs ({SFT_SWEEP})"
     fig, (ax,) = _fig()
-    cols, rows = _colors(r["rank"] for r in best), ["rank      best LR  FLOPs/step  vs FullFT  total FLOPs"]
-    per_step = {r["rank"]: r["flops"][1][-1] / r["flops"][0][-1] for r in best}
-    for r in sorted(best, key=lambda r: (r["rank"] == 0, r["rank"])):
-        steps, i, j = np.intersect1d(r["train"][0], r["flops"][0], return_indices=True)
-        ax.plot(r["flops"][1][j], smooth(r["train"][1], w)[i], color=cols[r["rank"]], lw=2 if r["rank"] == 0 else 1.3,
-                label=f"{_label(r['rank'])}, LR {r['lr']:.2g}")
-        rel = f"{per_step[r['rank']] / per_step[0]:9.3f}" if 0 in per_step else "        -"
-        rows.append(f"{_label(r['rank']):9} {r['lr']:8.3g}  {per_step[r['rank']]:10.3g}  {rel}  {r['flops'][1][-1]:.3g}")
+    cols, rows = _colors(by_rank), ["rank      best LR  seeds  FLOPs/step  vs FullFT  total FLOPs"]
+    curves = {}
+    for k, rs in by_rank.items():
+        by_lr = scores_by_lr(rs)
+        lr = min(by_lr, key=lambda x: np.mean(by_lr[x]))
+        best = [r for r in rs if r["lr"] == lr and not r["diverged"] and len(r["train"][0])]
+        curves[k] = (lr, best, float(np.mean([r["flops"][1][-1] / r["flops"][0][-1] for r in best])))
+    for k in _ranks([r for rs in by_rank.values() for r in rs]):
+        lr, best, per_step = curves[k]
+        steps, mean, se = seed_mean(best, w)
+        ax.plot(steps * per_step, mean, color=cols[k], lw=2 if k == 0 else 1.3, label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
+        ax.fill_between(steps * per_step, mean - se, mean + se, color=cols[k], alpha=0.2, lw=0)
+        rel = f"{per_step / curves[0][2]:9.3f}" if 0 in curves else "        -"
+        rows.append(f"{_label(k):9} {lr:8.3g}  {len(best):5}  {per_step:10.3g}  {rel}  {per_step * steps[-1]:.3g}")
     ax.set(xscale="log", xlabel="training FLOPs (cumulative, forward + backward)",
-           ylabel=f"train loss (nats/token, {w}-step mean)", title="Loss vs training compute: LoRA vs FullFT (best LR)")
-    ax.legend()
+           ylabel=f"train loss (nats/token, {w}-step mean; seed mean +-1 SE)",
+           title="Loss vs training compute: LoRA vs FullFT (best LR)")
+    ax.legend(fontsize=8)
     return fig, "\n".join(rows)
 
 
