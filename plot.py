@@ -922,13 +922,15 @@ def fig_invariance(runs, w=5):
             continue
         steps, mean, se = seed_mean(vs, 1, "eval")
         bad = len(every) - len(vs)
-        ax.plot(steps, mean, color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
-        ax.fill_between(steps, mean - se, mean + se, color=f"C{i}", alpha=0.2, lw=0)
+        late = steps > 0   # the step-0 eval (the untrained model, far above) would squash the differences that matter
+        ax.plot(steps[late], mean[late], color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
+        ax.fill_between(steps[late], (mean - se)[late], (mean + se)[late], color=f"C{i}", alpha=0.2, lw=0)
         finals = [final_loss(r) for r in vs]
         d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)   # a seed fixes the facts and the batches
         gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
         rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  {np.mean(finals):10.4f}  {gap}")
-    ax.set(xlabel="step", ylabel="eval loss (nats/token)", title="The second direction alone: init_A / LR_A x c (alpha x init_A x LR_B fixed)")
+    ax.set(xlabel="step", ylabel="eval loss (nats/token; seed mean +-1 SE; step 0 not drawn)",
+           title="The second direction alone: init_A / LR_A x c (alpha x init_A x LR_B fixed)")
     ax.legend()
     return fig, "\n".join(rows)
 
