@@ -5,7 +5,7 @@ the model's shape alone, then checked against torch's FlopCounterMode and a stop
     python flops.py --model llama-3.1-8b                  # the post's parameter table, FLOPs, memory, capacity
     python flops.py --model path/to/config.json --rank 64 --layers mlp --lm_head
     python flops.py --measure --threads 1                 # CPU: count and time SmolLM2-135M's training step
-    python flops.py --measure --seq_len 2048 --batch 8    # GPU (bf16 autocast): the README's benchmark
+    python flops.py --measure --seq_len 2048 --batch 8    # GPU (bf16 autocast): LoRA vs FullFT steps, time and memory
     python flops.py --model llama-3.1-8b --log out/sft/log.jsonl   # capacity: a run's bits against LoRA's
     python flops.py --model qwen3-30b-a3b --json          # MoE (analytic only), machine-readable
     python flops.py --gpu                                 # CUDA: SFT tok/s, MFU, memory, sampler, bf16 checks (< 5 min)
