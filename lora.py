@@ -1939,12 +1939,16 @@ class StopSignal:
 
     def __enter__(self):
         import signal
-        self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
+        import threading
+        self.installed = threading.current_thread() is threading.main_thread()  # Python takes signals there only
+        if self.installed:
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
         return self
 
     def __exit__(self, *exc):
         import signal
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
     def requested(self, device="cpu", distributed=False):
         if not distributed:
