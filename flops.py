@@ -529,7 +529,6 @@ def random_model(cfg, dev, dtype, rank=0, seed=0):
     try:
         with torch.device(dev):
             model = lora.Llama(cfg)
-            model.inv_freq = lora.rope_inv_freq(cfg).to(dev)
             if rank:
                 lora.apply_lora(model, rank)
     finally:
@@ -641,19 +640,14 @@ def sdpa_backends(cfg, dev, amp):
 
 def importance_ratio(model, sampler, dev, amp, rows=16, new_tokens=32, prompt_len=64):
     """exp(learner - sampler log-probability) of every sampled token at step 0, as train_rl.py
-    computes it: `sampler` draws with the KV cache, `model` rescores in one training forward with
-    the unembedding at the completion positions."""
+    computes it: `sampler` draws with the KV cache, `model` rescores (lora.completion_logprobs)."""
     prompts = [torch.randint(model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(rows)]
     with lora.autocast(dev, amp):
         comps, old = lora.generate(sampler, prompts, new_tokens, generator=torch.Generator(device=dev).manual_seed(0))
         model.train()
         with torch.no_grad():
-            x = lora.pad_right([p + c for p, c in zip(prompts, comps)]).to(dev)
-            h = model(x[:, :-1], upto=len(model.model.layers))
-            at = torch.cat([h[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, comps))])
-            y = torch.tensor([t for c in comps for t in c], device=dev)
-            new = -lora.unembed_nll(model.lm_head, model.model.norm(at), y, reduction="none")
+            new = torch.cat(lora.completion_logprobs(model, prompts, comps))
     return (new.double() - torch.tensor([v for lp in old for v in lp], device=dev, dtype=torch.float64)).exp()
 
 

@@ -1628,6 +1628,29 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     return tokens, logprobs
 
 
+def pad_right(seqs, value=0):
+    """(B, longest) long tensor of the lists in seqs, right-padded with value."""
+    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def completion_logprobs(model, prompts, completions, temperature=1.0, vocab=None):
+    """The learner's side of RL's importance ratio: log-probabilities (under softmax(logits[:vocab] /
+    temperature)) of each completion's tokens given its prompt, one tensor per episode, from one
+    right-padded pass through the blocks (generate returns the sampler's side). The
+    unembedding runs at the completion positions only, in chunks (lora.unembed_nll): the prompt
+    positions' logits are never built, which at a 128K vocabulary is most of a step's memory."""
+    device = next(model.parameters()).device
+    x = pad_right([p + c for p, c in zip(prompts, completions)]).to(device)
+    h = model(x[:, :-1], upto=len(model.model.layers))    # hidden states, before the final norm
+    at = torch.cat([h[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, completions))])
+    y = torch.tensor([t for c in completions for t in c], device=device)   # position t predicts token t + 1
+    nll = unembed_nll(model.lm_head, model.model.norm(at), y, reduction="none", vocab=vocab, temperature=temperature)
+    return list((-nll).split([len(c) for c in completions]))
+
+
 # -----------------------------------------------------------------------------
 # Shared by the training scripts: the post's learning rate, GSM8K and synth data, device, logs, checkpoints
 
@@ -1871,14 +1894,6 @@ def load_base(name, device, dtype, ranks, threads=0, weights=True):
     base, tok = load_model(name, device="cpu", dtype=amp if amp is not None and all(r > 0 for r in ranks) else pdtype,
                            weights=weights)
     return base, tok, device, amp
-
-
-def pad_right(seqs, value=0):
-    """(B, longest) long tensor of the lists in seqs, right-padded with value."""
-    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
 
 
 def gsm8k_or_synth(spec):

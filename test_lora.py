@@ -1625,7 +1625,7 @@ def test_rl_trains_a_model_whose_embedding_is_padded_past_the_tokenizer(tmp_path
     assert tok.vocab_size == 264
     out, lp = lora.generate(model, [[5, 9, 200]] * 16, 12, generator=torch.Generator().manual_seed(0), vocab=tok.vocab_size)
     assert max(max(o) for o in out) < 264
-    new = train_rl.completion_logprobs(model, [[5, 9, 200]] * 16, out, vocab=tok.vocab_size)
+    new = lora.completion_logprobs(model, [[5, 9, 200]] * 16, out, vocab=tok.vocab_size)
     assert all(torch.allclose(a.double(), torch.tensor(b, dtype=torch.float64), atol=1e-4) for a, b in zip(new, lp))
     train_rl.main(["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--steps", "2", "--questions_per_step", "2",
                    "--group_size", "4", "--max_new_tokens", "8", "--eval_examples", "4", "--eval_every", "2", "--device", "cpu",
@@ -1897,7 +1897,7 @@ def test_group_advantages_sum_to_zero_and_equal_groups_give_no_gradient():
     assert torch.allclose(train_rl.group_advantages(rewards, 4, std=True).view(3, 4).sum(1), torch.zeros(3), atol=1e-5)
     model = lora.apply_lora(tiny_model(), rank=2)
     randomize_lora(model)
-    lp = train_rl.completion_logprobs(model, [[5, 6, 7]], [[8, 9, 10]])[0]
+    lp = lora.completion_logprobs(model, [[5, 6, 7]], [[8, 9, 10]])[0]
     loss, _ = train_rl.pg_loss(lp, lp.detach(), 0.0)
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for _, p in lora.trainable_parameters(model))
@@ -1908,14 +1908,14 @@ def test_importance_ratio_is_one_on_policy_and_learner_logprobs_equal_sampler():
     prompts = [[5, 9, 200], [7, 7], [100, 101, 102, 103]] * 3  # as in RL: each prompt sampled several times
     comps, old = lora.generate(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), stop_ids=[3])
     assert len(set(map(tuple, comps[::3]))) > 1  # the copies of one prompt are sampled independently
-    new = train_rl.completion_logprobs(model, prompts, comps)
+    new = lora.completion_logprobs(model, prompts, comps)
     for lp_new, lp_old in zip(new, old):
         assert torch.allclose(lp_new, torch.tensor(lp_old, dtype=torch.float64), atol=1e-9)
         _, ratio = train_rl.pg_loss(lp_new, torch.tensor(lp_old, dtype=torch.float64), 1.0)
         assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-9)
     # with temperature, both sides use softmax(logits / T)
     comps, old = lora.generate(model, prompts, 6, temperature=0.7, generator=torch.Generator().manual_seed(1))
-    for lp_new, lp_old in zip(train_rl.completion_logprobs(model, prompts, comps, temperature=0.7), old):
+    for lp_new, lp_old in zip(lora.completion_logprobs(model, prompts, comps, temperature=0.7), old):
         assert torch.allclose(lp_new, torch.tensor(lp_old, dtype=torch.float64), atol=1e-9)
 
 
@@ -1932,7 +1932,7 @@ def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
     model, tok = smol
     prompts = [train_rl.prompt_ids(tok, r) for r in lora.synth_problems(2, seed=7)]
     comps, old = lora.generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), stop_ids=tok.stop_ids)
-    for lp_new, lp_old in zip(train_rl.completion_logprobs(model, prompts, comps), old):  # cached = full forward
+    for lp_new, lp_old in zip(lora.completion_logprobs(model, prompts, comps), old):  # cached = full forward
         assert torch.allclose(lp_new, torch.tensor(lp_old), atol=2e-3)
     train_rl.main(["--data", "synth1", "--instruction", "short", "--rank", "1", "--steps", "2", "--questions_per_step", "2",
                    "--group_size", "4", "--max_new_tokens", "24", "--eval_every", "2", "--eval_examples", "2",

@@ -86,20 +86,6 @@ def group_advantages(rewards, group_size, std=False):
     return adv.flatten()
 
 
-def completion_logprobs(model, prompts, completions, temperature=1.0, vocab=None):
-    """Log-probabilities (under softmax(logits[:vocab] / temperature)) of each completion's tokens
-    given its prompt, one tensor per episode, from one right-padded pass through the blocks. The
-    unembedding runs at the completion positions only, in chunks (lora.unembed_nll): the prompt
-    positions' logits are never built, which at a 128K vocabulary is most of a step's memory."""
-    device = next(model.parameters()).device
-    x = lora.pad_right([p + c for p, c in zip(prompts, completions)]).to(device)
-    h = model(x[:, :-1], upto=len(model.model.layers))    # hidden states, before the final norm
-    at = torch.cat([h[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, completions))])
-    y = torch.tensor([t for c in completions for t in c], device=device)   # position t predicts token t + 1
-    nll = lora.unembed_nll(model.lm_head, model.model.norm(at), y, reduction="none", vocab=vocab, temperature=temperature)
-    return list((-nll).split([len(c) for c in completions]))
-
-
 def pg_loss(logp_new, logp_old, adv, clip=0.0):
     """The post's objective as a loss: -sum_t ratio_t x adv over an episode's tokens, ratio =
     p_learner / p_sampler = exp(logp_new - logp_old). With clip > 0, PPO's pessimistic clipped
@@ -225,7 +211,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
             for j in range(0, len(live), a.micro_batch):
                 idx = live[j:j + a.micro_batch]
                 with lora.autocast(device, amp):
-                    new_lp = completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature,
+                    new_lp = lora.completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature,
                                                  tok.vocab_size)
                 loss = 0.0
                 for i, lp in zip(idx, new_lp):
