@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import unicodedata
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -2087,31 +2087,39 @@ def micro_batches(lengths, micro, overhead=128, count=None, max_tokens=0):
     return spans
 
 
+def micro_batches_of(examples, micro, pad_id, device, count=None, max_tokens=0):
+    """Yield (examples, (x, y, m) from collate, answer tokens, whether last) for each micro-batch of
+    at most `micro` rows and `max_tokens` positions: the examples go in order of length, grouped to
+    waste little on padding (micro_batches), which changes no sum over them. count: exactly this
+    many micro-batches (DDP/FSDP processes must run as many forwards)."""
+    examples = sorted(examples, key=lambda e: len(e[0]))
+    spans = micro_batches([len(ids) for ids, _ in examples], micro, count=count, max_tokens=max_tokens)
+    for j, (start, end) in enumerate(spans):
+        chunk = examples[start:end]
+        yield chunk, collate(chunk, pad_id, device), sum(sum(mask[1:]) for _, mask in chunk), j == len(spans) - 1
+
+
+@contextmanager
+def grad_sync(model, on):
+    """DDP and FSDP2 reduce gradients across processes in backward: with on=False (every micro-batch
+    but a step's last) they only accumulate. A plain model ignores it."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(on)
+    with model.no_sync() if not on and hasattr(model, "no_sync") else nullcontext():  # DDP decides at forward time
+        yield
+
+
 def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None, forwards=None, max_tokens=0):
     """(sum of per-token NLL over the examples' loss tokens, a 0-dim float32 tensor on `device`;
-    positions computed including padding), in micro-batches of at most `micro` rows and
-    `max_tokens` positions; with backward, each micro-batch's gradient is scaled so that the
-    accumulated total is the mean over scale_tokens. The examples go in order of length and are
-    grouped to waste little on padding (micro_batches), which leaves the sum unchanged: bucketing
-    without changing the data. forwards: run exactly this many micro-batches (DDP/FSDP processes
-    must agree). Gradients are synchronised across processes on the last micro-batch only (DDP's
-    no_sync, FSDP2's set_requires_gradient_sync). No host sync: the loss stays on the device.
-    trunk: a TrunkCache holding the examples' frozen first layers."""
-    examples = sorted(examples, key=lambda e: len(e[0]))
-    spans = micro_batches([len(ids) for ids, _ in examples], micro, count=forwards, max_tokens=max_tokens)
+    positions computed including padding), micro-batch by micro-batch (micro_batches_of); with
+    backward, each micro-batch's gradient is scaled so that the accumulated total is the mean over
+    scale_tokens, synchronised across processes on the last one only. No host sync: the loss stays
+    on the device. trunk: an object whose .loss(model, examples, x, y, m) gives a micro-batch's mean
+    loss from cached frozen layers (train_sft's TrunkCache)."""
     total, positions = torch.zeros((), device=device), 0
-    for j, (start, end) in enumerate(spans):
-        x, y, m = collate(examples[start:end], pad_id, device)
-        n = sum(sum(mask[1:]) for _, mask in examples[start:end])
-        last = j == len(spans) - 1
-        sync = model.no_sync() if backward and not last and hasattr(model, "no_sync") else nullcontext()
-        if backward and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(last)
-        with sync, autocast(device, amp):
-            if trunk is None:
-                _, loss = model(x, y, loss_mask=m)
-            else:
-                _, loss = model(x, y, loss_mask=m, trunk=trunk.batch(examples[start:end]))
+    for chunk, (x, y, m), n, last in micro_batches_of(examples, micro, pad_id, device, forwards, max_tokens):
+        with grad_sync(model, last or not backward), autocast(device, amp):
+            loss = model(x, y, loss_mask=m)[1] if trunk is None else trunk.loss(model, chunk, x, y, m)
         if backward:
             (loss * n / scale_tokens).backward()
         total, positions = total + loss.detach().float() * n, positions + x.numel()

@@ -96,7 +96,7 @@ def load_run(path):
                     n_eval=cfg.get("n_eval_examples"), n_layers=(cfg.get("model") or {}).get("num_hidden_layers"),
                     ms=sum(r.get("ms", 0) for r in records if r.get("type") == "train" and isinstance(r.get("ms"), (int, float))),
                     train=_series(records, "train", metric), flops=_series(records, "train", "flops"),
-                    eval=_series(records, "eval", "accuracy" if rl else "loss"),
+                    eval=_series(records, "eval", "accuracy" if rl else "loss"), unseen=_series(records, "eval", "unseen_loss"),
                     norms=[(int(r["step"]), r["A"], r["B"]) for r in records
                            if r.get("type") == "norms" and isinstance(r.get("A"), list) and len(r["A"]) == len(r.get("B") or [])])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -335,13 +335,27 @@ def _ci(lo, hi, fmt="{:.3g}"):
     return f"[{fmt.format(lo)}, {fmt.format(hi)}]" if math.isfinite(lo) else "(1 seed: no interval)"
 
 
+CLAIMS = []   # what the figures measure, for summary.json: main() empties it, each figure appends its rows
+
+
+def claim(finding, quantity, estimate, lo=math.nan, hi=math.nan, seeds=None, verdict=None, null=0.0):
+    """Record one measured figure of a finding. The verdict, unless given, says only where the 95%
+    interval lies against `null` (0 for a difference, 1 or 10 for a ratio)."""
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi))
+    if verdict is None:
+        verdict = ("no interval (one seed)" if not ok else f"interval spans {null:g}" if lo <= null <= hi
+                   else f"above {null:g}" if lo > null else f"below {null:g}")
+    CLAIMS.append(dict(finding=finding, quantity=quantity, estimate=float(estimate), interval=[float(lo), float(hi)] if ok else None,
+                       seeds=seeds, verdict=verdict))
+
+
 def optimal_lrs(runs):
     """{rank: optimal LR} over one group of runs (one data set, batch size and layer set)."""
     opt = {rank: optimal_lr(rs) for rank, rs in group(runs, "rank").items()}
     return {k: v for k, v in opt.items() if v is not None}
 
 
-def _ratio(opt, stats=None):
+def _ratio(opt, stats=None, finding=None):
     """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank. With
     seeds: each seed's optimum is the parabola through its own sweep, and the ratio is the mean of
     the seeds' log ratios (paired by seed) with a 95% t interval; the ratio of the pooled optima and
@@ -364,6 +378,9 @@ def _ratio(opt, stats=None):
         if len(shared) >= 2:
             m, lo, hi = mean_ci([st["seed_opt"][s] - st0["seed_opt"][s] for s in shared])
             found.append(10 ** m)
+            if finding:
+                claim(finding, f"rank {k}: optimal LR of LoRA / FullFT (per-seed optima, t on log ratio)", 10 ** m, 10 ** lo,
+                      10 ** hi, len(shared), null=10)
             items.append(f"rank {k}: {10 ** m:.2g}x {_ci(10 ** lo, 10 ** hi, fmt='{:.2g}')} ({len(shared)} seeds; pooled {pooled:.2g}x{boot})")
         else:
             found.append(pooled)
@@ -384,7 +401,8 @@ def optimal_lr_ratio(runs):
 
 
 def _fig(ncols=1, width=None, nrows=1):
-    fig = Figure(figsize=(width or (7 if ncols == 1 else 12), 4.5 * nrows), dpi=150, layout="constrained")
+    width = width or (7 if ncols == 1 else 12)   # at most 1,600 pixels wide: what a README page shows unscaled
+    fig = Figure(figsize=(width, 4.5 * nrows), dpi=min(150, 1600 / width), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -476,12 +494,30 @@ def fig_lr_sweep(runs, w=5):
             if k != 0 and stats.get(0):
                 d, lo, hi = paired_gap(st["by_seed"], stats[0]["by_seed"])
                 gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
-                oos = _oos_gap(st, stats[0])
+                oos = _oos_gap(st, stats[0], 1, "High-rank LoRA reaches FullFT's loss (SFT)",
+                               f"{_label(k)} minus FullFT, final loss, each seed's LR chosen by the others (nats)")
+            if k and len(st["seed_opt"]) >= 2:
+                claim("The optimal LR is nearly independent of rank", f"{_label(k)}: optimal LR (per-seed parabola, t on log LR)",
+                      st["t_lr"], st["t_lo"], st["t_hi"], len(st["seed_opt"]), verdict="one rank's estimate")
             per_seed = f"{st['t_lr']:.3g} {_ci(st['t_lo'], st['t_hi'])} ({len(st['seed_opt'])} seeds)"
             found = f"{st['lr']:10.3g} {_ci(st['lo'], st['hi']):19}" if st["bracketed"] else f"{st['edge'] + format(st['lr'], '.3g'):>10} {'':19}"
             rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
                         f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           {gap:27}  {oos:25} {per_seed}")
-    text = _ratio(opt, stats)[1]
+    text = _ratio(opt, stats, "LoRA's optimal LR is ~10x FullFT's (SFT)")[1]
+    lora_opt = {k: st["t_lr"] for k, st in stats.items() if k and st and len(st["seed_opt"]) >= 2}
+    if len(lora_opt) >= 2:
+        spread = max(lora_opt.values()) / min(lora_opt.values())
+        claim("The optimal LR is nearly independent of rank", f"largest / smallest optimal LR over ranks {sorted(lora_opt)}",
+              spread, verdict=f"within {spread:.2g}x over ranks {min(lora_opt)}-{max(lora_opt)}")
+    main = {id(r) for r in sweep}
+    for key, rs in group([r for r in runs if not r["rl"] and r["standard"] and id(r) not in main],
+                         lambda r: (r["data"], r["batch_size"], r["examples"])).items():
+        # another study with both arms swept (e.g. 80 steps against the main sweep's 20): does the ratio move?
+        other = {k: optimal_lr_stats(g) for k, g in group(rs, "rank").items() if len({r["lr"] for r in g}) >= 2}
+        if 0 in other and len(other) >= 2:
+            steps = key[2] // key[1]
+            text += "\n" + _ratio(optimal_lrs(rs), other, f"LoRA's optimal LR over FullFT's, {steps}-step runs")[1].replace(
+                "optimal LR, LoRA / FullFT", f"{steps} steps of {key[1]} ({key[0]}): optimal LR, LoRA / FullFT")
     ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="Learning rate vs final loss per rank (seed mean +-1 SE)")
     _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
     return fig, "\n".join(rows + [text])
@@ -535,6 +571,8 @@ def fig_batch_size(runs, w=5):
         if lo_bs != hi_bs:
             a, b = gaps[(k, hi_bs)], gaps[(k, lo_bs)]
             d, lo, hi = paired_gap(a, b)
+            claim("LoRA pays more than FullFT at large batch sizes", f"{_label(k)}: gap to FullFT at batch {hi_bs} minus at "
+                  f"batch {lo_bs} ({key[0]}, nats)", d, lo, hi, len(set(a) & set(b)))
             rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}: {d:+.4f} {_ci(lo, hi, '{:+.4f}')}")
     left.set(xscale="log", xlabel="training examples (steps x batch size)", ylabel=f"train loss (nats/token, {w}-step mean)",
              title="Learning curves (best LR, seed mean)")
@@ -547,11 +585,15 @@ def fig_batch_size(runs, w=5):
     return fig, "\n".join(rows)
 
 
-def _oos_gap(st, ref, sign=1):
-    """The gap to a reference arm with each seed's LR chosen out of sample (see out_of_sample), as text."""
+def _oos_gap(st, ref, sign=1, finding=None, quantity=None):
+    """The gap to a reference arm with each seed's LR chosen out of sample (see out_of_sample), as
+    text; recorded as a claim when a finding is named."""
     if not (st and ref and st["oos"] and ref["oos"]):  # one seed: no other seed to choose its LR by
         return ""
-    d, lo, hi = paired_gap({s: sign * v for s, v in st["oos"].items()}, {s: sign * v for s, v in ref["oos"].items()})
+    a, b = {s: sign * v for s, v in st["oos"].items()}, {s: sign * v for s, v in ref["oos"].items()}
+    d, lo, hi = paired_gap(a, b)
+    if finding:
+        claim(finding, quantity, d, lo, hi, len(set(a) & set(b)))
     return f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
 
 
@@ -604,7 +646,9 @@ def fig_layers(runs, w=5):
             if ref and (ly, k) != ref:
                 d, lo, hi = paired_gap(by_seed, arms[ref][1])
                 gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
-                oos = _oos_gap(st, arms[ref][0], -1 if rl else 1)
+                oos = _oos_gap(st, arms[ref][0], -1 if rl else 1, "Attention-only LoRA trails MLP-only" + (" (RL)" if rl else ""),
+                               f"{ly} rank {k} minus {ref[0]} rank {ref[1]}, final {'reward' if rl else 'loss'}, "
+                               "each seed's LR chosen by the others")
             rows.append(f"  {ly:13} {k:4}  {(rs[0]['params'] or 0) / 1e6:5.2f}M {len({r['lr'] for r in rs}):4} {len(by_seed):5}  "
                         f"{_best_lr_text(st, rs):9} {text:28}  {gap:27}  {oos}")
         ylabel = "final reward (mean of last 20% steps)" if rl else _loss_label([r for rs in by.values() for r in rs])
@@ -636,11 +680,12 @@ def fig_rl(runs, w=5):
         if k != 0 and 0 in arms:
             d, lo, hi = paired_gap(by_seed, arms[0][1])
             gap = f"{d:+.3f} {_ci(lo, hi, '{:+.3f}')}"
-            oos = _oos_gap(st, arms[0][0], -1)
+            oos = _oos_gap(st, arms[0][0], -1, "RL: rank-1 LoRA matches FullFT",
+                           f"{_label(k)} minus FullFT, final reward, each seed's LR chosen by the others")
         rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  {_best_lr_text(st, by_rank[k]):9} {text:30} {gap:27}  {oos}")
         _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
     stats = {k: a[0] for k, a in arms.items()}
-    text = _ratio(opt, stats)[1]
+    text = _ratio(opt, stats, "RL: LoRA's optimal LR is ~10x FullFT's")[1]
     rows += _lr_range(by_rank, stats)
     left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)", title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
@@ -729,6 +774,9 @@ def fig_early_rank(runs, w=5):
         right.plot(steps, m, color=f"C{c + 3}", label=f"rank {a} minus rank {b} ({len(d)} seeds)")
         right.fill_between(steps, m - se, m + se, color=f"C{c + 3}", alpha=0.2, lw=0)
         ci = lambda v: f"{np.mean(v):+.4f} {_ci(*mean_ci(list(v))[1:], '{:+.4f}')}"
+        for v, where in ((first, f"steps {steps[0]:.0f}-{steps[n - 1]:.0f}"), (last, f"steps {steps[-n]:.0f}-{steps[-1]:.0f}")):
+            claim("With alpha/r, ranks start identically", f"rank {a} minus rank {b} at one LR, train loss over {where} (nats)",
+                  *mean_ci(list(v)), len(d))
         lines.append(f"rank {a} - rank {b} at LR {lr:.3g}, {len(d)} seed(s): steps {steps[0]:.0f}-{steps[n - 1]:.0f} {ci(first)}, "
                      f"steps {steps[-n]:.0f}-{steps[-1]:.0f} {ci(last)} (step 1: equal by construction)")
     right.axhline(0, color="gray", lw=0.8)
@@ -809,7 +857,11 @@ def fig_norms(runs, w=5):
                  "   attention matrices       MLP matrices"]
     for g in sorted(seeded, key=lambda g: longest(g[0]))[:30]:
         parts = [slice(None)] + ([slice(0, 4), slice(4, 7)] if all(split(r) for r in g) else [])
-        cells = [f"{m:.3f} {_ci(lo, hi, '{:.3f}'):16}" for m, lo, hi in (mean_ci([ratio(r, p) for r in g]) for p in parts)]
+        stats = [mean_ci([ratio(r, p) for r in g]) for p in parts]
+        cells = [f"{m:.3f} {_ci(lo, hi, '{:.3f}'):16}" for m, lo, hi in stats]
+        for (m, lo, hi), which in zip(stats, ("all matrices", "attention matrices", "MLP matrices")):
+            claim("B ends with a larger norm than A", f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])}, step {g[0]['norms'][-1][0]}: "
+                  f"|B|/|A| at the end, {which}", m, lo, hi, len(g), null=1)
         rows.append(f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])[:56]:56} {g[0]['norms'][-1][0]:5}  {len(g):5}  " + "  ".join(cells))
     ax.set(xlabel="step", ylabel="spectral norm (median; band: quartiles)",
            title="LoRA's A (solid) and B (dashed): B grows from zero")
@@ -820,81 +872,122 @@ def fig_norms(runs, w=5):
 BITS_PER_FACT = math.log2(1e4)   # train_sft.facts: a 4-digit code drawn uniformly
 
 
-def stored_bits(run):
-    """Bits of the facts' codes a run has stored, from its final eval: the K codes hold K log2(10^4)
-    bits, and what the model still needs to be told is its summed log loss on the answers in bits
-    (the answer's end-of-turn token included, so this slightly undercounts), scaled from the eval
-    facts to all K. 0 = nothing beyond uniform digits; K log2(10^4) = every code recalled."""
+def stored_bits(run, at=-1, unseen=False):
+    """Bits of the facts' codes a run has stored at its at-th eval: the K codes hold K log2(10^4) bits,
+    and what the model still needs to be told is its summed log loss on the answers, in bits, scaled
+    from the eval facts to all K. No model can predict an unseen code better than uniform digits, so
+    this is a lower bound on what the weights hold about the codes (a format not yet learnt counts
+    against it). unseen=True measures against the loss on facts the run never saw instead, which
+    cancels the format but adds the overconfidence on unseen keys that memorising brings."""
     if run["diverged"] or not run["eval_tokens"] or not run["n_eval"]:
         return math.nan
-    step, tokens = run["eval_tokens"][-1]
     steps, losses = run["eval"]
-    loss = float(losses[steps == step][-1])
-    return run["facts"] * (BITS_PER_FACT - loss * tokens / run["n_eval"] / math.log(2))
+    tokens = dict(run["eval_tokens"])[int(steps[at])] / run["n_eval"]   # answer tokens per fact
+    told = losses[at] * tokens / math.log(2)
+    us, ul = run["unseen"]
+    base = ul[us == steps[at]][0] * tokens / math.log(2) if unseen and steps[at] in us else BITS_PER_FACT
+    return run["facts"] * (base - told)
+
+
+def _plateau_gain(run):
+    """The fraction of its final stored bits a run gained over the last quarter of its steps."""
+    steps = run["eval"][0]
+    q = int(np.argmin(np.abs(steps - 0.75 * steps[-1])))
+    last = stored_bits(run)
+    return (last - stored_bits(run, q)) / abs(last) if last else math.nan
+
+
+def log_ratio_ci(a, b):
+    """a / b, each {seed: positive value}: the geometric mean ratio over shared seeds with a 95% t interval on log."""
+    m, lo, hi = paired_gap({s: math.log(v) for s, v in a.items() if v > 0}, {s: math.log(v) for s, v in b.items() if v > 0})
+    return math.exp(m), math.exp(lo) if math.isfinite(lo) else math.nan, math.exp(hi) if math.isfinite(hi) else math.nan
 
 
 def fig_capacity(runs, w=5):
-    """This project's own experiment (the post's finding 3 made measurable): K random facts, LoRA of
-    each rank and full fine-tuning on the same matrices. A panel per K of eval loss against epoch
-    (best LR per rank, seed mean +-1 SE), and bits stored against trainable parameters."""
+    """The post's Figure 1 and its capacity argument, on data whose information is known: K random
+    facts learnt by LoRA of each rank and by full fine-tuning of the same matrix, each arm at its own
+    LR, long enough to plateau. Left, Figure 1's shape: eval loss on the trained facts against log
+    step (seed mean +-1 SE). Right: bits stored against trainable parameters, beside the 2 bits per
+    parameter the post assumes. The table gives every study on facts (a study: layers, K, examples)."""
     rs = [r for r in runs if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
     if not rs:
-        return None, "needs runs on --data facts:K (see the README's capacity experiment)"
-    ks = sorted({r["facts"] for r in rs})
-    panels = len(ks) + 1   # a panel per K, then the capacity panel: two to a row
-    fig, axes = _fig(ncols=min(panels, 2), width=12 if panels > 1 else 7, nrows=math.ceil(panels / 2))
-    for extra in axes[panels:]:
-        extra.remove()
-    axes = axes[:panels]
-    cols = _colors(r["rank"] for r in rs)
-    rows = ["facts  bits in data  rank     params   best LR   seeds  final loss      bits stored [95% CI]   bits/param  "
-            "minus FullFT's, paired by seed [95% CI]"]
-    points = []
-
-    def best_runs(mine, rank):
-        by_lr = group([r for r in mine if r["rank"] == rank], "lr")
-        lr = min(by_lr, key=lambda x: np.mean([final_loss(r) for r in by_lr[x]]))
-        return lr, by_lr, by_lr[lr]
-    for ax, k in zip(axes, ks):
-        mine = [r for r in rs if r["facts"] == k]
-        # the longest study on these facts: capacity is what a run stores once it stops gaining
-        mine = max(group(mine, lambda r: (r["examples"], r["batch_size"])).values(), key=lambda g: (g[0]["examples"], len(g)))
-        full = {r["seed"]: stored_bits(r) for r in best_runs(mine, 0)[2]} if any(r["rank"] == 0 for r in mine) else {}
+        return None, "needs runs on --data facts:K (see results/README.md, capacity)"
+    studies = {}   # per (layers, K), the study that trained longest: capacity is what a run stores once it stops gaining
+    for key, mine in group(rs, lambda r: (r["layers"], r["facts"])).items():
+        studies[key] = max(group(mine, lambda r: (r["examples"], r["batch_size"])).values(), key=lambda g: (g[0]["examples"], len(g)))
+    rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  bits stored [95% CI]   "
+            "bits/param [95% CI]    last-quarter gain   minus FullFT, paired [95% CI]"]
+    points, curves, per_seed = defaultdict(list), None, {}
+    for (layers, k), mine in sorted(studies.items()):
+        bests = {}
         for rank in _ranks(mine):
-            lr, by_lr, best = best_runs(mine, rank)
-            steps, mean, se = seed_mean(best, 1, "eval")
-            ax.plot(steps, mean, color=cols[rank], lw=2 if rank == 0 else 1.3, label=f"{_label(rank)} ({best[0]['params']:,})")
-            ax.fill_between(steps, mean - se, mean + se, color=cols[rank], alpha=0.2, lw=0)
-            bits = [stored_bits(r) for r in best]
-            _, lo, hi = mean_ci(bits)
-            points.append((k, rank, best[0]["params"], float(np.mean(bits)), lo, hi))
-            edge = "" if len(by_lr) < 2 or lr not in (min(by_lr), max(by_lr)) else " (edge)"
+            by_lr = group([r for r in mine if r["rank"] == rank], "lr")
+            bests[rank] = by_lr[min(by_lr, key=lambda x: np.mean([final_loss(r) for r in by_lr[x]]))]
+        full = {r["seed"]: stored_bits(r) for r in bests.get(0, [])}
+        for rank, best in bests.items():
+            bits = {r["seed"]: stored_bits(r) for r in best}
+            per_seed[layers, k, rank] = bits
+            m, lo, hi = mean_ci(bits.values())
+            p = best[0]["params"]
+            gain = mean_ci([_plateau_gain(r) for r in best])[0]
             gap = ""
-            if rank and full:   # a seed fixes the facts: pairing takes their difficulty out of the gap
-                d, glo, ghi = paired_gap({r["seed"]: stored_bits(r) for r in best}, full)
+            if rank and len(full) and len(bits):
+                d, glo, ghi = paired_gap(bits, full)
                 gap = f"{d:+.0f} {_ci(glo, ghi, '{:+.0f}')}"
-            rows.append(f"{k:5}  {k * BITS_PER_FACT:12.0f}  {_label(rank):7} {best[0]['params']:9,}  {lr:8.2g}{edge:7} {len(best):5}  "
-                        f"{mean[-1]:10.4f}  {np.mean(bits):9.0f} {_ci(lo, hi, '{:.0f}'):18}  {np.mean(bits) / best[0]['params']:8.3f}    {gap}")
-        ax.axhline(math.log(10) * 4 / 5, color="gray", ls=":", lw=1)  # 4 uniform digits + a free end token, per token
-        last = max(r["eval"][0][-1] for r in mine)
-        epochs = last * mine[0]["batch_size"] / k
-        ax.set(xlabel="step", ylabel="eval loss on trained facts (nats/token)", ylim=(0, None),
-               title=f"{k} facts = {k * BITS_PER_FACT:,.0f} bits, {epochs:.3g} epochs (band +-1 SE)")
-        ax.legend(fontsize=7, title="trainable params", title_fontsize=7)
-    ax = axes[-1]
-    for i, k in enumerate(ks):
-        p = sorted((pt for pt in points if pt[0] == k), key=lambda pt: pt[2])
-        x, y = np.array([pt[2] for pt in p], float), np.array([pt[3] for pt in p])
-        lo, hi = np.array([pt[4] for pt in p]), np.array([pt[5] for pt in p])
-        ax.errorbar(x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], fmt="o-", color=f"C{i}", capsize=3, label=f"{k} facts")
-        ax.axhline(k * BITS_PER_FACT, color=f"C{i}", ls="--", lw=0.8)
-    xs = np.logspace(np.log10(min(pt[2] for pt in points)) - 0.3, np.log10(max(pt[2] for pt in points)) + 0.3, 10)
-    ax.plot(xs, 2 * xs, color="gray", ls=":", label="2 bits / parameter")
-    ax.set_yscale("symlog", linthresh=100)   # below 0 too: a run can store less than a uniform guess
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel="bits stored, 95% CI (dashed: bits in the data)",
-           title="Stored information vs capacity (symlog: linear within +-100 bits)")
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.legend(fontsize=7)
+            unseen = np.mean([r["unseen"][1][-1] for r in best]) if all(len(r["unseen"][1]) for r in best) else math.nan
+            rows.append(f"{layers:15} {k:5} {k * BITS_PER_FACT:6.0f}  {_label(rank):7} {p:8,} {best[0]['lr']:7.2g}  {len(best):5}  "
+                        f"{np.mean([final_loss(r) for r in best]):10.4f}  {unseen:6.3f}  {m:7.0f} {_ci(lo, hi, '{:.0f}'):14}  "
+                        f"{m / p:7.3f} {_ci(lo / p, hi / p, '{:.3f}'):14}  {gain:+17.1%}   {gap}")
+            if len(best[0]["unseen"][0]):
+                points[k].append((p, m, lo, hi, rank))
+                finding = "Low ranks fall behind FullFT once the data exceed their capacity"
+                claim(finding, f"{_label(rank)} on {layers}, {k} facts ({k * BITS_PER_FACT:.0f} bits): bits stored",
+                      m, lo, hi, len(best), verdict=f"{m / (k * BITS_PER_FACT):.0%} of the data's bits")
+                if rank:
+                    claim(finding, f"{_label(rank)} on {layers}, {k} facts: bits stored per trainable parameter", m / p, lo / p,
+                          hi / p, len(best), verdict="below 2 (the post's assumption)" if hi / p < 2 else None, null=2)
+                    if gap:
+                        claim(finding, f"{_label(rank)} minus FullFT on {layers}, {k} facts: bits stored, paired by seed",
+                              d, glo, ghi, len(set(bits) & set(full)))
+        if 0 in bests and len(bests) > 1 and all(len(r["unseen"][0]) for r in mine):   # Figure 1: the largest such K
+            curves = max([c for c in (curves, (k, mine, bests)) if c], key=lambda c: (c[0], len(c[1])))
+    for (layers, k, r2), b2 in per_seed.items():   # a capacity limit: rank 2 stores about twice what rank 1 does
+        b1 = per_seed.get((layers, k, r2 // 2))
+        if r2 > 1 and b1 and min(len(b1), len(b2)) >= 2 and (layers, k, 0) in per_seed:
+            rat, lo, hi = log_ratio_ci(b2, b1)
+            claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{layers}, {k} facts: bits stored by "
+                  f"rank {r2} / by rank {r2 // 2}, paired by seed (2 if capacity binds both)", rat, lo, hi,
+                  len(set(b1) & set(b2)), null=2)
+            rows.append(f"{layers} at {k} facts: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] what rank {r2 // 2} stores (paired by seed)")
+    if curves is None:
+        return None, "\n".join(rows + ["(no figure: needs facts runs with an unseen-key eval, beside FullFT)"])
+    k, mine, bests = curves
+    fig, (left, right) = _fig(2)
+    cols = _colors(bests)
+    for rank, best in bests.items():
+        steps, mean, se = seed_mean(best, 1, "eval")
+        keep = steps > 0
+        left.plot(steps[keep], mean[keep], color=cols[rank], lw=2 if rank == 0 else 1.3,
+                  label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, {len(best)} seed{'s' * (len(best) > 1)})")
+        left.fill_between(steps[keep], (mean - se)[keep], (mean + se)[keep], color=cols[rank], alpha=0.2, lw=0)
+    left.axhline(math.log(10) * 4 / 5, color="gray", ls="--", lw=1, label="no code stored (uniform digits, end token learnt)")
+    left.set(xscale="log", xlabel="step (log)", ylabel="eval loss on the trained facts (nats/token)", ylim=(0, None),
+             title=f"{k} random facts ({k * BITS_PER_FACT:,.0f} bits), {mine[0]['layers']}: the post's Figure 1")
+    left.legend(fontsize=7)
+    for i, kk in enumerate(sorted(points)):
+        p = sorted(points[kk])
+        x, y = np.array([q[0] for q in p], float), np.array([q[1] for q in p])
+        lo, hi = np.array([q[2] for q in p]), np.array([q[3] for q in p])
+        right.errorbar(x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], fmt="o-", color=f"C{i}", capsize=3,
+                       label=f"{kk} facts ({kk * BITS_PER_FACT:,.0f} bits, dashed)")
+        right.axhline(kk * BITS_PER_FACT, color=f"C{i}", ls="--", lw=0.8)
+    allp = [q[0] for v in points.values() for q in v]
+    xs = np.logspace(np.log10(min(allp)) - 0.2, np.log10(max(allp)) + 0.2, 10)
+    right.plot(xs, 2 * xs, color="gray", ls=":", label="2 bits / parameter")
+    right.set(xscale="log", yscale="log", xlabel="trainable parameters",
+              ylim=(min(q[1] for v in points.values() for q in v) / 3, 4 * max(points) * BITS_PER_FACT),
+              ylabel="bits stored (seed mean, 95% CI)", title="Stored information against capacity")
+    right.legend(fontsize=7)
     return fig, "\n".join(rows)
 
 
@@ -928,6 +1021,9 @@ def fig_invariance(runs, w=5):
         finals = [final_loss(r) for r in vs]
         d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)   # a seed fixes the facts and the batches
         gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+        if not vs[0]["plain"]:
+            claim("Only two of (alpha, init_A, LR_A, LR_B) matter", f"init_A x {init:g}, LR_B / LR_A {ratio:g}: final loss minus "
+                  f"c = 1's ({bad} of {len(every)} seeds diverged; nats)", d, lo, hi, len(vs))
         rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  {np.mean(finals):10.4f}  {gap}")
     ax.set(xlabel="step", ylabel="eval loss (nats/token; seed mean +-1 SE; step 0 not drawn)",
            title="The second direction alone: init_A / LR_A x c (alpha x init_A x LR_B fixed)")
@@ -950,6 +1046,7 @@ def main(argv=None):
     if not Path(a.logs).is_dir():
         p.error(f"{a.logs} is not a folder: pass the --out folder of train_sft.py / train_rl.py")
     runs = load_runs(a.logs)
+    CLAIMS.clear()
     print(f"{len(runs)} runs in {a.logs}; their training steps took {sum(r['ms'] for r in runs) / 3.6e6:.1f} hours "
           "(the logged step times; evals, loading and caching not counted)")
     out = Path(a.to or a.logs)
@@ -966,6 +1063,10 @@ def main(argv=None):
         fig.savefig(out / name)
         written.append(out / name)
         print(f"wrote {out / name}\n" + "\n".join("  " + line for line in text.splitlines()))
+    # every figure above, as data: a reader's script can check a claim of the README without parsing its prose
+    summary = Path(a.logs) / "summary.json"
+    summary.write_text(json.dumps({"runs": len(runs), "claims": CLAIMS}, indent=1) + "\n")
+    print(f"wrote {summary}: {len(CLAIMS)} measured figures (estimate, 95% interval, seeds, what the interval says)")
     return written
 
 

@@ -1,8 +1,9 @@
 """
 Tests: CPU, offline (the default model comes from PyPI once), a few minutes in all.
 
-    pytest test_lora.py            # everything
-    pytest test_lora.py -k lora    # a subset
+    pytest test_lora.py                  # everything (CI, the README)
+    pytest test_lora.py -m "not slow"    # the quick subset while editing: no torchrun, kills, compile or real-model training
+    pytest test_lora.py -k lora          # the tests whose names say lora
 
 Tiny random models check exact properties (equalities, invariances); the real default model
 checks that loading, tokenizing and sampling are right on real weights.
@@ -30,6 +31,11 @@ import plot
 import train_rl
 import train_sft
 from lora import Config, Llama, UserError
+
+# the slowest tests (torchrun, the kill matrix, compile, the real model), left out by -m "not slow"; the
+# marker is declared here rather than in a config file, so pytest's unknown-marker warning is silenced
+warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
+slow = pytest.mark.slow
 
 # -----------------------------------------------------------------------------
 # fixtures: a tiny model and a tiny byte-level BPE tokenizer
@@ -284,6 +290,7 @@ def lora_training_curve(alpha, init_scale, lr_a, lr_b, steps=12):
     return out
 
 
+@slow
 def test_the_posts_lora_invariance_and_the_two_directions_that_matter():
     # The post: alpha -> alpha / (p q), init_A -> p init_A, LR_A -> p LR_A, LR_B -> q LR_B leaves
     # training unchanged (Adam's updates do not depend on the gradient's scale), so of the four
@@ -423,6 +430,7 @@ def test_adapter_records_a_base_peft_can_open(tmp_path, monkeypatch, fields, wan
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == want
 
 
+@slow
 def test_default_model_records_its_hub_id(smol):
     assert smol[0].name_or_path == smol[1].name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -599,6 +607,7 @@ def umask():
 # save_model writes the tokenizer: a GGUF-loaded model becomes a folder that reloads identically
 
 
+@slow
 def test_gguf_default_saved_with_tokenizer_reloads_identically(smol, tmp_path):
     model, tok = smol
     lora.save_model(model, tmp_path, tokenizer=tok)
@@ -684,6 +693,7 @@ WS_CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308,
                197, 2231, 2, 198, 1, 520, 9531, 198, 2, 198]
 
 
+@slow
 def test_render_chat_matches_apply_chat_template_on_whitespace(smol):
     _, tok = smol
     ids_, mask = tok.render_chat(WS_CHAT)
@@ -694,6 +704,7 @@ def test_render_chat_matches_apply_chat_template_on_whitespace(smol):
 
 
 @pytest.mark.parametrize("content", ["  two spaces", "\n\nnewlines", "trailing  \n", "", "42 is it", "\t\ttab", " "])
+@slow
 def test_render_chat_equals_encoding_the_rendered_template(smol, content):
     import jinja2
     _, tok = smol
@@ -903,6 +914,7 @@ CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34
             2, 198, 1, 4093, 198, 3528, 216, 41, 1711, 216, 41, 47, 2, 198, 1, 520, 9531, 198]
 
 
+@slow
 def test_default_tokenizer_matches_reference(smol):
     _, tok = smol
     assert tok.encode(GSM8K_TEXT) == GSM8K_IDS and tok.decode(GSM8K_IDS) == GSM8K_TEXT
@@ -912,6 +924,7 @@ def test_default_tokenizer_matches_reference(smol):
     assert tok.stop_ids == [2] and tok.chat_format == "chatml"
 
 
+@slow
 def test_default_model_perplexity_below_5(smol):
     # A famous paragraph: the 4-bit 135M model scores ~4.7 here (HF transformers gives identical
     # logits); on prose it has not seen so often it scores 10-20.
@@ -925,6 +938,7 @@ def test_default_model_perplexity_below_5(smol):
     assert ppl < 5, ppl
 
 
+@slow
 def test_default_model_answers_paris(smol):
     model, tok = smol
     prompt, _ = tok.render_chat([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
@@ -933,6 +947,7 @@ def test_default_model_answers_paris(smol):
     assert "Paris" in answer and out[0][-1] in tok.stop_ids, answer
 
 
+@slow
 def test_default_model_cached_greedy_equals_uncached(smol):
     model, tok = smol
     prompt = tok.encode("The three primary colors are")
@@ -985,6 +1000,7 @@ def test_sft_loss_mask_covers_only_completion_tokens(tmp_path):
     assert kept == [] and (truncated, dropped) == (1, 1)
 
 
+@slow
 def test_length_bucketing_leaves_the_loss_and_gradient_unchanged(tmp_path):
     _, tok = lora.load_model(write_hf_folder(tmp_path, tiny_model()))
     rows = [{"prompt": "the " * (i % 5 + 1), "completion": " in the sea" * (i % 3 + 1)} for i in range(7)]
@@ -1026,6 +1042,24 @@ def test_sft_rejects_malformed_rows():
         train_sft.to_messages({"messages": [{"role": "robot", "content": "x"}]})
 
 
+def test_facts_runs_measure_unseen_keys_and_cooldown_takes_the_lr_down_linearly(tmp_path):
+    trained = train_sft.facts(30, seed=0)
+    unseen = train_sft.unseen_facts(trained, 12, seed=0)
+    keys = lambda rows: {r["messages"][1]["content"] for r in rows}
+    assert len(unseen) == 12 and not keys(unseen) & keys(trained)
+    assert [len(r["code"]) for r in unseen] == [4] * 12 and unseen[0]["messages"][0] == trained[0]["messages"][0]
+    run_sft(tmp_path, "--data", "facts:30", "--rank", "0", "--layers", "1.up_proj", "--lr", "1e-2", "--steps", "6",
+            "--batch_size", "5", "--micro_batch", "5", "--epochs", "3", "--cooldown", "0.5", "--eval_every", "3", "--save_every", "0")
+    (run,) = (tmp_path / "out").iterdir()
+    log = lora.read_jsonl(run / "log.jsonl")
+    assert [r["lr"] / 1e-2 for r in log if r["type"] == "train"] == pytest.approx([1, 1, 1, 1, 2 / 3, 1 / 3])
+    evals = [r for r in log if r["type"] == "eval"]
+    assert len(evals) == 3 and all(r["unseen_tokens"] == r["tokens"] == 8 * 5 for r in evals)  # 4 digits + end token
+    assert evals[0]["unseen_loss"] == pytest.approx(evals[0]["loss"], rel=0.05)  # before training: the same format
+    assert evals[-1]["unseen_loss"] > evals[-1]["loss"]  # trained codes are being stored, unseen ones cannot be
+
+
+@slow
 def test_facts_are_deterministic_random_codes():
     a, b, c = train_sft.facts(50, seed=1), train_sft.facts(50, seed=1), train_sft.facts(50, seed=2)
     assert a == b and a != c and len({r["messages"][1]["content"] for r in a}) == 50
@@ -1060,6 +1094,28 @@ def test_trunk_cache_leaves_loss_and_gradients_equal():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
     assert train_sft.first_trained_layer(model.config, 0, "all") == 0 and train_sft.first_trained_layer(model.config, 0, "1.o_proj") == 1
     assert train_sft.first_trained_layer(tiny_config(tie_word_embeddings=True), 0, "1.o_proj", lm_head=True) == 0
+    assert not train_sft.TrunkCache.only_last_mlp_trains(model)  # 1.v_proj trains: attention mixes positions
+
+
+@pytest.mark.parametrize("rank", [2, 0])
+def test_trunk_cache_of_the_last_mlp_computes_only_answer_positions_and_equals_the_whole_forward(rank):
+    """Only the last layer's MLP trains (LoRA or full): the cache keeps that MLP's inputs at the
+    answer positions alone, and the loss and gradients still equal the whole forward's."""
+    model, _ = lora.prepare_training(tiny_model(), rank, 1e-3, "1.up_proj+1.down_proj")
+    for m in lora.lora_modules(model).values():
+        nn.init.normal_(m.lora_B.weight)
+    assert train_sft.TrunkCache.only_last_mlp_trains(model)
+    torch.manual_seed(1)
+    examples = [(torch.randint(272, (n,)).tolist(), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 17, 12, 17, 5)]
+    trunk = train_sft.TrunkCache(model, 1, examples, 2, 0, "cpu", None, tail=True)
+    assert sum(len(s[1][1]) for s in trunk.states.values()) == sum(sum(m[1:]) for _, m in examples)  # answer positions only
+    grads = []
+    for t in (None, trunk):
+        model.zero_grad()
+        total, _ = lora.batch_loss(model, examples, 2, 0, "cpu", None, 10.0, backward=True, trunk=t)
+        grads.append((total.item(), [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_sft_with_trunk_cache_equals_without(tmp_path, capsys):
@@ -1099,6 +1155,7 @@ def test_synth_is_deterministic_and_well_formed():
         assert last.rstrip(".").split("= ")[-1].lstrip("$").split(" ")[0] == lora.gsm8k_gold(p["answer"])
 
 
+@slow
 def test_sft_lora_and_fullft_both_train(tmp_path):
     # From a random tiny model (held-out loss ~ln 272 = 5.6) FullFT, which moves the embeddings,
     # drops fast; LoRA (frozen embeddings and head) slower but clearly.
@@ -1109,8 +1166,10 @@ def test_sft_lora_and_fullft_both_train(tmp_path):
         assert ev[-1] < factor * ev[0], (rank, ev)
 
 
+@slow
 def test_sft_resume_after_a_kill_reproduces_the_curve(tmp_path, monkeypatch):
-    args = ["--rank", "4", "--lr", "3e-3", "--steps", "6", "--save_every", "2", "--eval_every", "0"]
+    # with a cooldown: the resumed run must also pick the LR schedule up where it was
+    args = ["--rank", "4", "--lr", "3e-3", "--steps", "6", "--save_every", "2", "--eval_every", "0", "--cooldown", "0.8"]
     whole, _ = run_sft(tmp_path, *args, out="whole")
     calls = {"n": 0}
     real_step = torch.optim.AdamW.step
@@ -1171,6 +1230,7 @@ def kill_at_fs_step(monkeypatch, k, during_step):
 
 
 @pytest.mark.parametrize("rank,during_step", [("4", 4), ("4", 6), ("0", 6)])
+@slow
 def test_a_kill_at_any_filesystem_step_of_a_save_resumes_to_the_identical_curve(tmp_path, monkeypatch, rank, during_step):
     # Steps 6, checkpoints at 2, 4, 6 (6 is the final save). Kill at each filesystem call of one
     # save in turn; `latest` must name a complete checkpoint and --resume must give the same curve.
@@ -1196,6 +1256,7 @@ def test_a_kill_at_any_filesystem_step_of_a_save_resumes_to_the_identical_curve(
     assert k > 8  # the save really went through its steps
 
 
+@slow
 def test_a_finished_run_is_skipped_on_resume_and_a_new_run_never_overwrites_one(tmp_path, capsys):
     args = ["--rank", "4", "--lr", "3e-3", "--steps", "2", "--save_every", "2", "--eval_every", "2"]
     _, evals = run_sft(tmp_path, *args)
@@ -1206,6 +1267,7 @@ def test_a_finished_run_is_skipped_on_resume_and_a_new_run_never_overwrites_one(
         run_sft(tmp_path, *args)
 
 
+@slow
 def test_divergence_stops_the_run_and_keeps_only_good_checkpoints(tmp_path):
     # FullFT at LR 1 blows the tiny model's loss up from ln(272) ~ 5.6 to ~13 at step 2. The
     # checkpoint of step 1 holds the weights that gave it, so it goes; nothing good is left.
@@ -1346,6 +1408,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@slow
 def test_sft_ddp_two_processes_equal_one(tmp_path):
     model_dir, data = sft_setup(tmp_path)
     args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8",
@@ -1377,6 +1440,7 @@ def torchrun(tmp_path, n, args, out, script="train_sft.py", env=None):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@slow
 def test_sft_fsdp_two_processes_equal_one_and_resume(tmp_path):
     """FSDP2 (fully_shard over 2 gloo processes) gives the losses of one unsharded process with the
     same global batch, for LoRA and full fine-tuning; its checkpoints are the usual PEFT / HF
@@ -1502,6 +1566,7 @@ def test_host_born_tracks_what_a_cuda_run_would_leave_on_the_host():
         assert mode.is_host(torch.zeros(2).float()) and not mode.is_host(torch.zeros(2).to(torch.device("cpu")))
 
 
+@slow
 def test_uneven_lengths_under_ddp_and_fsdp_run_in_step_on_device_tensors_and_equal_one_process(tmp_path):
     """16 rows, 15 short and one long, batch 16 in micro-batches of 2: one process's share needs 4
     forwards, the other's 5 (the long row goes alone). Each process must run the same number or
@@ -1549,6 +1614,7 @@ train_sft.main(sys.argv[1:])
 """
 
 
+@slow
 def test_fsdp_with_compiled_blocks_equals_one_eager_process(tmp_path):
     # --compile under --fsdp compiles each block in place, then shards it (FSDP2's order)
     harness = tmp_path / "compiled_sft.py"
@@ -1588,6 +1654,7 @@ def sigterm_at_step(monkeypatch, k):
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
+@slow
 def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_curve(tmp_path, monkeypatch, capsys):
     import signal
     args = ["--rank", "4", "--lr", "3e-3", "--steps", "5", "--eval_every", "0", "--save_every", "0"]
@@ -1603,6 +1670,7 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_cu
     assert list(resumed.values()) == list(whole.values())
 
 
+@slow
 def test_rl_sigterm_checkpoints_and_resumes_the_same_run(tmp_path, monkeypatch):
     args = tiny_rl(tmp_path, monkeypatch, steps=4)
     curve = lambda out: [(r["reward"], r["loss"]) for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
@@ -1616,6 +1684,7 @@ def test_rl_sigterm_checkpoints_and_resumes_the_same_run(tmp_path, monkeypatch):
     assert curve("stopped") == curve("whole") and any(loss != 0 for _, loss in curve("whole"))
 
 
+@slow
 def test_rl_trains_a_model_whose_embedding_is_padded_past_the_tokenizer(tmp_path):
     # Qwen2.5 has 151,936 embedding rows for 151,665 tokens; ids past the tokenizer cannot be decoded
     model_dir = tmp_path / "model"
@@ -1633,6 +1702,7 @@ def test_rl_trains_a_model_whose_embedding_is_padded_past_the_tokenizer(tmp_path
     assert [r["type"] for r in lora.read_jsonl(next((tmp_path / "out").iterdir()) / "log.jsonl")][-1] == "final"
 
 
+@slow
 def test_rl_sampling_from_merged_weights_keeps_the_importance_ratio_at_one(tmp_path, monkeypatch):
     args = tiny_rl(tmp_path, monkeypatch, steps=3)
     train_rl.main(args + ["--out", str(tmp_path / "merged"), "--sample_merged"])
@@ -1643,6 +1713,7 @@ def test_rl_sampling_from_merged_weights_keeps_the_importance_ratio_at_one(tmp_p
     assert [r["reward"] for r in merged] == [r["reward"] for r in plain]  # the same samples, step after step
 
 
+@slow
 def test_compile_over_varied_shapes_compiles_a_few_graphs_and_breaks_none(tmp_path, monkeypatch):
     # Dynamo and AOTAutograd trace as --compile does (aot_eager skips inductor's C++ build, PyTorch's
     # to test). 8 steps whose micro-batches differ in rows and length: the blocks' one code object
@@ -1670,6 +1741,7 @@ def test_compile_over_varied_shapes_compiles_a_few_graphs_and_breaks_none(tmp_pa
     assert len(c) == 8 and np.allclose(c, e, rtol=1e-5), (c, e)
 
 
+@slow
 def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
     # Two steps of 4 synth problems at 20x the formula's FullFT LR take the held-out loss from ~0.98
     # to ~0.59 nats: real weights, the real tokenizer and train_sft.train, small enough for CI.
@@ -1692,6 +1764,7 @@ def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
 
 
 
+@slow
 def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     # flops.py --gpu on a CPU with a tiny shape: every stage runs and reports, and its figures hold
     # what they must on any device (compiled = eager losses, bf16 close to fp32, ratio near 1)
@@ -1777,6 +1850,7 @@ def test_lora_flops_below_fullft_and_ratio_trends():
     assert 0 < post - f(16) < 0.01 * f(16)  # only layer 0's skipped input gradients differ
 
 
+@slow
 def test_measure_tiny_model_state_and_counts():
     torch.set_num_threads(1)
     cfg = tiny_config()
@@ -1903,6 +1977,7 @@ def test_group_advantages_sum_to_zero_and_equal_groups_give_no_gradient():
     assert all(p.grad is None or not p.grad.any() for _, p in lora.trainable_parameters(model))
 
 
+@slow
 def test_importance_ratio_is_one_on_policy_and_learner_logprobs_equal_sampler():
     model = tiny_model().double()
     prompts = [[5, 9, 200], [7, 7], [100, 101, 102, 103]] * 3  # as in RL: each prompt sampled several times
@@ -1928,6 +2003,7 @@ def test_ppo_clip_limits_the_ratio_in_the_objective():
     assert torch.isclose(loss, torch.tensor(0.8 + 1.0 + 2.0))            # negative advantage: floored at 1 - eps
 
 
+@slow
 def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
     model, tok = smol
     prompts = [train_rl.prompt_ids(tok, r) for r in lora.synth_problems(2, seed=7)]
@@ -1960,6 +2036,7 @@ def tiny_rl(tmp_path, monkeypatch, steps, save_every=0):
             "2", "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0", "--save_every", str(save_every), "--device", "cpu"]
 
 
+@slow
 def test_rl_resume_after_a_kill_reproduces_the_run(tmp_path, monkeypatch):
     # Killed during step 3's update (after checkpoint 2), the resumed run must sample and learn
     # exactly as the uninterrupted one.
@@ -1993,16 +2070,19 @@ def test_rl_resume_after_a_kill_reproduces_the_run(tmp_path, monkeypatch):
 FIG_NAMES = [name for name, _ in plot.FIGURES]
 
 
-def write_log(root, name, script, args, records):
+def write_log(root, name, script, args, records, **config):
+    """A run's log.jsonl as train_sft.py / train_rl.py write it: a config record (config: its other
+    fields) and then `records`."""
     d = root / name
     d.mkdir(parents=True)
-    cfg = {"type": "config", "script": script, "name": name, "args": args, "trainable_params": 1000}
+    cfg = {"type": "config", "script": script, "name": name, "args": args, "trainable_params": 1000} | config
     (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [cfg] + records))
     return d / "log.jsonl"
 
 
-def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30, seed=0):
-    """An SFT run whose train loss falls to `final` and whose last eval loss is exactly `final`."""
+def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30, seed=0, **config):
+    """An SFT run whose train loss falls to `final` and whose last eval loss is exactly `final`
+    (config: more fields of its config record, e.g. total_steps)."""
     args = dict(rank=rank, layers=layers, lm_head=False, lr=lr, lr_mult=None, batch_size=batch_size, lr_ratio_b=1.0,
                 init_scale=1.0, alpha=32, data="synth", seed=seed)
     per_step = 3e9 if rank == 0 else 2e9
@@ -2012,7 +2092,7 @@ def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30, seed=0):
     if rank:  # B grows from zero past A, as in the post's long runs
         evals += [{"type": "norms", "step": s, "A": [0.7, 0.8], "B": [0.0, 0.0] if s == 0 else [0.9, 0.5]} for s in (0, steps)]
     name = f"sft_r{rank}_{layers}_lr{lr:.3e}_bs{batch_size}" + (f"_s{seed}" if seed else "")
-    return write_log(root, name, "train_sft", args, train + evals)
+    return write_log(root, name, "train_sft", args, train + evals, **config)
 
 
 def rl(root, rank, lr, top, steps=20, seed=0):
@@ -2059,22 +2139,27 @@ def full_set(root):
         for lr, top in [(1e-5, 0.4), (1e-4, 0.6)]:
             rl(root, rank, lr * (10 if rank else 1), top)
     for rank, seed, final in [(1, 0, 1.8), (1, 1, 1.8), (0, 0, 0.5), (0, 1, 0.6)]:
-        facts(root, rank, seed, final)
+        facts(root, rank, seed, final, unseen=1.9)
     for init, seed, final in [(4, 0, 1.5), (4, 1, 1.6), (4, 2, 1.55)]:   # beside rank 1's runs at init 1
         facts(root, 1, seed, final, init=init)
 
 
-def facts(root, rank, seed, final, k=100, init=1.0, steps=50):
-    """A run memorising k facts (train_sft.py --data facts:k) whose eval loss ends at `final` after
-    `steps` steps of 10; init: --init_scale init --lr_ratio_b 1/init."""
+def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, params=1000):
+    """A run memorising k facts (train_sft.py --data facts:k) whose eval loss falls linearly from 2 to
+    `final` over `steps` steps of 10 (from 6.0 at step 0), with evals on 10 facts (5 answer tokens
+    each) and, when given, the loss `unseen` on facts it never saw; init: --init_scale init
+    --lr_ratio_b 1/init."""
     args = dict(rank=rank, layers="29.down_proj", lm_head=False, lr=1e-3, batch_size=10, data=f"facts:{k}", seed=seed,
                 init_scale=init, lr_ratio_b=1 / init)
-    evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50} for s, loss in ((0, 6.0), (steps, final))]
+    points = [(0, 6.0)] + [(steps * i // 4, 2.0 + (final - 2.0) * i / 4) for i in range(1, 5)]
+    evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50}
+             | ({"unseen_loss": unseen if s else 6.0, "unseen_tokens": 50} if unseen is not None else {}) for s, loss in points]
     evals.append({"type": "train", "step": steps, "loss": final})   # finished: its last step is the total
-    log = write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}", "train_sft", args, evals)
-    log.write_text(log.read_text().replace('"trainable_params": 1000', f'"trainable_params": 1000, "n_eval_examples": 10, "total_steps": {steps}'))
+    write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}", "train_sft", args, evals, trainable_params=params,
+              n_eval_examples=10, total_steps=steps)
 
 
+@slow
 def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
     full_set(tmp_path / "out")
     written = plot.main([str(tmp_path / "out"), "--to", str(tmp_path / "png"), "--smooth", "3"])
@@ -2090,6 +2175,7 @@ def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
     assert "0.7500        0.7000  1/2 matrices" in out  # medians of A and B at the last eval, B > A in one of two
 
 
+@slow
 def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsys):
     # 4 seeds per LR, noise 0.01 around exact parabolas: FullFT's optimum 1e-4 inside its grid,
     # rank 16's at 1e-3 with the same loss, rank 1's 0.05 worse and its grid stopping at the optimum.
@@ -2138,6 +2224,7 @@ def test_the_best_lr_of_each_seed_is_chosen_by_the_other_seeds():
     assert plot.out_of_sample({0: {1: 1.0}}) == {}                  # one seed: nothing to choose by
 
 
+@slow
 def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path, capsys):
     # a seed shifts every arm alike (it fixes the examples a run sees); LoRA is 0.001 behind FullFT at
     # batch 8 and 0.02 behind at batch 32, on the same 960 examples, every optimum inside its grid
@@ -2164,10 +2251,8 @@ def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path,
 
 def test_unfinished_runs_are_left_out_of_the_figures(tmp_path, capsys):
     # a run still training (or killed) has no final loss yet: its last train losses would pass for one
-    done = sft(tmp_path, 16, 1e-3, 1.0, steps=30)
-    half = sft(tmp_path, 16, 2e-3, 1.2, steps=30)
-    for log, total in ((done, 30), (half, 60)):
-        log.write_text(log.read_text().replace('"trainable_params": 1000', f'"trainable_params": 1000, "total_steps": {total}'))
+    sft(tmp_path, 16, 1e-3, 1.0, steps=30, total_steps=30)
+    sft(tmp_path, 16, 2e-3, 1.2, steps=30, total_steps=60)
     runs = plot.load_runs(tmp_path)
     assert [r["lr"] for r in runs] == [1e-3]
     assert "unfinished (step 30 of 60" in capsys.readouterr().out
@@ -2243,7 +2328,31 @@ def test_capacity_figure_counts_stored_bits(tmp_path):
     assert plot.stored_bits(runs[0, 0]) == pytest.approx(100 * math.log2(1e4))
     assert plot.stored_bits(runs[4, 0]) == pytest.approx(50 * math.log2(1e4))
     written = plot.main([str(tmp_path), "--to", str(tmp_path / "png")])
+    assert written == []   # no unseen-key evals: the table alone, no figure
+
+
+def test_capacity_figure_draws_figure_1_and_bits_per_parameter_with_the_rank_ratio(tmp_path):
+    """With unseen-key evals and FullFT beside: fig 9 is drawn, bits can be measured against the
+    unseen keys, and summary.json holds bits per parameter and rank 2 / rank 1 with intervals."""
+    uniform = math.log(10) * 4 / 5
+    # rank 1 stores a quarter of the 1,329 bits, rank 2 half, seeds differing a little
+    for seed in range(3):
+        for rank, frac in ((1, 0.25), (2, 0.5), (0, 1.0)):
+            facts(tmp_path, rank, seed, uniform * (1 - frac * (1 + 0.02 * seed)), unseen=uniform + 0.1,
+                  params={1: 2112, 2: 4224, 0: 884736}[rank])
+    runs = {(r["rank"], r["seed"]): r for r in plot.load_runs(tmp_path)}
+    assert plot.stored_bits(runs[1, 0]) == pytest.approx(0.25 * 100 * math.log2(1e4))
+    assert plot.stored_bits(runs[1, 0], unseen=True) - plot.stored_bits(runs[1, 0]) == pytest.approx(100 * 0.1 * 5 / math.log(2))
+    final = uniform * 0.75   # the loss falls by (2 - final) / 4 over the last quarter: that many nats per answer token gained
+    assert plot._plateau_gain(runs[1, 0]) == pytest.approx(100 * (2 - final) / 4 * 5 / math.log(2) / plot.stored_bits(runs[1, 0]))
+    written = plot.main([str(tmp_path), "--to", str(tmp_path / "png")])
     assert [p.name for p in written] == ["fig9_capacity.png"]
+    claims = json.loads((tmp_path / "summary.json").read_text())["claims"]
+    per_param = {c["quantity"].split(" on ")[0]: c for c in claims if "per trainable parameter" in c["quantity"]}
+    assert per_param["rank 1"]["estimate"] == pytest.approx(0.25 * 1.02 * 1328.77 / 2112, rel=1e-3)
+    assert per_param["rank 1"]["seeds"] == 3 and per_param["rank 1"]["verdict"] == "below 2 (the post's assumption)"
+    (ratio,) = [c for c in claims if "rank 2 / by rank 1" in c["quantity"]]
+    assert ratio["estimate"] == pytest.approx(2.0) and ratio["interval"][0] < 2 < ratio["interval"][1]
 
 
 def test_a_shorter_study_on_the_same_facts_stays_out_of_the_capacity_figure(tmp_path):
@@ -2254,9 +2363,9 @@ def test_a_shorter_study_on_the_same_facts_stays_out_of_the_capacity_figure(tmp_
             facts(tmp_path, rank, seed, final, steps=50)
             facts(tmp_path, rank, seed, final + 2, steps=20)
     fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
-    rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:]]
-    assert [r[2] for r in rows] == ["rank_4", "FullFT"] and [r[5] for r in rows] == ["2", "2"]   # 2 seeds, not 4
-    assert [float(r[6]) for r in rows] == [0.5, 0.0]                                           # the 50-step runs' losses
+    rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:] if line.startswith("29.down_proj  ")]
+    assert [r[3] for r in rows] == ["rank_4", "FullFT"] and [r[6] for r in rows] == ["2", "2"]   # 2 seeds, not 4
+    assert [float(r[7]) for r in rows] == [0.5, 0.0]                                           # the 50-step runs' losses
 
 
 def test_a_batch_study_of_a_few_matrices_reaches_the_batch_figure(tmp_path):
@@ -2329,6 +2438,7 @@ def moe_model(**kw):
 MOE_IDS = [[53, 43, 236, 8, 31, 41, 75, 101, 175, 192, 16, 257], [140, 23, 205, 252, 182, 57, 34, 4, 270, 85, 226, 228]]
 
 
+@slow
 def test_moe_logits_equal_transformers(tmp_path):
     """Reference: transformers 5.24's Qwen3MoeForCausalLM loading this model's save_model folder
     (last position's first 6 logits of each row, and the sum of squares of all logits); max |diff|
@@ -2367,6 +2477,7 @@ def test_moe_routing_equals_dense_reference():
         assert torch.allclose(moe(x), ref, atol=1e-6)
 
 
+@slow
 def test_moe_loads_fused_expert_tensors(tmp_path):
     """transformers 5 keeps experts fused, gate_up_proj (E, 2I, h) and down_proj (E, h, I): a
     checkpoint in that layout loads to the same model as the hub's one-matrix-per-expert layout."""
@@ -2390,6 +2501,7 @@ def test_moe_loads_fused_expert_tensors(tmp_path):
         assert torch.equal(again(idx), model(idx))
 
 
+@slow
 def test_moe_per_expert_lora_rank_params_flops_and_adapter_round_trip(tmp_path):
     """--rank 8 on a top-2 model: rank 8 on attention, rank 4 on each expert's gate/up/down (the
     post's rule), the router untouched; flops.py counts the same parameters as torch, and the
@@ -2437,6 +2549,7 @@ def test_moe_flops_match_flop_counter(rank):
     assert counted == B * T * lora.train_flops_per_token(cfg, rank, "all", T)
 
 
+@slow
 def test_sft_trains_a_moe_model_with_per_expert_lora(tmp_path):
     """train_sft.py on a Qwen3-MoE folder: per-expert adapters learn, and the checkpoint is a PEFT
     folder in the fused-expert layout that reloads into a fresh model."""

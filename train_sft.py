@@ -159,6 +159,14 @@ def facts(k, seed=0, digits=4):
     return rows
 
 
+def unseen_facts(trained, n, seed):
+    """n facts in the trained ones' format whose keys were never trained: their codes cannot be
+    known, so their loss is what a model that learned the format but stored no code would get
+    (the baseline the stored bits are measured against)."""
+    keys = {r["messages"][1]["content"] for r in trained}
+    return [r for r in facts(n + len(keys), seed + 1_000_003) if r["messages"][1]["content"] not in keys][:n]
+
+
 def sequence_flops(cfg, rank, layers, lm_head, lengths):
     """Training FLOPs of a batch of sequences of these lengths (attention grows with each one's length)."""
     a = lora.train_flops_per_token(cfg, rank, layers, 0, lm_head)
@@ -185,17 +193,32 @@ class TrunkCache:
     (or trained weight) sits at layer L or later, those layers are frozen and get no gradient, so
     their output is a fixed function of the tokens: a run that trains only the last layers, over
     many epochs or evals, skips almost all of its forward pass (results/README.md gives the
-    speed-up on the capacity experiment). Padding on the right leaves
-    causal states unchanged, so each example's states are kept unpadded and padded per batch."""
+    speed-up on the capacity experiment). Padding on the right leaves causal states unchanged, so
+    each example's states are kept unpadded and padded per batch.
+    tail: only the last layer's MLP trains. The MLP, final norm and head act on each position
+    alone, so only the answer positions' inputs to that MLP are kept, and nothing else is run."""
 
-    def __init__(self, model, layers, examples, micro, pad_id, device, amp):
-        self.layers, self.states = layers, {}
+    def __init__(self, model, layers, examples, micro, pad_id, device, amp, tail=False):
+        self.layers, self.tail, self.states = layers, tail, {}
         examples = sorted(examples, key=lambda e: len(e[0]))
+        last = model.model.layers[-1]
+        seen = []  # the residual stream entering the last layer's MLP
+        hook = last.post_attention_layernorm.register_forward_pre_hook(lambda _, args: seen.append(args[0])) if tail else None
         with torch.no_grad(), lora.autocast(device, amp):
             for start, end in lora.micro_batches([len(ids) for ids, _ in examples], micro):
-                h = model(lora.collate(examples[start:end], pad_id, device)[0], upto=layers)
-                for (ids, _), row in zip(examples[start:end], h):
-                    self.states[id(ids)] = (ids, row[:len(ids) - 1].clone())  # ids kept: the key stays valid
+                x, y, m = lora.collate(examples[start:end], pad_id, device)
+                h = model(x, upto=len(model.model.layers) if tail else layers)
+                for i, (ids, _) in enumerate(examples[start:end]):  # ids kept: the key stays valid
+                    keep = m[i] != 0
+                    self.states[id(ids)] = (ids, (seen[-1][i][keep].clone(), y[i][keep]) if tail else h[i, :len(ids) - 1].clone())
+        if hook:
+            hook.remove()
+
+    @staticmethod
+    def only_last_mlp_trains(model):
+        last = f"model.layers.{len(model.model.layers) - 1}.mlp."
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        return bool(trained) and all(n.startswith(last) for n in trained)
 
     @staticmethod
     def nbytes(cfg, examples, dtype=torch.float32):
@@ -207,6 +230,16 @@ class TrunkCache:
         for i, r in enumerate(rows):
             h[i, :len(r)] = r
         return self.layers, h
+
+    def loss(self, model, examples, x, y, m):
+        """The mean loss over the micro-batch's answer tokens (lora.batch_loss calls this)."""
+        if not self.tail:
+            return model(x, y, loss_mask=m, trunk=self.batch(examples))[1]
+        h = torch.cat([self.states[id(ids)][1][0] for ids, _ in examples])
+        targets = torch.cat([self.states[id(ids)][1][1] for ids, _ in examples])
+        last = model.model.layers[-1]
+        h = h + last.mlp(last.post_attention_layernorm(h))
+        return lora.unembed_nll(model.lm_head, model.model.norm(h), targets) / len(targets)
 
 
 def fsdp_shard(model, mesh, amp=None, rank0_state=None):
@@ -408,10 +441,11 @@ class Meter:
         return str(self.progress)
 
 
-def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=None, stop=None):
+def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=None, stop=None, unseen_ex=()):
     """Train one configuration (a: resolved args) from the base model; returns the final eval loss.
     grid: the sweep's Progress, advanced with this run's work. trunks(a, model): a TrunkCache
-    of the frozen layers below this run's first trained one, or None. stop: a lora.StopSignal."""
+    of the frozen layers below this run's first trained one, or None. stop: a lora.StopSignal.
+    unseen_ex: facts never trained, evaluated beside eval_ex (the baseline of the stored bits)."""
     rank_id, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master, device, amp, cfg = rank_id == 0, a.device, a.amp, base.config
     run_dir = Path(a.out) / a.name
@@ -451,8 +485,11 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
             mods = lora.lora_modules(model).values()
             norm = lambda w: round(torch.linalg.matrix_norm(lora.full(w.detach()).float(), ord=2).item(), 6)
             norms = {"A": [norm(m.lora_A.weight) for m in mods], "B": [norm(m.lora_B.weight) for m in mods]}
+        if unseen_ex:
+            unseen = evaluate(model, unseen_ex, a.micro_batch, tok.pad_id, device, amp, trunk, a.micro_tokens)
         if master:  # tokens: the answer tokens the loss averages (the facts' stored bits come from loss x tokens)
-            log.write({"type": "eval", "step": step, "loss": loss, "tokens": eval_tokens})
+            log.write({"type": "eval", "step": step, "loss": loss, "tokens": eval_tokens}
+                      | ({"unseen_loss": unseen, "unseen_tokens": sum(sum(m[1:]) for _, m in unseen_ex)} if unseen_ex else {}))
             if a.rank:
                 log.write({"type": "norms", "step": step, **norms})
         say(f" eval loss {loss:.4f} | {meter}")
@@ -471,10 +508,14 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         t0 = time.time()
         mine = batch[rank_id::world]  # each process takes every world-th sequence of the length-sorted batch
         n_tok, lengths = sum(sum(m[1:]) for _, m in batch), [len(ids) - 1 for ids, _ in batch]
-        # forward and backward, micro-batch by micro-batch (every process runs as many), gradients synced on the last
+        # forward and backward, micro-batch by micro-batch (every process runs as many); gradients synced on the last
         forwards = forwards_per_process(batch, world, a.micro_batch, a.micro_tokens) if ddp else None
-        loss_sum, positions = lora.batch_loss(fwd, mine, a.micro_batch, tok.pad_id, device, amp, n_tok / world, True, trunk,
-                                              forwards, a.micro_tokens)
+        loss_sum, positions = torch.zeros((), device=device), 0
+        for chunk, (x, y, m), n, last in lora.micro_batches_of(mine, a.micro_batch, tok.pad_id, device, forwards, a.micro_tokens):
+            with lora.grad_sync(fwd, last), lora.autocast(device, amp):
+                loss = fwd(x, y, loss_mask=m)[1] if trunk is None else trunk.loss(fwd, chunk, x, y, m)
+            (loss * n / (n_tok / world)).backward()  # the step's gradient: the mean over every process's answer tokens
+            loss_sum, positions = loss_sum + loss.detach().float() * n, positions + x.numel()
         if ddp:
             dist.all_reduce(loss_sum)  # on the device: NCCL refuses host tensors
         loss = loss_sum.item() / n_tok
@@ -482,6 +523,9 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         grad_norm = lora.full(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or math.inf))
         lora.stop_if_diverged(run_dir, step, loss, grad_norm.item(), lora.divergence_limit(first_loss, cfg.vocab_size),
                               a.name, a.lr, log, first_loss)
+        lr_scale = min(1.0, (total_steps - step + 1) / (a.cooldown * total_steps)) if a.cooldown else 1.0
+        for g in opt.param_groups:  # the LR falls linearly to 0 over the last --cooldown of the steps
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_scale
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
@@ -489,13 +533,13 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         ms = (time.time() - t0) * 1000
         meter.step(lengths)
         if master:
-            log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr, "ms": ms, "tokens": n_tok,
+            log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr * lr_scale, "ms": ms, "tokens": n_tok,
                        "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": meter.flops,
                        "grad_norm": grad_norm.item(), "epoch": step / (len(train_ex) // a.batch_size),
                        "pad_frac": 1 - sum(len(ids) - 1 for ids, _ in mine) / positions}
                       | ({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if device.startswith("cuda") else {}))
             if step % a.log_every == 0 or step == total_steps:
-                print(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr:.2e} | {ms:6.0f} ms | "
+                print(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr * lr_scale:.2e} | {ms:6.0f} ms | "
                       f"{sum(lengths) / ms * 1000:7.0f} tok/s | {meter.flops:.3e} FLOPs | {meter}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != total_steps:
             eval_and_log(step)
@@ -549,6 +593,8 @@ def parse_args(argv=None):
     g.add_argument("--beta2", type=float, default=0.95)
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--grad_clip", type=float, default=0.0, help="0 = no clipping")
+    g.add_argument("--cooldown", type=float, default=0.0, help="let the LR fall linearly to 0 over this last fraction of the "
+                   "steps (0 = constant, as in the post)")
     g.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = the whole epoch)")
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--seed", default="0", help="seed of LoRA's init and the data order; a comma list runs each")
@@ -576,6 +622,8 @@ def check_args(a):
                      ints=["rank", "batch_size", "seed"])
     if a.max_len < 8:
         raise lora.UserError(f"--max_len {a.max_len} leaves no room for a prompt and an answer: use 256 or more")
+    if not 0 <= a.cooldown <= 1:
+        raise lora.UserError(f"--cooldown {a.cooldown}: a fraction of the steps, in [0, 1] (e.g. 0.2)")
     if not 0 <= a.beta2 < 1:
         raise lora.UserError(f"--beta2 {a.beta2}: must be in [0, 1)")
 
@@ -622,6 +670,10 @@ def main(argv=None):
     say(f"model {base.name_or_path}; tokenizing {len(train_rows) + len(eval_rows)} rows ...", flush=True)
     train_ex, truncated, empty = tokenize(train_rows, tok, a.max_len, a.data)
     eval_ex, _, eval_empty = tokenize(eval_rows, tok, a.max_len, a.data)
+    if a.data.startswith("facts:"):
+        eval_ex = train_ex[:len(eval_ex)]  # the same facts: shared, so a TrunkCache runs them once
+    unseen_ex = tokenize(unseen_facts(train_rows, a.eval_examples, data_seed), tok, a.max_len, a.data)[0] \
+        if a.data.startswith("facts:") and a.eval_examples else []
     if not train_ex or (a.eval_every and not eval_ex):
         lens = prompt_lengths(train_rows[:200] or eval_rows, tok, a.data)
         raise lora.UserError(f"every {'training' if not train_ex else 'held-out'} example lost its answer when cut to --max_len "
@@ -652,19 +704,22 @@ def main(argv=None):
         first = first_trained_layer(base.config, r.rank, r.layers, r.lm_head)
         if first == 0 or a.no_trunk_cache:
             return None
-        if first not in trunks:
+        tail = not ddp and TrunkCache.only_last_mlp_trains(model)  # DDP and FSDP must run the wrapped model
+        if (first, tail) not in trunks:
             trunks.clear()  # one at a time: memory
-            gb = TrunkCache.nbytes(base.config, train_ex + eval_ex) / 2**30
+            every = list({id(ids): (ids, m) for ids, m in train_ex + eval_ex + unseen_ex}.values())  # facts: eval = train
+            gb = TrunkCache.nbytes(base.config, every) / 2**30
             if gb > TRUNK_CACHE_GB:
                 say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
                 return None
-            say(f"layers 0-{first - 1} are frozen: running them once over {len(train_ex) + len(eval_ex)} examples ({gb:.2f} GiB kept) ...", flush=True)
-            trunks[first] = TrunkCache(model, first, train_ex + eval_ex, a.micro_batch, tok.pad_id, a.device, a.amp)
-        return trunks[first]
+            say(f"layers 0-{first - 1}{' and the attention of the last' if tail else ''} are frozen: running them once over "
+                f"{len(every)} examples ({gb:.2f} GiB kept) ...", flush=True)
+            trunks[first, tail] = TrunkCache(model, first, every, a.micro_batch, tok.pad_id, a.device, a.amp, tail)
+        return trunks[first, tail]
 
     try:
         with lora.StopSignal() as stop:
-            lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk, stop),
+            lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk, stop, unseen_ex),
                            progress=grid_progress, quiet=not master)
     except lora.Preempted as e:
         say(f"preempted: {e}")
