@@ -9,6 +9,7 @@ It reads out/<run>/log.jsonl and nothing else. Runs are grouped by configuration
 layers, batch size, data, ...); the learning rate is what a sweep varies within a configuration.
 The "main sweep" is the SFT runs on all layers with the default LoRA settings at the most common
 (data, batch size). A figure whose runs are missing is skipped with a line saying what to train.
+Every figure it measures also goes to <logs>/summary.json (finding, estimate, 95% interval, seeds).
 
     fig1_rank_curves.png    SFT loss against step per rank, the pointwise minimum over LRs
     fig2_lr_vs_loss.png     final loss against LR per rank, and LoRA's optimal LR over FullFT's
@@ -18,7 +19,7 @@ The "main sweep" is the SFT runs on all layers with the default LoRA settings at
     fig6_early_rank.png     rank 16 against a higher rank at one LR: the same start of training
     fig7_loss_vs_flops.png  loss against training FLOPs, LoRA against FullFT
     fig8_lora_norms.png     spectral norms of LoRA's A and B during training (the post's finding 11)
-    fig9_capacity.png       memorising K random facts: low ranks fall behind once the data holds more than they store
+    fig9_capacity.png       the post's Figure 1 on K random facts (loss against log step per rank), and bits stored per parameter
     fig10_invariance.png    init_A / LR_A, the second direction the post's invariances leave, changes training
 """
 
