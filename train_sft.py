@@ -203,14 +203,16 @@ class TrunkCache:
         examples = sorted(examples, key=lambda e: len(e[0]))
         last = model.model.layers[-1]
         seen = []  # the residual stream entering the last layer's MLP
-        hook = last.post_attention_layernorm.register_forward_pre_hook(lambda _, args: seen.append(args[0])) if tail else None
+        grab = lambda _, args: seen.append(args[0])
+        hook = last.post_attention_layernorm.register_forward_pre_hook(grab) if tail else None
         with torch.no_grad(), lora.autocast(device, amp):
             for start, end in lora.micro_batches([len(ids) for ids, _ in examples], micro):
                 x, y, m = lora.collate(examples[start:end], pad_id, device)
                 h = model(x, upto=len(model.model.layers) if tail else layers)
                 for i, (ids, _) in enumerate(examples[start:end]):  # ids kept: the key stays valid
                     keep = m[i] != 0
-                    self.states[id(ids)] = (ids, (seen[-1][i][keep].clone(), y[i][keep]) if tail else h[i, :len(ids) - 1].clone())
+                    state = (seen[-1][i][keep].clone(), y[i][keep]) if tail else h[i, :len(ids) - 1].clone()
+                    self.states[id(ids)] = (ids, state)
         if hook:
             hook.remove()
 
@@ -707,7 +709,8 @@ def main(argv=None):
         tail = not ddp and TrunkCache.only_last_mlp_trains(model)  # DDP and FSDP must run the wrapped model
         if (first, tail) not in trunks:
             trunks.clear()  # one at a time: memory
-            every = list({id(ids): (ids, m) for ids, m in train_ex + eval_ex + unseen_ex}.values())  # facts: eval = train
+            # facts: the eval rows are training rows, cached once
+            every = list({id(ids): (ids, m) for ids, m in train_ex + eval_ex + unseen_ex}.values())
             gb = TrunkCache.nbytes(base.config, every) / 2**30
             if gb > TRUNK_CACHE_GB:
                 say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
