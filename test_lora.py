@@ -1075,16 +1075,14 @@ def test_facts_are_deterministic_random_codes():
     assert outs == {str(a) + "\n"}
 
 
-def test_trunk_cache_leaves_loss_and_gradients_equal():
-    """Adapters on layer 1 only: layer 0 run once and cached gives the loss and gradients of the
-    whole forward, for a length-sorted, padded batch."""
-    model, _ = lora.prepare_training(tiny_model(), 2, 1e-3, "1.v_proj+1.mlp")
-    for m in lora.lora_modules(model).values():
-        nn.init.normal_(m.lora_B.weight)
+def trunk_examples():
+    """A length-sorted, padded batch's worth of (ids, answer mask): answers are each row's second half."""
     torch.manual_seed(1)
-    examples = [(torch.randint(272, (n,)).tolist(), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 17, 12, 17, 5)]
-    assert train_sft.first_trained_layer(model.config, 2, "1.v_proj+1.mlp") == 1
-    trunk = train_sft.TrunkCache(model, 1, examples, 2, 0, "cpu", None)
+    return [(torch.randint(272, (n,)).tolist(), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 17, 12, 17, 5)]
+
+
+def assert_trunk_equals_whole_forward(model, examples, trunk):
+    """The loss and every trainable gradient from the cache equal those of the whole forward."""
     grads = []
     for t in (None, trunk):
         model.zero_grad()
@@ -1092,6 +1090,18 @@ def test_trunk_cache_leaves_loss_and_gradients_equal():
         grads.append((total.item(), [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_trunk_cache_leaves_loss_and_gradients_equal():
+    """Adapters on layer 1 only: layer 0 run once and cached gives the loss and gradients of the
+    whole forward, for a length-sorted, padded batch."""
+    model, _ = lora.prepare_training(tiny_model(), 2, 1e-3, "1.v_proj+1.mlp")
+    for m in lora.lora_modules(model).values():
+        nn.init.normal_(m.lora_B.weight)
+    examples = trunk_examples()
+    assert train_sft.first_trained_layer(model.config, 2, "1.v_proj+1.mlp") == 1
+    trunk = train_sft.TrunkCache(model, 1, examples, 2, 0, "cpu", None)
+    assert_trunk_equals_whole_forward(model, examples, trunk)
     assert train_sft.first_trained_layer(model.config, 0, "all") == 0 and train_sft.first_trained_layer(model.config, 0, "1.o_proj") == 1
     assert train_sft.first_trained_layer(tiny_config(tie_word_embeddings=True), 0, "1.o_proj", lm_head=True) == 0
     assert not train_sft.TrunkCache.only_last_mlp_trains(model)  # 1.v_proj trains: attention mixes positions
@@ -1105,17 +1115,10 @@ def test_trunk_cache_of_the_last_mlp_computes_only_answer_positions_and_equals_t
     for m in lora.lora_modules(model).values():
         nn.init.normal_(m.lora_B.weight)
     assert train_sft.TrunkCache.only_last_mlp_trains(model)
-    torch.manual_seed(1)
-    examples = [(torch.randint(272, (n,)).tolist(), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 17, 12, 17, 5)]
+    examples = trunk_examples()
     trunk = train_sft.TrunkCache(model, 1, examples, 2, 0, "cpu", None, tail=True)
     assert sum(len(s[1][1]) for s in trunk.states.values()) == sum(sum(m[1:]) for _, m in examples)  # answer positions only
-    grads = []
-    for t in (None, trunk):
-        model.zero_grad()
-        total, _ = lora.batch_loss(model, examples, 2, 0, "cpu", None, 10.0, backward=True, trunk=t)
-        grads.append((total.item(), [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
-    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+    assert_trunk_equals_whole_forward(model, examples, trunk)
 
 
 def test_sft_with_trunk_cache_equals_without(tmp_path, capsys):
