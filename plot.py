@@ -913,17 +913,21 @@ def fig_capacity(runs, w=5):
     rs = [r for r in runs if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
     if not rs:
         return None, "needs runs on --data facts:K (see results/README.md, capacity)"
-    studies = {}   # per (layers, K), the study that trained longest: capacity is what a run stores once it stops gaining
+    studies, longer = {}, {}   # per (layers, K), the study with the FullFT control and the most arms; and longer runs of it
     for key, mine in group(rs, lambda r: (r["layers"], r["facts"])).items():
-        studies[key] = max(group(mine, lambda r: (r["examples"], r["batch_size"])).values(), key=lambda g: (g[0]["examples"], len(g)))
+        by_len = group(mine, lambda r: (r["examples"], r["batch_size"]))
+        studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g), len({r["rank"] for r in g}),
+                                                           g[0]["examples"], len(g)))
+        longer[key] = [g for g in by_len.values() if g[0]["examples"] > studies[key][0]["examples"]]
     rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  bits stored [95% CI]   "
             "bits/param [95% CI]    last-quarter gain   minus FullFT, paired [95% CI]"]
-    points, curves, per_seed = defaultdict(list), None, {}
+    points, curves, per_seed, best_lr = defaultdict(list), None, {}, {}
     for (layers, k), mine in sorted(studies.items()):
         bests = {}
         for rank in _ranks(mine):
             by_lr = group([r for r in mine if r["rank"] == rank], "lr")
             bests[rank] = by_lr[min(by_lr, key=lambda x: np.mean([final_loss(r) for r in by_lr[x]]))]
+            best_lr[layers, k, rank] = bests[rank][0]["lr"]
         full = {r["seed"]: stored_bits(r) for r in bests.get(0, [])}
         for rank, best in bests.items():
             bits = {r["seed"]: stored_bits(r) for r in best}
@@ -952,6 +956,34 @@ def fig_capacity(runs, w=5):
                               d, glo, ghi, len(set(bits) & set(full)))
         if 0 in bests and len(bests) > 1 and all(len(r["unseen"][0]) for r in mine):   # Figure 1: the largest such K
             curves = max([c for c in (curves, (k, mine, bests)) if c], key=lambda c: (c[0], len(c[1])))
+    for (layers, k), groups in longer.items():   # a plateau: training twice as long adds little
+        for g in groups:
+            times, long_bits = g[0]["examples"] / studies[layers, k][0]["examples"], {}
+            for rank in _ranks(g):
+                long_bits[rank] = long = {r["seed"]: stored_bits(r) for r in g if r["rank"] == rank
+                                          and r["lr"] == best_lr.get((layers, k, rank))}
+                short = per_seed.get((layers, k, rank), {})
+                if len(set(long) & set(short)) < 1:
+                    continue
+                rat, lo, hi = log_ratio_ci(long, short)
+                m, mlo, mhi = mean_ci(long.values())
+                p = next(r["params"] for r in g if r["rank"] == rank)
+                claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{_label(rank)} on {layers}, {k} facts: "
+                      f"bits stored after {times:g}x the steps / after 1x, paired by seed (1 at a plateau)", rat, lo, hi,
+                      len(set(long) & set(short)), null=1)
+                claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{_label(rank)} on {layers}, {k} facts, "
+                      f"{times:g}x the steps: bits stored per trainable parameter", m / p, mlo / p, mhi / p, len(long), null=2)
+                rows.append(f"{layers} at {k} facts, {_label(rank)} trained {times:g}x as long: {m:.0f} {_ci(mlo, mhi, '{:.0f}')} bits, "
+                            f"{m / p:.3f} {_ci(mlo / p, mhi / p, '{:.3f}')} bits/param, {rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits "
+                            f"(paired by seed); last-quarter gain {mean_ci([_plateau_gain(r) for r in g if r['rank'] == rank])[0]:+.1%}")
+            for r2 in long_bits:
+                if r2 > 1 and len(set(long_bits[r2]) & set(long_bits.get(r2 // 2, {}))) >= 2:
+                    rat, lo, hi = log_ratio_ci(long_bits[r2], long_bits[r2 // 2])
+                    claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{layers}, {k} facts, {times:g}x the "
+                          f"steps: bits stored by rank {r2} / by rank {r2 // 2}, paired by seed (2 if capacity binds both)", rat, lo, hi,
+                          len(set(long_bits[r2]) & set(long_bits[r2 // 2])), null=2)
+                    rows.append(f"{layers} at {k} facts, {times:g}x as long: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] "
+                                f"what rank {r2 // 2} stores (paired by seed)")
     for (layers, k, r2), b2 in per_seed.items():   # a capacity limit: rank 2 stores about twice what rank 1 does
         b1 = per_seed.get((layers, k, r2 // 2))
         if r2 > 1 and b1 and min(len(b1), len(b2)) >= 2 and (layers, k, 0) in per_seed:
@@ -971,6 +1003,12 @@ def fig_capacity(runs, w=5):
         left.plot(steps[keep], mean[keep], color=cols[rank], lw=2 if rank == 0 else 1.3,
                   label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, {len(best)} seed{'s' * (len(best) > 1)})")
         left.fill_between(steps[keep], (mean - se)[keep], (mean + se)[keep], color=cols[rank], alpha=0.2, lw=0)
+    for g in longer.get((mine[0]["layers"], k), []):   # the plateau check: the same arms trained longer, dashed
+        for rank, rs_ in group(g, "rank").items():
+            steps, mean, _ = seed_mean(rs_, 1, "eval")
+            keep = steps > 0
+            left.plot(steps[keep], mean[keep], "--", color=cols.get(rank, "gray"), lw=1,
+                      label=f"{_label(rank)}, {g[0]['examples'] / mine[0]['examples']:g}x the steps ({len(rs_)} seeds)")
     left.axhline(math.log(10) * 4 / 5, color="gray", ls="--", lw=1, label="no code stored (uniform digits, end token learnt)")
     left.set(xscale="log", xlabel="step (log)", ylabel="eval loss on the trained facts (nats/token)", ylim=(0, None),
              title=f"{k} random facts ({k * BITS_PER_FACT:,.0f} bits), {mine[0]['layers']}: the post's Figure 1")

@@ -1422,14 +1422,18 @@ def test_sft_ddp_two_processes_equal_one(tmp_path):
     assert len(one) == 4 and np.allclose(one, two, rtol=1e-5), (one, two)
 
 
-def torchrun(tmp_path, n, args, out, script="train_sft.py", env=None):
+def torchrun(tmp_path, n, args, out, script="train_sft.py", env=None, fresh_retry=False):
     """script (train_sft.py) under torchrun with n processes on the CPU (gloo); one retry (see the
     DDP test). The retry resumes: whatever the failed attempt saved must lead to the same curve, so
-    a rendezvous that failed on a busy box costs time, never the check. A run that hangs (processes
-    waiting on each other in a collective) fails after 5 minutes."""
+    a rendezvous that failed on a busy box costs time, never the check. With fresh_retry it starts
+    over instead (a spy that counts collectives must see a whole run, not a resumed remainder).
+    A run that hangs (processes waiting on each other in a collective) fails after 5 minutes."""
+    import shutil
     import subprocess
     import sys
     for attempt in range(2):
+        if attempt and fresh_retry:
+            shutil.rmtree(tmp_path / out, ignore_errors=True)
         try:
             r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
                                 script, *args, "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=300,
@@ -1438,8 +1442,8 @@ def torchrun(tmp_path, n, args, out, script="train_sft.py", env=None):
             pytest.fail(f"torchrun {script} {' '.join(args)} hung for 5 minutes")
         if r.returncode == 0:
             break
-        print(f"torchrun failed (attempt {attempt + 1}): {r.stderr[-1500:]}")
-        args = args if "--resume" in args else [*args, "--resume"]
+        print(f"torchrun failed (attempt {attempt + 1}): {r.stderr[-8000:]}")
+        args = args if "--resume" in args or fresh_retry else [*args, "--resume"]
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -1557,7 +1561,7 @@ def spied_torchrun(tmp_path, args, out, script="train_sft"):
     counts (calls per collective, whether its base model was on the meta device, whole-model gathers)."""
     harness = tmp_path / f"spy_{script}.py"
     harness.write_text(SPY_HARNESS.format(repo=str(Path(__file__).parent), script=script))
-    torchrun(tmp_path, 2, args, out, script=str(harness), env={"SPY_OUT": str(tmp_path / f"{out}_spy")})
+    torchrun(tmp_path, 2, args, out, script=str(harness), env={"SPY_OUT": str(tmp_path / f"{out}_spy")}, fresh_retry=True)
     return [json.loads((tmp_path / f"{out}_spy{r}.json").read_text()) for r in range(2)]
 
 
@@ -2369,6 +2373,27 @@ def test_a_shorter_study_on_the_same_facts_stays_out_of_the_capacity_figure(tmp_
     rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:] if line.startswith("29.down_proj  ")]
     assert [r[3] for r in rows] == ["rank_4", "FullFT"] and [r[6] for r in rows] == ["2", "2"]   # 2 seeds, not 4
     assert [float(r[7]) for r in rows] == [0.5, 0.0]                                           # the 50-step runs' losses
+
+
+def test_longer_runs_of_some_arms_check_the_plateau_and_leave_the_study_alone(tmp_path):
+    # the study (FullFT beside ranks 1 and 2, 50 steps) sets the capacity table; ranks 1 and 2 run
+    # again for 100 steps: they must not become the study (no FullFT there) nor join its seeds, and
+    # the table says what doubling the steps added, paired by seed
+    uniform = math.log(10) * 4 / 5
+    for seed in range(3):
+        for rank, frac in ((1, 0.25), (2, 0.5), (0, 1.0)):
+            facts(tmp_path, rank, seed, uniform * (1 - frac), unseen=uniform + 0.1, params={1: 2112, 2: 4224, 0: 884736}[rank])
+        for rank, frac in ((1, 0.25 * (1.1 + 0.01 * seed)), (2, 0.5 * 1.02)):   # rank 1 gains 10-12%, rank 2 2%
+            facts(tmp_path, rank, seed, uniform * (1 - frac), unseen=uniform + 0.1, steps=100, params={1: 2112, 2: 4224}[rank])
+    plot.CLAIMS.clear()
+    fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
+    rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:] if line.startswith("29.down_proj  ")]
+    assert [r[3] for r in rows] == ["rank_1", "rank_2", "FullFT"] and [r[6] for r in rows] == ["3", "3", "3"]
+    longer = {c["quantity"].split(" on ")[0]: c for c in plot.CLAIMS if "2x the steps / after 1x" in c["quantity"]}
+    assert longer["rank 1"]["estimate"] == pytest.approx(1.11, rel=1e-3) and longer["rank 1"]["interval"][0] > 1
+    assert longer["rank 2"]["estimate"] == pytest.approx(1.02) and longer["rank 2"]["seeds"] == 3
+    assert "rank 2 trained 2x as long: 678" in text   # 0.51 of 1,329 bits
+    assert len(fig.axes[0].get_lines()) == 2 + 3 + 1   # the longer arms dashed beside the study's 3 and the uniform line
 
 
 def test_a_batch_study_of_a_few_matrices_reaches_the_batch_figure(tmp_path):
