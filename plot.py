@@ -519,6 +519,17 @@ def fig_lr_sweep(runs, w=5):
             steps = key[2] // key[1]
             text += "\n" + _ratio(optimal_lrs(rs), other, f"LoRA's optimal LR over FullFT's, {steps}-step runs")[1].replace(
                 "optimal LR, LoRA / FullFT", f"{steps} steps of {key[1]} ({key[0]}): optimal LR, LoRA / FullFT")
+            for k in sorted(k for k in other if k and other[k] and other.get(0) and stats.get(k) and stats.get(0)):
+                # the post: ~15x in short runs, ~10x in long ones. The change, paired by seed (a seed fixes the data order)
+                log_ratio = lambda st, st0: {s: st["seed_opt"][s] - st0["seed_opt"][s] for s in st["seed_opt"] if s in st0["seed_opt"]}
+                there, here = log_ratio(other[k], other[0]), log_ratio(stats[k], stats[0])
+                if len(set(there) & set(here)) >= 2:
+                    m, lo, hi = (10 ** v for v in paired_gap(there, here))
+                    main_steps = sweep[0]["examples"] // sweep[0]["batch_size"]
+                    claim("LoRA's optimal LR is ~10x FullFT's (SFT)", f"rank {k}: the LR ratio at {steps} steps / at {main_steps} "
+                          "steps, paired by seed (below 1: the ratio falls with training length)", m, lo, hi,
+                          len(set(there) & set(here)), null=1)
+                    text += f"\nrank {k}: ratio at {steps} steps / at {main_steps}, paired by seed: {m:.2f}x {_ci(lo, hi, '{:.2f}')}"
     ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="Learning rate vs final loss per rank (seed mean +-1 SE)")
     _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
     return fig, "\n".join(rows + [text])

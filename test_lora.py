@@ -2102,6 +2102,23 @@ def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30, seed=0, **
     return write_log(root, name, "train_sft", args, train + evals, **config)
 
 
+def test_a_longer_lr_study_reports_the_ratio_change_paired_by_seed(tmp_path):
+    # the main sweep (30 steps): LoRA's best LR 20x FullFT's in every seed; a 120-step study: 10x,
+    # jittered per seed. The table gives the longer study's ratio over the main one's, paired by seed
+    for seed in range(3):
+        for steps, opts, mults in ((30, {0: 1e-4, 16: 2e-3}, (-1.5, -0.5, 0.5, 1.5)), (120, {0: 1e-4, 16: 1e-3}, (-1, 0, 1))):
+            for rank, opt in opts.items():
+                opt *= 2 ** (0.1 * (seed - 1)) if steps == 120 and rank else 1
+                for k in mults:
+                    lr = opts[rank] * 2.0 ** k
+                    sft(tmp_path, rank, lr, 1.0 + 0.1 * seed + 0.01 * math.log2(lr / opt) ** 2, steps=steps, seed=seed)
+    plot.CLAIMS.clear()
+    _, text = plot.fig_lr_sweep(plot.load_runs(tmp_path))
+    assert "rank 16: 20x" in text and "120 steps of 32 (synth): optimal LR, LoRA / FullFT: 10x" in text, text
+    (c,) = [c for c in plot.CLAIMS if "ratio at 120 steps / at 30 steps" in c["quantity"]]
+    assert c["estimate"] == pytest.approx(0.5, rel=1e-6) and c["interval"][0] < 0.5 < c["interval"][1] < 1 and c["seeds"] == 3
+
+
 def rl(root, rank, lr, top, steps=20, seed=0):
     args = dict(rank=rank, layers="all", lm_head=False, lr=lr, lr_mult=None, data="synth", seed=seed, group_size=8,
                 questions_per_step=4)
