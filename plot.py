@@ -518,7 +518,7 @@ def fig_lr_sweep(runs, w=5):
         if 0 in other and len(other) >= 2:
             steps = key[2] // key[1]
             text += "\n" + _ratio(optimal_lrs(rs), other, f"LoRA's optimal LR over FullFT's, {steps}-step runs")[1].replace(
-                "optimal LR, LoRA / FullFT", f"{steps} steps of {key[1]} ({key[0]}): optimal LR, LoRA / FullFT")
+                "optimal LR, LoRA / FullFT", f"{steps} steps of {key[1]} ({Path(key[0]).name}): optimal LR, LoRA / FullFT")
             for k in sorted(k for k in other if k and other[k] and other.get(0) and stats.get(k) and stats.get(0)):
                 # the post: ~15x in short runs, ~10x in long ones. The change, paired by seed (a seed fixes the data order)
                 log_ratio = lambda st, st0: {s: st["seed_opt"][s] - st0["seed_opt"][s] for s in st["seed_opt"] if s in st0["seed_opt"]}
@@ -529,8 +529,8 @@ def fig_lr_sweep(runs, w=5):
                     claim("LoRA's optimal LR is ~10x FullFT's (SFT)", f"rank {k}: the LR ratio at {steps} steps / at {main_steps} "
                           "steps, paired by seed (below 1: the ratio falls with training length)", m, lo, hi,
                           len(set(there) & set(here)), null=1)
-                    text += f"\nrank {k}: ratio at {steps} steps / at {main_steps}, paired by seed: {m:.2f}x {_ci(lo, hi, '{:.2f}')}"
-    ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="Learning rate vs final loss per rank (seed mean +-1 SE)")
+                    text += f"\nrank {k}, ratio at {steps} / at {main_steps} steps (paired): {m:.2f}x {_ci(lo, hi, '{:.2f}')}"
+    ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="LR vs final loss per rank\n(seed mean +-1 SE)")
     _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
     return fig, "\n".join(rows + [text])
 
