@@ -915,6 +915,18 @@ def log_ratio_ci(a, b):
     return math.exp(m), math.exp(lo) if math.isfinite(lo) else math.nan, math.exp(hi) if math.isfinite(hi) else math.nan
 
 
+def _rank_doubling(bits, where, row_where, rows):
+    """Bits stored by rank r over rank r/2, paired by seed, for each such pair in {rank: {seed: bits}}:
+    2 where capacity binds both (a capacity limit; a fixed learning speed per step predicts no such ratio)."""
+    for r2, b2 in sorted(bits.items()):
+        b1 = bits.get(r2 // 2)
+        if r2 > 1 and b1 and len(set(b1) & set(b2)) >= 2:
+            rat, lo, hi = log_ratio_ci(b2, b1)
+            claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{where}: bits stored by rank {r2} / by rank "
+                  f"{r2 // 2}, paired by seed (2 if capacity binds both)", rat, lo, hi, len(set(b1) & set(b2)), null=2)
+            rows.append(f"{row_where}: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] what rank {r2 // 2} stores (paired by seed)")
+
+
 def fig_capacity(runs, w=5):
     """The post's Figure 1 and its capacity argument, on data whose information is known: K random
     facts learnt by LoRA of each rank and by full fine-tuning of the same matrix, each arm at its own
@@ -974,7 +986,7 @@ def fig_capacity(runs, w=5):
                 long_bits[rank] = long = {r["seed"]: stored_bits(r) for r in g if r["rank"] == rank
                                           and r["lr"] == best_lr.get((layers, k, rank))}
                 short = per_seed.get((layers, k, rank), {})
-                if len(set(long) & set(short)) < 1:
+                if not set(long) & set(short):
                     continue
                 rat, lo, hi = log_ratio_ci(long, short)
                 m, mlo, mhi = mean_ci(long.values())
@@ -987,22 +999,11 @@ def fig_capacity(runs, w=5):
                 rows.append(f"{layers} at {k} facts, {_label(rank)} trained {times:g}x as long: {m:.0f} {_ci(mlo, mhi, '{:.0f}')} bits, "
                             f"{m / p:.3f} {_ci(mlo / p, mhi / p, '{:.3f}')} bits/param, {rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits "
                             f"(paired by seed); last-quarter gain {mean_ci([_plateau_gain(r) for r in g if r['rank'] == rank])[0]:+.1%}")
-            for r2 in long_bits:
-                if r2 > 1 and len(set(long_bits[r2]) & set(long_bits.get(r2 // 2, {}))) >= 2:
-                    rat, lo, hi = log_ratio_ci(long_bits[r2], long_bits[r2 // 2])
-                    claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{layers}, {k} facts, {times:g}x the "
-                          f"steps: bits stored by rank {r2} / by rank {r2 // 2}, paired by seed (2 if capacity binds both)", rat, lo, hi,
-                          len(set(long_bits[r2]) & set(long_bits[r2 // 2])), null=2)
-                    rows.append(f"{layers} at {k} facts, {times:g}x as long: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] "
-                                f"what rank {r2 // 2} stores (paired by seed)")
-    for (layers, k, r2), b2 in per_seed.items():   # a capacity limit: rank 2 stores about twice what rank 1 does
-        b1 = per_seed.get((layers, k, r2 // 2))
-        if r2 > 1 and b1 and min(len(b1), len(b2)) >= 2 and (layers, k, 0) in per_seed:
-            rat, lo, hi = log_ratio_ci(b2, b1)
-            claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{layers}, {k} facts: bits stored by "
-                  f"rank {r2} / by rank {r2 // 2}, paired by seed (2 if capacity binds both)", rat, lo, hi,
-                  len(set(b1) & set(b2)), null=2)
-            rows.append(f"{layers} at {k} facts: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] what rank {r2 // 2} stores (paired by seed)")
+            _rank_doubling(long_bits, f"{layers}, {k} facts, {times:g}x the steps", f"{layers} at {k} facts, {times:g}x as long", rows)
+    for layers, k in studies:
+        if (layers, k, 0) in per_seed:   # beside the FullFT control
+            _rank_doubling({rank: b for (ly, kk, rank), b in per_seed.items() if (ly, kk) == (layers, k)},
+                           f"{layers}, {k} facts", f"{layers} at {k} facts", rows)
     if curves is None:
         return None, "\n".join(rows + ["(no figure: needs facts runs with an unseen-key eval, beside FullFT)"])
     k, mine, bests = curves
