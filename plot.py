@@ -19,7 +19,8 @@ Every figure it measures also goes to <logs>/summary.json (finding, estimate, 95
     fig6_early_rank.png     rank 16 against a higher rank at one LR: the same start of training
     fig7_loss_vs_flops.png  loss against training FLOPs, LoRA against FullFT
     fig8_lora_norms.png     spectral norms of LoRA's A and B during training (the post's finding 11)
-    fig9_capacity.png       the post's Figure 1 on K random facts (loss against log step per rank), and bits stored per parameter
+    fig9_capacity.png       the post's Figure 1 on K random facts (loss against log step per rank), and bits
+                            stored per parameter
     fig10_invariance.png    init_A / LR_A, the second direction the post's invariances leave, changes training
 """
 
@@ -74,32 +75,41 @@ def load_run(path):
         rl = cfg["script"] == "train_rl"
         metric = "reward" if rl else "loss"
         variant = (bool(a.get("lm_head")), float(a.get("lr_ratio_b", 1)), float(a.get("init_scale", 1)))
-        plain = variant == (False, 1.0, 1.0)   # the post's defaults: no lm_head, one LR for A and B, A's usual init
+        # the post's defaults: no lm_head, one LR for A and B, A's usual init
+        plain = variant == (False, 1.0, 1.0)
         # an RL step's batch is questions x samples per question; an SFT step's is sequences
-        batch = int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl else int(a.get("batch_size", 0))
+        batch = (int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl
+                 else int(a.get("batch_size", 0)))
         data = str(a.get("data"))
         if rl:   # an RL task is also its prompt, temperature and length limit: rewards differ across them
             data += "".join(f" {k}={a[k]}" for k in ("instruction", "temperature", "max_new_tokens") if k in a)
         last = max([r.get("step", 0) for r in records if r.get("type") == "train"] or [0])
         total = cfg.get("total_steps") or (a.get("steps") if rl else None)
         if total and last < total and not any(r.get("type") == "diverged" for r in records):
-            print(f"warning: skip {path}: unfinished (step {last} of {total}; still running, or stopped: --resume finishes it)")
+            print(f"warning: skip {path}: unfinished (step {last} of {total}; still running, or stopped: "
+                  "--resume finishes it)")
             return None
         return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]), lr=float(a["lr"]),
                     seed=int(a.get("seed", 0)),
                     layers=str(a.get("layers", "all")), batch_size=batch, data=data, variant=variant,
-                    plain=plain, standard=plain and a.get("layers", "all") == "all", params=cfg.get("trainable_params"),
+                    plain=plain, standard=plain and a.get("layers", "all") == "all",
+                    params=cfg.get("trainable_params"),
                     diverged=any(r.get("type") == "diverged" for r in records),
                     facts=int(data[6:]) if data.startswith("facts:") and data[6:].isdigit() else 0,
                     # the data a run sees, steps x batch: a longer run (fig 8's) is no point of a 20-step sweep
-                    examples=int(cfg.get("total_steps") or max([r.get("step", 0) for r in records if r.get("type") == "train"] or [0])) * batch,
-                    eval_tokens=[(int(r["step"]), r["tokens"]) for r in records if r.get("type") == "eval" and "tokens" in r],
+                    examples=int(cfg.get("total_steps") or max([r.get("step", 0) for r in records
+                                                                if r.get("type") == "train"] or [0])) * batch,
+                    eval_tokens=[(int(r["step"]), r["tokens"]) for r in records
+                                 if r.get("type") == "eval" and "tokens" in r],
                     n_eval=cfg.get("n_eval_examples"), n_layers=(cfg.get("model") or {}).get("num_hidden_layers"),
-                    ms=sum(r.get("ms", 0) for r in records if r.get("type") == "train" and isinstance(r.get("ms"), (int, float))),
+                    ms=sum(r.get("ms", 0) for r in records
+                           if r.get("type") == "train" and isinstance(r.get("ms"), (int, float))),
                     train=_series(records, "train", metric), flops=_series(records, "train", "flops"),
-                    eval=_series(records, "eval", "accuracy" if rl else "loss"), unseen=_series(records, "eval", "unseen_loss"),
+                    eval=_series(records, "eval", "accuracy" if rl else "loss"),
+                    unseen=_series(records, "eval", "unseen_loss"),
                     norms=[(int(r["step"]), r["A"], r["B"]) for r in records
-                           if r.get("type") == "norms" and isinstance(r.get("A"), list) and len(r["A"]) == len(r.get("B") or [])])
+                           if r.get("type") == "norms" and isinstance(r.get("A"), list)
+                           and len(r["A"]) == len(r.get("B") or [])])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         print(f"warning: skip {path}: no usable config record ({type(e).__name__}: {e})")
         return None
@@ -134,7 +144,8 @@ def _score(run):   # lower is better for both scripts
 
 
 def _loss_label(runs):
-    if all(len(r["eval"][0]) and r["eval"][0][-1] > 0 for r in runs if not r["diverged"]):   # a diverged run has no final loss
+    # a diverged run has no final loss
+    if all(len(r["eval"][0]) and r["eval"][0][-1] > 0 for r in runs if not r["diverged"]):
         return "final eval loss (nats/token)"
     return "final loss (nats/token; eval, else mean of last 10% train)"
 
@@ -257,17 +268,20 @@ def optimal_lr_stats(runs):
     i = int(np.argmin([np.mean(by_lr[lr]) for lr in lrs]))
     seeds = min(len(v) for v in by_lr.values())
     # an extra LR run with fewer seeds stays in the fit (resampling one value leaves it fixed)
-    draws = 10 ** bootstrap(by_lr, fit) if max(len(v) for v in by_lr.values()) >= 2 and len(by_lr[lrs[i]]) >= 2 else None
+    draws = (10 ** bootstrap(by_lr, fit) if max(len(v) for v in by_lr.values()) >= 2 and len(by_lr[lrs[i]]) >= 2
+             else None)
     lo, hi = np.percentile(draws, [2.5, 97.5]) if draws is not None else (math.nan, math.nan)
     tried = sorted({r["lr"] for r in runs})   # with the LRs that only diverged: the loss beyond them is worse
-    edge = "<=" if lrs[i] == tried[0] else ">=" if lrs[i] == tried[-1] else ""  # where the true optimum may lie beyond the grid
+    # where the true optimum may lie beyond the grid
+    edge = "<=" if lrs[i] == tried[0] else ">=" if lrs[i] == tried[-1] else ""
     at_best = {r["seed"]: _score(r) for r in runs if r["lr"] == lrs[i] and math.isfinite(_score(r))}
     table = seed_table(runs)
-    seed_opt = {s: _parabola_min(np.log10(sorted(d)), np.array([d[lr] for lr in sorted(d)])) for s, d in table.items() if len(d) >= 2}
+    seed_opt = {s: _parabola_min(np.log10(sorted(d)), np.array([d[lr] for lr in sorted(d)]))
+                for s, d in table.items() if len(d) >= 2}
     m, tlo, thi = mean_ci(list(seed_opt.values()))
-    return dict(lr=10 ** fit(by_lr), lo=float(lo), hi=float(hi), bracketed=not edge, edge=edge, seeds=seeds, draws=draws,
-                best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best, seed_opt=seed_opt, t_lr=10 ** m, t_lo=10 ** tlo,
-                t_hi=10 ** thi, oos=out_of_sample(table))
+    return dict(lr=10 ** fit(by_lr), lo=float(lo), hi=float(hi), bracketed=not edge, edge=edge, seeds=seeds,
+                draws=draws, best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best, seed_opt=seed_opt, t_lr=10 ** m,
+                t_lo=10 ** tlo, t_hi=10 ** thi, oos=out_of_sample(table))
 
 
 def seed_table(runs):
@@ -346,8 +360,8 @@ def claim(finding, quantity, estimate, lo=math.nan, hi=math.nan, seeds=None, ver
     if verdict is None:
         verdict = ("no interval (one seed)" if not ok else f"interval spans {null:g}" if lo <= null <= hi
                    else f"above {null:g}" if lo > null else f"below {null:g}")
-    CLAIMS.append(dict(finding=finding, quantity=quantity, estimate=float(estimate), interval=[float(lo), float(hi)] if ok else None,
-                       seeds=seeds, verdict=verdict))
+    CLAIMS.append(dict(finding=finding, quantity=quantity, estimate=float(estimate),
+                       interval=[float(lo), float(hi)] if ok else None, seeds=seeds, verdict=verdict))
 
 
 def optimal_lrs(runs):
@@ -369,7 +383,8 @@ def _ratio(opt, stats=None, finding=None):
     for k, pooled in per_rank.items():
         st, st0 = stats.get(k), stats.get(0)
         if st and st0 and not (st["bracketed"] and st0["bracketed"]):  # a bound, never reported as found
-            bound = {("", "<="): ">=", ("", ">="): "<=", (">=", ""): ">=", ("<=", ""): "<="}.get((st["edge"], st0["edge"]), "?")
+            bound = {("", "<="): ">=", ("", ">="): "<=",
+                     (">=", ""): ">=", ("<=", ""): "<="}.get((st["edge"], st0["edge"]), "?")
             items.append(f"rank {k}: {bound}{pooled:.2g}x (optimum not bracketed)")
             continue
         shared = sorted(set(st["seed_opt"]) & set(st0["seed_opt"])) if st and st0 else []
@@ -380,9 +395,10 @@ def _ratio(opt, stats=None, finding=None):
             m, lo, hi = mean_ci([st["seed_opt"][s] - st0["seed_opt"][s] for s in shared])
             found.append(10 ** m)
             if finding:
-                claim(finding, f"rank {k}: optimal LR of LoRA / FullFT (per-seed optima, t on log ratio)", 10 ** m, 10 ** lo,
-                      10 ** hi, len(shared), null=10)
-            items.append(f"rank {k}: {10 ** m:.2g}x {_ci(10 ** lo, 10 ** hi, fmt='{:.2g}')} ({len(shared)} seeds; pooled {pooled:.2g}x{boot})")
+                claim(finding, f"rank {k}: optimal LR of LoRA / FullFT (per-seed optima, t on log ratio)",
+                      10 ** m, 10 ** lo, 10 ** hi, len(shared), null=10)
+            items.append(f"rank {k}: {10 ** m:.2g}x {_ci(10 ** lo, 10 ** hi, fmt='{:.2g}')} "
+                         f"({len(shared)} seeds; pooled {pooled:.2g}x{boot})")
         else:
             found.append(pooled)
             items.append(f"rank {k}: {pooled:.2g}x{boot}")
@@ -440,8 +456,8 @@ def _lr_line(ax, runs, metric, **style):
     for lr, m, v in zip(lrs, mean, vals):
         if v and len(v) < most:
             ax.plot([lr], [m], "o", ms=7, mfc="white", color=style.get("color"), zorder=3)
-            ax.annotate(f"{len(v)} seed{'s' if len(v) > 1 else ''}", (lr, m), textcoords="offset points", xytext=(5, -10),
-                        fontsize=7, color=style.get("color"))
+            ax.annotate(f"{len(v)} seed{'s' if len(v) > 1 else ''}", (lr, m), textcoords="offset points",
+                        xytext=(5, -10), fontsize=7, color=style.get("color"))
     bad = np.array([r["lr"] for r in runs if r["diverged"]])
     if len(bad):   # x in data units, y in axes units: the top edge whatever the loss range
         first = "diverged" not in [line.get_label() for line in ax.lines]
@@ -461,7 +477,8 @@ def fig_rank_curves(runs, w=5):
     if not sweep:
         return None, f"needs an SFT sweep over ranks and LRs ({SFT_SWEEP})"
     fig, (ax,) = _fig()
-    by_rank, cols, rows = group(sweep, "rank"), _colors(r["rank"] for r in sweep), ["rank     runs  steps  loss at last step"]
+    by_rank, cols, rows = (group(sweep, "rank"), _colors(r["rank"] for r in sweep),
+                           ["rank     runs  steps  loss at last step"])
     for k in _ranks(sweep):
         steps, loss, se = envelope(by_rank[k], w)
         ax.plot(steps, loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
@@ -481,7 +498,8 @@ def fig_lr_sweep(runs, w=5):
     fig, (ax,) = _fig(width=9)
     cols, opt = _colors(by_rank), optimal_lrs(sweep)
     stats = {k: optimal_lr_stats(rs) for k, rs in by_rank.items()}
-    rows = ["rank     runs seeds  optimal LR [95% CI]          bracketed  best final loss  minus FullFT's, paired by seed [95% CI]"
+    rows = ["rank     runs seeds  optimal LR [95% CI]          bracketed  best final loss  "
+            "minus FullFT's, paired by seed [95% CI]"
             "   out of sample [95% CI]   per-seed optimum [95% t CI]"]
     for k in _ranks(sweep):
         if k in by_rank:
@@ -498,17 +516,21 @@ def fig_lr_sweep(runs, w=5):
                 oos = _oos_gap(st, stats[0], 1, "High-rank LoRA reaches FullFT's loss (SFT)",
                                f"{_label(k)} minus FullFT, final loss, each seed's LR chosen by the others (nats)")
             if k and len(st["seed_opt"]) >= 2:
-                claim("The optimal LR is nearly independent of rank", f"{_label(k)}: optimal LR (per-seed parabola, t on log LR)",
+                claim("The optimal LR is nearly independent of rank",
+                      f"{_label(k)}: optimal LR (per-seed parabola, t on log LR)",
                       st["t_lr"], st["t_lo"], st["t_hi"], len(st["seed_opt"]), verdict="one rank's estimate")
             per_seed = f"{st['t_lr']:.3g} {_ci(st['t_lo'], st['t_hi'])} ({len(st['seed_opt'])} seeds)"
-            found = f"{st['lr']:10.3g} {_ci(st['lo'], st['hi']):19}" if st["bracketed"] else f"{st['edge'] + format(st['lr'], '.3g'):>10} {'':19}"
+            found = (f"{st['lr']:10.3g} {_ci(st['lo'], st['hi']):19}" if st["bracketed"]
+                     else f"{st['edge'] + format(st['lr'], '.3g'):>10} {'':19}")
             rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
-                        f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           {gap:27}  {oos:25} {per_seed}")
+                        f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           "
+                        f"{gap:27}  {oos:25} {per_seed}")
     text = _ratio(opt, stats, "LoRA's optimal LR is ~10x FullFT's (SFT)")[1]
     lora_opt = {k: st["t_lr"] for k, st in stats.items() if k and st and len(st["seed_opt"]) >= 2}
     if len(lora_opt) >= 2:
         spread = max(lora_opt.values()) / min(lora_opt.values())
-        claim("The optimal LR is nearly independent of rank", f"largest / smallest optimal LR over ranks {sorted(lora_opt)}",
+        claim("The optimal LR is nearly independent of rank",
+              f"largest / smallest optimal LR over ranks {sorted(lora_opt)}",
               spread, verdict=f"within {spread:.2g}x over ranks {min(lora_opt)}-{max(lora_opt)}")
     main = {id(r) for r in sweep}
     for key, rs in group([r for r in runs if not r["rl"] and r["standard"] and id(r) not in main],
@@ -517,20 +539,27 @@ def fig_lr_sweep(runs, w=5):
         other = {k: optimal_lr_stats(g) for k, g in group(rs, "rank").items() if len({r["lr"] for r in g}) >= 2}
         if 0 in other and len(other) >= 2:
             steps = key[2] // key[1]
-            text += "\n" + _ratio(optimal_lrs(rs), other, f"LoRA's optimal LR over FullFT's, {steps}-step runs")[1].replace(
-                "optimal LR, LoRA / FullFT", f"{steps} steps of {key[1]} ({Path(key[0]).name}): optimal LR, LoRA / FullFT")
+            text += "\n" + _ratio(optimal_lrs(rs), other,
+                                  f"LoRA's optimal LR over FullFT's, {steps}-step runs")[1].replace(
+                "optimal LR, LoRA / FullFT",
+                f"{steps} steps of {key[1]} ({Path(key[0]).name}): optimal LR, LoRA / FullFT")
             for k in sorted(k for k in other if k and other[k] and other.get(0) and stats.get(k) and stats.get(0)):
-                # the post: ~15x in short runs, ~10x in long ones. The change, paired by seed (a seed fixes the data order)
-                log_ratio = lambda st, st0: {s: st["seed_opt"][s] - st0["seed_opt"][s] for s in st["seed_opt"] if s in st0["seed_opt"]}
+                # the post: ~15x in short runs, ~10x in long ones. The change, paired by seed (a seed fixes the
+                # data order)
+                log_ratio = lambda st, st0: {s: st["seed_opt"][s] - st0["seed_opt"][s]
+                                             for s in st["seed_opt"] if s in st0["seed_opt"]}
                 there, here = log_ratio(other[k], other[0]), log_ratio(stats[k], stats[0])
                 if len(set(there) & set(here)) >= 2:
                     m, lo, hi = (10 ** v for v in paired_gap(there, here))
                     main_steps = sweep[0]["examples"] // sweep[0]["batch_size"]
-                    claim("LoRA's optimal LR is ~10x FullFT's (SFT)", f"rank {k}: the LR ratio at {steps} steps / at {main_steps} "
-                          "steps, paired by seed (below 1: the ratio falls with training length)", m, lo, hi,
+                    claim("LoRA's optimal LR is ~10x FullFT's (SFT)",
+                          f"rank {k}: the LR ratio at {steps} steps / at {main_steps} steps, paired by seed "
+                          "(below 1: the ratio falls with training length)", m, lo, hi,
                           len(set(there) & set(here)), null=1)
-                    text += f"\nrank {k}, ratio at {steps} / at {main_steps} steps (paired): {m:.2f}x {_ci(lo, hi, '{:.2f}')}"
-    ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep), title="LR vs final loss per rank\n(seed mean +-1 SE)")
+                    text += (f"\nrank {k}, ratio at {steps} / at {main_steps} steps (paired): "
+                             f"{m:.2f}x {_ci(lo, hi, '{:.2f}')}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep),
+           title="LR vs final loss per rank\n(seed mean +-1 SE)")
     _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
     return fig, "\n".join(rows + [text])
 
@@ -555,40 +584,48 @@ def fig_batch_size(runs, w=5):
     bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1)) for i, bs in enumerate(sizes)}
     rank_col = _colors(k for k, _ in arms)
     lora_ranks = sorted({k for k, _ in arms if k})
-    dash = {k: ("--", ":", "-.")[i % 3] for i, k in enumerate(lora_ranks)} | {0: "-"}   # FullFT solid, a dash per LoRA rank
-    rows = [f"{key[0]}, {key[1]} examples a run, layers: {key[2]}", "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    minus FullFT's, paired [95% CI]"]
+    # FullFT solid, a dash per LoRA rank
+    dash = {k: ("--", ":", "-.")[i % 3] for i, k in enumerate(lora_ranks)} | {0: "-"}
+    rows = [f"{key[0]}, {key[1]} examples a run, layers: {key[2]}",
+            "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    "
+            "minus FullFT's, paired [95% CI]"]
     gaps = {}
     for (k, bs), (st, by_seed, text) in sorted(arms.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
         mine = [r for r in rs if (r["rank"], r["batch_size"]) == (k, bs)]
         lr = st["best_lr"] if st else mine[0]["lr"]
         best = [r for r in mine if r["lr"] == lr and not r["diverged"]]
         steps, mean, se = seed_mean(best, w)
-        # x in examples seen: runs at different batch sizes line up at the same data; the post's convention: FullFT solid, LoRA dashed
+        # x in examples seen: runs at different batch sizes line up at the same data; the post's convention:
+        # FullFT solid, LoRA dashed
         left.plot(steps * bs, mean, dash[k], color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
         gap = ""
         if k != 0 and (0, bs) in arms:
             gaps[(k, bs)] = {s: v - arms[(0, bs)][1][s] for s, v in by_seed.items() if s in arms[(0, bs)][1]}
             d, lo, hi = paired_gap(by_seed, arms[(0, bs)][1])
             gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
-        rows.append(f"{_label(k):9} {bs:6} {int(steps[-1]) if len(steps) else 0:6} {len({r['lr'] for r in mine}):4} {len(by_seed):5}  "
-                    f"{_best_lr_text(st, mine):9} {text:28}  {gap}")
+        rows.append(f"{_label(k):9} {bs:6} {int(steps[-1]) if len(steps) else 0:6} {len({r['lr'] for r in mine}):4} "
+                    f"{len(by_seed):5}  {_best_lr_text(st, mine):9} {text:28}  {gap}")
     for k in sorted({k for k, _ in gaps}):   # the claim is about the gap, so the panel draws it, paired by seed
         pts = [(bs, mean_ci(list(gaps[(k, bs)].values()))) for bs in sizes if (k, bs) in gaps]
         x, m = [p[0] for p in pts], np.array([p[1][0] for p in pts])
         err = np.nan_to_num(np.array([[p[1][0] - p[1][1], p[1][2] - p[1][0]] for p in pts]).T)
-        right.errorbar(x, m, yerr=err, fmt=dash[k] + "o", capsize=3, color=rank_col[k], label=f"{_label(k)} minus FullFT")
+        right.errorbar(x, m, yerr=err, fmt=dash[k] + "o", capsize=3, color=rank_col[k],
+                       label=f"{_label(k)} minus FullFT")
     right.axhline(0, color="gray", lw=0.8)
     for k in sorted({k for k, _ in gaps}):
         lo_bs, hi_bs = min(bs for kk, bs in gaps if kk == k), max(bs for kk, bs in gaps if kk == k)
         if lo_bs != hi_bs:
             a, b = gaps[(k, hi_bs)], gaps[(k, lo_bs)]
             d, lo, hi = paired_gap(a, b)
-            claim("LoRA pays more than FullFT at large batch sizes", f"{_label(k)}: gap to FullFT at batch {hi_bs} minus at "
-                  f"batch {lo_bs} ({key[0]}, nats)", d, lo, hi, len(set(a) & set(b)))
-            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}: {d:+.4f} {_ci(lo, hi, '{:+.4f}')}")
-    left.set(xscale="log", xlabel="training examples (steps x batch size)", ylabel=f"train loss (nats/token, {w}-step mean)",
-             title="Learning curves (best LR, seed mean)")
-    right.set(xscale="log", xlabel="batch size (sequences)", ylabel="final loss, LoRA minus FullFT (paired by seed, 95% CI)",
+            claim("LoRA pays more than FullFT at large batch sizes",
+                  f"{_label(k)}: gap to FullFT at batch {hi_bs} minus at batch {lo_bs} ({key[0]}, nats)",
+                  d, lo, hi, len(set(a) & set(b)))
+            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}: "
+                        f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}")
+    left.set(xscale="log", xlabel="training examples (steps x batch size)",
+             ylabel=f"train loss (nats/token, {w}-step mean)", title="Learning curves (best LR, seed mean)")
+    right.set(xscale="log", xlabel="batch size (sequences)",
+              ylabel="final loss, LoRA minus FullFT (paired by seed, 95% CI)",
               title="LoRA's gap to FullFT vs batch size")
     right.set_xticks(sizes, [str(s) for s in sizes])
     right.minorticks_off()   # else log-axis minor labels (2x10^1) crowd the batch sizes
@@ -629,7 +666,8 @@ def fig_layers(runs, w=5):
     for rl in (False, True):
         main = main_sweep(runs, rl)
         where = {(r["data"], r["batch_size"], r["examples"]) for r in main}
-        rs = [r for r in runs if r["rl"] == rl and r["rank"] > 0 and r["plain"] and (r["data"], r["batch_size"], r["examples"]) in where]
+        rs = [r for r in runs if r["rl"] == rl and r["rank"] > 0 and r["plain"]
+              and (r["data"], r["batch_size"], r["examples"]) in where]
         others = {r["rank"] for r in rs if r["layers"] != "all"}   # "all" only at the ranks the others ran
         by = group([r for r in rs if r["layers"] != "all" or r["rank"] in others], lambda r: (r["layers"], r["rank"]))
         if len({ly for ly, _ in by}) >= 2:
@@ -638,34 +676,39 @@ def fig_layers(runs, w=5):
         return None, ("needs LoRA runs on 2+ layer sets beside the main sweep "
                       "(train_sft.py --rank 16 --layers mlp,attn --lr_mult 1,3,10,30)")
     fig, axes = _fig(len(panels), width=9 if len(panels) == 1 else 14)
-    title = "Which layers get LoRA: learning rate vs final " + " / ".join("reward" if rl else "loss" for rl, _ in panels)
+    title = ("Which layers get LoRA: learning rate vs final "
+             + " / ".join("reward" if rl else "loss" for rl, _ in panels))
     rows = []
     for ax, (rl, by) in zip(axes, panels):
         metric = final_reward if rl else final_loss
         layer_sets = sorted({ly for ly, _ in by}, key=lambda s: ({"all": 0, "mlp": 1, "attn": 2}.get(s, 3), s))
         ranks = sorted({k for _, k in by})
         arms = {key: _arm_row(rs, metric) for key, rs in by.items()}
-        ref = next((key for key in by if key[0] == "mlp"), None)   # the post's recommendation is the reference
+        # the post's recommendation is the reference
+        ref = next((key for key in by if key[0] == "mlp"), None)
         rows.append(f"{'train_rl' if rl else 'train_sft'}: layers  rank  params  LRs  seeds  best LR   "
-                    f"final {'reward' if rl else 'loss'} at it [95% CI]   minus {ref[0] + ' rank ' + str(ref[1]) if ref else '-'}, paired by seed [95% CI]"
+                    f"final {'reward' if rl else 'loss'} at it [95% CI]   "
+                    f"minus {ref[0] + ' rank ' + str(ref[1]) if ref else '-'}, paired by seed [95% CI]"
                     "   out of sample [95% CI]")
         for (ly, k), rs in sorted(by.items(), key=lambda kv: (layer_sets.index(kv[0][0]), kv[0][1])):
             params = f", {rs[0]['params'] / 1e6:.3g}M params" if rs[0]["params"] else ""
-            _lr_line(ax, rs, metric, color=f"C{layer_sets.index(ly)}", ls=["-", "--", ":", "-."][ranks.index(k) % 4],
-                     label=f"{ly}, rank {k}{params}")
+            _lr_line(ax, rs, metric, color=f"C{layer_sets.index(ly)}",
+                     ls=["-", "--", ":", "-."][ranks.index(k) % 4], label=f"{ly}, rank {k}{params}")
             st, by_seed, text = arms[(ly, k)]
             gap, oos = "", ""
             if ref and (ly, k) != ref:
                 d, lo, hi = paired_gap(by_seed, arms[ref][1])
                 gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
-                oos = _oos_gap(st, arms[ref][0], -1 if rl else 1, "Attention-only LoRA trails MLP-only" + (" (RL)" if rl else ""),
+                oos = _oos_gap(st, arms[ref][0], -1 if rl else 1,
+                               "Attention-only LoRA trails MLP-only" + (" (RL)" if rl else ""),
                                f"{ly} rank {k} minus {ref[0]} rank {ref[1]}, final {'reward' if rl else 'loss'}, "
                                "each seed's LR chosen by the others")
-            rows.append(f"  {ly:13} {k:4}  {(rs[0]['params'] or 0) / 1e6:5.2f}M {len({r['lr'] for r in rs}):4} {len(by_seed):5}  "
-                        f"{_best_lr_text(st, rs):9} {text:28}  {gap:27}  {oos}")
+            rows.append(f"  {ly:13} {k:4}  {(rs[0]['params'] or 0) / 1e6:5.2f}M {len({r['lr'] for r in rs}):4} "
+                        f"{len(by_seed):5}  {_best_lr_text(st, rs):9} {text:28}  {gap:27}  {oos}")
         ylabel = "final reward (mean of last 20% steps)" if rl else _loss_label([r for rs in by.values() for r in rs])
         ax.set(xscale="log", xlabel="learning rate", ylabel=ylabel,
-               title=(f"{'RL' if rl else 'SFT'}: LoRA on different layers" if len(panels) > 1 else title) + " (seed mean +-1 SE)")
+               title=(f"{'RL' if rl else 'SFT'}: LoRA on different layers" if len(panels) > 1 else title)
+               + " (seed mean +-1 SE)")
         _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     if len(panels) > 1:
         fig.suptitle(title)
@@ -679,7 +722,8 @@ def fig_rl(runs, w=5):
     fig, (left, right) = _fig(2, width=15)
     by_rank, cols, opt = group(sweep, "rank"), _colors(r["rank"] for r in sweep), optimal_lrs(sweep)
     arms = {k: _arm_row(rs, final_reward) for k, rs in by_rank.items()}
-    rows = ["rank      LRs  seeds  best LR   final reward at it [95% CI]   minus FullFT's, paired by seed [95% CI]   out of sample [95% CI]"]
+    rows = ["rank      LRs  seeds  best LR   final reward at it [95% CI]   minus FullFT's, paired by seed [95% CI]   "
+            "out of sample [95% CI]"]
     for k in _ranks(sweep):
         lw, (st, by_seed, text) = 2 if k == 0 else 1.3, arms[k]
         lr = st["best_lr"] if st else by_rank[k][0]["lr"]
@@ -694,15 +738,18 @@ def fig_rl(runs, w=5):
             gap = f"{d:+.3f} {_ci(lo, hi, '{:+.3f}')}"
             oos = _oos_gap(st, arms[0][0], -1, "RL: rank-1 LoRA matches FullFT",
                            f"{_label(k)} minus FullFT, final reward, each seed's LR chosen by the others")
-        rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  {_best_lr_text(st, by_rank[k]):9} {text:30} {gap:27}  {oos}")
+        rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  "
+                    f"{_best_lr_text(st, by_rank[k]):9} {text:30} {gap:27}  {oos}")
         _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
     stats = {k: a[0] for k, a in arms.items()}
     text = _ratio(opt, stats, "RL: LoRA's optimal LR is ~10x FullFT's")[1]
     rows += _lr_range(by_rank, stats)
-    left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)", title="Reward during training (best LR per rank)")
+    left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)",
+             title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
               title="Final reward vs learning rate (seed mean +-1 SE)")
-    left.legend(fontsize=8), _legend(right, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    left.legend(fontsize=8), _legend(right, title=text, fontsize=8, title_fontsize=8, loc="upper left",
+                                     bbox_to_anchor=(1.01, 1))
     fig.suptitle("RL: LoRA vs full fine-tuning")
     return fig, "\n".join(rows + [text])
 
@@ -711,7 +758,8 @@ def _lr_range(by_rank, stats):
     """The post's wider range of good LRs for LoRA, as lines: each arm's final reward at every grid LR,
     what a 2x step down and up from its best grid LR costs (paired by seed), and LoRA's cost minus
     FullFT's (paired by seed: below 0 means LoRA's range is wider that way)."""
-    rows, costs = ["final reward at each LR, mean over seeds [95% CI], and the cost of a 2x step from the best grid LR"], {}
+    rows, costs = ["final reward at each LR, mean over seeds [95% CI], "
+                   "and the cost of a 2x step from the best grid LR"], {}
     for k, rs in sorted(by_rank.items(), key=lambda kv: (kv[0] == 0, kv[0])):
         if not stats.get(k):
             continue
@@ -719,18 +767,21 @@ def _lr_range(by_rank, stats):
         top = stats[k]["best_lr"]
         for lr in sorted(by_lr):
             m, lo, hi = mean_ci(list(by_lr[lr].values()))
-            rows.append(f"  {_label(k):9} LR {lr:9.3g} ({lr / top:5.3g}x best) {m:.3f} {_ci(lo, hi, '{:.3f}')}, {len(by_lr[lr])} seed(s)")
+            rows.append(f"  {_label(k):9} LR {lr:9.3g} ({lr / top:5.3g}x best) {m:.3f} {_ci(lo, hi, '{:.3f}')}, "
+                        f"{len(by_lr[lr])} seed(s)")
         for way, f in (("down", 0.5), ("up", 2.0)):
             near = next((v for lr, v in by_lr.items() if math.isclose(lr, top * f, rel_tol=0.05)), None)
             if near is None:
                 continue
             costs[k, way] = {s: by_lr[top][s] - near[s] for s in set(by_lr[top]) & set(near)}
             m, lo, hi = mean_ci(list(costs[k, way].values()))
-            rows.append(f"  {_label(k):9} a 2x step {way:4} costs {m:+.3f} {_ci(lo, hi, '{:+.3f}')} over {len(costs[k, way])} seed(s)")
+            rows.append(f"  {_label(k):9} a 2x step {way:4} costs {m:+.3f} {_ci(lo, hi, '{:+.3f}')} "
+                        f"over {len(costs[k, way])} seed(s)")
     for (k, way), c in sorted(costs.items()):
         if k and (0, way) in costs:
             d, lo, hi = paired_gap(c, costs[0, way])
-            rows.append(f"  {way:4}: {_label(k)}'s cost minus FullFT's {d:+.3f} {_ci(lo, hi, '{:+.3f}')} (below 0: LoRA's range is wider)")
+            rows.append(f"  {way:4}: {_label(k)}'s cost minus FullFT's {d:+.3f} {_ci(lo, hi, '{:+.3f}')} "
+                        "(below 0: LoRA's range is wider)")
     return rows
 
 
@@ -786,13 +837,16 @@ def fig_early_rank(runs, w=5):
         right.plot(steps, m, color=f"C{c + 3}", label=f"rank {a} minus rank {b} ({len(d)} seeds)")
         right.fill_between(steps, m - se, m + se, color=f"C{c + 3}", alpha=0.2, lw=0)
         ci = lambda v: f"{np.mean(v):+.4f} {_ci(*mean_ci(list(v))[1:], '{:+.4f}')}"
-        for v, where in ((first, f"steps {steps[0]:.0f}-{steps[n - 1]:.0f}"), (last, f"steps {steps[-n]:.0f}-{steps[-1]:.0f}")):
-            claim("With alpha/r, ranks start identically", f"rank {a} minus rank {b} at one LR, train loss over {where} (nats)",
-                  *mean_ci(list(v)), len(d))
-        lines.append(f"rank {a} - rank {b} at LR {lr:.3g}, {len(d)} seed(s): steps {steps[0]:.0f}-{steps[n - 1]:.0f} {ci(first)}, "
+        for v, where in ((first, f"steps {steps[0]:.0f}-{steps[n - 1]:.0f}"),
+                         (last, f"steps {steps[-n]:.0f}-{steps[-1]:.0f}")):
+            claim("With alpha/r, ranks start identically",
+                  f"rank {a} minus rank {b} at one LR, train loss over {where} (nats)", *mean_ci(list(v)), len(d))
+        lines.append(f"rank {a} - rank {b} at LR {lr:.3g}, {len(d)} seed(s): "
+                     f"steps {steps[0]:.0f}-{steps[n - 1]:.0f} {ci(first)}, "
                      f"steps {steps[-n]:.0f}-{steps[-1]:.0f} {ci(last)} (step 1: equal by construction)")
     right.axhline(0, color="gray", lw=0.8)
-    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean; seed mean +-1 SE)", title="Learning curves")
+    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean; seed mean +-1 SE)",
+             title="Learning curves")
     right.set(xscale="log", xlabel="step", ylabel="loss difference, paired by seed (nats/token; mean +-1 SE)",
               title="Loss difference from step 2 (step 1 is equal by construction)")
     left.legend(), right.legend(fontsize=8)
@@ -804,7 +858,8 @@ def fig_flops(runs, w=5):
     """Loss against cumulative training FLOPs, each rank at its best LR (best seed mean), as the seed
     mean with a +-1 SE band: the seeds share their batches across ranks, so the curves compare like
     with like (one best run per rank would pick different batches for each)."""
-    by_rank = {k: rs for k, rs in group([r for r in main_sweep(runs) if len(r["flops"][0])], "rank").items() if scores_by_lr(rs)}
+    by_rank = {k: rs for k, rs in group([r for r in main_sweep(runs) if len(r["flops"][0])], "rank").items()
+               if scores_by_lr(rs)}
     if not by_rank:
         return None, f"needs SFT runs with FLOPs in their logs ({SFT_SWEEP})"
     fig, (ax,) = _fig()
@@ -818,7 +873,8 @@ def fig_flops(runs, w=5):
     for k in _ranks([r for rs in by_rank.values() for r in rs]):
         lr, best, per_step = curves[k]
         steps, mean, se = seed_mean(best, w)
-        ax.plot(steps * per_step, mean, color=cols[k], lw=2 if k == 0 else 1.3, label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
+        ax.plot(steps * per_step, mean, color=cols[k], lw=2 if k == 0 else 1.3,
+                label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
         ax.fill_between(steps * per_step, mean - se, mean + se, color=cols[k], alpha=0.2, lw=0)
         rel = f"{per_step / curves[0][2]:9.3f}" if 0 in curves else "        -"
         rows.append(f"{_label(k):9} {lr:8.3g}  {len(best):5}  {per_step:10.3g}  {rel}  {per_step * steps[-1]:.3g}")
@@ -839,7 +895,8 @@ def fig_norms(runs, w=5):
     if not every:
         return None, "needs LoRA runs with evals (train_sft.py logs the spectral norms of A and B at each eval)"
     longest = lambda r: (-r["norms"][-1][0], r["name"])
-    rs = sorted([r for r in every if not r["facts"]] or every, key=longest)[:4]   # the finding is about the end of training
+    # the finding is about the end of training
+    rs = sorted([r for r in every if not r["facts"]] or every, key=longest)[:4]
     fig, (ax,) = _fig(width=9)
     rows = ["run                                              step  median |A|_2  median |B|_2  B > A in"]
     for i, r in enumerate(rs):
@@ -852,7 +909,8 @@ def fig_norms(runs, w=5):
         step, a, b = r["norms"][-1]
         rows.append(f"{r['name'][:48]:48} {step:5}  {np.median(a):12.4f}  {np.median(b):12.4f}  "
                     f"{sum(y > x for x, y in zip(a, b))}/{len(a)} matrices")
-    def ratio(r, part=slice(None)):   # part: of the 7 matrices of each layer (q, k, v, o, gate, up, down: lora_modules' order)
+    # part: of the 7 matrices of each layer (q, k, v, o, gate, up, down: lora_modules' order)
+    def ratio(r, part=slice(None)):
         a, b = (np.array(v, dtype=float) for v in r["norms"][-1][1:])
         q = b / np.maximum(a, 1e-12)
         if part != slice(None):
@@ -872,9 +930,11 @@ def fig_norms(runs, w=5):
         stats = [mean_ci([ratio(r, p) for r in g]) for p in parts]
         cells = [f"{m:.3f} {_ci(lo, hi, '{:.3f}'):16}" for m, lo, hi in stats]
         for (m, lo, hi), which in zip(stats, ("all matrices", "attention matrices", "MLP matrices")):
-            claim("B ends with a larger norm than A", f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])}, step {g[0]['norms'][-1][0]}: "
+            claim("B ends with a larger norm than A",
+                  f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])}, step {g[0]['norms'][-1][0]}: "
                   f"|B|/|A| at the end, {which}", m, lo, hi, len(g), null=1)
-        rows.append(f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])[:56]:56} {g[0]['norms'][-1][0]:5}  {len(g):5}  " + "  ".join(cells))
+        rows.append(f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])[:56]:56} {g[0]['norms'][-1][0]:5}  {len(g):5}  "
+                    + "  ".join(cells))
     ax.set(xlabel="step", ylabel="spectral norm (median; band: quartiles)",
            title="LoRA's A (solid) and B (dashed): B grows from zero")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -910,8 +970,10 @@ def _plateau_gain(run):
 
 
 def log_ratio_ci(a, b):
-    """a / b, each {seed: positive value}: the geometric mean ratio over shared seeds with a 95% t interval on log."""
-    m, lo, hi = paired_gap({s: math.log(v) for s, v in a.items() if v > 0}, {s: math.log(v) for s, v in b.items() if v > 0})
+    """a / b, each {seed: positive value}: the geometric mean ratio over shared seeds with a 95% t
+    interval on log."""
+    m, lo, hi = paired_gap({s: math.log(v) for s, v in a.items() if v > 0},
+                           {s: math.log(v) for s, v in b.items() if v > 0})
     return math.exp(m), math.exp(lo) if math.isfinite(lo) else math.nan, math.exp(hi) if math.isfinite(hi) else math.nan
 
 
@@ -922,9 +984,11 @@ def _rank_doubling(bits, where, row_where, rows):
         b1 = bits.get(r2 // 2)
         if r2 > 1 and b1 and len(set(b1) & set(b2)) >= 2:
             rat, lo, hi = log_ratio_ci(b2, b1)
-            claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{where}: bits stored by rank {r2} / by rank "
-                  f"{r2 // 2}, paired by seed (2 if capacity binds both)", rat, lo, hi, len(set(b1) & set(b2)), null=2)
-            rows.append(f"{row_where}: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] what rank {r2 // 2} stores (paired by seed)")
+            claim("Low ranks fall behind FullFT once the data exceed their capacity",
+                  f"{where}: bits stored by rank {r2} / by rank {r2 // 2}, paired by seed (2 if capacity binds both)",
+                  rat, lo, hi, len(set(b1) & set(b2)), null=2)
+            rows.append(f"{row_where}: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] what rank {r2 // 2} stores "
+                        "(paired by seed)")
 
 
 def fig_capacity(runs, w=5):
@@ -936,7 +1000,8 @@ def fig_capacity(runs, w=5):
     rs = [r for r in runs if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
     if not rs:
         return None, "needs runs on --data facts:K (see results/README.md, capacity)"
-    studies, longer = {}, {}   # per (layers, K), the study with the FullFT control and the most arms; and longer runs of it
+    # per (layers, K), the study with the FullFT control and the most arms; and longer runs of it
+    studies, longer = {}, {}
     for key, mine in group(rs, lambda r: (r["layers"], r["facts"])).items():
         by_len = group(mine, lambda r: (r["examples"], r["batch_size"]))
         studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g), len({r["rank"] for r in g}),
@@ -963,19 +1028,22 @@ def fig_capacity(runs, w=5):
                 d, glo, ghi = paired_gap(bits, full)
                 gap = f"{d:+.0f} {_ci(glo, ghi, '{:+.0f}')}"
             unseen = np.mean([r["unseen"][1][-1] for r in best]) if all(len(r["unseen"][1]) for r in best) else math.nan
-            rows.append(f"{layers:15} {k:5} {k * BITS_PER_FACT:6.0f}  {_label(rank):7} {p:8,} {best[0]['lr']:7.2g}  {len(best):5}  "
-                        f"{np.mean([final_loss(r) for r in best]):10.4f}  {unseen:6.3f}  {m:7.0f} {_ci(lo, hi, '{:.0f}'):14}  "
-                        f"{m / p:7.3f} {_ci(lo / p, hi / p, '{:.3f}'):14}  {gain:+17.1%}   {gap}")
+            rows.append(f"{layers:15} {k:5} {k * BITS_PER_FACT:6.0f}  {_label(rank):7} {p:8,} {best[0]['lr']:7.2g}  "
+                        f"{len(best):5}  {np.mean([final_loss(r) for r in best]):10.4f}  {unseen:6.3f}  "
+                        f"{m:7.0f} {_ci(lo, hi, '{:.0f}'):14}  {m / p:7.3f} {_ci(lo / p, hi / p, '{:.3f}'):14}  "
+                        f"{gain:+17.1%}   {gap}")
             if len(best[0]["unseen"][0]):
                 points[k].append((p, m, lo, hi, rank))
                 finding = "Low ranks fall behind FullFT once the data exceed their capacity"
                 claim(finding, f"{_label(rank)} on {layers}, {k} facts ({k * BITS_PER_FACT:.0f} bits): bits stored",
                       m, lo, hi, len(best), verdict=f"{m / (k * BITS_PER_FACT):.0%} of the data's bits")
                 if rank:
-                    claim(finding, f"{_label(rank)} on {layers}, {k} facts: bits stored per trainable parameter", m / p, lo / p,
-                          hi / p, len(best), verdict="below 2 (the post's assumption)" if hi / p < 2 else None, null=2)
+                    claim(finding, f"{_label(rank)} on {layers}, {k} facts: bits stored per trainable parameter",
+                          m / p, lo / p, hi / p, len(best),
+                          verdict="below 2 (the post's assumption)" if hi / p < 2 else None, null=2)
                     if gap:
-                        claim(finding, f"{_label(rank)} minus FullFT on {layers}, {k} facts: bits stored, paired by seed",
+                        claim(finding,
+                              f"{_label(rank)} minus FullFT on {layers}, {k} facts: bits stored, paired by seed",
                               d, glo, ghi, len(set(bits) & set(full)))
         if 0 in bests and len(bests) > 1 and all(len(r["unseen"][0]) for r in mine):   # Figure 1: the largest such K
             curves = max([c for c in (curves, (k, mine, bests)) if c], key=lambda c: (c[0], len(c[1])))
@@ -991,15 +1059,19 @@ def fig_capacity(runs, w=5):
                 rat, lo, hi = log_ratio_ci(long, short)
                 m, mlo, mhi = mean_ci(long.values())
                 p = next(r["params"] for r in g if r["rank"] == rank)
-                claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{_label(rank)} on {layers}, {k} facts: "
-                      f"bits stored after {times:g}x the steps / after 1x, paired by seed (1 at a plateau)", rat, lo, hi,
-                      len(set(long) & set(short)), null=1)
-                claim("Low ranks fall behind FullFT once the data exceed their capacity", f"{_label(rank)} on {layers}, {k} facts, "
-                      f"{times:g}x the steps: bits stored per trainable parameter", m / p, mlo / p, mhi / p, len(long), null=2)
-                rows.append(f"{layers} at {k} facts, {_label(rank)} trained {times:g}x as long: {m:.0f} {_ci(mlo, mhi, '{:.0f}')} bits, "
-                            f"{m / p:.3f} {_ci(mlo / p, mhi / p, '{:.3f}')} bits/param, {rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits "
-                            f"(paired by seed); last-quarter gain {mean_ci([_plateau_gain(r) for r in g if r['rank'] == rank])[0]:+.1%}")
-            _rank_doubling(long_bits, f"{layers}, {k} facts, {times:g}x the steps", f"{layers} at {k} facts, {times:g}x as long", rows)
+                claim("Low ranks fall behind FullFT once the data exceed their capacity",
+                      f"{_label(rank)} on {layers}, {k} facts: bits stored after {times:g}x the steps / after 1x, "
+                      "paired by seed (1 at a plateau)", rat, lo, hi, len(set(long) & set(short)), null=1)
+                claim("Low ranks fall behind FullFT once the data exceed their capacity",
+                      f"{_label(rank)} on {layers}, {k} facts, {times:g}x the steps: "
+                      "bits stored per trainable parameter", m / p, mlo / p, mhi / p, len(long), null=2)
+                rows.append(f"{layers} at {k} facts, {_label(rank)} trained {times:g}x as long: "
+                            f"{m:.0f} {_ci(mlo, mhi, '{:.0f}')} bits, "
+                            f"{m / p:.3f} {_ci(mlo / p, mhi / p, '{:.3f}')} bits/param, "
+                            f"{rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits (paired by seed); "
+                            f"last-quarter gain {mean_ci([_plateau_gain(r) for r in g if r['rank'] == rank])[0]:+.1%}")
+            _rank_doubling(long_bits, f"{layers}, {k} facts, {times:g}x the steps",
+                           f"{layers} at {k} facts, {times:g}x as long", rows)
     for layers, k in studies:
         if (layers, k, 0) in per_seed:   # beside the FullFT control
             _rank_doubling({rank: b for (ly, kk, rank), b in per_seed.items() if (ly, kk) == (layers, k)},
@@ -1013,7 +1085,8 @@ def fig_capacity(runs, w=5):
         steps, mean, se = seed_mean(best, 1, "eval")
         keep = steps > 0
         left.plot(steps[keep], mean[keep], color=cols[rank], lw=2 if rank == 0 else 1.3,
-                  label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, {len(best)} seed{'s' * (len(best) > 1)})")
+                  label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, "
+                        f"{len(best)} seed{'s' * (len(best) > 1)})")
         left.fill_between(steps[keep], (mean - se)[keep], (mean + se)[keep], color=cols[rank], alpha=0.2, lw=0)
     for g in longer.get((mine[0]["layers"], k), []):   # the plateau check: the same arms trained longer, dashed
         for rank, rs_ in group(g, "rank").items():
@@ -1021,7 +1094,8 @@ def fig_capacity(runs, w=5):
             keep = steps > 0
             left.plot(steps[keep], mean[keep], "--", color=cols.get(rank, "gray"), lw=1,
                       label=f"{_label(rank)}, {g[0]['examples'] / mine[0]['examples']:g}x the steps ({len(rs_)} seeds)")
-    left.axhline(math.log(10) * 4 / 5, color="gray", ls="--", lw=1, label="no code stored (uniform digits, end token learnt)")
+    left.axhline(math.log(10) * 4 / 5, color="gray", ls="--", lw=1,
+                 label="no code stored (uniform digits, end token learnt)")
     left.set(xscale="log", xlabel="step (log)", ylabel="eval loss on the trained facts (nats/token)", ylim=(0, None),
              title=f"{k} random facts ({k * BITS_PER_FACT:,.0f} bits), {mine[0]['layers']}: the post's Figure 1")
     left.legend(fontsize=7)
@@ -1053,7 +1127,8 @@ def fig_invariance(runs, w=5):
     by = group(rs, lambda r: (r["data"], r["rank"], r["layers"], r["lr"], r["batch_size"], r["examples"]))
     by = {k: v for k, v in by.items() if len({r["variant"] for r in v}) >= 2 and any(r["plain"] for r in v)}
     if not by:
-        return None, "needs LoRA runs at --init_scale c --lr_ratio_b 1/c for several c beside c = 1 (README: invariances)"
+        return None, ("needs LoRA runs at --init_scale c --lr_ratio_b 1/c for several c beside c = 1 "
+                      "(README: invariances)")
     key = max(by, key=lambda k: len(by[k]))
     fig, (ax,) = _fig()
     rows = [f"{key[0]}, rank {key[1]} on {key[2]}, LR {key[3]:.2g}",
@@ -1067,15 +1142,18 @@ def fig_invariance(runs, w=5):
         steps, mean, se = seed_mean(vs, 1, "eval")
         bad = len(every) - len(vs)
         late = steps > 0   # the step-0 eval (the untrained model, far above) would squash the differences that matter
-        ax.plot(steps[late], mean[late], color=f"C{i}", label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
+        ax.plot(steps[late], mean[late], color=f"C{i}",
+                label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
         ax.fill_between(steps[late], (mean - se)[late], (mean + se)[late], color=f"C{i}", alpha=0.2, lw=0)
         finals = [final_loss(r) for r in vs]
         d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)   # a seed fixes the facts and the batches
         gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
         if not vs[0]["plain"]:
-            claim("Only two of (alpha, init_A, LR_A, LR_B) matter", f"init_A x {init:g}, LR_B / LR_A {ratio:g}: final loss minus "
+            claim("Only two of (alpha, init_A, LR_A, LR_B) matter",
+                  f"init_A x {init:g}, LR_B / LR_A {ratio:g}: final loss minus "
                   f"c = 1's ({bad} of {len(every)} seeds diverged; nats)", d, lo, hi, len(vs))
-        rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  {np.mean(finals):10.4f}  {gap}")
+        rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  "
+                    f"{np.mean(finals):10.4f}  {gap}")
     ax.set(xlabel="step", ylabel="eval loss (nats/token; seed mean +-1 SE; step 0 not drawn)",
            title="The second direction alone: init_A / LR_A x c (alpha x init_A x LR_B fixed)")
     ax.legend()
@@ -1084,8 +1162,9 @@ def fig_invariance(runs, w=5):
 
 FIGURES = [("fig1_rank_curves.png", fig_rank_curves), ("fig2_lr_vs_loss.png", fig_lr_sweep),
            ("fig3_batch_size.png", fig_batch_size), ("fig4_layers.png", fig_layers), ("fig5_rl.png", fig_rl),
-           ("fig6_early_rank.png", fig_early_rank), ("fig7_loss_vs_flops.png", fig_flops), ("fig8_lora_norms.png", fig_norms),
-           ("fig9_capacity.png", fig_capacity), ("fig10_invariance.png", fig_invariance)]
+           ("fig6_early_rank.png", fig_early_rank), ("fig7_loss_vs_flops.png", fig_flops),
+           ("fig8_lora_norms.png", fig_norms), ("fig9_capacity.png", fig_capacity),
+           ("fig10_invariance.png", fig_invariance)]
 
 
 def main(argv=None):
@@ -1106,7 +1185,8 @@ def main(argv=None):
     for name, make in FIGURES:
         # the facts runs feed their own figures, the batch study (the data with the most batch sizes wins) and
         # the norms table (not its drawing)
-        mine = runs if make in (fig_batch_size, fig_norms) else [r for r in runs if bool(r["facts"]) == (make in (fig_capacity, fig_invariance))]
+        mine = (runs if make in (fig_batch_size, fig_norms)
+                else [r for r in runs if bool(r["facts"]) == (make in (fig_capacity, fig_invariance))])
         fig, text = make(mine, a.smooth)
         if fig is None:
             print(f"skip {name}: {text}")

@@ -2,20 +2,29 @@
 Tests: CPU, offline (the default model comes from PyPI once), a few minutes in all.
 
     pytest test_lora.py                  # everything (CI, the README)
-    pytest test_lora.py -m "not slow"    # the quick subset while editing: no torchrun, kills, compile or real-model training
+    pytest test_lora.py -m "not slow"    # the quick subset while editing: no torchrun, kills, compile or
+                                           real-model training
     pytest test_lora.py -k lora          # the tests whose names say lora
 
 Tiny random models check exact properties (equalities, invariances); the real default model
 checks that loading, tokenizing and sampling are right on real weights.
 """
 
+import ast
 import base64
+import itertools
 import json
 import math
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -93,13 +102,15 @@ def write_hf_folder(path, model):
         sd.pop("lm_head.weight")
     save_file(sd, path / "model.safetensors")
     (path / "tokenizer.json").write_text(json.dumps(tiny_tokenizer_json()))
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '<|im_start|>' }}", "eos_token": "<|im_end|>"}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '<|im_start|>' }}",
+                                                            "eos_token": "<|im_end|>"}))
     return path
 
 
-GSM8K_TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did "
-              "Natalia sell altogether in April and May?\nNatalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = "
-              "<<48+24=72>>72 clips altogether in April and May.\n#### 72  It costs $1,080.50 (about 12%)!")
+GSM8K_TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May?\nNatalia sold 48/2 = <<48/2=24>>24 clips "
+              "in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72  It costs "
+              "$1,080.50 (about 12%)!")
 
 
 def ids(n=24, batch=2, seed=1, vocab=260):
@@ -160,7 +171,8 @@ def test_config_from_hf_qwen2_and_qwen3_flags():
     q2, q3 = Config.from_hf({**d, "model_type": "qwen2"}), Config.from_hf({**d, "model_type": "qwen3", "head_dim": 16})
     assert (q2.attention_bias, q2.o_proj_bias, q2.qk_norm) == (True, False, False)
     assert (q3.attention_bias, q3.qk_norm, q3.head_dim) == (False, True, 16)
-    assert Config.from_hf({**d, "model_type": "llama", "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}).rope_theta == 5e5
+    assert Config.from_hf({**d, "model_type": "llama",
+                           "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}).rope_theta == 5e5
 
 
 # -----------------------------------------------------------------------------
@@ -168,7 +180,8 @@ def test_config_from_hf_qwen2_and_qwen3_flags():
 
 
 BANNER = "# -----------------------------------------------------------------------------\n"
-TORCH_ONLY = "import math, re\nfrom dataclasses import asdict, dataclass\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+TORCH_ONLY = ("import math, re\nfrom dataclasses import asdict, dataclass\nimport torch\nimport torch.nn as nn\n"
+              "import torch.nn.functional as F\n")
 
 
 def lora_py_block(first, stop):
@@ -208,6 +221,19 @@ def test_the_model_and_the_lora_core_each_copy_out_as_one_block_that_runs_with_t
     torch.testing.assert_close(core["unmerge_lora"](seq)(inp), adapted, rtol=1e-5, atol=1e-5)
     core["apply_lora"](copied, 4, layers="mlp")  # and the core on the copied model
     assert torch.equal(copied(x), ours(x)) and len(core["lora_modules"](copied)) == 3 * cfg.num_hidden_layers
+
+
+def test_every_line_fits_in_120_characters_and_standard_imports_sit_at_the_top():
+    # what one reads side by side with a diff; a function-level import of the standard library hides a dependency
+    stdlib = set(sys.stdlib_module_names)
+    for name in ["lora.py", "train_sft.py", "train_rl.py", "flops.py", "plot.py", "test_lora.py"]:
+        src = (Path(lora.__file__).parent / name).read_text()
+        long = [i + 1 for i, line in enumerate(src.splitlines()) if len(line) > 120]
+        assert not long, f"{name}: lines {long} are over 120 characters"
+        imports = [n for n in ast.walk(ast.parse(src)) if isinstance(n, (ast.Import, ast.ImportFrom)) and n.col_offset]
+        local = [n.lineno for n in imports
+                 if (n.module if isinstance(n, ast.ImportFrom) else n.names[0].name).split(".")[0] in stdlib]
+        assert not local, f"{name}: standard-library imports inside functions at lines {local}"
 
 
 def test_zero_init_lora_leaves_outputs_unchanged():
@@ -319,7 +345,8 @@ def test_only_lora_matrices_get_gradients():
             assert not p.requires_grad and p.grad is None, n
 
 
-@pytest.mark.parametrize("layers,lm_head", [("all", False), ("mlp", False), ("attn", True), (["q_proj", "down_proj"], False)])
+@pytest.mark.parametrize("layers,lm_head", [("all", False), ("mlp", False), ("attn", True),
+                                            (["q_proj", "down_proj"], False)])
 def test_parameter_counts(layers, lm_head):
     model, r = tiny_model(), 3
     names = lora.lora_targets(model, layers, lm_head)
@@ -373,7 +400,8 @@ L = lambda i, m: f"model.layers.{i}.{m}"  # noqa: E731
 
 
 @pytest.mark.parametrize("extra,want", [
-    (dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]), [L(1, "self_attn.q_proj"), L(1, "self_attn.v_proj")]),
+    (dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+     [L(1, "self_attn.q_proj"), L(1, "self_attn.v_proj")]),
     (dict(target_modules=["q_proj", "down_proj"], layers_to_transform=0, layers_pattern="layers"),
      [L(0, "mlp.down_proj"), L(0, "self_attn.q_proj")]),
     (dict(target_modules=["q_proj", "k_proj"], exclude_modules=[L(0, "self_attn.k_proj")]),
@@ -381,8 +409,10 @@ L = lambda i, m: f"model.layers.{i}.{m}"  # noqa: E731
     (dict(target_modules="all-linear", exclude_modules=r".*\.mlp\..*"),
      sorted(L(i, f"self_attn.{p}_proj") for i in (0, 1) for p in "qkvo")),
     # an exact module name is taken as is, outside layers_to_transform (PEFT's rule)
-    (dict(target_modules=[L(0, "mlp.up_proj"), "v_proj"], layers_to_transform=[1]), [L(0, "mlp.up_proj"), L(1, "self_attn.v_proj")]),
-    (dict(target_modules="all-linear"), sorted(n for n, m in tiny_model().named_modules() if isinstance(m, nn.Linear) and n != "lm_head")),
+    (dict(target_modules=[L(0, "mlp.up_proj"), "v_proj"], layers_to_transform=[1]),
+     [L(0, "mlp.up_proj"), L(1, "self_attn.v_proj")]),
+    (dict(target_modules="all-linear"),
+     sorted(n for n, m in tiny_model().named_modules() if isinstance(m, nn.Linear) and n != "lm_head")),
 ])
 def test_load_adapter_follows_peft_target_rules(tmp_path, extra, want):
     src = lora.apply_lora(tiny_model(), rank=4, layers=want)
@@ -630,7 +660,8 @@ def test_gguf_default_saved_with_tokenizer_reloads_identically(smol, tmp_path):
     assert len(tj["model"]["merges"]) == 48900 and tj["model"]["merges"][:3] == ["Ġ t", "Ġ a", "i n"]
     assert [p["type"] for p in tj["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
     assert tj["post_processor"]["type"] == "ByteLevel" and all(t["special"] for t in tj["added_tokens"])
-    assert (tc["bos_token"], tc["eos_token"], tc["add_bos_token"], tc["model_max_length"]) == ("<|im_start|>", "<|im_end|>", False, 8192)
+    assert ((tc["bos_token"], tc["eos_token"], tc["add_bos_token"], tc["model_max_length"])
+            == ("<|im_start|>", "<|im_end|>", False, 8192))
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
@@ -653,21 +684,23 @@ def test_tokenizer_json_round_trip_keeps_pattern_nfc_and_bos(tmp_path, pattern, 
         assert back.encode(s) == tok.encode(s), s
     tj = json.loads((tmp_path / "tokenizer.json").read_text())
     steps = tj["pre_tokenizer"].get("pretokenizers", [tj["pre_tokenizer"]])
-    want = {"GPT2_PATTERN": ["ByteLevel"], "DIGITS_PATTERN": ["Digits", "ByteLevel"]}.get(pattern, ["Split", "ByteLevel"])
+    want = {"GPT2_PATTERN": ["ByteLevel"],
+            "DIGITS_PATTERN": ["Digits", "ByteLevel"]}.get(pattern, ["Split", "ByteLevel"])
     assert [s["type"] for s in steps] == want and (tj["normalizer"] == {"type": "NFC"}) == nfc
     assert ('"TemplateProcessing"' in json.dumps(tj["post_processor"])) == add_bos
 
 
 def test_llama3_tokenizer_model_gets_a_real_template(tmp_path):
-    import base64
     vocab = tiny_vocab()
-    (tmp_path / "tokenizer.model").write_text("\n".join(f"{base64.b64encode(lora._token_bytes(t)).decode()} {i}" for t, i in vocab.items()))
+    (tmp_path / "tokenizer.model").write_text("\n".join(f"{base64.b64encode(lora._token_bytes(t)).decode()} {i}"
+                                                        for t, i in vocab.items()))
     tok = lora.load_tokenizer(tmp_path)
     tok.save_hf(tmp_path / "out")
     tc = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     import jinja2  # transformers renders with jinja2: the written template gives what render_chat encodes
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " the "}]
-    text = jinja2.Template(tc["chat_template"]).render(messages=chat, bos_token=tc["bos_token"], add_generation_prompt=False)
+    text = jinja2.Template(tc["chat_template"]).render(messages=chat, bos_token=tc["bos_token"],
+                                                       add_generation_prompt=False)
     assert tok.encode(text, bos=False) == tok.render_chat(chat)[0] and tc["add_bos_token"] is True
     assert lora.load_tokenizer(tmp_path / "out").render_chat(chat) == tok.render_chat(chat)
 
@@ -688,9 +721,9 @@ def test_save_model_still_copies_tokenizer_files_from_a_folder(tmp_path):
 # with the single token "\n\n\n" (16506), and " 12" after "user\n" with "\n " (3805)
 WS_CHAT = [{"role": "user", "content": " 12+30?"}, {"role": "assistant", "content": "\n\n42 "},
            {"role": "user", "content": "\tok"}, {"role": "assistant", "content": ""}]
-WS_CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2,
-               198, 1, 4093, 3805, 33, 34, 27, 35, 32, 47, 2, 198, 1, 520, 9531, 16506, 36, 34, 216, 2, 198, 1, 4093, 198,
-               197, 2231, 2, 198, 1, 520, 9531, 198, 2, 198]
+WS_CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182,
+               2, 198, 1, 4093, 3805, 33, 34, 27, 35, 32, 47, 2, 198, 1, 520, 9531, 16506, 36, 34, 216, 2, 198, 1, 4093,
+               198, 197, 2231, 2, 198, 1, 520, 9531, 198, 2, 198]
 
 
 @slow
@@ -723,8 +756,8 @@ def test_llama3_render_chat_strips_and_encodes_digits_after_header():
     special = {s: len(vocab) + i for i, s in enumerate(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                                          "<|end_header_id|>", "<|eot_id|>"])}
     ranks = {lora._token_bytes(t): i for t, i in vocab.items()}
-    tok = lora.Tokenizer(ranks, special, lora.LLAMA3_PATTERN, special["<|begin_of_text|>"], [special["<|end_of_text|>"]],
-                         "<|start_header_id|>", add_bos=True)
+    tok = lora.Tokenizer(ranks, special, lora.LLAMA3_PATTERN, special["<|begin_of_text|>"],
+                         [special["<|end_of_text|>"]], "<|start_header_id|>", add_bos=True)
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": " \n 123 the \n"}]
     ids_, mask = tok.render_chat(chat)
     text = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>" \
@@ -760,7 +793,8 @@ def greedy_by_full_forward(model, prompt, n):
 
 def test_cached_greedy_equals_uncached_for_a_padded_batch():
     model = tiny_model().double()  # float64: no near-ties between the two computations
-    prompts = [[5, 9, 200, 17, 3, 3, 40], [7], [100, 101, 102], [7], [5, 9, 200, 17, 3, 3, 40]]  # repeats share a prefill
+    # repeats share a prefill
+    prompts = [[5, 9, 200, 17, 3, 3, 40], [7], [100, 101, 102], [7], [5, 9, 200, 17, 3, 3, 40]]
     out, logprobs = lora.generate(model, prompts, max_new_tokens=12, temperature=0)
     for p, o, lp in zip(prompts, out, logprobs):
         assert o == greedy_by_full_forward(model, p, 12)
@@ -864,17 +898,20 @@ def _no_tokenizer(tmp_path):
 
 BAD_INPUTS = {
     "unknown model_type": (lambda p: Config.from_hf({"model_type": "gpt2"}), "model_type 'gpt2' is not supported"),
-    "incomplete config": (lambda p: Config.from_hf({"model_type": "llama", "vocab_size": 1, "hidden_size": 8, "num_hidden_layers": 1,
-                                                    "num_attention_heads": 1}), "lacks intermediate_size"),
+    "incomplete config": (lambda p: Config.from_hf({"model_type": "llama", "vocab_size": 1, "hidden_size": 8,
+                                                    "num_hidden_layers": 1, "num_attention_heads": 1}),
+                          "lacks intermediate_size"),
     "no such path": (lambda p: lora.load_model(p / "nowhere"), "no such file or folder"),
     "truncated safetensors": (_truncated, "truncated or corrupt"),
     "no safetensors": (_no_safetensors, "no model.safetensors"),
     "missing weight": (_missing_weight, "lacks 1 weights .*up_proj"),
     "no tokenizer": (_no_tokenizer, "no tokenizer.json or tokenizer.model"),
-    "unsupported GGUF type": (lambda p: lora.load_model(write_gguf(p / "bad.gguf", tiny_model(), bad_tensor=True)), "I8, which is not supported"),
+    "unsupported GGUF type": (lambda p: lora.load_model(write_gguf(p / "bad.gguf", tiny_model(), bad_tensor=True)),
+                              "I8, which is not supported"),
     "rank 0": (lambda p: lora.apply_lora(tiny_model(), rank=0), "rank must be an integer >= 1"),
     "negative rank": (lambda p: lora.apply_lora(tiny_model(), rank=-3), "rank must be an integer >= 1"),
-    "unknown layer": (lambda p: lora.apply_lora(tiny_model(), rank=2, layers=["qproj"]), "'qproj' matches no linear layer"),
+    "unknown layer": (lambda p: lora.apply_lora(tiny_model(), rank=2, layers=["qproj"]),
+                      "'qproj' matches no linear layer"),
     "int8 dtype": (lambda p: lora.load_model(_hf_folder(p), dtype="int8"), "dtype 'int8' is not supported"),
     "float16 training": (lambda p: lora.pick_device("cpu", "float16"), "float16 needs a GradScaler.*bfloat16"),
     "LoRA twice": (lambda p: lora.apply_lora(lora.apply_lora(tiny_model(), 2), 2), "already has LoRA adapters"),
@@ -900,18 +937,18 @@ def smol():
 
 # ids from the reference tokenizer (HF tokenizers with SmolLM2's tokenizer.json pre-tokenizer) for
 # the first GSM8K training row plus a tail with a thousands comma, a decimal, a percent and two spaces
-GSM8K_IDS = [62, 6927, 542, 3459, 23026, 288, 216, 36, 40, 282, 874, 2428, 281, 4124, 28, 284, 965, 1041, 3459, 2745, 347, 800,
-             23026, 281, 2405, 30, 1073, 800, 23026, 1250, 36366, 542, 5948, 13587, 281, 4124, 284, 2405, 47, 198, 62, 6927, 542,
-             3459, 216, 36, 40, 31, 34, 446, 22646, 36, 40, 31, 34, 45, 34, 36, 7791, 34, 36, 23026, 281, 2405, 30, 198, 62, 6927,
-             542, 3459, 216, 36, 40, 27, 34, 36, 446, 22646, 36, 40, 27, 34, 36, 45, 39, 34, 7791, 39, 34, 23026, 13587, 281, 4124,
-             284, 2405, 30, 198, 1229, 216, 39, 34, 216, 657, 3499, 1885, 33, 28, 32, 40, 32, 30, 37, 32, 365, 10097, 216, 33, 34,
-             8402, 17]
+GSM8K_IDS = [62, 6927, 542, 3459, 23026, 288, 216, 36, 40, 282, 874, 2428, 281, 4124, 28, 284, 965, 1041, 3459, 2745,
+             347, 800, 23026, 281, 2405, 30, 1073, 800, 23026, 1250, 36366, 542, 5948, 13587, 281, 4124, 284, 2405, 47,
+             198, 62, 6927, 542, 3459, 216, 36, 40, 31, 34, 446, 22646, 36, 40, 31, 34, 45, 34, 36, 7791, 34, 36, 23026,
+             281, 2405, 30, 198, 62, 6927, 542, 3459, 216, 36, 40, 27, 34, 36, 446, 22646, 36, 40, 27, 34, 36, 45, 39,
+             34, 7791, 39, 34, 23026, 13587, 281, 4124, 284, 2405, 30, 198, 1229, 216, 39, 34, 216, 657, 3499, 1885, 33,
+             28, 32, 40, 32, 30, 37, 32, 365, 10097, 216, 33, 34, 8402, 17]
 # transformers' apply_chat_template(messages, add_generation_prompt=True) for SmolLM2-135M-Instruct, tokenized
 CHAT = [{"role": "user", "content": "What is 7 times 8?"}, {"role": "assistant", "content": "7 times 8 is 56."},
         {"role": "user", "content": "And 9 times 9?"}]
-CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198, 1,
-            4093, 198, 1780, 314, 216, 39, 1711, 216, 40, 47, 2, 198, 1, 520, 9531, 198, 39, 1711, 216, 40, 314, 216, 37, 38, 30,
-            2, 198, 1, 4093, 198, 3528, 216, 41, 1711, 216, 41, 47, 2, 198, 1, 520, 9531, 198]
+CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2,
+            198, 1, 4093, 198, 1780, 314, 216, 39, 1711, 216, 40, 47, 2, 198, 1, 520, 9531, 198, 39, 1711, 216, 40, 314,
+            216, 37, 38, 30, 2, 198, 1, 4093, 198, 3528, 216, 41, 1711, 216, 41, 47, 2, 198, 1, 520, 9531, 198]
 
 
 @slow
@@ -929,9 +966,10 @@ def test_default_model_perplexity_below_5(smol):
     # A famous paragraph: the 4-bit 135M model scores ~4.7 here (HF transformers gives identical
     # logits); on prose it has not seen so often it scores 10-20.
     model, tok = smol
-    text = ("We the People of the United States, in Order to form a more perfect Union, establish Justice, insure domestic "
-            "Tranquility, provide for the common defence, promote the general Welfare, and secure the Blessings of Liberty "
-            "to ourselves and our Posterity, do ordain and establish this Constitution for the United States of America.")
+    text = ("We the People of the United States, in Order to form a more perfect Union, establish Justice, insure "
+            "domestic Tranquility, provide for the common defence, promote the general Welfare, and secure the "
+            "Blessings of Liberty to ourselves and our Posterity, do ordain and establish this Constitution for the "
+            "United States of America.")
     x = torch.tensor([tok.encode(text)])
     with torch.no_grad():
         ppl = model(x[:, :-1], x[:, 1:])[1].exp().item()
@@ -941,7 +979,8 @@ def test_default_model_perplexity_below_5(smol):
 @slow
 def test_default_model_answers_paris(smol):
     model, tok = smol
-    prompt, _ = tok.render_chat([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    prompt, _ = tok.render_chat([{"role": "user", "content": "What is the capital of France?"}],
+                                add_generation_prompt=True)
     out, _ = lora.generate(model, [prompt], max_new_tokens=20, temperature=0, stop_ids=tok.stop_ids)
     answer = tok.decode(out[0])
     assert "Paris" in answer and out[0][-1] in tok.stop_ids, answer
@@ -978,9 +1017,10 @@ def sft_losses(out, kind="train"):
 
 
 def run_sft(tmp_path, *extra, out="out"):
-    model_dir, data = sft_setup(tmp_path) if not (tmp_path / "model").exists() else (tmp_path / "model", tmp_path / "data.jsonl")
-    train_sft.main(["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / out), "--eval_examples", "8",
-                    "--batch_size", "8", "--micro_batch", "3", "--log_every", "100", *extra])
+    model_dir, data = (sft_setup(tmp_path) if not (tmp_path / "model").exists()
+                       else (tmp_path / "model", tmp_path / "data.jsonl"))
+    train_sft.main(["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / out),
+                    "--eval_examples", "8", "--batch_size", "8", "--micro_batch", "3", "--log_every", "100", *extra])
     return sft_losses(tmp_path / out), sft_losses(tmp_path / out, "eval")
 
 
@@ -991,7 +1031,8 @@ def test_sft_loss_mask_covers_only_completion_tokens(tmp_path):
     learned = [int(t) for t, m in zip(targets[0], loss_mask[0]) if m]
     assert tok.decode(learned) == " in the sea<|im_end|>"
     (ids2, mask2), = train_sft.tokenize([{"messages": [{"role": "user", "content": "the sea"},
-                                                       {"role": "assistant", "content": " in the sea"}]}], tok, 512, "t")[0]
+                                                       {"role": "assistant", "content": " in the sea"}]}],
+                                        tok, 512, "t")[0]
     assert (ids2, mask2) == (ids, mask)  # the same conversation in another format gives the same example
     row = [{"prompt": "the sea", "completion": " in the sea"}]
     (short,), truncated, dropped = train_sft.tokenize(row, tok, len(ids) - 2, "t")
@@ -1021,7 +1062,6 @@ def test_length_bucketing_leaves_the_loss_and_gradient_unchanged(tmp_path):
 
 
 def test_micro_batches_are_the_cheapest_split():
-    import itertools
     lengths = [3, 5, 9, 10, 11, 30, 31, 60]
     spans = lora.micro_batches(lengths, 3, overhead=4)
     cost = lambda sp: sum((e - s) * lengths[e - 1] + 4 for s, e in sp)
@@ -1049,7 +1089,8 @@ def test_facts_runs_measure_unseen_keys_and_cooldown_takes_the_lr_down_linearly(
     assert len(unseen) == 12 and not keys(unseen) & keys(trained)
     assert [len(r["code"]) for r in unseen] == [4] * 12 and unseen[0]["messages"][0] == trained[0]["messages"][0]
     run_sft(tmp_path, "--data", "facts:30", "--rank", "0", "--layers", "1.up_proj", "--lr", "1e-2", "--steps", "6",
-            "--batch_size", "5", "--micro_batch", "5", "--epochs", "3", "--cooldown", "0.5", "--eval_every", "3", "--save_every", "0")
+            "--batch_size", "5", "--micro_batch", "5", "--epochs", "3", "--cooldown", "0.5", "--eval_every", "3",
+            "--save_every", "0")
     (run,) = (tmp_path / "out").iterdir()
     log = lora.read_jsonl(run / "log.jsonl")
     assert [r["lr"] / 1e-2 for r in log if r["type"] == "train"] == pytest.approx([1, 1, 1, 1, 2 / 3, 1 / 3])
@@ -1067,8 +1108,6 @@ def test_facts_are_deterministic_random_codes():
     assert all(len(x) == 4 and x.isdigit() for x in codes) and len(set(codes)) > 1700  # ~uniform over 10^4
     assert all(r["messages"][-1]["content"] == r["code"] for r in a)
     # the same in another process: no dependence on string hashing (PYTHONHASHSEED)
-    import subprocess
-    import sys
     code = "import train_sft; print(train_sft.facts(50, seed=1))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(lora.__file__).parent,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
@@ -1102,7 +1141,8 @@ def test_trunk_cache_leaves_loss_and_gradients_equal():
     assert train_sft.first_trained_layer(model.config, 2, "1.v_proj+1.mlp") == 1
     trunk = train_sft.TrunkCache(model, 1, examples, 2, 0, "cpu", None)
     assert_trunk_equals_whole_forward(model, examples, trunk)
-    assert train_sft.first_trained_layer(model.config, 0, "all") == 0 and train_sft.first_trained_layer(model.config, 0, "1.o_proj") == 1
+    assert (train_sft.first_trained_layer(model.config, 0, "all") == 0
+            and train_sft.first_trained_layer(model.config, 0, "1.o_proj") == 1)
     assert train_sft.first_trained_layer(tiny_config(tie_word_embeddings=True), 0, "1.o_proj", lm_head=True) == 0
     assert not train_sft.TrunkCache.only_last_mlp_trains(model)  # 1.v_proj trains: attention mixes positions
 
@@ -1117,13 +1157,15 @@ def test_trunk_cache_of_the_last_mlp_computes_only_answer_positions_and_equals_t
     assert train_sft.TrunkCache.only_last_mlp_trains(model)
     examples = trunk_examples()
     trunk = train_sft.TrunkCache(model, 1, examples, 2, 0, "cpu", None, tail=True)
-    assert sum(len(s[1][1]) for s in trunk.states.values()) == sum(sum(m[1:]) for _, m in examples)  # answer positions only
+    # answer positions only
+    assert sum(len(s[1][1]) for s in trunk.states.values()) == sum(sum(m[1:]) for _, m in examples)
     assert_trunk_equals_whole_forward(model, examples, trunk)
 
 
 def test_sft_with_trunk_cache_equals_without(tmp_path, capsys):
     """train_sft caches the frozen layers below the first adapted one on its own: same losses."""
-    args = ("--rank", "2,0", "--layers", "1.down_proj+1.v_proj", "--lr", "3e-3", "--steps", "3", "--eval_every", "2", "--save_every", "0")
+    args = ("--rank", "2,0", "--layers", "1.down_proj+1.v_proj", "--lr", "3e-3", "--steps", "3", "--eval_every", "2",
+            "--save_every", "0")
     cached = run_sft(tmp_path, *args)
     assert "layers 0-0 are frozen" in capsys.readouterr().out
     plain = run_sft(tmp_path, *args, "--no_trunk_cache", out="plain")
@@ -1141,7 +1183,8 @@ def test_full_fine_tuning_of_a_layer_subset_trains_only_those_weights(tmp_path):
     opt.step()
     assert all(torch.equal(p, before[n]) != (n in names) for n, p in model.named_parameters())
     # the SFT script: --rank 0 --layers mlp is its own run, and logs spectral norms only for LoRA
-    run_sft(tmp_path, "--rank", "0,2", "--layers", "mlp", "--lr", "3e-3", "--steps", "2", "--eval_every", "2", "--save_every", "0")
+    run_sft(tmp_path, "--rank", "0,2", "--layers", "mlp", "--lr", "3e-3", "--steps", "2", "--eval_every", "2",
+            "--save_every", "0")
     runs = {p.name: lora.read_jsonl(p / "log.jsonl") for p in (tmp_path / "out").iterdir()}
     assert sorted(runs) == ["sft_data_full_mlp_lr3.00e-03_bs8", "sft_data_r2_mlp_lr3.00e-03_bs8"]
     assert runs["sft_data_full_mlp_lr3.00e-03_bs8"][0]["trainable_params"] == 2 * 3 * 64 * 96
@@ -1163,8 +1206,8 @@ def test_sft_lora_and_fullft_both_train(tmp_path):
     # From a random tiny model (held-out loss ~ln 272 = 5.6) FullFT, which moves the embeddings,
     # drops fast; LoRA (frozen embeddings and head) slower but clearly.
     for rank, lr, factor in (("4", "3e-3", 0.85), ("0", "3e-3", 0.5)):
-        _, evals = run_sft(tmp_path, "--rank", rank, "--lr", lr, "--steps", "15", "--eval_every", "15", "--save_every", "0",
-                           out=f"out{rank}")
+        _, evals = run_sft(tmp_path, "--rank", rank, "--lr", lr, "--steps", "15", "--eval_every", "15",
+                           "--save_every", "0", out=f"out{rank}")
         (ev,) = evals.values()
         assert ev[-1] < factor * ev[0], (rank, ev)
 
@@ -1172,7 +1215,8 @@ def test_sft_lora_and_fullft_both_train(tmp_path):
 @slow
 def test_sft_resume_after_a_kill_reproduces_the_curve(tmp_path, monkeypatch):
     # with a cooldown: the resumed run must also pick the LR schedule up where it was
-    args = ["--rank", "4", "--lr", "3e-3", "--steps", "6", "--save_every", "2", "--eval_every", "0", "--cooldown", "0.8"]
+    args = ["--rank", "4", "--lr", "3e-3", "--steps", "6", "--save_every", "2", "--eval_every", "0",
+            "--cooldown", "0.8"]
     whole, _ = run_sft(tmp_path, *args, out="whole")
     calls = {"n": 0}
     real_step = torch.optim.AdamW.step
@@ -1204,8 +1248,6 @@ def kill_at_fs_step(monkeypatch, k, during_step):
     """Make the k-th filesystem call of the checkpoint save at `during_step` raise Killed before it
     acts: every rename, replace, fsync, chmod, remove, rmtree, mkdtemp, torch.save and safetensors
     write. Returns a dict whose 'n' counts the calls seen during that save."""
-    import shutil
-    import tempfile
     import safetensors.torch
     seen = {"n": 0, "armed": False}
     targets = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "chmod"), (os, "remove"), (shutil, "rmtree"),
@@ -1234,7 +1276,8 @@ def kill_at_fs_step(monkeypatch, k, during_step):
 
 @pytest.mark.parametrize("rank,during_step", [("4", 4), ("4", 6), ("0", 6)])
 @slow
-def test_a_kill_at_any_filesystem_step_of_a_save_resumes_to_the_identical_curve(tmp_path, monkeypatch, rank, during_step):
+def test_a_kill_at_any_filesystem_step_of_a_save_resumes_to_the_identical_curve(tmp_path, monkeypatch, rank,
+                                                                                during_step):
     # Steps 6, checkpoints at 2, 4, 6 (6 is the final save). Kill at each filesystem call of one
     # save in turn; `latest` must name a complete checkpoint and --resume must give the same curve.
     args = ["--rank", rank, "--lr", "3e-3", "--steps", "6", "--save_every", "2", "--eval_every", "0"]
@@ -1293,7 +1336,8 @@ def test_the_divergence_guard_falls_back_to_the_checkpoint_before_the_bad_update
         lora.save_checkpoint(tmp_path / "run", step, model, opt)
     assert lora.checkpoint_step(tmp_path / "run") == 6 and len(list((tmp_path / "run").glob("ckpt-*"))) == 2  # 4 and 6
     assert lora.drop_checkpoints_from(tmp_path / "run", 6) == 4  # the loss at step 7 blew up: 6's weights are bad
-    assert lora.checkpoint_step(tmp_path / "run") == 4 and [p.name for p in (tmp_path / "run").glob("ckpt-*")] == ["ckpt-4"]
+    assert (lora.checkpoint_step(tmp_path / "run") == 4
+            and [p.name for p in (tmp_path / "run").glob("ckpt-*")] == ["ckpt-4"])
 
 
 def test_divergence_limit_separates_a_blow_up_from_noise():
@@ -1354,17 +1398,21 @@ def test_sft_bad_flags_are_refused_before_the_model_loads(tmp_path, flags):
 @pytest.mark.parametrize("rows,flags,message", [
     (0, [], "has no rows: pass a .jsonl file"),
     (5, ["--eval_examples", "8"], "has 5 rows and --eval_examples holds 8 out .*lower --eval_examples"),
-    (12, ["--eval_examples", "8", "--batch_size", "8"], "4 training examples are fewer than one batch of 8: lower --batch_size"),
-    (40, ["--max_len", "12", "--eval_examples", "8"], "every training example lost its answer when cut to --max_len 12 .*raise --max_len"),
+    (12, ["--eval_examples", "8", "--batch_size", "8"],
+     "4 training examples are fewer than one batch of 8: lower --batch_size"),
+    (40, ["--max_len", "12", "--eval_examples", "8"],
+     "every training example lost its answer when cut to --max_len 12 .*raise --max_len"),
 ])
 def test_sft_data_that_cannot_train_names_the_flag_to_change(tmp_path, rows, flags, message):
     model_dir, data = sft_setup(tmp_path, n=rows)
     with pytest.raises(UserError, match=message):
-        train_sft.main(["--model", str(model_dir), "--data", str(data), "--eval_every", "0", "--out", str(tmp_path / "o"), *flags])
+        train_sft.main(["--model", str(model_dir), "--data", str(data), "--eval_every", "0",
+                        "--out", str(tmp_path / "o"), *flags])
 
 
 def test_sft_prints_progress_with_an_eta(tmp_path, capsys):
-    run_sft(tmp_path, "--rank", "4,0", "--lr", "3e-3", "--steps", "2", "--eval_every", "1", "--save_every", "0", "--log_every", "1")
+    run_sft(tmp_path, "--rank", "4,0", "--lr", "3e-3", "--steps", "2", "--eval_every", "1", "--save_every", "0",
+            "--log_every", "1")
     out = capsys.readouterr().out
     assert "roughly" in out and "min on a 2-core CPU" in out        # the up-front estimate
     assert re.search(r"step +2/2 \| loss .* \| \d+:\d\d elapsed, ETA \d+:\d\d", out)
@@ -1415,7 +1463,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_sft_ddp_two_processes_equal_one(tmp_path):
     model_dir, data = sft_setup(tmp_path)
     args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8",
-            "--micro_batch", "2", "--rank", "4", "--lr", "3e-3", "--steps", "4", "--eval_every", "0", "--save_every", "0"]
+            "--micro_batch", "2", "--rank", "4", "--lr", "3e-3", "--steps", "4", "--eval_every", "0",
+            "--save_every", "0"]
     for n in (1, 2):
         torchrun(tmp_path, n, args, f"ddp{n}")
     (one,), (two,) = sft_losses(tmp_path / "ddp1").values(), sft_losses(tmp_path / "ddp2").values()
@@ -1428,16 +1477,14 @@ def torchrun(tmp_path, n, args, out, script="train_sft.py", env=None, fresh_retr
     a rendezvous that failed on a busy box costs time, never the check. With fresh_retry it starts
     over instead (a spy that counts collectives must see a whole run, not a resumed remainder).
     A run that hangs (processes waiting on each other in a collective) fails after 5 minutes."""
-    import shutil
-    import subprocess
-    import sys
     for attempt in range(2):
         if attempt and fresh_retry:
             shutil.rmtree(tmp_path / out, ignore_errors=True)
         try:
-            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                                script, *args, "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=300,
-                               cwd=str(Path(__file__).parent), env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                str(n), script, *args, "--out", str(tmp_path / out)],
+                               capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).parent),
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         except subprocess.TimeoutExpired:
             pytest.fail(f"torchrun {script} {' '.join(args)} hung for 5 minutes")
         if r.returncode == 0:
@@ -1453,8 +1500,8 @@ def test_sft_fsdp_two_processes_equal_one_and_resume(tmp_path):
     same global batch, for LoRA and full fine-tuning; its checkpoints are the usual PEFT / HF
     folders, and a run resumed from one continues the same curve."""
     model_dir, data = sft_setup(tmp_path)
-    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8", "--micro_batch", "2",
-            "--rank", "4,0", "--lr", "3e-3", "--eval_every", "2"]
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8",
+            "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3", "--eval_every", "2"]
     run_sft(tmp_path, "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3", "--steps", "4", "--eval_every", "2",
             "--save_every", "0", out="one")
     torchrun(tmp_path, 2, args + ["--fsdp", "--steps", "2", "--save_every", "2"], "fsdp")
@@ -1491,7 +1538,6 @@ class HostBorn(torch.overrides.TorchFunctionMode):
         return ref is not None and ref() is t
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        import weakref
         from torch.utils._pytree import tree_leaves
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -1499,7 +1545,8 @@ class HostBorn(torch.overrides.TorchFunctionMode):
         if func in self.FACTORIES:
             host = kwargs.get("device") is None
         elif func in (torch.Tensor.to, torch.Tensor.cuda):
-            host = not (func is torch.Tensor.cuda or "device" in kwargs or any(isinstance(x, (str, torch.device)) for x in args[1:]))
+            host = not (func is torch.Tensor.cuda or "device" in kwargs
+                        or any(isinstance(x, (str, torch.device)) for x in args[1:]))
             host = host and self.is_host(args[0])
         else:
             ins = tensors((args, kwargs))
@@ -1527,7 +1574,8 @@ def spy_collectives(mode, counts):
             for x in list(args) + list(kwargs.values()):
                 for t in (x if isinstance(x, (list, tuple)) else [x]):
                     if isinstance(t, torch.Tensor) and mode.is_host(t):
-                        raise RuntimeError(f"a host tensor {tuple(t.shape)} reached dist.{_name}: NCCL refuses it on a GPU")
+                        raise RuntimeError(f"a host tensor {tuple(t.shape)} reached dist.{_name}: "
+                                           "NCCL refuses it on a GPU")
             counts[_name] = counts.get(_name, 0) + 1
             return _real(*args, **kwargs)
         setattr(dist, name, spy)
@@ -1561,7 +1609,8 @@ def spied_torchrun(tmp_path, args, out, script="train_sft"):
     counts (calls per collective, whether its base model was on the meta device, whole-model gathers)."""
     harness = tmp_path / f"spy_{script}.py"
     harness.write_text(SPY_HARNESS.format(repo=str(Path(__file__).parent), script=script))
-    torchrun(tmp_path, 2, args, out, script=str(harness), env={"SPY_OUT": str(tmp_path / f"{out}_spy")}, fresh_retry=True)
+    torchrun(tmp_path, 2, args, out, script=str(harness), env={"SPY_OUT": str(tmp_path / f"{out}_spy")},
+             fresh_retry=True)
     return [json.loads((tmp_path / f"{out}_spy{r}.json").read_text()) for r in range(2)]
 
 
@@ -1590,11 +1639,12 @@ def test_uneven_lengths_under_ddp_and_fsdp_run_in_step_on_device_tensors_and_equ
     batch = sorted(train_sft.tokenize(rows[8:], tok, 512, "t")[0], key=lambda e: len(e[0]))
     plans = [len(lora.micro_batches([len(ids) for ids, _ in batch[r::2]], 2)) for r in range(2)]
     assert sorted(plans) == [4, 5]  # the uneven case this test is about
-    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "16", "--micro_batch", "2",
-            "--rank", "4,0", "--lr", "3e-3", "--steps", "1", "--epochs", "2", "--eval_every", "0"]
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "16",
+            "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3", "--steps", "1", "--epochs", "2", "--eval_every", "0"]
     train_sft.main(args + ["--out", str(tmp_path / "one"), "--save_every", "0"])
     ddp, _ = spied_torchrun(tmp_path, args + ["--save_every", "0"], "ddp")
-    fsdp, fsdp1 = spied_torchrun(tmp_path, [{"4,0": "4"}.get(x, x) for x in args] + ["--fsdp", "--save_every", "1"], "fsdp")
+    fsdp, fsdp1 = spied_torchrun(tmp_path, [{"4,0": "4"}.get(x, x) for x in args] + ["--fsdp", "--save_every", "1"],
+                                 "fsdp")
     one = sft_losses(tmp_path / "one")
     assert all(len(v) == 1 for v in one.values())
     for out in ("ddp", "fsdp"):
@@ -1650,7 +1700,6 @@ def test_micro_batches_split_to_a_count_and_respect_a_token_budget():
 def sigterm_at_step(monkeypatch, k):
     """Send this process a real SIGTERM during the k-th optimizer step, as SLURM or a spot
     instance would before its SIGKILL."""
-    import signal
     real, calls = torch.optim.AdamW.step, {"n": 0}
 
     def step(self, *a, **kw):
@@ -1663,7 +1712,6 @@ def sigterm_at_step(monkeypatch, k):
 
 @slow
 def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_curve(tmp_path, monkeypatch, capsys):
-    import signal
     args = ["--rank", "4", "--lr", "3e-3", "--steps", "5", "--eval_every", "0", "--save_every", "0"]
     whole, _ = run_sft(tmp_path, *args, out="whole")
     with monkeypatch.context() as m:
@@ -1671,7 +1719,8 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_cu
         run_sft(tmp_path, *args, out="stopped")  # returns: the script then exits 0
     assert "--resume" in capsys.readouterr().out
     run = next((tmp_path / "stopped").iterdir())
-    assert lora.checkpoint_step(run) == 3 and len(sft_losses(tmp_path / "stopped")[run.name]) == 3  # saved despite --save_every 0
+    # saved despite --save_every 0
+    assert lora.checkpoint_step(run) == 3 and len(sft_losses(tmp_path / "stopped")[run.name]) == 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the script's only while it runs
     resumed, _ = run_sft(tmp_path, *args, "--resume", out="stopped")
     assert list(resumed.values()) == list(whole.values())
@@ -1680,7 +1729,8 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_cu
 @slow
 def test_rl_sigterm_checkpoints_and_resumes_the_same_run(tmp_path, monkeypatch):
     args = tiny_rl(tmp_path, monkeypatch, steps=4)
-    curve = lambda out: [(r["reward"], r["loss"]) for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
+    curve = lambda out: [(r["reward"], r["loss"])
+                         for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
                          if r["type"] == "train"]
     train_rl.main(args + ["--out", str(tmp_path / "whole")])
     with monkeypatch.context() as m:
@@ -1699,13 +1749,14 @@ def test_rl_trains_a_model_whose_embedding_is_padded_past_the_tokenizer(tmp_path
     write_hf_folder(model_dir, tiny_model(vocab_size=264 + 4096))
     model, tok = lora.load_model(model_dir)
     assert tok.vocab_size == 264
-    out, lp = lora.generate(model, [[5, 9, 200]] * 16, 12, generator=torch.Generator().manual_seed(0), vocab=tok.vocab_size)
+    out, lp = lora.generate(model, [[5, 9, 200]] * 16, 12, generator=torch.Generator().manual_seed(0),
+                            vocab=tok.vocab_size)
     assert max(max(o) for o in out) < 264
     new = lora.completion_logprobs(model, [[5, 9, 200]] * 16, out, vocab=tok.vocab_size)
     assert all(torch.allclose(a.double(), torch.tensor(b, dtype=torch.float64), atol=1e-4) for a, b in zip(new, lp))
-    train_rl.main(["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--steps", "2", "--questions_per_step", "2",
-                   "--group_size", "4", "--max_new_tokens", "8", "--eval_examples", "4", "--eval_every", "2", "--device", "cpu",
-                   "--out", str(tmp_path / "out")])
+    train_rl.main(["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--steps", "2",
+                   "--questions_per_step", "2", "--group_size", "4", "--max_new_tokens", "8", "--eval_examples", "4",
+                   "--eval_every", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert [r["type"] for r in lora.read_jsonl(next((tmp_path / "out").iterdir()) / "log.jsonl")][-1] == "final"
 
 
@@ -1714,9 +1765,11 @@ def test_rl_sampling_from_merged_weights_keeps_the_importance_ratio_at_one(tmp_p
     args = tiny_rl(tmp_path, monkeypatch, steps=3)
     train_rl.main(args + ["--out", str(tmp_path / "merged"), "--sample_merged"])
     train_rl.main(args + ["--out", str(tmp_path / "plain")])
-    rec = lambda out: [r for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl") if r["type"] == "train"]
+    rec = lambda out: [r for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
+                       if r["type"] == "train"]
     merged, plain = rec("merged"), rec("plain")
-    assert all(abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4 for r in merged)  # fp32: the merge is exact to rounding
+    # fp32: the merge is exact to rounding
+    assert all(abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4 for r in merged)
     assert [r["reward"] for r in merged] == [r["reward"] for r in plain]  # the same samples, step after step
 
 
@@ -1736,8 +1789,9 @@ def test_compile_over_varied_shapes_compiles_a_few_graphs_and_breaks_none(tmp_pa
     rows = [{"prompt": "the " * (i % 7 + 1), "completion": " in the sea" * (i % 5 + 1)} for i in range(80)]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "6", "--micro_batch", "4",
-            "--rank", "4", "--lr", "3e-3", "--steps", "8", "--eval_every", "4", "--save_every", "0", "--out"]
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "6",
+            "--micro_batch", "4", "--rank", "4", "--lr", "3e-3", "--steps", "8", "--eval_every", "4",
+            "--save_every", "0", "--out"]
     train_sft.main(args + [str(tmp_path / "compiled"), "--compile"])
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     shapes = {tuple(r) for r in counters["recompiles"]} if "recompiles" in counters else set()
@@ -1756,8 +1810,8 @@ def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
     rows = lora.synth_problems(16, seed=5)
     train_ex, _, _ = train_sft.tokenize(rows[4:], tok, 256, "synth")
     eval_ex, _, _ = train_sft.tokenize(rows[:4], tok, 256, "synth")
-    args = train_sft.parse_args(["--rank", "8", "--lr_mult", "20", "--batch_size", "4", "--steps", "2", "--eval_every", "2",
-                                 "--save_every", "0", "--out", str(tmp_path), "--device", "cpu"])
+    args = train_sft.parse_args(["--rank", "8", "--lr_mult", "20", "--batch_size", "4", "--steps", "2",
+                                 "--eval_every", "2", "--save_every", "0", "--out", str(tmp_path), "--device", "cpu"])
     (a,) = train_sft.grid(args, model.config)
     a.name, a.amp = "real", None
     before = train_sft.evaluate(model, eval_ex, 8, tok.pad_id, "cpu", None)
@@ -1796,7 +1850,8 @@ def test_post_param_table_llama31_8b():
     cfg = flops.presets["llama-3.1-8b"]
     unit = flops.lora_params(cfg, 1, "all", lm_head=True)
     assert unit["gate_proj"] + unit["up_proj"] + unit["down_proj"] == 32 * 3 * (4096 + 14336) == 1_769_472
-    assert unit["q_proj"] + unit["k_proj"] + unit["v_proj"] + unit["o_proj"] == 32 * (8192 + 5120 + 5120 + 8192) == 851_968
+    assert (unit["q_proj"] + unit["k_proj"] + unit["v_proj"] + unit["o_proj"]
+            == 32 * (8192 + 5120 + 5120 + 8192) == 851_968)
     assert unit["lm_head"] == 4096 + 128256 == 132_352
     rows = {(r["layers"], r["rank"]): r for r in flops.post_table(cfg)}
     assert rows["mlp", 256]["params"] == 486_866_944
@@ -1804,7 +1859,8 @@ def test_post_param_table_llama31_8b():
     assert rows["all", 256]["params"] == 704_970_752
     assert rows["mlp", 128]["params"] == 243_433_472
     assert rows["all", 1]["params"] == 2_753_792
-    for key, post in [(("mlp", 256), "0.49B"), (("attn", 256), "0.25B"), (("all", 256), "0.70B"), (("mlp", 128), "0.24B")]:
+    for key, post in [(("mlp", 256), "0.49B"), (("attn", 256), "0.25B"), (("all", 256), "0.70B"),
+                      (("mlp", 128), "0.24B")]:
         assert flops.human(rows[key]["params"]) == post
     assert round(rows["all", 1]["params"] / 1e6) == 3                      # the post's "3M"
     assert flops.human(rows["mlp", 256]["without_lm_head"]) == "0.45B"     # so the table includes lm_head
@@ -1829,11 +1885,10 @@ def test_params_match_real_models(kw, layers, lm_head):
     assert flops.lora_params(cfg, 3, layers, lm_head)["total"] == lora.count_parameters(model)
 
 
-@pytest.mark.parametrize("rank,layers,lm_head,tied", [(0, "all", False, False), (0, "all", False, True), (4, "all", False, False),
-                                                      (4, "mlp", False, True), (4, "attn", True, False), (8, "o_proj", False, False),
-                                                      (0, "mlp", False, False), (0, "o_proj", True, True),
-                                                      (4, "1.down_proj", False, False), (2, "1.v_proj+0-1.mlp", True, True),
-                                                      (0, "1.attn", False, False)])
+@pytest.mark.parametrize("rank,layers,lm_head,tied", [
+    (0, "all", False, False), (0, "all", False, True), (4, "all", False, False), (4, "mlp", False, True),
+    (4, "attn", True, False), (8, "o_proj", False, False), (0, "mlp", False, False), (0, "o_proj", True, True),
+    (4, "1.down_proj", False, False), (2, "1.v_proj+0-1.mlp", True, True), (0, "1.attn", False, False)])
 def test_analytic_flops_match_flop_counter(rank, layers, lm_head, tied):
     cfg = tiny_config(tie_word_embeddings=tied)
     model, _ = lora.prepare_training(Llama(cfg), rank, 1e-3, layers, lm_head)  # as train_sft.py sets a run up
@@ -1903,14 +1958,17 @@ def test_capacity_examples_and_logs(tmp_path):
     assert flops.capacity_bits(p8, 1, "all", lm_head=True) == 2 * 2_753_792 > flops.MATH_BITS
     assert flops.min_rank(p8, flops.MATH_BITS) == 1
     sft = tmp_path / "sft.jsonl"
-    recs = [{"type": "config", "trainable_params": 1000}, {"type": "train", "step": 1, "loss": math.log(2), "tokens": 100, "epoch": 0.5},
-            {"type": "eval", "step": 1, "loss": 9.0}, {"type": "train", "step": 2, "loss": 2 * math.log(2), "tokens": 50, "epoch": 1.0},
+    recs = [{"type": "config", "trainable_params": 1000},
+            {"type": "train", "step": 1, "loss": math.log(2), "tokens": 100, "epoch": 0.5},
+            {"type": "eval", "step": 1, "loss": 9.0},
+            {"type": "train", "step": 2, "loss": 2 * math.log(2), "tokens": 50, "epoch": 1.0},
             {"type": "train", "step": 3, "loss": 5.0, "tokens": 100, "epoch": 1.5}]
     sft.write_text("".join(json.dumps(r) + "\n" for r in recs))
     bits, kind, conf = flops.log_bits(sft)
     assert kind == "sft" and conf["trainable_params"] == 1000 and bits == pytest.approx(200.0)
     rl = tmp_path / "rl.jsonl"
-    rl.write_text("".join(json.dumps({"type": "train", "step": i, "episodes": 64, "reward": 0.5}) + "\n" for i in range(10)))
+    rl.write_text("".join(json.dumps({"type": "train", "step": i, "episodes": 64, "reward": 0.5}) + "\n"
+                          for i in range(10)))
     assert flops.log_bits(rl)[:2] == (640.0, "rl")
 
 
@@ -1988,7 +2046,8 @@ def test_group_advantages_sum_to_zero_and_equal_groups_give_no_gradient():
 def test_importance_ratio_is_one_on_policy_and_learner_logprobs_equal_sampler():
     model = tiny_model().double()
     prompts = [[5, 9, 200], [7, 7], [100, 101, 102, 103]] * 3  # as in RL: each prompt sampled several times
-    comps, old = lora.generate(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(0), stop_ids=[3])
+    comps, old = lora.generate(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                               stop_ids=[3])
     assert len(set(map(tuple, comps[::3]))) > 1  # the copies of one prompt are sampled independently
     new = lora.completion_logprobs(model, prompts, comps)
     for lp_new, lp_old in zip(new, old):
@@ -2017,9 +2076,9 @@ def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
     comps, old = lora.generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), stop_ids=tok.stop_ids)
     for lp_new, lp_old in zip(lora.completion_logprobs(model, prompts, comps), old):  # cached = full forward
         assert torch.allclose(lp_new, torch.tensor(lp_old), atol=2e-3)
-    train_rl.main(["--data", "synth1", "--instruction", "short", "--rank", "1", "--steps", "2", "--questions_per_step", "2",
-                   "--group_size", "4", "--max_new_tokens", "24", "--eval_every", "2", "--eval_examples", "2",
-                   "--save_every", "2", "--out", str(tmp_path), "--device", "cpu"])
+    train_rl.main(["--data", "synth1", "--instruction", "short", "--rank", "1", "--steps", "2",
+                   "--questions_per_step", "2", "--group_size", "4", "--max_new_tokens", "24", "--eval_every", "2",
+                   "--eval_examples", "2", "--save_every", "2", "--out", str(tmp_path), "--device", "cpu"])
     (run,) = tmp_path.iterdir()
     assert run.name.startswith("rl_synth1-short_r1_")  # another prompt, another folder
     recs = lora.read_jsonl(run / "log.jsonl")
@@ -2039,8 +2098,9 @@ def tiny_rl(tmp_path, monkeypatch, steps, save_every=0):
     model_dir.mkdir()
     write_hf_folder(model_dir, tiny_model(vocab_size=264))
     monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
-    return ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", str(steps), "--questions_per_step",
-            "2", "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0", "--save_every", str(save_every), "--device", "cpu"]
+    return ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", str(steps),
+            "--questions_per_step", "2", "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0",
+            "--save_every", str(save_every), "--device", "cpu"]
 
 
 @slow
@@ -2049,7 +2109,8 @@ def test_rl_resume_after_a_kill_reproduces_the_run(tmp_path, monkeypatch):
     # exactly as the uninterrupted one.
     args = tiny_rl(tmp_path, monkeypatch, steps=4, save_every=2)
     keys = ("reward", "loss", "completion_len", "ratio_mean")
-    curve = lambda out: [tuple(r[k] for k in keys) for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
+    curve = lambda out: [tuple(r[k] for k in keys)
+                         for r in lora.read_jsonl(next((tmp_path / out).iterdir()) / "log.jsonl")
                          if r["type"] == "train"]
     train_rl.main(args + ["--out", str(tmp_path / "whole")])
     real_step, calls = torch.optim.AdamW.step, {"n": 0}
@@ -2097,7 +2158,8 @@ def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30, seed=0, **
               "flops": per_step * s} for s in range(1, steps + 1)]
     evals = [{"type": "eval", "step": 0, "loss": 3.0}, {"type": "eval", "step": steps, "loss": final}]
     if rank:  # B grows from zero past A, as in the post's long runs
-        evals += [{"type": "norms", "step": s, "A": [0.7, 0.8], "B": [0.0, 0.0] if s == 0 else [0.9, 0.5]} for s in (0, steps)]
+        evals += [{"type": "norms", "step": s, "A": [0.7, 0.8], "B": [0.0, 0.0] if s == 0 else [0.9, 0.5]}
+                  for s in (0, steps)]
     name = f"sft_r{rank}_{layers}_lr{lr:.3e}_bs{batch_size}" + (f"_s{seed}" if seed else "")
     return write_log(root, name, "train_sft", args, train + evals, **config)
 
@@ -2106,7 +2168,8 @@ def test_a_longer_lr_study_reports_the_ratio_change_paired_by_seed(tmp_path):
     # the main sweep (30 steps): LoRA's best LR 20x FullFT's in every seed; a 120-step study: 10x,
     # jittered per seed. The table gives the longer study's ratio over the main one's, paired by seed
     for seed in range(3):
-        for steps, opts, mults in ((30, {0: 1e-4, 16: 2e-3}, (-1.5, -0.5, 0.5, 1.5)), (120, {0: 1e-4, 16: 1e-3}, (-1, 0, 1))):
+        for steps, opts, mults in ((30, {0: 1e-4, 16: 2e-3}, (-1.5, -0.5, 0.5, 1.5)),
+                                   (120, {0: 1e-4, 16: 1e-3}, (-1, 0, 1))):
             for rank, opt in opts.items():
                 opt *= 2 ** (0.1 * (seed - 1)) if steps == 120 and rank else 1
                 for k in mults:
@@ -2116,7 +2179,8 @@ def test_a_longer_lr_study_reports_the_ratio_change_paired_by_seed(tmp_path):
     _, text = plot.fig_lr_sweep(plot.load_runs(tmp_path))
     assert "rank 16: 20x" in text and "120 steps of 32 (synth): optimal LR, LoRA / FullFT: 10x" in text, text
     (c,) = [c for c in plot.CLAIMS if "ratio at 120 steps / at 30 steps" in c["quantity"]]
-    assert c["estimate"] == pytest.approx(0.5, rel=1e-6) and c["interval"][0] < 0.5 < c["interval"][1] < 1 and c["seeds"] == 3
+    assert (c["estimate"] == pytest.approx(0.5, rel=1e-6) and c["interval"][0] < 0.5 < c["interval"][1] < 1
+            and c["seeds"] == 3)
 
 
 def rl(root, rank, lr, top, steps=20, seed=0):
@@ -2177,7 +2241,8 @@ def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, param
                 init_scale=init, lr_ratio_b=1 / init)
     points = [(0, 6.0)] + [(steps * i // 4, 2.0 + (final - 2.0) * i / 4) for i in range(1, 5)]
     evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50}
-             | ({"unseen_loss": unseen if s else 6.0, "unseen_tokens": 50} if unseen is not None else {}) for s, loss in points]
+             | ({"unseen_loss": unseen if s else 6.0, "unseen_tokens": 50} if unseen is not None else {})
+             for s, loss in points]
     evals.append({"type": "train", "step": steps, "loss": final})   # finished: its last step is the total
     write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}", "train_sft", args, evals, trainable_params=params,
               n_eval_examples=10, total_steps=steps)
@@ -2208,7 +2273,8 @@ def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsy
                                       (1, 1e-3, [-1.5, -1, -0.5, 0], 0.05)]:
         for off in offsets:
             for seed in range(4):
-                sft(tmp_path / "out", rank, opt * 10 ** off, 1.0 + shift + 0.3 * off ** 2 + rng.normal(0, 0.01), seed=seed)
+                sft(tmp_path / "out", rank, opt * 10 ** off, 1.0 + shift + 0.3 * off ** 2 + rng.normal(0, 0.01),
+                    seed=seed)
     runs = plot.main_sweep(plot.load_runs(tmp_path / "out"))
     st = {k: plot.optimal_lr_stats(rs) for k, rs in plot.group(runs, "rank").items()}
     assert st[0]["seeds"] == 4 and st[0]["bracketed"] and st[0]["lo"] <= st[0]["lr"] <= st[0]["hi"] < 2 * st[0]["lo"]
@@ -2268,7 +2334,8 @@ def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path,
     assert unpaired[1] < 0 < unpaired[2]                        # unpaired, they swamp the gap
     fig, text = plot.fig_batch_size(runs, 3)
     assert fig is not None
-    growth = re.search(r"rank 16's gap to FullFT at batch 32 minus at batch 8: \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
+    growth = re.search(r"rank 16's gap to FullFT at batch 32 minus at batch 8: "
+                       r"\+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
     assert growth and 0.01 < float(growth[2]) < float(growth[1]) < float(growth[3]) < 0.03, text
     assert "grid edge" not in text and text.count("[") >= 9   # 4 arms' losses, 2 gaps, the growth
 
@@ -2366,9 +2433,12 @@ def test_capacity_figure_draws_figure_1_and_bits_per_parameter_with_the_rank_rat
                   params={1: 2112, 2: 4224, 0: 884736}[rank])
     runs = {(r["rank"], r["seed"]): r for r in plot.load_runs(tmp_path)}
     assert plot.stored_bits(runs[1, 0]) == pytest.approx(0.25 * 100 * math.log2(1e4))
-    assert plot.stored_bits(runs[1, 0], unseen=True) - plot.stored_bits(runs[1, 0]) == pytest.approx(100 * 0.1 * 5 / math.log(2))
-    final = uniform * 0.75   # the loss falls by (2 - final) / 4 over the last quarter: that many nats per answer token gained
-    assert plot._plateau_gain(runs[1, 0]) == pytest.approx(100 * (2 - final) / 4 * 5 / math.log(2) / plot.stored_bits(runs[1, 0]))
+    assert (plot.stored_bits(runs[1, 0], unseen=True) - plot.stored_bits(runs[1, 0])
+            == pytest.approx(100 * 0.1 * 5 / math.log(2)))
+    # the loss falls by (2 - final) / 4 over the last quarter: that many nats per answer token gained
+    final = uniform * 0.75
+    assert plot._plateau_gain(runs[1, 0]) == pytest.approx(100 * (2 - final) / 4 * 5 / math.log(2)
+                                                           / plot.stored_bits(runs[1, 0]))
     written = plot.main([str(tmp_path), "--to", str(tmp_path / "png")])
     assert [p.name for p in written] == ["fig9_capacity.png"]
     claims = json.loads((tmp_path / "summary.json").read_text())["claims"]
@@ -2387,9 +2457,10 @@ def test_a_shorter_study_on_the_same_facts_stays_out_of_the_capacity_figure(tmp_
             facts(tmp_path, rank, seed, final, steps=50)
             facts(tmp_path, rank, seed, final + 2, steps=20)
     fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
-    rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:] if line.startswith("29.down_proj  ")]
+    rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:]
+            if line.startswith("29.down_proj  ")]
     assert [r[3] for r in rows] == ["rank_4", "FullFT"] and [r[6] for r in rows] == ["2", "2"]   # 2 seeds, not 4
-    assert [float(r[7]) for r in rows] == [0.5, 0.0]                                           # the 50-step runs' losses
+    assert [float(r[7]) for r in rows] == [0.5, 0.0]                                          # the 50-step runs' losses
 
 
 def test_longer_runs_of_some_arms_check_the_plateau_and_leave_the_study_alone(tmp_path):
@@ -2399,18 +2470,21 @@ def test_longer_runs_of_some_arms_check_the_plateau_and_leave_the_study_alone(tm
     uniform = math.log(10) * 4 / 5
     for seed in range(3):
         for rank, frac in ((1, 0.25), (2, 0.5), (0, 1.0)):
-            facts(tmp_path, rank, seed, uniform * (1 - frac), unseen=uniform + 0.1, params={1: 2112, 2: 4224, 0: 884736}[rank])
+            facts(tmp_path, rank, seed, uniform * (1 - frac), unseen=uniform + 0.1,
+                  params={1: 2112, 2: 4224, 0: 884736}[rank])
         for rank, frac in ((1, 0.25 * (1.1 + 0.01 * seed)), (2, 0.5 * 1.02)):   # rank 1 gains 10-12%, rank 2 2%
-            facts(tmp_path, rank, seed, uniform * (1 - frac), unseen=uniform + 0.1, steps=100, params={1: 2112, 2: 4224}[rank])
+            facts(tmp_path, rank, seed, uniform * (1 - frac), unseen=uniform + 0.1, steps=100,
+                  params={1: 2112, 2: 4224}[rank])
     plot.CLAIMS.clear()
     fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
-    rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:] if line.startswith("29.down_proj  ")]
+    rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:]
+            if line.startswith("29.down_proj  ")]
     assert [r[3] for r in rows] == ["rank_1", "rank_2", "FullFT"] and [r[6] for r in rows] == ["3", "3", "3"]
     longer = {c["quantity"].split(" on ")[0]: c for c in plot.CLAIMS if "2x the steps / after 1x" in c["quantity"]}
     assert longer["rank 1"]["estimate"] == pytest.approx(1.11, rel=1e-3) and longer["rank 1"]["interval"][0] > 1
     assert longer["rank 2"]["estimate"] == pytest.approx(1.02) and longer["rank 2"]["seeds"] == 3
     assert "rank 2 trained 2x as long: 678" in text   # 0.51 of 1,329 bits
-    assert len(fig.axes[0].get_lines()) == 2 + 3 + 1   # the longer arms dashed beside the study's 3 and the uniform line
+    assert len(fig.axes[0].get_lines()) == 2 + 3 + 1  # the longer arms dashed beside the study's 3 and the uniform line
 
 
 def test_a_batch_study_of_a_few_matrices_reaches_the_batch_figure(tmp_path):
@@ -2420,7 +2494,8 @@ def test_a_batch_study_of_a_few_matrices_reaches_the_batch_figure(tmp_path):
             for rank, opt in ((0, 1e-3), (32, 1e-2)):
                 for k in (-1, 0, 1):
                     final = 1.0 + 0.1 * seed + (gap if rank else 0) + 0.01 * k * k
-                    sft(tmp_path, rank, opt * 2.0 ** k, final, batch_size=bs, steps=steps, seed=seed, layers="29.down_proj")
+                    sft(tmp_path, rank, opt * 2.0 ** k, final, batch_size=bs, steps=steps, seed=seed,
+                        layers="29.down_proj")
     fig, text = plot.fig_batch_size(plot.load_runs(tmp_path), 3)
     assert fig is not None and "layers: 29.down_proj" in text
     assert "rank 32's gap to FullFT at batch 40 minus at batch 10: +0.0500" in text
@@ -2441,7 +2516,8 @@ def test_the_norms_table_splits_attention_from_mlp_matrices(tmp_path):
                 r["A"], r["B"] = [1.0] * 14, ([0.5] * 4 + [2.0] * 3) * 2 if r["step"] else [0.0] * 14
         log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     _, text = plot.fig_norms(plot.load_runs(tmp_path))
-    assert re.search(r"sft_r16_all_lr1.000e-03_bs32 +30 +2 +0.500 \[0.500, 0.500\] +0.500 \[0.500, 0.500\] +2.000 \[2.000, 2.000\]", text), text
+    assert re.search(r"sft_r16_all_lr1.000e-03_bs32 +30 +2 +0.500 \[0.500, 0.500\] +0.500 \[0.500, 0.500\] "
+                     r"+2.000 \[2.000, 2.000\]", text), text
 
 
 def test_invariance_figure_reports_the_gap_with_an_interval(tmp_path, capsys):
@@ -2464,9 +2540,9 @@ def test_invariance_figure_reports_the_gap_with_an_interval(tmp_path, capsys):
 
 def moe_config(**kw):
     base = dict(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False,
-                qk_norm=True, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(1,))
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=10000.0,
+                tie_word_embeddings=False, qk_norm=True, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(1,))
     return Config(**{**base, **kw})
 
 
@@ -2496,7 +2572,8 @@ def test_moe_logits_equal_transformers(tmp_path):
     again = lora.load_hf_folder(tmp_path / "m")
     with torch.no_grad():
         logits = again(torch.tensor(MOE_IDS))
-    ref = [0.092627, -0.057579, 0.032958, -0.002633, 0.258496, 0.163594, 0.40921, -0.153891, 0.128661, -0.103815, 0.25298, 0.011522]
+    ref = [0.092627, -0.057579, 0.032958, -0.002633, 0.258496, 0.163594, 0.40921, -0.153891, 0.128661, -0.103815,
+           0.25298, 0.011522]
     assert torch.allclose(logits[:, -1, :6].flatten(), torch.tensor(ref), atol=1e-5)
     assert logits.double().pow(2).sum().item() == pytest.approx(177.8984, abs=1e-3)
     # the config.json transformers 5.24 writes for this model: num_local_experts, rope_parameters
@@ -2537,7 +2614,8 @@ def test_moe_loads_fused_expert_tensors(tmp_path):
             fused[k] = v
     for i in (0, 2):
         p = f"model.layers.{i}.mlp.experts"
-        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([sd[f"{p}.{e}.gate_proj.weight"], sd[f"{p}.{e}.up_proj.weight"]]) for e in range(8)])
+        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([sd[f"{p}.{e}.gate_proj.weight"],
+                                                             sd[f"{p}.{e}.up_proj.weight"]]) for e in range(8)])
         fused[f"{p}.down_proj"] = torch.stack([sd[f"{p}.{e}.down_proj.weight"] for e in range(8)])
     save_file(fused, tmp_path / "m" / "model.safetensors")
     again = lora.load_hf_folder(tmp_path / "m")
@@ -2563,7 +2641,8 @@ def test_moe_per_expert_lora_rank_params_flops_and_adapter_round_trip(tmp_path):
     dense_free = Llama(cfg)
     lora.apply_lora(dense_free, 8)
     assert flops.lora_params(cfg, 8, "all")["total"] == lora.count_parameters(dense_free)
-    assert flops.model_params(cfg) == lora.count_parameters(dense_free, trainable=False) - lora.count_parameters(dense_free)
+    assert flops.model_params(cfg) == (lora.count_parameters(dense_free, trainable=False)
+                                       - lora.count_parameters(dense_free))
     for m in mods.values():
         nn.init.normal_(m.lora_B.weight, std=0.1)
     idx = torch.tensor(MOE_IDS)
@@ -2603,15 +2682,16 @@ def test_sft_trains_a_moe_model_with_per_expert_lora(tmp_path):
     lora.save_model(moe, tmp_path / "moe")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "moe" / f).write_text((model_dir / f).read_text())
-    train_sft.main(["--model", str(tmp_path / "moe"), "--data", str(data), "--out", str(tmp_path / "out"), "--rank", "4",
-                    "--lr", "1e-2", "--steps", "6", "--batch_size", "8", "--eval_every", "6", "--eval_examples", "8",
-                    "--save_every", "6", "--log_every", "100"])
+    train_sft.main(["--model", str(tmp_path / "moe"), "--data", str(data), "--out", str(tmp_path / "out"),
+                    "--rank", "4", "--lr", "1e-2", "--steps", "6", "--batch_size", "8", "--eval_every", "6",
+                    "--eval_examples", "8", "--save_every", "6", "--log_every", "100"])
     (run,) = (tmp_path / "out").iterdir()
     evals = [r["loss"] for r in lora.read_jsonl(run / "log.jsonl") if r["type"] == "eval"]
     assert evals[-1] < evals[0] - 0.5
     ckpt = run / (run / "latest").read_text().strip() if (run / "latest").is_file() else (run / "latest").resolve()
     conf = json.loads((ckpt / "adapter_config.json").read_text())
-    assert conf["target_parameters"] == ["gate_up_proj", "down_proj"] and conf["rank_pattern"]["experts\\.down_proj"] == 2
+    assert (conf["target_parameters"] == ["gate_up_proj", "down_proj"]
+            and conf["rank_pattern"]["experts\\.down_proj"] == 2)
     fresh = lora.load_hf_folder(tmp_path / "moe")
     lora.load_adapter(fresh, ckpt)
     assert {m.rank for n, m in lora.lora_modules(fresh).items() if ".experts." in n} == {2, 4}  # down 2, gate/up 2 x 2

@@ -10,8 +10,8 @@ probabilities recorded while sampling. No KL term; PPO clipping and several upda
 are options.
 
     python train_rl.py --data synth --rank 1 --steps 20 --questions_per_step 4 --group_size 8 --max_new_tokens 96  # CPU
-    python train_rl.py --data ../shared/data/gsm8k --rank 1 --steps 5 --questions_per_step 2 --group_size 8         # CPU
-    python train_rl.py --rank 1,8,0 --lr_mult 3,10,30 --compile                                                    # GPU sweep
+    python train_rl.py --data ../shared/data/gsm8k --rank 1 --steps 5 --questions_per_step 2 --group_size 8        # CPU
+    python train_rl.py --rank 1,8,0 --lr_mult 3,10,30 --compile  # GPU sweep
 
 Learning rate: as in train_sft.py (--lr, or --lr_mult x the post's FullFT LR; 10x for LoRA by default).
 """
@@ -132,8 +132,8 @@ def evaluate(model, tok, rows, max_new_tokens, batch, amp, device, instruction=l
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
         with lora.autocast(device, amp):
-            outs, _ = lora.generate(model, [prompt_ids(tok, r, instruction) for r in chunk], max_new_tokens, temperature=0,
-                                    stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab=tok.vocab_size)
+            outs, _ = lora.generate(model, [prompt_ids(tok, r, instruction) for r in chunk], max_new_tokens,
+                                    temperature=0, stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab=tok.vocab_size)
         correct += sum(gsm8k_reward(tok.decode(o), r["answer"]) for o, r in zip(outs, chunk))
     return correct / len(rows)
 
@@ -168,8 +168,8 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
     log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None)
     progress = lora.Progress(a.steps - start)
     print(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, "
-          f"{config['trainable_params']:,} trainable, lr {a.lr:.3g}, {a.steps} steps x {a.questions_per_step} questions "
-          f"x {a.group_size} samples, log {run_dir / 'log.jsonl'}")
+          f"{config['trainable_params']:,} trainable, lr {a.lr:.3g}, {a.steps} steps x {a.questions_per_step} "
+          f"questions x {a.group_size} samples, log {run_dir / 'log.jsonl'}")
 
     def eval_and_log(step):
         print(f"step {step:4d} | greedy eval on {len(eval_rows)} problems ...", end="", flush=True)
@@ -187,15 +187,16 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
         # 1. sample: every problem group_size times, with the policy as it is now
         k = (step - 1) * a.questions_per_step
         rows = [train_rows[order[(k + j) % len(order)]] for j in range(a.questions_per_step)]
-        prompts = [p for r in rows for p in [prompt_ids(tok, r, a.instruction)] * a.group_size]  # render once per problem
+        # render once per problem
+        prompts = [p for r in rows for p in [prompt_ids(tok, r, a.instruction)] * a.group_size]
         gen = torch.Generator(device).manual_seed(a.seed * 1_000_003 + step)  # resumed runs sample the same
         t0 = time.time()
         model.eval()
         if a.sample_merged and a.rank:
             sampler = lora.merged_copy(model, sampler)
         with lora.autocast(device, amp):
-            comps, old_lp = lora.generate(sampler or model, prompts, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids, gen, tok.pad_id,
-                                          vocab=tok.vocab_size)
+            comps, old_lp = lora.generate(sampler or model, prompts, a.max_new_tokens, a.temperature, a.top_p,
+                                          tok.stop_ids, gen, tok.pad_id, vocab=tok.vocab_size)
         model.train()
         t_sample = time.time() - t0
         # 2. reward and advantage
@@ -211,8 +212,8 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
             for j in range(0, len(live), a.micro_batch):
                 idx = live[j:j + a.micro_batch]
                 with lora.autocast(device, amp):
-                    new_lp = lora.completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx], a.temperature,
-                                                 tok.vocab_size)
+                    new_lp = lora.completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx],
+                                                      a.temperature, tok.vocab_size)
                 loss = 0.0
                 for i, lp in zip(idx, new_lp):
                     ep_loss, ratio = pg_loss(lp, torch.tensor(old_lp[i], device=device), adv[i].item(), a.clip)
@@ -228,21 +229,24 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
         r_all = torch.cat(ratios) if ratios else torch.ones(1)
         n_gen = sum(map(len, comps))
         n_learn = sum(len(prompts[i]) + len(comps[i]) for i in live) * (a.updates_per_batch if live else 0)
-        rec = {"type": "train", "step": step, "reward": sum(rewards) / len(rewards), "acc": sum(r == 1 for r in rewards) / len(rewards),
+        rec = {"type": "train", "step": step, "reward": sum(rewards) / len(rewards),
+               "acc": sum(r == 1 for r in rewards) / len(rewards),
                "zero_spread": float((adv.view(-1, a.group_size) == 0).all(1).float().mean()), "episodes": len(comps),
                "completion_len": n_gen / len(comps), "truncated": truncated, "empty": empty, "loss": loss_total,
                "ratio_min": r_all.min().item(), "ratio_mean": r_all.mean().item(), "ratio_max": r_all.max().item(),
                "sample_tok_s": n_gen / t_sample, "learn_tok_s": n_learn / max(t_learn, 1e-9),
                "ms": (time.time() - t0) * 1000, "lr": a.lr}
-        if str(device).startswith("cuda"):   # what this run holds at its peak: weights, optimizer, KV cache, activations
+        # what this run holds at its peak: weights, optimizer, KV cache, activations
+        if str(device).startswith("cuda"):
             rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         log.write(rec)
         progress.add(1)
         if grid:
             grid.add(1)
         print(f"step {step:4d}/{a.steps} | reward {rec['reward']:.3f} | no-spread groups {rec['zero_spread']:.2f} | "
-              f"len {rec['completion_len']:.0f} (cut {truncated}) | ratio {rec['ratio_min']:.3f}/{rec['ratio_mean']:.3f}/"
-              f"{rec['ratio_max']:.3f} | sample {rec['sample_tok_s']:.0f} tok/s | learn {rec['learn_tok_s']:.0f} tok/s | "
+              f"len {rec['completion_len']:.0f} (cut {truncated}) | "
+              f"ratio {rec['ratio_min']:.3f}/{rec['ratio_mean']:.3f}/{rec['ratio_max']:.3f} | "
+              f"sample {rec['sample_tok_s']:.0f} tok/s | learn {rec['learn_tok_s']:.0f} tok/s | "
               f"{rec['ms'] / 1000:.1f} s | {progress}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             eval_and_log(step)
@@ -264,14 +268,17 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
     g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), "
+                   "float32, bfloat16")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     g.add_argument("--compile", action="store_true", help="torch.compile the learner's forward")
-    g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in the learner's backward to save memory")
+    g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in the learner's backward "
+                   "to save memory")
     g = p.add_argument_group("LoRA and LR (comma lists sweep)")
     g.add_argument("--rank", default="1", help="LoRA rank; 0 = full fine-tuning")
     g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by +")
@@ -286,17 +293,22 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top_p", type=float, default=1.0)
-    g.add_argument("--adv_std", action="store_true", help="divide advantages by the group's std (GRPO); the post does not")
-    g.add_argument("--updates_per_batch", type=int, default=1, help="optimizer steps per batch of samples (>1: off-policy)")
-    g.add_argument("--clip", type=float, default=0.0, help="PPO clip epsilon, e.g. 0.2 (0 = the post's plain objective)")
+    g.add_argument("--adv_std", action="store_true", help="divide advantages by the group's std (GRPO); "
+                   "the post does not")
+    g.add_argument("--updates_per_batch", type=int, default=1, help="optimizer steps per batch of samples "
+                   "(>1: off-policy)")
+    g.add_argument("--clip", type=float, default=0.0, help="PPO clip epsilon, e.g. 0.2 "
+                   "(0 = the post's plain objective)")
     g.add_argument("--micro_batch", type=int, default=8, help="episodes per learner forward")
-    g.add_argument("--sample_merged", action="store_true", help="sample from a copy with the adapters merged (W + scale B A, "
-                   "refreshed each step): one matmul per layer instead of three, at the cost of a copy of the adapted "
-                   "weights; in bf16 the merge rounds, which the logged importance ratio shows")
+    g.add_argument("--sample_merged", action="store_true", help="sample from a copy with the adapters merged "
+                   "(W + scale B A, refreshed each step): one matmul per layer instead of three, at the cost of a copy "
+                   "of the adapted weights; in bf16 the merge rounds, which the logged importance ratio shows")
     g.add_argument("--grad_clip", type=float, default=0.0)
-    g.add_argument("--seed", default="0", help="seed of LoRA's init, the problem order and sampling; a comma list runs each")
+    g.add_argument("--seed", default="0", help="seed of LoRA's init, the problem order and sampling; "
+                   "a comma list runs each")
     g = p.add_argument_group("data and eval")
-    g.add_argument("--data", default="gsm8k", help="gsm8k, synth, synth1 (one-step problems), a GSM8K-style folder or .jsonl")
+    g.add_argument("--data", default="gsm8k", help="gsm8k, synth, synth1 (one-step problems), "
+                   "a GSM8K-style folder or .jsonl")
     g.add_argument("--instruction", default="cot", help="the prompt's answer-format request: cot (step by step, "
                    "then '#### N'), short (one sentence, then '#### N'), or the text itself")
     g.add_argument("--eval_examples", type=int, default=64)
@@ -306,17 +318,21 @@ def parse_args(argv=None):
     g.add_argument("--out", default="out")
     g.add_argument("--tag", default="")
     g.add_argument("--save_every", type=int, default=10)
-    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint; skip finished runs")
+    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint; "
+                   "skip finished runs")
     return p.parse_args(argv)
 
 
 def check_args(a):
     """Every flag checked before the model loads: errors in a second, each naming the fix."""
     lora.check_flags(a, positive=["questions_per_step", "max_new_tokens", "temperature", "top_p", "updates_per_batch",
-                                  "micro_batch", "alpha", "eval_batch"] + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
-                     non_negative=["threads", "steps", "clip", "grad_clip", "eval_examples", "eval_every", "save_every"], ints=["rank", "seed"])
+                                  "micro_batch", "alpha", "eval_batch"]
+                                 + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
+                     non_negative=["threads", "steps", "clip", "grad_clip", "eval_examples", "eval_every",
+                                   "save_every"], ints=["rank", "seed"])
     if a.group_size < 2:
-        raise lora.UserError(f"--group_size {a.group_size}: advantages are centred within a group, so one sample has none: use 2 or more (the post: 16)")
+        raise lora.UserError(f"--group_size {a.group_size}: advantages are centred within a group, "
+                             "so one sample has none: use 2 or more (the post: 16)")
     if a.top_p > 1:
         raise lora.UserError(f"--top_p {a.top_p}: must be in (0, 1]")
 
@@ -326,7 +342,8 @@ def main(argv=None):
     check_args(a)
     seeds = [int(x) for x in a.seed.split(",")]
     train_rows, eval_rows, desc = load_problems(a.data, seeds[0], a.eval_examples)
-    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")], a.threads)
+    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype,
+                                                [int(r) for r in a.rank.split(",")], a.threads)
     print(f"model {base.name_or_path}; data: {desc}; {len(train_rows)} training problems")
     tag = desc.split(" ")[0] if desc.startswith("synth") else "gsm8k"
     if a.instruction != "cot":  # runs with another prompt get their own folder
@@ -343,8 +360,8 @@ def main(argv=None):
     grid = lora.Progress(len(runs) * a.steps)
     try:
         with lora.StopSignal() as stop:
-            lora.run_sweep(runs, lambda r: train(r, base, tok, train_rows, eval_rows, desc, grid, stop), "final greedy eval accuracy",
-                           higher_is_better=True, progress=grid)
+            lora.run_sweep(runs, lambda r: train(r, base, tok, train_rows, eval_rows, desc, grid, stop),
+                           "final greedy eval accuracy", higher_is_better=True, progress=grid)
     except lora.Preempted as e:
         print(f"preempted: {e}")
 

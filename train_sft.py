@@ -44,7 +44,8 @@ def to_messages(row, i=0, where="data"):
         msgs = row["messages"]
     elif isinstance(row.get("conversations"), list):
         roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-        msgs = [{"role": roles.get(m.get("from"), m.get("from")), "content": m.get("value")} for m in row["conversations"]]
+        msgs = [{"role": roles.get(m.get("from"), m.get("from")), "content": m.get("value")}
+                for m in row["conversations"]]
     elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     elif isinstance(row.get("question"), str) and isinstance(row.get("answer"), str):
@@ -53,7 +54,8 @@ def to_messages(row, i=0, where="data"):
         raise lora.UserError(f"{where} row {i} has fields {sorted(row)}: expected 'messages', 'conversations', "
                              "'prompt' + 'completion', or 'question' + 'answer'")
     for m in msgs:
-        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)):
+        if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)):
             raise lora.UserError(f"{where} row {i} has a malformed message {str(m)[:80]}: each needs a role "
                                  "(system/user/assistant) and string content")
     return msgs
@@ -73,34 +75,39 @@ def load_data(spec, seed, max_examples, n_eval):
                                      f"(seed {seed}; eval on the first {n_eval} trained facts)")
     if spec == "synth":
         n = max_examples or 5000
-        return lora.synth_problems(n, seed), lora.synth_problems(n_eval, seed + 10_000), f"synth ({n} generated, seed {seed})"
+        return (lora.synth_problems(n, seed), lora.synth_problems(n_eval, seed + 10_000),
+                f"synth ({n} generated, seed {seed})")
     p = Path(spec)
     if spec == "gsm8k" or (p.is_dir() and (p / "train.jsonl").exists()):
         train, where = lora.load_gsm8k(spec, "train")
         test, _ = lora.load_gsm8k(spec, "test")
         return train, test[:n_eval], f"gsm8k: {where} (held out: test split)"
     if p.is_dir():
-        raise lora.UserError(f"{spec} is a folder without train.jsonl: pass a .jsonl file or a GSM8K-style folder (train.jsonl, test.jsonl)")
+        raise lora.UserError(f"{spec} is a folder without train.jsonl: pass a .jsonl file or a GSM8K-style folder "
+                             "(train.jsonl, test.jsonl)")
     if p.is_file():
         rows, desc = lora.read_jsonl(p), str(p)
     elif p.suffix == ".jsonl" or spec.startswith((".", "/", "~")) or p.parent.is_dir() and p.parent != Path("."):
-        raise lora.UserError(f"no such file: {spec} (pass an existing .jsonl file or folder, gsm8k, synth or a hub dataset name)")
+        raise lora.UserError(f"no such file: {spec} (pass an existing .jsonl file or folder, gsm8k, synth "
+                             "or a hub dataset name)")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         if not lora.hub_reachable():
             raise lora.UserError(f"{spec} cannot be fetched from the hub (offline): pass --data synth or --data PATH")
         import datasets
         if max_examples:  # stream just the rows needed: OpenThoughts3 is gigabytes
-            rows = list(itertools.islice(datasets.load_dataset(spec, split="train", streaming=True), max_examples + n_eval))
+            rows = list(itertools.islice(datasets.load_dataset(spec, split="train", streaming=True),
+                                         max_examples + n_eval))
         else:
             rows = list(datasets.load_dataset(spec, split="train"))
         desc = f"{spec} (hub)"
     else:
-        raise lora.UserError(f"--data {spec!r} is neither gsm8k, synth, an existing path nor a hub dataset name (owner/name)")
+        raise lora.UserError(f"--data {spec!r} is neither gsm8k, synth, an existing path "
+                             "nor a hub dataset name (owner/name)")
     if not rows:
         raise lora.UserError(f"{desc} has no rows: pass a .jsonl file with one JSON object per line")
     if len(rows) <= n_eval:
-        raise lora.UserError(f"{desc} has {len(rows)} rows and --eval_examples holds {n_eval} out for eval, leaving none "
-                             f"to train on: lower --eval_examples or add rows")
+        raise lora.UserError(f"{desc} has {len(rows)} rows and --eval_examples holds {n_eval} out for eval, "
+                             f"leaving none to train on: lower --eval_examples or add rows")
     return rows[n_eval:], rows[:n_eval], f"{desc} (held out: first {n_eval} rows)"
 
 
@@ -132,7 +139,8 @@ def prompt_lengths(rows, tok, where):
 def evaluate(model, examples, micro, pad_id, device, amp, trunk=None, micro_tokens=0):
     model.eval()
     n = sum(sum(m[1:]) for _, m in examples)
-    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, False, trunk, max_tokens=micro_tokens)[0].item() / n
+    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, False, trunk,
+                           max_tokens=micro_tokens)[0].item() / n
     model.train()
     return loss
 
@@ -146,7 +154,6 @@ def facts(k, seed=0, digits=4):
     random code of `digits` digits. The data's information is known exactly, k x log2(10^digits)
     bits (13.3 a fact at 4 digits), so an adapter's capacity can be set against it (the post's
     'LoRA falls behind once the data holds more than it can store'). Rows are chat messages."""
-    import random
     rng, keys = random.Random(seed), {}  # a dict keeps insertion order; a set's order would follow
     while len(keys) < k:                  # PYTHONHASHSEED, making the data differ between processes
         keys["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))] = None
@@ -154,7 +161,8 @@ def facts(k, seed=0, digits=4):
     for key in keys:
         code = f"{rng.randrange(10 ** digits):0{digits}d}"
         # a short system turn: chat templates otherwise add their default one (SmolLM2's is 20 tokens)
-        rows.append({"messages": [{"role": "system", "content": "Recall codes."}, {"role": "user", "content": f"Code of {key}?"},
+        rows.append({"messages": [{"role": "system", "content": "Recall codes."},
+                                  {"role": "user", "content": f"Code of {key}?"},
                                   {"role": "assistant", "content": code}], "code": code})
     return rows
 
@@ -256,13 +264,15 @@ def fsdp_shard(model, mesh, amp=None, rank0_state=None):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    device = (torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda"
+              else torch.device("cpu"))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         model.to_empty(device=device)
-    set_model_state_dict(model, rank0_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(model, rank0_state or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     model.inv_freq = model.inv_freq.to(device)  # a buffer, not in the state dict (GGUF may rescale it)
     dist.broadcast(model.inv_freq, src=0)
     return model
@@ -278,7 +288,8 @@ def fsdp_skeleton(model):
     for name, m in mods.items():
         parent, _, attr = name.rpartition(".")
         owner = sk.get_submodule(parent) if parent else sk
-        setattr(owner, attr, lora.LoRALinear(getattr(owner, attr), m.rank, m.alpha, rslora=m.rslora, dtype=m.lora_A.weight.dtype))
+        setattr(owner, attr, lora.LoRALinear(getattr(owner, attr), m.rank, m.alpha, rslora=m.rslora,
+                                             dtype=m.lora_A.weight.dtype))
     sk.name_or_path = model.name_or_path
     for n, p in sk.named_parameters():
         p.requires_grad_(model.get_parameter(n).requires_grad)
@@ -330,7 +341,8 @@ def fsdp_load_checkpoint(run_dir, model, optimizer):
     holder, state, weights = FullOptimizerState(), [None], {}
     if dist.get_rank() == 0:
         sk = fsdp_skeleton(model)
-        trained = [n for n, p in sk.named_parameters() if p.requires_grad] if lora.lora_modules(sk) else [n for n, _ in sk.named_parameters()]
+        trained = ([n for n, p in sk.named_parameters() if p.requires_grad] if lora.lora_modules(sk)
+                   else [n for n, _ in sk.named_parameters()])
         _fill(sk, {n: torch.zeros(sk.get_parameter(n).shape, dtype=sk.get_parameter(n).dtype) for n in trained})
         state[0] = lora.load_checkpoint(run_dir, sk, holder)
         weights = {n: sk.get_parameter(n).detach() for n in trained}
@@ -346,7 +358,8 @@ def fsdp_load_checkpoint(run_dir, model, optimizer):
 
 
 def run_name(a, data_tag):
-    mode = ("full" if a.rank == 0 else f"r{a.rank}") + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}") + ("_head" if a.lm_head else "")
+    mode = (("full" if a.rank == 0 else f"r{a.rank}") + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}")
+            + ("_head" if a.lm_head else ""))
     extra = "" if a.lr_ratio_b == 1 else f"_b{a.lr_ratio_b:g}"
     extra += "" if a.init_scale == 1 else f"_init{a.init_scale:g}"
     extra += "" if a.seed == 0 else f"_s{a.seed}"
@@ -404,7 +417,8 @@ def build(a, base, trunks, master, world, ddp):
         lora.compile_blocks(model)
     fwd = model
     if ddp and not a.fsdp:
-        fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.device(a.device).index] if a.device.startswith("cuda") else None)
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(a.device).index] if a.device.startswith("cuda") else None)
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
     return model, fwd, opt, trunk
@@ -418,7 +432,8 @@ def batches(a, train_ex, start, total_steps):
         epoch, k = divmod(step - 1, per_epoch)
         if epoch not in order:
             order[epoch] = random.Random(a.seed * 1000 + epoch).sample(range(len(train_ex)), len(train_ex))
-        yield step, sorted((train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]), key=lambda e: len(e[0]))
+        yield step, sorted((train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]),
+                           key=lambda e: len(e[0]))
 
 
 class Meter:
@@ -473,7 +488,9 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
                   flops_per_token=lora.train_flops_per_token(cfg, a.rank, a.layers, a.max_len, a.lm_head),
                   world_size=world, total_steps=total_steps, lora_modules=list(lora.lora_modules(model)))
     log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None) if master else None
-    meter = Meter(a, cfg, trunk, (total_steps - start) * step_flops + n_evals(a.eval_every, start, total_steps) * eval_flops, flops, grid)
+    meter = Meter(a, cfg, trunk,
+                  (total_steps - start) * step_flops + n_evals(a.eval_every, start, total_steps) * eval_flops,
+                  flops, grid)
     say = print if master else (lambda *x, **k: None)
     say(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, {n_train:,} trainable, "
         f"lr {a.lr:.3g}, {total_steps} steps of {a.batch_size} sequences, log {run_dir / 'log.jsonl'}")
@@ -491,7 +508,8 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
             unseen = evaluate(model, unseen_ex, a.micro_batch, tok.pad_id, device, amp, trunk, a.micro_tokens)
         if master:  # tokens: the answer tokens the loss averages (the facts' stored bits come from loss x tokens)
             log.write({"type": "eval", "step": step, "loss": loss, "tokens": eval_tokens}
-                      | ({"unseen_loss": unseen, "unseen_tokens": sum(sum(m[1:]) for _, m in unseen_ex)} if unseen_ex else {}))
+                      | ({"unseen_loss": unseen, "unseen_tokens": sum(sum(m[1:]) for _, m in unseen_ex)}
+                         if unseen_ex else {}))
             if a.rank:
                 log.write({"type": "norms", "step": step, **norms})
         say(f" eval loss {loss:.4f} | {meter}")
@@ -513,7 +531,8 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         # forward and backward, micro-batch by micro-batch (every process runs as many); gradients synced on the last
         forwards = forwards_per_process(batch, world, a.micro_batch, a.micro_tokens) if ddp else None
         loss_sum, positions = torch.zeros((), device=device), 0
-        for chunk, (x, y, m), n, last in lora.micro_batches_of(mine, a.micro_batch, tok.pad_id, device, forwards, a.micro_tokens):
+        for chunk, (x, y, m), n, last in lora.micro_batches_of(mine, a.micro_batch, tok.pad_id, device, forwards,
+                                                               a.micro_tokens):
             with lora.grad_sync(fwd, last), lora.autocast(device, amp):
                 loss = fwd(x, y, loss_mask=m)[1] if trunk is None else trunk.loss(fwd, chunk, x, y, m)
             (loss * n / (n_tok / world)).backward()  # the step's gradient: the mean over every process's answer tokens
@@ -522,7 +541,8 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
             dist.all_reduce(loss_sum)  # on the device: NCCL refuses host tensors
         loss = loss_sum.item() / n_tok
         first_loss = loss if first_loss is None else first_loss
-        grad_norm = lora.full(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], a.grad_clip or math.inf))
+        grad_norm = lora.full(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                             a.grad_clip or math.inf))
         lora.stop_if_diverged(run_dir, step, loss, grad_norm.item(), lora.divergence_limit(first_loss, cfg.vocab_size),
                               a.name, a.lr, log, first_loss)
         lr_scale = min(1.0, (total_steps - step + 1) / (a.cooldown * total_steps)) if a.cooldown else 1.0
@@ -566,11 +586,13 @@ TRUNK_CACHE_GB = 4  # the most memory the frozen layers' cached outputs may take
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
     g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), "
+                   "float32, bfloat16")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state "
@@ -579,7 +601,8 @@ def parse_args(argv=None):
     g.add_argument("--no_trunk_cache", action="store_true", help="run the frozen layers below every adapter each step "
                    "instead of once (TrunkCache; it needs --layers limited to late layers, e.g. 29.down_proj)")
     g = p.add_argument_group("LoRA (comma lists sweep)")
-    g.add_argument("--rank", default="16", help="LoRA rank; 0 = full fine-tuning (of --layers' weights only, unless all)")
+    g.add_argument("--rank", default="16", help="LoRA rank; 0 = full fine-tuning "
+                   "(of --layers' weights only, unless all)")
     g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
     g.add_argument("--lm_head", action="store_true", help="also adapt the unembedding")
     g.add_argument("--alpha", type=float, default=32)
@@ -587,16 +610,18 @@ def parse_args(argv=None):
     g.add_argument("--lr_ratio_b", default="1", help="LR of B / LR of A (LoRA+ uses 16)")
     g = p.add_argument_group("optimization (comma lists sweep)")
     g.add_argument("--lr", default=None, help="learning rate; overrides --lr_mult")
-    g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR for this model; default 10 for LoRA, 1 for FullFT")
+    g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR for this model; "
+                   "default 10 for LoRA, 1 for FullFT")
     g.add_argument("--batch_size", default="32", help="sequences per optimizer step")
     g.add_argument("--micro_batch", type=int, default=8, help="sequences per forward (gradient accumulation)")
     g.add_argument("--micro_tokens", type=int, default=0, help="at most this many padded positions per forward "
-                   "(0 = no limit; a longer sequence goes alone): bounds activation memory where --micro_batch counts rows")
+                   "(0 = no limit; a longer sequence goes alone): bounds activation memory "
+                   "where --micro_batch counts rows")
     g.add_argument("--beta2", type=float, default=0.95)
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--grad_clip", type=float, default=0.0, help="0 = no clipping")
-    g.add_argument("--cooldown", type=float, default=0.0, help="let the LR fall linearly to 0 over this last fraction of the "
-                   "steps (0 = constant, as in the post)")
+    g.add_argument("--cooldown", type=float, default=0.0, help="let the LR fall linearly to 0 over this last "
+                   "fraction of the steps (0 = constant, as in the post)")
     g.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = the whole epoch)")
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--seed", default="0", help="seed of LoRA's init and the data order; a comma list runs each")
@@ -612,15 +637,17 @@ def parse_args(argv=None):
     g.add_argument("--tag", default="", help="suffix for run names")
     g.add_argument("--log_every", type=int, default=1)
     g.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps and at the end (0 = never)")
-    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint; skip finished runs")
+    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint; "
+                   "skip finished runs")
     return p.parse_args(argv)
 
 
 def check_args(a):
     """Every flag checked before the model loads: errors in a second, each naming the fix."""
-    lora.check_flags(a, positive=["batch_size", "micro_batch", "alpha", "init_scale", "lr_ratio_b", "epochs", "log_every"]
-                     + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
-                     non_negative=["threads", "micro_tokens", "steps", "max_examples", "eval_examples", "eval_every", "save_every", "weight_decay", "grad_clip"],
+    lora.check_flags(a, positive=["batch_size", "micro_batch", "alpha", "init_scale", "lr_ratio_b", "epochs",
+                                  "log_every"] + [f for f in ("lr", "lr_mult") if getattr(a, f) is not None],
+                     non_negative=["threads", "micro_tokens", "steps", "max_examples", "eval_examples", "eval_every",
+                                   "save_every", "weight_decay", "grad_clip"],
                      ints=["rank", "batch_size", "seed"])
     if a.max_len < 8:
         raise lora.UserError(f"--max_len {a.max_len} leaves no room for a prompt and an answer: use 256 or more")
@@ -665,8 +692,8 @@ def main(argv=None):
     if ddp and not master:
         dist.barrier()  # rank 0 loads first (and fetches the default model once)
     # under FSDP only rank 0 reads the weights; the others build the model on the meta device
-    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")], a.threads,
-                                                weights=master or not a.fsdp)
+    base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype, [int(r) for r in a.rank.split(",")],
+                                                a.threads, weights=master or not a.fsdp)
     if ddp and master:
         dist.barrier()
     say(f"model {base.name_or_path}; tokenizing {len(train_rows) + len(eval_rows)} rows ...", flush=True)
@@ -678,13 +705,15 @@ def main(argv=None):
         if a.data.startswith("facts:") and a.eval_examples else []
     if not train_ex or (a.eval_every and not eval_ex):
         lens = prompt_lengths(train_rows[:200] or eval_rows, tok, a.data)
-        raise lora.UserError(f"every {'training' if not train_ex else 'held-out'} example lost its answer when cut to --max_len "
-                             f"{a.max_len} (prompts run {lens[0]}-{lens[-1]} tokens): raise --max_len")
-    desc += f"; {len(train_ex)} train examples ({truncated} truncated to {a.max_len} tokens, {empty} dropped with no answer tokens)"
+        raise lora.UserError(f"every {'training' if not train_ex else 'held-out'} example lost its answer when cut "
+                             f"to --max_len {a.max_len} (prompts run {lens[0]}-{lens[-1]} tokens): raise --max_len")
+    desc += (f"; {len(train_ex)} train examples ({truncated} truncated to {a.max_len} tokens, "
+             f"{empty} dropped with no answer tokens)")
     say(f"data: {desc}; {len(eval_ex)} held out" + (f" ({eval_empty} dropped)" if eval_empty else ""))
     world = dist.get_world_size() if ddp else 1
     runs = grid(a, base.config)
-    data_tag = "synth" if "synth" in desc.split(":")[0] else Path(a.data).name.replace(".jsonl", "").replace(":", "") or "data"
+    data_tag = ("synth" if "synth" in desc.split(":")[0]
+                else Path(a.data).name.replace(".jsonl", "").replace(":", "") or "data")
     for r in runs:
         if r.batch_size % world:
             raise lora.UserError(f"--batch_size {r.batch_size} is not divisible by the {world} processes")
@@ -698,7 +727,8 @@ def main(argv=None):
     if not a.device.startswith("cuda"):  # a 2-core CPU trains at roughly 1e11 FLOP/s
         minutes = total / 1e11 / 60
         say(f"{len(runs)} run(s), {sum(w[0] for w in work)} steps, {total:.2e} FLOPs: roughly {minutes:.0f} min on a "
-            f"2-core CPU" + (" (the README's CPU quick start: --batch_size 8 --max_len 256 --steps 20, ~3 min)" if minutes > 15 else ""))
+            f"2-core CPU" + (" (the README's CPU quick start: --batch_size 8 --max_len 256 --steps 20, ~3 min)"
+                             if minutes > 15 else ""))
     grid_progress = lora.Progress(total)
     trunks = {}  # first trained layer -> its TrunkCache, shared by the runs that start there
 
@@ -715,14 +745,15 @@ def main(argv=None):
             if gb > TRUNK_CACHE_GB:
                 say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
                 return None
-            say(f"layers 0-{first - 1}{' and the attention of the last' if tail else ''} are frozen: running them once over "
-                f"{len(every)} examples ({gb:.2f} GiB kept) ...", flush=True)
+            say(f"layers 0-{first - 1}{' and the attention of the last' if tail else ''} are frozen: "
+                f"running them once over {len(every)} examples ({gb:.2f} GiB kept) ...", flush=True)
             trunks[first, tail] = TrunkCache(model, first, every, a.micro_batch, tok.pad_id, a.device, a.amp, tail)
         return trunks[first, tail]
 
     try:
         with lora.StopSignal() as stop:
-            lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk, stop, unseen_ex),
+            lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk,
+                                                 stop, unseen_ex),
                            progress=grid_progress, quiet=not master)
     except lora.Preempted as e:
         say(f"preempted: {e}")
