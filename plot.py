@@ -925,7 +925,7 @@ def fig_norms(runs, w=5):
             seeded.append([r for r in rs_ if r["lr"] == best])
     rows += ["", "configuration at its best LR (2+ seeds, longest first)      step  seeds  |B|/|A| at the end [95% CI]"
                  "   attention matrices       MLP matrices"]
-    for g in sorted(seeded, key=lambda g: longest(g[0]))[:30]:
+    for g in sorted(seeded, key=lambda g: longest(g[0])):
         parts = [slice(None)] + ([slice(0, 4), slice(4, 7)] if all(split(r) for r in g) else [])
         stats = [mean_ci([ratio(r, p) for r in g]) for p in parts]
         cells = [f"{m:.3f} {_ci(lo, hi, '{:.3f}'):16}" for m, lo, hi in stats]
