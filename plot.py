@@ -1088,11 +1088,12 @@ def fig_capacity(runs, w=5):
                   label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, "
                         f"{len(best)} seed{'s' * (len(best) > 1)})")
         left.fill_between(steps[keep], (mean - se)[keep], (mean + se)[keep], color=cols[rank], alpha=0.2, lw=0)
-    for g in longer.get((mine[0]["layers"], k), []):   # the plateau check: the same arms trained longer, dashed
+    # the plateau check: the same arms trained longer; the shortest dashed, longer ones dotted, then dash-dotted
+    for j, g in enumerate(sorted(longer.get((mine[0]["layers"], k), []), key=lambda g: g[0]["examples"])):
         for rank, rs_ in group(g, "rank").items():
             steps, mean, _ = seed_mean(rs_, 1, "eval")
             keep = steps > 0
-            left.plot(steps[keep], mean[keep], "--", color=cols.get(rank, "gray"), lw=1,
+            left.plot(steps[keep], mean[keep], ("--", ":", "-.")[j % 3], color=cols.get(rank, "gray"), lw=1,
                       label=f"{_label(rank)}, {g[0]['examples'] / mine[0]['examples']:g}x the steps ({len(rs_)} seeds)")
     left.axhline(math.log(10) * 4 / 5, color="gray", ls="--", lw=1,
                  label="no code stored (uniform digits, end token learnt)")
