@@ -1047,7 +1047,7 @@ def fig_capacity(runs, w=5):
                               d, glo, ghi, len(set(bits) & set(full)))
         if 0 in bests and len(bests) > 1 and all(len(r["unseen"][0]) for r in mine):   # Figure 1: the largest such K
             curves = max([c for c in (curves, (k, mine, bests)) if c], key=lambda c: (c[0], len(c[1])))
-    for (layers, k), groups in longer.items():   # a plateau: training twice as long adds little
+    for (layers, k), groups in longer.items():   # a plateau: training longer adds little
         for g in groups:
             times, long_bits = g[0]["examples"] / studies[layers, k][0]["examples"], {}
             for rank in _ranks(g):
