@@ -239,19 +239,21 @@ def device_peak(device):
 
 def _forward_backward(model, idx, tgt, amp):
     with lora.autocast(idx.device, amp):
-        _, loss = model(idx, tgt)
+        loss = model(idx, tgt)
     loss.backward()
 
 
 def counted_flops(model, idx, tgt, amp=None):
     """FLOPs of one forward + backward by torch.utils.flop_counter.FlopCounterMode. Its registry lacks
-    the CPU flash-attention ops (attention would count 0 on CPU), so they get torch's own SDPA formulas."""
+    the CPU flash-attention ops (attention would count 0 on CPU), so they get torch's own SDPA formulas,
+    and the in-place addmm_ (LoRALinear's B matmul), which gets addmm's."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
     cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu:
                 lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v),
                 aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v)}
+                lambda g, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(g, q, k, v),
+                aten.addmm_: lambda y, a, b, *args, out_shape=None, **kw: fc.mm_flop(a, b)}
     with fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         _forward_backward(model, idx, tgt, amp)
     model.zero_grad(set_to_none=True)
@@ -345,7 +347,9 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto", co
             counted_flops=counted_flops(model, idx, tgt, amp), analytic_flops=analytic,
             post_convention_flops=tokens * train_flops_per_token(cfg, r, layers, seq_len, lm_head=lm_head, skip=False),
             ms=ms, optimizer_ms=med(lambda fb, o: o), tokens_per_s=tokens / ms * 1e3,
-            flops_per_s=analytic / ms * 1e3, mfu=analytic / ms * 1e3 / peak if peak else None,
+            flops_per_s=analytic / ms * 1e3,
+            mfu=tokens * train_flops_per_token(cfg, r, layers, seq_len, lm_head=lm_head, causal=True) / ms * 1e3 / peak
+            if peak else None,
             state=state, analytic_state=memory_bytes(cfg, r, layers, lm_head, "fp32"),
             activation_bytes=activation_bytes(model, idx, tgt, amp), peak_bytes=run.get("peak"),
             fwd_bwd_ms=med(lambda fb, o: fb), warmup_s=run["warmup_s"])
@@ -454,10 +458,10 @@ def speed(model_name, data, rank, rounds, batch=8, micro=4, prompts=8, samples=8
         timed("sft", step(ours, opt, lambda: lora.batch_loss(ours, b, micro, tok.pad_id, "cpu", None, n, True)), real)
         if hf:
             timed("sft_hf", step(hf, hf_opt, lambda: _hf_sft_step(hf, b, micro, tok.pad_id)), real)
-        timed("eq", step(ours, opt, lambda: ours(eq[:, :-1], eq[:, 1:])[1].backward()), eq[:, :-1].numel())
+        timed("eq", step(ours, opt, lambda: ours(eq[:, :-1], eq[:, 1:]).backward()), eq[:, :-1].numel())
         if hf:
             timed("eq_hf", step(hf, hf_opt, lambda: hf(input_ids=eq, labels=eq).loss.backward()), eq[:, :-1].numel())
-        timed("eq_full", step(full, full_opt, lambda: full(eq[:, :-1], eq[:, 1:])[1].backward()), eq[:, :-1].numel())
+        timed("eq_full", step(full, full_opt, lambda: full(eq[:, :-1], eq[:, 1:]).backward()), eq[:, :-1].numel())
         g = torch.Generator().manual_seed(r)
         timed("sample", lambda: count_real(lora.generate(ours, [p for p in prompt_ids for _ in range(samples)], max_new,
                                                          temperature, stop_ids=tok.stop_ids, generator=g,
@@ -573,14 +577,14 @@ def sft_speed(cfg, dev, amp, rank=16, batch=1, seq=4096, steps=5, compile=False,
         _sync(dev)
         t0 = time.perf_counter()
         with lora.autocast(dev, amp):
-            _, loss = model(x, y)
+            loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(dev)
         times.append(time.perf_counter() - t0)
     s = statistics.median(times[2:])
-    flops = batch * seq * train_flops_per_token(cfg, rank, "all", seq)
+    flops = batch * seq * train_flops_per_token(cfg, rank, "all", seq, causal=True)  # what the kernels compute
     peak, _ = device_peak(str(dev))
     return dict(tokens_per_s=batch * seq / s, ms=1000 * s, mfu=flops / s / peak if peak else None,
                 first_step_s=times[0], peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -680,7 +684,7 @@ def bf16_agreement(cfg, dev, amp, rank=16, seq=512):
     for name, dtype in (("fp32", None), ("bf16", amp or torch.bfloat16)):
         model.zero_grad(set_to_none=True)
         with lora.autocast(dev, dtype):
-            _, loss = model(x, y)
+            loss = model(x, y)
         loss.backward()
         res[name] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     (l32, g32), (l16, g16) = res["fp32"], res["bf16"]

@@ -238,9 +238,10 @@ class Attention(nn.Module):
             # in as G x T query rows of one head, so the call is plain attention with a mask, which
             # the fused kernels take (a mask with grouped keys sends many builds to the math kernel,
             # which copies K and V to every head).
+            # mask: (B, 1, G x T, keys), repeated once for all layers by Llama.forward
             G = self.n_head // self.n_kv
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G * T, -1), k, v,
-                                               attn_mask=mask.repeat(1, 1, G, 1)).view(B, self.n_head, T, -1)
+                                               attn_mask=mask).view(B, self.n_head, T, -1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -306,36 +307,67 @@ class KVCache:
 
     Prompts of different lengths are left-padded; `pad[b]` counts row b's pad tokens, which get
     no position and are never attended to. Attention spans only the filled slots (a short RL
-    completion does not pay for max_len), and `select` drops finished rows."""
+    completion does not pay for max_len), and `select` drops finished rows.
+    A static cache (to_static) keeps its next slot in `t`, a tensor on the device that the caller
+    advances, and attends over all max_len slots under a mask: every decode step has the same shapes
+    and reads no Python counter, so one compiled graph (a CUDA graph) serves a whole generation."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, pad=None):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
-        self.pos, self.max_len = 0, max_len
+        self.pos, self.max_len, self.t = 0, max_len, None
+
+    def to_static(self, rows, max_len, buffers):
+        """A static cache of these rows of this one (an index tensor), with max_len slots, in buffers
+        kept in the dict `buffers` and reused while the shape stays: a CUDA graph writes the same
+        memory from one generation to the next."""
+        shape = (self.k.shape[0], len(rows), self.k.shape[2], max_len, self.k.shape[4])
+        key = (shape, self.k.dtype, self.k.device)
+        if key not in buffers:
+            buffers.clear()
+            buffers[key] = [torch.zeros(shape, dtype=self.k.dtype, device=self.k.device) for _ in "kv"]
+            if self.k.device.type == "cuda":  # the graph writes them in place: they must keep their address
+                for buf in buffers[key]:
+                    torch._dynamo.mark_static_address(buf)
+        out = copy.copy(self)
+        out.k, out.v = buffers[key]
+        out.k[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos]
+        out.v[:, :, :, :self.pos] = self.v[:, rows, :, :self.pos]
+        out.pad, out.max_len, out.t = self.pad[rows], max_len, torch.tensor(self.pos, device=self.k.device)
+        return out
 
     def positions(self, T):
         """(B, T) rotary positions of the next T tokens: pad tokens do not count."""
-        p = self.pos + torch.arange(T, device=self.pad.device)
+        p = (self.pos if self.t is None else self.t) + torch.arange(T, device=self.pad.device)
         return (p[None] - self.pad[:, None]).clamp(min=0)
 
     def mask(self, T):
-        """(B, 1, T, pos + T) boolean mask: causal, no pad keys; a pad query sees only itself so
+        """(B, 1, T, keys) boolean mask: causal, no pad keys; a pad query sees only itself so
         that its (unused) output stays finite rather than NaN from an all-masked row."""
-        if self.pos + T > self.max_len:
+        if self.t is None and self.pos + T > self.max_len:
             raise RuntimeError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
-        q = self.pos + torch.arange(T, device=self.pad.device)
-        j = torch.arange(self.pos + T, device=self.pad.device)
-        causal = j[None, :] <= q[:, None]                          # (T, L)
-        real_key = j[None, :] >= self.pad[:, None]                  # (B, L)
+        q = (self.pos if self.t is None else self.t) + torch.arange(T, device=self.pad.device)
+        j = torch.arange(self.pos + T if self.t is None else self.max_len, device=self.pad.device)
+        causal = j[None, :] <= q[:, None]                          # (T, keys)
+        real_key = j[None, :] >= self.pad[:, None]                  # (B, keys)
         return (causal[None] & (real_key[:, None, :] | (j[None, None, :] == q[None, :, None])))[:, None]
 
     def update(self, layer, k, v):
         T = k.shape[2]
+        if self.t is not None:  # write at the device-side slot, attend over every slot
+            at = self.t + torch.arange(T, device=k.device)
+            self.k[layer].index_copy_(2, at, k)
+            self.v[layer].index_copy_(2, at, v)
+            return self.k[layer], self.v[layer]
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+
+    def advance(self, T):
+        if self.t is None:  # static: the caller moves t, outside any compiled step
+            self.pos += T
 
     def select(self, rows):
         """Keep only these batch rows (an index tensor), e.g. the ones still decoding; only the
@@ -374,10 +406,12 @@ class Llama(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False, trunk=None, upto=None):
-        """idx (B, T) token ids -> logits (B, T, vocab). With targets (B, T): (None, the mean cross
-        entropy over positions where targets != -100 and loss_mask (B, T) is nonzero), computing
-        logits only at those positions.
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False, trunk=None, upto=None, at=None):
+        """idx (B, T) token ids -> logits (B, T, vocab). With targets: the mean cross entropy (a 0-dim
+        tensor), computing logits only where it is taken. targets (B, T) counts the positions where
+        targets != -100 and loss_mask (B, T) is nonzero (finding them makes a GPU's host wait); with
+        at (N,), flat indices into (B, T) built on the host (collate's), targets (N,) are those
+        positions' tokens and nothing waits.
         With a KVCache, idx continues the cached sequences. last_only: logits of the last position.
         trunk: (L, h) with h (B, T, hidden) the output of the first L layers for idx, which then
         start at layer L (TrunkCache: the frozen layers below every adapter, run once); upto=L
@@ -385,19 +419,26 @@ class Llama(nn.Module):
         B, T = idx.shape
         if cache is None:
             pos, mask = torch.arange(T, device=idx.device)[None], None
-        else:
-            pos, mask = cache.positions(T), cache.mask(T)
+        else:  # the mask, built once per step for every layer: additive, in the compute dtype, each KV
+            # head's G query heads as G x T rows (else SDPA converts it and each layer repeats it)
+            dev = idx.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
+            G = self.config.num_attention_heads // self.config.num_key_value_heads
+            pos, keep = cache.positions(T), cache.mask(T).repeat(1, 1, G, 1)
+            mask = torch.zeros(keep.shape, dtype=dt, device=idx.device).masked_fill_(~keep, -math.inf)
         first, x = trunk if trunk is not None else (0, self.model.embed_tokens(idx))
         freqs = pos[..., None].float() * self.inv_freq              # (B or 1, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]            # (B or 1, 1, T, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers[first:upto]:
+            if getattr(self, "unbacked_batch", False) and not torch.compiler.is_compiling():
+                torch._dynamo.decorators.mark_unbacked(x, 0)  # compile_blocks: one graph for every batch size
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         if upto is not None:
             return x
         x = self.model.norm(x)
@@ -406,10 +447,13 @@ class Llama(nn.Module):
         # The loss needs logits only where it is taken: SFT's answer tokens are about half of a GSM8K
         # sequence, and the unembedding (a fifth of SmolLM2's FLOPs), its backward and the softmax
         # skip the prompt and padding positions.
-        keep = targets != -100
-        if loss_mask is not None:
-            keep = keep & (loss_mask != 0)
-        return None, unembed_nll(self.lm_head, x[keep], targets[keep]) / keep.sum().clamp(min=1)
+        if at is None:
+            keep = targets != -100
+            if loss_mask is not None:
+                keep = keep & (loss_mask != 0)
+            at = keep.flatten().nonzero().squeeze(1)
+            targets = targets.flatten()[at]
+        return unembed_nll(self.lm_head, x.flatten(0, 1)[at], targets) / max(len(at), 1)
 
 
 def unembed_nll(head, h, y, max_logits=2**27, reduction="sum", vocab=None, temperature=1.0):
@@ -511,12 +555,14 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        a = self.lora_A(x.to(self.lora_A.weight.dtype))
-        # y + scale * a B^T as one GEMM (addmm's alpha): no separate scale and add passes over the
-        # (tokens, d_out) output, forward or backward; 16% off a LoRA step on a CPU (flops.py --speed)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, self.rank).to(y.dtype),
-                          self.lora_B.weight.t().to(y.dtype), alpha=self.scale)
-        return out.view(y.shape)
+        # The adapters run in the dtype of the base's output (bf16 under autocast): the float32 master
+        # weights are cast, never the activations, so no activation-sized float32 copy exists in
+        # forward or backward. y += scale * (x A^T) B^T in place as one GEMM (addmm_'s alpha): no
+        # separate scale and add passes and no second (tokens, d_out) tensor (flops.py --speed).
+        a = F.linear(x.to(y.dtype), self.lora_A.weight.to(y.dtype))
+        y2 = y.view(-1, y.shape[-1])
+        y2.addmm_(a.view(-1, self.rank), self.lora_B.weight.to(y.dtype).t(), alpha=self.scale)
+        return y
 
     def delta_weight(self):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale  # (d_out, d_in)
@@ -1614,9 +1660,34 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+def decode_attention(device):
+    """The SDPA kernels for decoding: on CUDA not cuDNN's, which may build a plan for each new key
+    length, and decoding has a new one every token; flash, memory-efficient or math as PyTorch picks."""
+    if torch.device(device).type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _decode(model, tok, cache):
+    return model(tok, cache=cache, last_only=True)[:, -1]
+
+
+def compile_decode(**kwargs):
+    """generate's one-token decode step, compiled with fixed shapes (a static KV cache, positions
+    and mask from device tensors): one graph for a whole generation, no graph breaks. On CUDA the
+    default mode="reduce-overhead" replays it as a CUDA graph, one launch a token instead of one per
+    kernel (gpt-fast's design). Pass it to generate(decode=...)."""
+    cuda = torch.cuda.is_available()
+    step = torch.compile(_decode, fullgraph=True, dynamic=False, **({"mode": "reduce-overhead"} if cuda else {})
+                         | kwargs)
+    step.buffers = {}  # its static KV cache, reused by the next generation of the same shape
+    return step
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), generator=None, pad_id=0,
-             compact=True, vocab=None):
+             compact=True, vocab=None, decode=None):
     """Sample continuations of a batch of token-id prompts (lists of different lengths) with a KV
     cache. Returns (tokens, logprobs): per prompt, the new token ids, ending at the first stop id
     (kept) or at max_new_tokens, and the log-probability of each (see sample_next); RL uses these
@@ -1624,8 +1695,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     the batch (whenever a quarter of it has finished), so that RL completions of very different
     lengths do not all decode to the longest; the tokens drawn do not change. vocab: draw only ids
     below it (the tokenizer's size: checkpoints pad the embedding past it, e.g. Qwen2.5 by 271 rows).
-    On a GPU the host looks at the batch (all finished? compact?) every 8 tokens rather than every
-    token, so decoding does not wait on the device; the tokens drawn do not change."""
+    decode: a compiled step (compile_decode()): the prompts are prefilled as usual, then every token
+    decodes with the same shapes (no compaction: on a GPU a finished row costs little next to
+    reading the weights). On a GPU the host looks at the batch (all finished? compact?) every 8
+    tokens rather than every token, so decoding does not wait on the device; the tokens drawn do not
+    change."""
     device = model.lm_head.weight.device
     every = 1 if device.type == "cpu" else 8
     B, lens = len(prompts), [len(p) for p in prompts]
@@ -1641,34 +1715,42 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     pad = torch.tensor([P - len(p) for p in uniq])
     amp_on = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if amp_on else model.lm_head.weight.dtype
-    cache = KVCache(model.config, len(uniq), P + max_new_tokens, device, dtype, pad)
+    cache = KVCache(model.config, len(uniq), P if decode else P + max_new_tokens, device, dtype, pad)
     was_training = model.training
     model.eval()
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
-    logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
-    if len(uniq) < B:
-        cache.select(row_of)
-    rows = torch.arange(B, device=device)             # the prompt of each row still in the batch
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    n = 0
-    for t in range(max_new_tokens):
-        # one draw per prompt every step, used or not: the random stream does not depend on compaction
-        u = torch.rand(B, generator=generator, device=device)[rows] if temperature > 0 else None
-        tok, lp = sample_next(logits, temperature, top_p, u=u)
-        out_tok[rows, t] = tok.masked_fill(done, pad_id)   # finished rows write padding, never read
-        out_lp[rows, t] = lp.double().masked_fill(done, 0.0)
-        n = t + 1
-        done |= torch.isin(tok, stop)
-        if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
-            break
-        tok = tok.masked_fill(done, pad_id)  # finished rows not yet dropped decode padding; it is never read
-        if compact and t % every == every - 1 and 4 * int(done.sum()) >= len(done):
-            keep = (~done).nonzero().squeeze(1)
-            cache.select(keep)
-            rows, done, tok = rows[keep], done[keep], tok[keep]
-        logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
+    with decode_attention(device):  # prefill and decode
+        logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
+        if decode:  # static, its length rounded up to a multiple of 128: RL's steps, whose longest prompts
+            # differ, share a few graphs (and the fused attention kernels want a multiple of 8)
+            cache = cache.to_static(row_of, P + max_new_tokens + -(P + max_new_tokens) % 128, decode.buffers)
+        elif len(uniq) < B:
+            cache.select(row_of)
+        rows = torch.arange(B, device=device)             # the prompt of each row still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        for t in range(max_new_tokens):
+            # one draw per prompt every step, used or not: the random stream does not depend on compaction
+            u = torch.rand(B, generator=generator, device=device)[rows] if temperature > 0 else None
+            tok, lp = sample_next(logits, temperature, top_p, u=u)
+            out_tok[rows, t] = tok.masked_fill(done, pad_id)   # finished rows write padding, never read
+            out_lp[rows, t] = lp.double().masked_fill(done, 0.0)
+            n = t + 1
+            done |= torch.isin(tok, stop)
+            if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
+                break
+            tok = tok.masked_fill(done, pad_id)  # finished rows not yet dropped decode padding; it is never read
+            if decode:
+                logits = decode(model, tok[:, None], cache)[:, :vocab]
+                cache.t += 1
+                continue
+            if compact and t % every == every - 1 and 4 * int(done.sum()) >= len(done):
+                keep = (~done).nonzero().squeeze(1)
+                cache.select(keep)
+                rows, done, tok = rows[keep], done[keep], tok[keep]
+            logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
     model.train(was_training)
     tokens, logprobs = [], []
     for row_t, row_lp in zip(out_tok[:, :n].tolist(), out_lp[:, :n].tolist()):
@@ -1676,6 +1758,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         tokens.append(row_t[:end])
         logprobs.append(row_lp[:end])
     return tokens, logprobs
+
+
+def to_device(t, device):
+    """A host tensor on `device` without making the host wait for the copy (pinned, non_blocking)."""
+    return t.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else t.to(device)
 
 
 def pad_right(seqs, value=0):
@@ -1693,11 +1780,15 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, vocab=None
     unembedding runs at the completion positions only, in chunks (lora.unembed_nll): the prompt
     positions' logits are never built, which at a 128K vocabulary is most of a step's memory."""
     device = next(model.parameters()).device
-    x = pad_right([p + c for p, c in zip(prompts, completions)]).to(device)
-    h = model(x[:, :-1], upto=len(model.model.layers))    # hidden states, before the final norm
-    at = torch.cat([h[i, len(p) - 1:len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, completions))])
-    y = torch.tensor([t for c in completions for t in c], device=device)   # position t predicts token t + 1
-    nll = unembed_nll(model.lm_head, model.model.norm(at), y, reduction="none", vocab=vocab, temperature=temperature)
+    x = pad_right([p + c for p, c in zip(prompts, completions)])
+    T = x.shape[1] - 1
+    # the completion positions (position t predicts token t + 1) and tokens, built on the host: no waits
+    at = torch.tensor([i * T + len(p) - 1 + j for i, (p, c) in enumerate(zip(prompts, completions))
+                       for j in range(len(c))])
+    y = torch.tensor([t for c in completions for t in c])
+    x, at, y = to_device(x, device), to_device(at, device), to_device(y, device)
+    h = model(x[:, :-1], upto=len(model.model.layers)).flatten(0, 1)[at]    # before the final norm
+    nll = unembed_nll(model.lm_head, model.model.norm(h), y, reduction="none", vocab=vocab, temperature=temperature)
     return list((-nll).split([len(c) for c in completions]))
 
 
@@ -1745,16 +1836,18 @@ def is_full(rank, layers):
     return rank == 0 and _split_layers(layers) == ["all"]
 
 
-def attention_macs(cfg, seq_len, backward=True):
+def attention_macs(cfg, seq_len, backward=True, causal=False):
     """Multiply-adds per token per layer of q.k^T and att.v: each of T queries meets all T keys in
-    every query head: 2 H hd T forward, over the full T x T (FlopCounterMode's convention; a causal
-    flash kernel does about half). Backward 5 H hd T as the counter counts it: d_att, dv, dq, dk
-    and flash attention's recomputed q.k^T."""
+    every query head: 2 H hd T forward, over the full T x T (FlopCounterMode's convention). Backward
+    5 H hd T as the counter counts it: d_att, dv, dq, dk and flash attention's recomputed q.k^T.
+    causal: the (T + 1) / 2 keys a query really meets, what a causal kernel computes (for MFU)."""
     s = config_shape(cfg)
-    return s["num_attention_heads"] * s["head_dim"] * seq_len * (7 if backward else 2)
+    keys = (seq_len + 1) / 2 if causal else seq_len
+    return s["num_attention_heads"] * s["head_dim"] * keys * (7 if backward else 2)
 
 
-def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False, attention=True, skip=True):
+def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False, attention=True, skip=True,
+                          causal=False):
     """FLOPs (2 per multiply-add) per token of one training step, forward + backward; rank 0 is
     full fine-tuning. A d_out x d_in matrix costs d_in d_out multiply-adds for y = W x, as many
     for the input gradient, and as many again for the weight gradient only if W trains: the
@@ -1764,7 +1857,8 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
     residual stream before the first adapted matrix, so the matrices there get no input gradient.
     The count equals torch's FlopCounterMode on a real step (tested). cfg: a Config or a config
     dict (MoE experts: `active` of them per token, each with rank / active, the post's rule).
-    rank 0 with layers other than 'all' is full fine-tuning of just those matrices."""
+    rank 0 with layers other than 'all' is full fine-tuning of just those matrices. causal: attention
+    counted over the keys a causal kernel meets (MFU), not the full T x T (FlopCounterMode, the logs)."""
     s = config_shape(cfg)
     plan = layer_plan(layers, s["num_hidden_layers"])
     whole = is_full(rank, layers)  # every weight trains, the embedding and lm_head too
@@ -1790,7 +1884,7 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
         w = lambda name, grad_in: mm(name, grad_in, trained, adapted)
         total += sum(w(n, g) for n in ("q_proj", "k_proj", "v_proj"))
         qkv = g or bool(touched & {"q_proj", "k_proj", "v_proj"})  # does attention run backward?
-        total += attention_macs(cfg, seq_len, backward=qkv) if attention else 0
+        total += attention_macs(cfg, seq_len, backward=qkv, causal=causal) if attention else 0
         total += w("o_proj", qkv)
         g = g or qkv or "o_proj" in touched
         total += sum(w(n, g) for n in ("router", "gate_proj", "up_proj") if n in m)
@@ -2037,8 +2131,13 @@ def compile_blocks(model, **kwargs):
     unchanged, so checkpoints, LoRA and FSDP see the same module). The blocks hold all the
     matmuls and have no data-dependent shapes; the embedding, the answer-token gather and the
     chunked unembedding stay eager. The blocks share one code object, compiled with dynamic batch
-    and length: a micro-batch of any shape reuses it. Three graphs in all: training, training the
-    first block (its input needs no gradient under LoRA), and eval (no_grad)."""
+    and length; the batch size is unbacked (Llama.forward marks it), so a 1-row micro-batch (a long
+    row alone under --micro_tokens) reuses the graphs too instead of specialising on 1. Three graphs
+    in all: training, training the first block (its input needs no gradient under LoRA), and eval
+    (no_grad). The recompile limit, shared by every block, is raised so a few extra shapes (MoE,
+    another dtype) never send all blocks silently back to eager."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model.unbacked_batch = True
     for block in model.model.layers:
         block.compile(**{"dynamic": True, **kwargs})
     return model
@@ -2108,9 +2207,15 @@ def full(t):
 
 
 def collate(examples, pad_id, device):
-    """Right-padded (inputs, targets, loss mask), each (B, T-1): position t predicts token t+1."""
-    x, m = pad_right([ids for ids, _ in examples], pad_id), pad_right([mask for _, mask in examples])
-    return x[:, :-1].to(device), x[:, 1:].to(device), m[:, 1:].to(device)
+    """(inputs (B, T) right-padded, at (N,) the flat indices of the answer positions in them, their
+    targets (N,)): position t predicts token t+1, scored where the example's mask is set at t+1.
+    Built on the host, so the model's loss (Llama.forward's at=) never makes the host wait."""
+    x = pad_right([ids[:-1] for ids, _ in examples], pad_id)
+    T = x.shape[1]
+    at = [i * T + t for i, (_, mask) in enumerate(examples) for t, keep in enumerate(mask[1:]) if keep]
+    y = [ids[t + 1] for ids, mask in examples for t, keep in enumerate(mask[1:]) if keep]
+    return to_device(x, device), to_device(torch.tensor(at, dtype=torch.long), device), \
+        to_device(torch.tensor(y, dtype=torch.long), device)
 
 
 def micro_batches(lengths, micro, overhead=128, count=None, max_tokens=0):
@@ -2147,7 +2252,7 @@ def micro_batches(lengths, micro, overhead=128, count=None, max_tokens=0):
 
 
 def micro_batches_of(examples, micro, pad_id, device, count=None, max_tokens=0):
-    """Yield (examples, (x, y, m) from collate, answer tokens, whether last) for each micro-batch of
+    """Yield (examples, (x, at, y) from collate, answer tokens, whether last) for each micro-batch of
     at most `micro` rows and `max_tokens` positions: the examples go in order of length, grouped to
     waste little on padding (micro_batches), which changes no sum over them. count: exactly this
     many micro-batches (DDP/FSDP processes must run as many forwards)."""
@@ -2174,12 +2279,12 @@ def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backwa
     positions computed including padding), micro-batch by micro-batch (micro_batches_of); with
     backward, each micro-batch's gradient is scaled so that the accumulated total is the mean over
     scale_tokens, synchronised across processes on the last one only. No host sync: the loss stays
-    on the device. trunk: an object whose .loss(model, examples, x, y, m) gives a micro-batch's mean
+    on the device. trunk: an object whose .loss(model, examples, x, at, y) gives a micro-batch's mean
     loss from cached frozen layers (train_sft's TrunkCache)."""
     total, positions = torch.zeros((), device=device), 0
-    for chunk, (x, y, m), n, last in micro_batches_of(examples, micro, pad_id, device, forwards, max_tokens):
+    for chunk, (x, at, y), n, last in micro_batches_of(examples, micro, pad_id, device, forwards, max_tokens):
         with grad_sync(model, last or not backward), autocast(device, amp):
-            loss = model(x, y, loss_mask=m)[1] if trunk is None else trunk.loss(model, chunk, x, y, m)
+            loss = model(x, y, at=at) if trunk is None else trunk.loss(model, chunk, x, at, y)
         if backward:
             (loss * n / scale_tokens).backward()
         total, positions = total + loss.detach().float() * n, positions + x.numel()

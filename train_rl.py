@@ -87,9 +87,9 @@ def group_advantages(rewards, group_size, std=False):
 
 
 def pg_loss(logp_new, logp_old, adv, clip=0.0):
-    """The post's objective as a loss: -sum_t ratio_t x adv over an episode's tokens, ratio =
-    p_learner / p_sampler = exp(logp_new - logp_old). With clip > 0, PPO's pessimistic clipped
-    version. Returns (loss, ratio) for one episode."""
+    """The post's objective as a loss: -sum_t ratio_t x adv over tokens, ratio = p_learner / p_sampler
+    = exp(logp_new - logp_old). With clip > 0, PPO's pessimistic clipped version. adv: one number
+    (an episode's tokens), or one per token (many episodes' tokens in a row). Returns (loss, ratio)."""
     ratio = torch.exp(logp_new - logp_old)
     obj = ratio * adv
     if clip > 0:
@@ -155,7 +155,10 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, device=device, seed=a.seed)
     params = [p for g in opt.param_groups for p in g["params"]]
     model.gradient_checkpointing = a.grad_ckpt
-    learner = torch.compile(model) if a.compile else model  # the learner's forward; sampling stays eager
+    # --compile: the learner per block (one graph for any batch of episodes), the sampler's decode step whole
+    decode = lora.compile_decode() if a.compile else None
+    if a.compile:
+        lora.compile_blocks(model)
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
     start = 0
@@ -196,7 +199,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
             sampler = lora.merged_copy(model, sampler)
         with lora.autocast(device, amp):
             comps, old_lp = lora.generate(sampler or model, prompts, a.max_new_tokens, a.temperature, a.top_p,
-                                          tok.stop_ids, gen, tok.pad_id, vocab=tok.vocab_size)
+                                          tok.stop_ids, gen, tok.pad_id, vocab=tok.vocab_size, decode=decode)
         model.train()
         t_sample = time.time() - t0
         # 2. reward and advantage
@@ -206,26 +209,28 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
         truncated = sum(c[-1] not in tok.stop_ids for c in comps)
         empty = sum(not tok.decode([t for t in c if t not in tok.stop_ids]).strip() for c in comps)
         # 3. learn, on the episodes that carry signal (a group with equal rewards has zero advantage)
-        live = [i for i in range(len(comps)) if adv[i] != 0]
-        t1, ratios, loss_total = time.time(), [], 0.0
+        adv_of = adv.tolist()
+        live = [i for i in range(len(comps)) if adv_of[i] != 0]
+        t1, ratios, loss_sum = time.time(), [], torch.zeros((), device=device)
         for _ in range(a.updates_per_batch if live else 0):
             for j in range(0, len(live), a.micro_batch):
                 idx = live[j:j + a.micro_batch]
                 with lora.autocast(device, amp):
-                    new_lp = lora.completion_logprobs(learner, [prompts[i] for i in idx], [comps[i] for i in idx],
-                                                      a.temperature, tok.vocab_size)
-                loss = 0.0
-                for i, lp in zip(idx, new_lp):
-                    ep_loss, ratio = pg_loss(lp, torch.tensor(old_lp[i], device=device), adv[i].item(), a.clip)
-                    loss = loss + ep_loss / len(comps)   # mean over the step's episodes, sum over tokens
-                    ratios.append(ratio)
+                    new_lp = torch.cat(lora.completion_logprobs(model, [prompts[i] for i in idx],
+                                                                [comps[i] for i in idx], a.temperature, tok.vocab_size))
+                # the micro-batch's episodes as one flat row of tokens, built on the host: no waits
+                old = lora.to_device(torch.tensor([lp for i in idx for lp in old_lp[i]], dtype=torch.float32), device)
+                adv_tok = lora.to_device(torch.tensor([adv_of[i] for i in idx for _ in comps[i]]), device)
+                loss, ratio = pg_loss(new_lp, old, adv_tok, a.clip)
+                loss = loss / len(comps)   # mean over the step's episodes, sum over tokens
                 loss.backward()
-                loss_total += loss.item()
+                ratios.append(ratio)
+                loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip or float("inf"))
-            lora.stop_if_diverged(run_dir, step, loss_total, grad_norm.item(), math.inf, a.name, a.lr, log)
+            lora.stop_if_diverged(run_dir, step, loss_sum.item(), grad_norm.item(), math.inf, a.name, a.lr, log)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        t_learn = time.time() - t1
+        t_learn, loss_total = time.time() - t1, loss_sum.item()
         r_all = torch.cat(ratios) if ratios else torch.ones(1)
         n_gen = sum(map(len, comps))
         n_learn = sum(len(prompts[i]) + len(comps[i]) for i in live) * (a.updates_per_batch if live else 0)
@@ -276,7 +281,8 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), "
                    "float32, bfloat16")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the learner's forward")
+    g.add_argument("--compile", action="store_true", help="torch.compile the learner per block and the sampler's "
+                   "decode step (a CUDA graph on a GPU)")
     g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in the learner's backward "
                    "to save memory")
     g = p.add_argument_group("LoRA and LR (comma lists sweep)")
@@ -353,7 +359,7 @@ def main(argv=None):
     for r in (int(x) for x in a.rank.split(",")):
         for lr in lora.resolve_lrs(a.lr, a.lr_mult, r, base.config):
             for seed in seeds:
-                mode = "full" if r == 0 else f"r{r}" + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}")
+                mode = ("full" if r == 0 else f"r{r}") + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}")
                 name = f"rl_{tag}_{mode}_lr{lr:.2e}_g{a.group_size}" + (f"_s{seed}" if seed else "") + a.tag
                 runs.append(argparse.Namespace(**{**vars(a), "rank": r, "lr": lr, "seed": seed, "name": name}))
                 lora.check_run_dir(Path(a.out) / name, a.resume)

@@ -24,6 +24,7 @@ import re
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -215,11 +216,12 @@ class TrunkCache:
         hook = last.post_attention_layernorm.register_forward_pre_hook(grab) if tail else None
         with torch.no_grad(), lora.autocast(device, amp):
             for start, end in lora.micro_batches([len(ids) for ids, _ in examples], micro):
-                x, y, m = lora.collate(examples[start:end], pad_id, device)
+                x = lora.collate(examples[start:end], pad_id, device)[0]
                 h = model(x, upto=len(model.model.layers) if tail else layers)
-                for i, (ids, _) in enumerate(examples[start:end]):  # ids kept: the key stays valid
-                    keep = m[i] != 0
-                    state = (seen[-1][i][keep].clone(), y[i][keep]) if tail else h[i, :len(ids) - 1].clone()
+                for i, (ids, mask) in enumerate(examples[start:end]):  # ids kept: the key stays valid
+                    at = [t for t, keep in enumerate(mask[1:]) if keep]  # the answer positions
+                    state = (seen[-1][i][at].clone(), torch.tensor([ids[t + 1] for t in at], device=device)) \
+                        if tail else h[i, :len(ids) - 1].clone()
                     self.states[id(ids)] = (ids, state)
         if hook:
             hook.remove()
@@ -241,10 +243,10 @@ class TrunkCache:
             h[i, :len(r)] = r
         return self.layers, h
 
-    def loss(self, model, examples, x, y, m):
+    def loss(self, model, examples, x, at, y):
         """The mean loss over the micro-batch's answer tokens (lora.batch_loss calls this)."""
         if not self.tail:
-            return model(x, y, loss_mask=m, trunk=self.batch(examples))[1]
+            return model(x, y, at=at, trunk=self.batch(examples))
         h = torch.cat([self.states[id(ids)][1][0] for ids, _ in examples])
         targets = torch.cat([self.states[id(ids)][1][1] for ids, _ in examples])
         last = model.model.layers[-1]
@@ -531,10 +533,10 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         # forward and backward, micro-batch by micro-batch (every process runs as many); gradients synced on the last
         forwards = forwards_per_process(batch, world, a.micro_batch, a.micro_tokens) if ddp else None
         loss_sum, positions = torch.zeros((), device=device), 0
-        for chunk, (x, y, m), n, last in lora.micro_batches_of(mine, a.micro_batch, tok.pad_id, device, forwards,
-                                                               a.micro_tokens):
+        for chunk, (x, at, y), n, last in lora.micro_batches_of(mine, a.micro_batch, tok.pad_id, device, forwards,
+                                                                a.micro_tokens):
             with lora.grad_sync(fwd, last), lora.autocast(device, amp):
-                loss = fwd(x, y, loss_mask=m)[1] if trunk is None else trunk.loss(fwd, chunk, x, y, m)
+                loss = fwd(x, y, at=at) if trunk is None else trunk.loss(fwd, chunk, x, at, y)
             (loss * n / (n_tok / world)).backward()  # the step's gradient: the mean over every process's answer tokens
             loss_sum, positions = loss_sum + loss.detach().float() * n, positions + x.numel()
         if ddp:
@@ -682,7 +684,9 @@ def main(argv=None):
         if torch.cuda.is_available() and a.device != "cpu":  # the device first: NCCL binds each process to it
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             a.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+        # the others wait in a barrier while rank 0 fetches the model (minutes): NCCL's 10-minute default
+        # would end a first run on a slow link
+        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
     master = not ddp or dist.get_rank() == 0
     say = print if master else (lambda *x, **k: None)
     data_seed = int(a.seed.split(",")[0])  # every seed of a sweep trains on the same data
