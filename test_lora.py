@@ -1770,13 +1770,18 @@ def test_uneven_lengths_under_ddp_and_fsdp_run_in_step_on_device_tensors_and_equ
     ddp, _ = spied_torchrun(tmp_path, args + ["--save_every", "0"], "ddp")
     fsdp, fsdp1 = spied_torchrun(tmp_path, [{"4,0": "4"}.get(x, x) for x in args] + ["--fsdp", "--save_every", "1"],
                                  "fsdp")
+    full, _ = spied_torchrun(tmp_path, [{"4,0": "0"}.get(x, x) for x in args] + ["--fsdp", "--save_every", "0"],
+                             "fsdp_full")
     one = sft_losses(tmp_path / "one")
     assert all(len(v) == 1 for v in one.values())
-    for out in ("ddp", "fsdp"):
+    for out in ("ddp", "fsdp", "fsdp_full"):
         two = sft_losses(tmp_path / out)
         assert set(two) <= set(one) and all(np.allclose(one[k], two[k], rtol=1e-5) for k in two), (out, one, two)
     assert len(sft_losses(tmp_path / "ddp")) == 2 and ddp["all_reduce"] >= 2   # the step's loss, per run
     assert fsdp["reduce_scatter_single"] == 2, fsdp  # one per block a step: 5 forwards a step would make 10
+    # FullFT reduce-scatters every micro-batch (2 blocks + the root, 5 forwards), so no process keeps an
+    # unsharded gradient between them; once a step (3) would hold a whole float32 gradient for 4 of 5
+    assert full["reduce_scatter_single"] == 15, full
     # FSDP: rank 1 never holds the base (a meta model that receives its shards from rank 0), and the
     # LoRA checkpoint gathers the adapters alone, never the whole model
     assert fsdp1["base_on_meta"] and not fsdp["base_on_meta"] and "get_model_state_dict" not in fsdp, (fsdp, fsdp1)

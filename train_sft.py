@@ -254,7 +254,7 @@ class TrunkCache:
         return lora.unembed_nll(model.lm_head, model.model.norm(h), targets) / len(targets)
 
 
-def fsdp_shard(model, mesh, amp=None, rank0_state=None):
+def fsdp_shard(model, mesh, amp=None, rank0_state=None, reshard=True):
     """Shard each transformer block, then the root (embedding, norm, lm_head), over `mesh` with
     PyTorch's FSDP2 (fully_shard). Parameters become DTensors, each process holding 1/N; a block's
     weights are gathered just for its forward and backward. A frozen base shards like the rest; with
@@ -262,15 +262,17 @@ def fsdp_shard(model, mesh, amp=None, rank0_state=None):
     or all of FullFT's) are what AdamW updates, and gradients are reduced in float32.
     Processes other than rank 0 may hold the model on the meta device (no memory, nothing read):
     rank 0's weights (rank0_state: its full state dict; None elsewhere) are broadcast, and each
-    process keeps its shard. Every process calls this (collectives)."""
+    process keeps its shard. Every process calls this (collectives). reshard=False keeps each block's
+    gathered weights from its forward to its backward: one all-gather a micro-batch instead of two,
+    for LoRA, whose frozen base fits whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else MixedPrecisionPolicy()
     device = (torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda"
               else torch.device("cpu"))
     for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         model.to_empty(device=device)
     set_model_state_dict(model, rank0_state or {},
@@ -410,7 +412,7 @@ def build(a, base, trunks, master, world, ddp):
         rank0_state = m.state_dict() if master else None
         if a.compile:
             lora.compile_blocks(m)
-        fsdp_shard(m, init_device_mesh(a.device.split(":")[0], (world,)), a.amp, rank0_state)
+        fsdp_shard(m, init_device_mesh(a.device.split(":")[0], (world,)), a.amp, rank0_state, reshard=a.rank == 0)
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
                                        a.weight_decay, a.beta2, a.device, a.seed, shard if a.fsdp else None)
     model.gradient_checkpointing = a.grad_ckpt
@@ -535,7 +537,9 @@ def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=Non
         loss_sum, positions = torch.zeros((), device=device), 0
         for chunk, (x, at, y), n, last in lora.micro_batches_of(mine, a.micro_batch, tok.pad_id, device, forwards,
                                                                 a.micro_tokens):
-            with lora.grad_sync(fwd, last), lora.autocast(device, amp):
+            # FSDP2 full fine-tuning reduce-scatters every micro-batch (torchtitan's way): skipping it would
+            # keep an unsharded float32 gradient of every weight until the step's last; LoRA's are small
+            with lora.grad_sync(fwd, last or (a.fsdp and a.rank == 0)), lora.autocast(device, amp):
                 loss = fwd(x, y, at=at) if trunk is None else trunk.loss(fwd, chunk, x, at, y)
             (loss * n / (n_tok / world)).backward()  # the step's gradient: the mean over every process's answer tokens
             loss_sum, positions = loss_sum + loss.detach().float() * n, positions + x.numel()
