@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -605,55 +606,126 @@ def copy_bandwidth(dev, nbytes=2**30):
     return 2 * a.nbytes / statistics.median(times[1:])
 
 
-def sampler_speed(cfg, dev, amp, rank=16, rows=64, new_tokens=256, prompt_len=128, group=8, bandwidth=None):
-    """RL-shaped sampling (rows = prompts x group, no stop id: every row decodes new_tokens) with
-    the LoRA adapters unmerged, as train_rl.py samples; tokens/s and the fraction of the
-    bandwidth floor, the time to read every weight and the KV cache once per decoded token."""
+def sampler_speed(cfg, dev, amp, rank=16, rows=64, new_tokens=256, prompt_len=128, group=8, bandwidth=None,
+                  backend=None):
+    """RL-shaped sampling (rows = prompts x group, no stop id: every row decodes new_tokens) under
+    autocast, as train_rl.py samples: the adapters unmerged and from a merged copy, each eager and
+    with the compiled decode step (train_rl --compile). Per way: tokens/s, the fraction of the
+    bandwidth floor (the time to read every weight and the KV cache once per decoded token) and
+    the kernel launches of one decode step. Each is timed on its second generation (the first
+    compiles)."""
     model = random_model(cfg, dev, amp or torch.float32, rank).eval()
-    g = torch.Generator(device=dev).manual_seed(0)
     prompts = [torch.randint(cfg.vocab_size, (prompt_len,)).tolist() for _ in range(rows // group)]
     prompts = [p for p in prompts for _ in range(group)]
-    lora.generate(model, prompts[:group], 4, generator=g)  # warm-up
-    _sync(dev)
-    t0 = time.perf_counter()
-    out, _ = lora.generate(model, prompts, new_tokens, generator=g)
-    _sync(dev)
-    s = time.perf_counter() - t0
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     shp = shape(cfg)
     kv_per_pos = (2 * shp["num_hidden_layers"] * shp["num_key_value_heads"] * shp["head_dim"]
                   * (amp or torch.float32).itemsize)
-    moved = sum(weights + rows * kv_per_pos * (prompt_len + t) for t in range(new_tokens))
     bandwidth = bandwidth or copy_bandwidth(dev)
-    n = sum(map(len, out))
-    return dict(tokens_per_s=n / s, s=s, rows=rows, new_tokens=new_tokens, bandwidth_gb_s=bandwidth / 1e9,
-                floor_s=moved / bandwidth, of_floor=moved / bandwidth / s)
+    out = dict(rows=rows, new_tokens=new_tokens, bandwidth_gb_s=bandwidth / 1e9)
+    for way, sampler in (("unmerged", model), ("merged", lora.merged_copy(model))):
+        weights = sum(p.numel() * p.element_size() for p in sampler.parameters())
+        moved = sum(weights + rows * kv_per_pos * (prompt_len + t) for t in range(new_tokens))
+        for compiled in (False, True):
+            decode = lora.compile_decode(**({"backend": backend} if backend else {})) if compiled else None
+            times = []
+            for i in range(2):
+                g = torch.Generator(device=dev).manual_seed(0)
+                _sync(dev)
+                t0 = time.perf_counter()
+                with lora.autocast(dev, amp):
+                    toks, _ = lora.generate(sampler, prompts, new_tokens, generator=g, decode=decode)
+                _sync(dev)
+                times.append(time.perf_counter() - t0)
+            n = sum(map(len, toks))
+            out[f"{way}_{'compiled' if compiled else 'eager'}"] = dict(
+                tokens_per_s=n / times[1], s=times[1], first_s=times[0], floor_s=moved / bandwidth,
+                of_floor=moved / bandwidth / times[1], launches=decode_launches(sampler, dev, amp, decode))
+    return out
 
 
-def sdpa_backends(cfg, dev, amp):
-    """Which SDPA kernels accept each of the model's attention calls: training (causal, grouped
-    keys) and decoding (one query against a padded KV cache: a boolean mask, grouped keys).
-    PyTorch takes the first that accepts, in the order listed."""
+# aten ops that launch no kernel on a GPU (views, metadata, a .to() that returns its input)
+NO_KERNEL = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "select", "slice", "unsqueeze", "squeeze",
+             "expand", "as_strided", "alias", "detach", "to", "contiguous", "lift_fresh", "empty", "empty_strided",
+             "resolve_conj", "resolve_neg", "promote_types", "result_type", "split", "chunk", "narrow", "unbind"}
+
+
+def decode_launches(model, dev, amp, decode=None, rows=8, prompt_len=16):
+    """Kernel launches per decoded token (one decode step and its sampling), from the profiler: on
+    CUDA the runtime's launch calls (a CUDA graph's replay counts one); elsewhere the outermost aten
+    ops that would launch a kernel on a GPU (views and no-op casts left out; a compiled step's fused
+    loops are not seen). The difference between 3 new tokens and 2, after a warm-up that compiles."""
+    from torch.profiler import ProfilerActivity, profile
+    prompts, cuda = [list(range(1, prompt_len + 1))] * rows, str(dev).startswith("cuda")
+
+    def count(n):
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            with lora.autocast(dev, amp):
+                lora.generate(model, prompts, n, generator=torch.Generator(device=dev).manual_seed(0), decode=decode)
+            _sync(dev)
+        if cuda:
+            return sum(e.count for e in prof.key_averages() if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
+        launches = lambda e: e.name.startswith("aten::") and e.name[6:] not in NO_KERNEL
+
+        def outermost(e):  # counted once, at the outermost op that launches: aten::linear, not also its mm
+            p = e.cpu_parent
+            while p is not None and not launches(p):
+                p = p.cpu_parent
+            return p is None
+        return sum(launches(e) and outermost(e) for e in prof.events())
+    count(3)  # warm-up: compiles the step
+    return count(3) - count(2)
+
+
+def sdpa_backends(cfg, dev, amp, kv_lengths=(130, 131, 257, 513)):
+    """Which SDPA kernels accept each of the model's attention calls: training (causal, grouped keys)
+    and decoding, the model's own call (one token against the KV cache under the mask Llama.forward
+    builds), with the kernels generate allows (lora.decode_attention: no cuDNN on CUDA). PyTorch
+    takes the first that accepts, in the order listed. And the first decode call's time at several
+    new KV lengths: a kernel that plans per shape shows as a slow first call at each."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     shp, dtype = shape(cfg), amp or torch.float32
     H, kv, hd = shp["num_attention_heads"], shp["num_key_value_heads"], shp["head_dim"]
-    calls = {"train": dict(q=(2, H, 256, hd), kv=(2, kv, 256, hd), mask=None),
-             "decode": dict(q=(8, H, 1, hd), kv=(8, kv, 300, hd), mask=(8, 1, 1, 300))}
     order = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    out = {}
-    for name, c in calls.items():
-        q, k, v = (torch.randn(c["q"], device=dev, dtype=dtype), torch.randn(c["kv"], device=dev, dtype=dtype),
-                   torch.randn(c["kv"], device=dev, dtype=dtype))
-        mask = torch.rand(c["mask"], device=dev) > 0.1 if c["mask"] else None
-        ok = []
-        for b in order:
-            try:
-                with sdpa_kernel([b]):
-                    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-                ok.append(b.name.lower())
-            except RuntimeError:
-                pass
-        out[name] = ok
+    q, k, v = (torch.randn(2, n, 256, hd, device=dev, dtype=dtype) for n in (H, kv, kv))
+    out = {"train": []}
+    for b in order:
+        try:
+            with sdpa_kernel([b]):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out["train"].append(b.name.lower())
+        except RuntimeError:
+            pass
+    attn = random_model(replace(cfg, num_hidden_layers=1), dev, dtype).eval()
+    seen, probe, real = [], [False], F.scaled_dot_product_attention
+
+    def spy(*a, **kw):  # the model's own decode call, tried with each kernel alone
+        if probe[0]:
+            probe[0] = False
+            for b in order:
+                try:
+                    with sdpa_kernel([b]):
+                        real(*a, **kw)
+                    seen.append(b.name.lower())
+                except RuntimeError:
+                    pass
+        return real(*a, **kw)
+    F.scaled_dot_product_attention, first_ms = spy, {}
+    try:
+        with torch.no_grad(), lora.autocast(dev, amp):
+            for i, L in enumerate((64, *kv_lengths)):  # the first, untimed, probes the kernels
+                cache = lora.KVCache(attn.config, 8, L + 1, dev, dtype)
+                attn(torch.randint(100, (8, L), device=dev), cache=cache)
+                probe[0] = i == 0
+                _sync(dev)
+                t0 = time.perf_counter()
+                with lora.decode_attention(dev):
+                    attn(torch.randint(100, (8, 1), device=dev), cache=cache)
+                _sync(dev)
+                first_ms[L] = 1000 * (time.perf_counter() - t0) if i else None
+    finally:
+        F.scaled_dot_product_attention = real
+    out["decode"] = seen
+    out["decode_first_call_ms"] = {L: ms for L, ms in first_ms.items() if ms is not None}
     return out
 
 
@@ -707,7 +779,7 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"), 
     """Every stage of the GPU benchmark, each under its own limit (seconds); returns their results
     and prints a line per figure as it goes. Runs anywhere: a CPU with tiny shapes is its dry run."""
     dev, _, amp, how = lora.pick_device(device)
-    lim = dict(sft=120, sample=60, sdpa=20, agree=60) | (limits or {})
+    lim = dict(sft=55, sample=50, sdpa=10, agree=20) | (limits or {})  # 4 x 55 + 80: five minutes in all
     out = dict(device=how)
     say(f"gpu benchmark on {how}; LoRA r16 on every layer, random weights of each shape")
     for name in train_shapes:
@@ -723,14 +795,17 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"), 
                 + (f", {r['graphs']} graphs, {r['graph_breaks']} breaks, first step {r['first_step_s']:.0f} s"
                    if compiled else "")))
     cfg = load_config(sample_shape) if isinstance(sample_shape, str) else sample_shape
-    r = run_stage("sample", lim["sample"], lambda: sampler_speed(cfg, dev, amp, 16, rows, new_tokens), out)
-    say("sample: " + (r["error"] if "error" in r else
-        f"{r['tokens_per_s']:,.0f} tok/s for {r['rows']} rows x {r['new_tokens']} tokens, "
-        f"{r['of_floor']:.1%} of the bandwidth floor ({r['floor_s']:.2f} s at {r['bandwidth_gb_s']:.0f} GB/s "
-        f"copy bandwidth; measured {r['s']:.2f} s)"))
+    r = run_stage("sample", lim["sample"], lambda: sampler_speed(cfg, dev, amp, 16, rows, new_tokens,
+                                                                   backend=backend), out)
+    say("sample: " + (r["error"] if "error" in r else f"{r['rows']} rows x {r['new_tokens']} tokens, "
+                      f"{r['bandwidth_gb_s']:.0f} GB/s copy bandwidth; " + "; ".join(
+                          f"{k.replace('_', ' ')}: {v['tokens_per_s']:,.0f} tok/s, {v['of_floor']:.1%} of the floor, "
+                          f"{v['launches']} launches a token" for k, v in r.items() if isinstance(v, dict))))
     r = run_stage("sdpa", lim["sdpa"], lambda: sdpa_backends(cfg, dev, amp), out)
-    say("sdpa: " + (r["error"] if "error" in r else "; ".join(f"{k} call accepted by {', '.join(v) or 'none'}"
-                                                              for k, v in r.items() if k != "stage_s")))
+    say("sdpa: " + (r["error"] if "error" in r else
+                    f"train call accepted by {', '.join(r['train']) or 'none'}; decode call (the model's own) by "
+                    f"{', '.join(r['decode']) or 'none'}; its first call at KV lengths "
+                    + ", ".join(f"{L}: {ms:.2f} ms" for L, ms in r["decode_first_call_ms"].items())))
     r = run_stage("agree", lim["agree"], lambda: bf16_agreement(cfg, dev, amp), out)
     say("bf16 vs fp32: " + (r["error"] if "error" in r else
         f"loss {r['loss_fp32']:.4f}, relative difference {r['loss_rel_diff']:.1e}; "

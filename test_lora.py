@@ -1422,6 +1422,13 @@ SFT_FLAG_ERRORS = {
 }
 
 
+def test_sft_says_when_epochs_cap_the_steps(tmp_path, capsys):
+    # 200 rows less 8 held out, batch 8: 24 steps an epoch, so --steps 30 runs 24 and says why
+    losses, _ = run_sft(tmp_path, "--rank", "4", "--steps", "30", "--eval_every", "0", "--save_every", "0")
+    assert [len(v) for v in losses.values()] == [24]
+    assert "--steps 30 is capped by --epochs 1: 24 steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags", list(SFT_FLAG_ERRORS))
 def test_sft_bad_flags_are_refused_before_the_model_loads(tmp_path, flags):
     # --model points nowhere: the flag's own error, not the model's, proves it came first
@@ -1970,8 +1977,12 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     eager, compiled = out["sft_custom_eager"], out["sft_custom_compiled"]
     assert eager["tokens_per_s"] > 0 and compiled["graphs"] <= 3 and compiled["graph_breaks"] == 0
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
-    assert 0 < out["sample"]["of_floor"] and out["sample"]["tokens_per_s"] > 0
+    ways = [out["sample"][f"{m}_{c}"] for m in ("unmerged", "merged") for c in ("eager", "compiled")]
+    assert all(0 < w["of_floor"] and w["tokens_per_s"] > 0 for w in ways)
+    # merged: one matmul per linear layer instead of three (and the LoRA ops gone), so fewer launches
+    assert ways[2]["launches"] < ways[0]["launches"]
     assert "math" in out["sdpa"]["train"] and "math" in out["sdpa"]["decode"]
+    assert len(out["sdpa"]["decode_first_call_ms"]) == 4
     agree = out["agree"]
     assert agree["loss_rel_diff"] < 1e-2 and agree["grad_cosine"] > 0.99, agree
     assert all(abs(agree[k]["ratio_mean"] - 1) < 0.05 for k in ("unmerged", "merged")), agree

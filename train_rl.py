@@ -306,9 +306,10 @@ def parse_args(argv=None):
     g.add_argument("--clip", type=float, default=0.0, help="PPO clip epsilon, e.g. 0.2 "
                    "(0 = the post's plain objective)")
     g.add_argument("--micro_batch", type=int, default=8, help="episodes per learner forward")
-    g.add_argument("--sample_merged", action="store_true", help="sample from a copy with the adapters merged "
-                   "(W + scale B A, refreshed each step): one matmul per layer instead of three, at the cost of a copy "
-                   "of the adapted weights; in bf16 the merge rounds, which the logged importance ratio shows")
+    g.add_argument("--sample_merged", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample from a copy with the adapters merged (W + scale B A, refreshed each step): one matmul "
+                   "per layer instead of three, at the cost of a copy of the adapted weights; in bf16 the merge "
+                   "rounds, which the logged importance ratio shows (default: on CUDA, not on a CPU)")
     g.add_argument("--grad_clip", type=float, default=0.0)
     g.add_argument("--seed", default="0", help="seed of LoRA's init, the problem order and sampling; "
                    "a comma list runs each")
@@ -350,6 +351,8 @@ def main(argv=None):
     train_rows, eval_rows, desc = load_problems(a.data, seeds[0], a.eval_examples)
     base, tok, a.device, a.amp = lora.load_base(a.model, a.device, a.dtype,
                                                 [int(r) for r in a.rank.split(",")], a.threads)
+    if a.sample_merged is None:  # a GPU's decode reads the weights once a token: one matmul a layer, not three
+        a.sample_merged = a.device.startswith("cuda")
     print(f"model {base.name_or_path}; data: {desc}; {len(train_rows)} training problems")
     tag = desc.split(" ")[0] if desc.startswith("synth") else "gsm8k"
     if a.instruction != "cot":  # runs with another prompt get their own folder

@@ -732,6 +732,9 @@ def main(argv=None):
         lora.check_run_dir(Path(a.out) / r.name, a.resume)
     work = [plan(r, base.config, train_ex, eval_ex) for r in runs]
     total = sum(w[3] for w in work)
+    if a.steps and work[0][0] < a.steps:  # epochs bound the steps (transformers' max_steps would win instead)
+        say(f"--steps {a.steps} is capped by --epochs {a.epochs}: {work[0][0]} steps of {a.batch_size} over "
+            f"{len(train_ex)} examples; raise --epochs to train longer")
     if not a.device.startswith("cuda"):  # a 2-core CPU trains at roughly 1e11 FLOP/s
         minutes = total / 1e11 / 60
         say(f"{len(runs)} run(s), {sum(w[0] for w in work)} steps, {total:.2e} FLOPs: roughly {minutes:.0f} min on a "
