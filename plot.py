@@ -9,7 +9,7 @@ It reads out/<run>/log.jsonl and nothing else. Runs are grouped by configuration
 layers, batch size, data, ...); the learning rate is what a sweep varies within a configuration.
 The "main sweep" is the SFT runs on all layers with the default LoRA settings at the most common
 (data, batch size). A figure whose runs are missing is skipped with a line saying what to train.
-Every figure it measures also goes to <logs>/summary.json (finding, estimate, 95% interval, seeds).
+Every figure it measures also goes to summary.json beside the figures (finding, estimate, 95% interval, seeds).
 
     fig1_rank_curves.png    SFT loss against step per rank, the pointwise minimum over LRs
     fig2_lr_vs_loss.png     final loss against LR per rank, and LoRA's optimal LR over FullFT's
@@ -90,7 +90,7 @@ def load_run(path):
                   "--resume finishes it)")
             return None
         return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]), lr=float(a["lr"]),
-                    seed=int(a.get("seed", 0)),
+                    seed=int(a.get("seed", 0)), cooldown=float(a.get("cooldown") or 0),
                     layers=str(a.get("layers", "all")), batch_size=batch, data=data, variant=variant,
                     plain=plain, standard=plain and a.get("layers", "all") == "all",
                     params=cfg.get("trainable_params"),
@@ -160,7 +160,8 @@ def group(runs, key):
 
 def config(run):
     """Everything but the LR: the runs of one configuration form an LR sweep."""
-    return (run["rl"], run["rank"], run["layers"], run["variant"], run["batch_size"], run["data"], run["examples"])
+    return (run["rl"], run["rank"], run["layers"], run["variant"], run["batch_size"], run["data"], run["examples"],
+            run["cooldown"])
 
 
 def best_per_config(runs):
@@ -1003,13 +1004,13 @@ def fig_capacity(runs, w=5):
     # per (layers, K), the study with the FullFT control and the most arms; and longer runs of it
     studies, longer = {}, {}
     for key, mine in group(rs, lambda r: (r["layers"], r["facts"])).items():
-        by_len = group(mine, lambda r: (r["examples"], r["batch_size"]))
+        by_len = group(mine, lambda r: (r["examples"], r["batch_size"], r["cooldown"]))
         studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g), len({r["rank"] for r in g}),
                                                            g[0]["examples"], len(g)))
         longer[key] = [g for g in by_len.values() if g[0]["examples"] > studies[key][0]["examples"]]
     rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  bits stored [95% CI]   "
             "bits/param [95% CI]    last-quarter gain   minus FullFT, paired [95% CI]"]
-    points, curves, per_seed, best_lr = defaultdict(list), None, {}, {}
+    points, curves, per_seed, best_lr, steps_of = defaultdict(list), None, {}, {}, {}
     for (layers, k), mine in sorted(studies.items()):
         bests = {}
         for rank in _ranks(mine):
@@ -1034,6 +1035,7 @@ def fig_capacity(runs, w=5):
                         f"{gain:+17.1%}   {gap}")
             if len(best[0]["unseen"][0]):
                 points[k].append((p, m, lo, hi, rank))
+                steps_of[k] = best[0]["examples"] // best[0]["batch_size"]
                 finding = "Low ranks fall behind FullFT once the data exceed their capacity"
                 claim(finding, f"{_label(rank)} on {layers}, {k} facts ({k * BITS_PER_FACT:.0f} bits): bits stored",
                       m, lo, hi, len(best), verdict=f"{m / (k * BITS_PER_FACT):.0%} of the data's bits")
@@ -1105,7 +1107,7 @@ def fig_capacity(runs, w=5):
         x, y = np.array([q[0] for q in p], float), np.array([q[1] for q in p])
         lo, hi = np.array([q[2] for q in p]), np.array([q[3] for q in p])
         right.errorbar(x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], fmt="o-", color=f"C{i}", capsize=3,
-                       label=f"{kk} facts ({kk * BITS_PER_FACT:,.0f} bits, dashed)")
+                       label=f"{kk} facts ({kk * BITS_PER_FACT:,.0f} bits, dashed), {steps_of[kk]:,} steps")
         right.axhline(kk * BITS_PER_FACT, color=f"C{i}", ls="--", lw=0.8)
     allp = [q[0] for v in points.values() for q in v]
     xs = np.logspace(np.log10(min(allp)) - 0.2, np.log10(max(allp)) + 0.2, 10)
@@ -1196,7 +1198,7 @@ def main(argv=None):
         written.append(out / name)
         print(f"wrote {out / name}\n" + "\n".join("  " + line for line in text.splitlines()))
     # every figure above, as data: a reader's script can check a claim of the README without parsing its prose
-    summary = Path(a.logs) / "summary.json"
+    summary = out / "summary.json"   # beside the figures: nothing is written into the logs folder
     summary.write_text(json.dumps({"runs": len(runs), "claims": CLAIMS}, indent=1) + "\n")
     print(f"wrote {summary}: {len(CLAIMS)} measured figures (estimate, 95% interval, seeds, what the interval says)")
     return written

@@ -2585,7 +2585,7 @@ def test_capacity_figure_draws_figure_1_and_bits_per_parameter_with_the_rank_rat
                                                            / plot.stored_bits(runs[1, 0]))
     written = plot.main([str(tmp_path), "--to", str(tmp_path / "png")])
     assert [p.name for p in written] == ["fig9_capacity.png"]
-    claims = json.loads((tmp_path / "summary.json").read_text())["claims"]
+    claims = json.loads((tmp_path / "png" / "summary.json").read_text())["claims"]
     per_param = {c["quantity"].split(" on ")[0]: c for c in claims if "per trainable parameter" in c["quantity"]}
     assert per_param["rank 1"]["estimate"] == pytest.approx(0.25 * 1.02 * 1328.77 / 2112, rel=1e-3)
     assert per_param["rank 1"]["seeds"] == 3 and per_param["rank 1"]["verdict"] == "below 2 (the post's assumption)"
