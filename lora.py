@@ -586,7 +586,9 @@ class LoRALinear(nn.Linear):
 def lora_targets(model, layers="all", lm_head=False):
     """Names of the linear layers that `layers` selects: 'all', 'mlp', 'attn', or a list (or
     comma-separated string) of names, each matching a module named so or ending in '.' + name;
-    a layer index or range in front limits a name to those layers: '29.down_proj', '24-29.mlp'."""
+    a layer index or range in front limits a name to those layers: '29.down_proj', '24-29.mlp'.
+    'linear' is every nn.Linear but lm_head (PEFT's 'all-linear'), and what 'all' means on a module
+    without Llama's names (any nn.Module: an MLP, a TransformerEncoderLayer)."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
     chosen = []
     for p in _split_layers(layers) + (["lm_head"] if lm_head and "lm_head" not in _split_layers(layers) else []):
@@ -598,6 +600,9 @@ def lora_targets(model, layers="all", lm_head=False):
         else:
             names = LAYER_SETS.get(p, (p,))  # set names expand
             hits = [n for n in linears if any(n == q or n.endswith("." + q) for q in names)]
+            if p == "linear" or p == "all" and not hits:  # nn.MultiheadAttention reads its out_proj's weight
+                mha = {n + ".out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+                hits = [n for n in linears if n != "lm_head" and n not in mha]  # directly: an adapter would do nothing
         if not hits:
             raise bad_layer_name(p, sorted({n.rsplit(".", 1)[-1] for n in linears}))
         chosen += [n for n in hits if n not in chosen]
@@ -848,7 +853,7 @@ def save_adapter(model, path, base_model=None):
                target_modules=targets, target_parameters=params or None, lora_dropout=0.0, bias="none",
                use_rslora=first.rslora,
                use_dora=False, fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None,
-               base_model_name_or_path=base_model or model.name_or_path, inference_mode=True,
+               base_model_name_or_path=base_model or getattr(model, "name_or_path", None), inference_mode=True,
                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, revision=None)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -908,7 +913,7 @@ def peft_targets(model, cfg):
             chosen.append(key)
     if not chosen:
         raise UserError(f"target_modules {targets!r} (after layers_to_transform and exclude_modules) select no "
-                        f"layer of this {model.config.model_type} model: the adapter is for another architecture")
+                        f"layer of this {type(model).__name__}: the adapter is for another architecture")
     return chosen
 
 

@@ -211,7 +211,7 @@ def test_the_model_and_the_lora_core_each_copy_out_as_one_block_that_runs_with_t
     seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     inp = torch.randn(5, 8)
     before = seq(inp)
-    core["apply_lora"](seq, rank=2, layers=["0", "2"])
+    core["apply_lora"](seq, rank=2)  # no Llama names: every nn.Linear (layers="linear")
     assert torch.equal(seq(inp), before) and core["count_parameters"](seq) == 2 * (8 + 16) + 2 * (16 + 4)
     for mod in core["lora_modules"](seq).values():
         nn.init.normal_(mod.lora_B.weight)
@@ -378,6 +378,27 @@ def test_adapter_save_then_load_reproduces_outputs(tmp_path):
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 2 * 6
     fresh = lora.load_adapter(tiny_model(), tmp_path)  # applies the same layout, then loads
     assert torch.equal(fresh(x), model(x))
+
+
+def test_lora_on_any_module_saves_and_loads_as_peft(tmp_path):
+    # a module with none of Llama's names: every nn.Linear is adapted (minLoRA's default) but
+    # MultiheadAttention's out_proj, whose weight it reads directly (no forward call: an adapter there
+    # would do nothing), and the PEFT folder round-trips into a fresh copy; no name_or_path is recorded
+    torch.manual_seed(0)
+    make = lambda: nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    layer, x = make(), torch.randn(3, 5, 16)
+    fresh = make()
+    fresh.load_state_dict(layer.state_dict())
+    lora.apply_lora(layer, 4, layers="linear")
+    assert sorted(lora.lora_modules(layer)) == ["linear1", "linear2"]
+    randomize_lora(layer)
+    lora.save_adapter(layer, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] is None and cfg["target_modules"] == ["linear1", "linear2"]
+    lora.load_adapter(fresh, tmp_path)
+    assert torch.equal(fresh(x), layer(x)) and not torch.equal(fresh(x), make()(x))
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    assert len(lora.lora_modules(lora.apply_lora(mlp, 2))) == 2   # "all" on a module without Llama's names
 
 
 def test_adapter_for_another_model_is_refused(tmp_path):
