@@ -38,10 +38,11 @@ import torch.nn.functional as F
 
 import lora
 from lora import Config, UserError, train_flops_per_token
-from lora import config_shape as shape, layer_matrices as matrices, layer_set as targets
+from lora import config_shape as shape, layer_matrices as matrices
 
 # -----------------------------------------------------------------------------
-# Shapes: published config.json values; MoE models are plain dicts (Llama() cannot build them)
+# Shapes: published config.json values (lora.Llama builds each, Qwen3-MoE too; a Mixtral config stays a
+# dict of its shape: counted, not built)
 
 
 def _dense(V, h, i, L, H, kv, tied, hd=0, mt="llama"):
@@ -58,14 +59,15 @@ presets = {
     "llama-3.1-8b": _dense(128256, 4096, 14336, 32, 32, 8, False),
     "llama-3.1-70b": _dense(128256, 8192, 28672, 80, 64, 8, False),
     "qwen3-8b": _dense(151936, 4096, 12288, 36, 32, 8, False, hd=128, mt="qwen3"),
-    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
-                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-                          num_experts_per_tok=8, moe_intermediate_size=768, tie_word_embeddings=False),
+    "qwen3-30b-a3b": Config(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+                            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, qk_norm=True,
+                            num_experts_per_tok=8, moe_intermediate_size=768, tie_word_embeddings=False,
+                            intermediate_size=6144, norm_topk_prob=True),
 }
 
 
 def load_config(name):
-    """A preset name, a config.json (or a folder holding one) or a .gguf file -> Config, or a dict for MoE."""
+    """A preset name, a config.json (or a folder holding one) or a .gguf file -> Config (a dict for Mixtral)."""
     if name.lower() in presets:
         return presets[name.lower()]
     p = Path(name).expanduser()
@@ -79,6 +81,8 @@ def load_config(name):
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{p} is not valid JSON ({e.msg}): copy config.json again from the model's hub page")
+    if d.get("model_type") == "qwen3_moe":
+        return Config.from_hf(d)
     if d.get("num_local_experts"):  # Mixtral's names for the same thing
         d = {**d, "num_experts": d["num_local_experts"], "moe_intermediate_size": d["intermediate_size"]}
     if d.get("num_experts"):  # Qwen3-MoE: every layer sparse is assumed (decoder_sparse_step 1)
@@ -108,14 +112,16 @@ def model_params(cfg):
 def lora_params(cfg, rank, layers="all", lm_head=False):
     """Trainable LoRA parameters per matrix type (summed over layers) and their 'total'. MoE experts
     each get rank / num_experts_per_tok, the post's rule, which keeps LoRA's share of the expert
-    parameters equal to that of dense layers."""
+    parameters equal to that of dense layers. rank 0: the matrices' own weights (FullFT of them)."""
     s = shape(cfg)
     plan = lora.layer_plan(layers, s["num_hidden_layers"])
     out = {}
     for name, d_in, d_out, copies, active in matrices(cfg):
         if n_layers := sum(name in p for p in plan):
-            out[name] = (lora.expert_rank(rank, active) if active > 1 else rank) * (d_in + d_out) * copies * n_layers
-    out["lm_head"] = rank * (s["hidden_size"] + s["vocab_size"]) if lm_head else 0
+            per = (lora.expert_rank(rank, active) if active > 1 else rank) * (d_in + d_out) if rank else d_in * d_out
+            out[name] = per * copies * n_layers
+    out["lm_head"] = (rank * (s["hidden_size"] + s["vocab_size"]) if rank else s["hidden_size"] * s["vocab_size"]) \
+        * lm_head
     out["total"] = sum(out.values())
     return out
 
@@ -164,8 +170,9 @@ def memory_bytes(cfg, rank=0, layers="all", lm_head=False, dtype="bf16"):
     mixed precision, 2 + 2 + 4 + 8 = 16 B/param, as fp32's 4 + 4 + 8. LoRA keeps the frozen base in
     dtype and the adapters in fp32 (as lora.py does), with fp32 grads and moments: 16 B each."""
     P, b = model_params(cfg), BYTES[dtype]
-    if rank == 0:
-        parts = dict(weights=P * b, grads=P * b, master=0 if b == 4 else P * 4, adam=P * 8)
+    if rank == 0:  # on a layer subset only those weights train (train_sft --rank 0 --layers ...)
+        T = P if lora.is_full(0, layers) else lora_params(cfg, 0, layers, lm_head)["total"]
+        parts = dict(weights=P * b, grads=T * b, master=0 if b == 4 else T * 4, adam=T * 8)
     else:
         n = lora_params(cfg, rank, layers, lm_head)["total"]
         parts = dict(weights=P * b + n * 4, grads=n * 4, master=0, adam=n * 8)
@@ -214,6 +221,127 @@ def log_bits(path):
         raise UserError(f"{path} has no train records with loss and tokens (or episodes): log at least one step")
     return sum(r["loss"] * r["tokens"] for r in first) / math.log(2), "sft", config
 
+
+# -----------------------------------------------------------------------------
+# Report: the numbers as one dict (--json), then as tables
+
+
+def report(cfg, name, rank=16, layers="all", lm_head=False, seq_len=2048, log=None):
+    s, P, Ts = shape(cfg), model_params(cfg), (256, 2048, 8192, 32768, 131072)
+    f = lambda r, **kw: train_flops_per_token(cfg, r, layers, **{"seq_len": seq_len, "lm_head": lm_head, **kw})
+    N = s["hidden_size"]
+    rep = dict(model=name, shape={k: v for k, v in s.items() if not isinstance(v, dict)}, params=P, seq_len=seq_len,
+               rank=rank, layers=layers, lm_head=lm_head, lora_params_per_rank=lora_params(cfg, 1, "all", lm_head=True),
+               lora_params=lora_params(cfg, rank, layers, lm_head), post_table=post_table(cfg))
+    rep["flops"] = dict(
+        matrix_macs_fullft=matrix_macs(N, N), matrix_macs_lora=matrix_macs(N, N, rank),
+        matrix_ratio=matrix_macs(N, N, rank) / matrix_macs(N, N),
+        fullft_no_attention=f(0, attention=False), lora_no_attention=f(rank, attention=False),
+        fullft=f(0), lora=f(rank),
+        ratio_no_attention=f(rank, attention=False) / f(0, attention=False), ratio=f(rank) / f(0),
+        ratio_by_rank={r: f(r) / f(0) for r in (1, 4, 16, 64, 256, 1024)},
+        ratio_by_seq_len={T: f(rank, seq_len=T) / f(0, seq_len=T) for T in Ts},
+        attention_share={T: 1 - f(0, attention=False) / f(0, seq_len=T) for T in Ts})
+    rep["memory"] = {dt: {m: memory_bytes(cfg, r, layers, lm_head, dt) for m, r in (("FullFT", 0), ("LoRA", rank))}
+                     for dt in ("fp32", "bf16")}
+    rep["memory_presets_bf16"] = {k: {m: memory_bytes(c, r, layers, lm_head)["total"]
+                                      for m, r in (("FullFT", 0), ("LoRA", rank))}
+                                  | {"sampling": memory_bytes(c)["sampling"]} for k, c in presets.items()}
+    rep["fsdp_per_gpu_bf16"] = {k: {f"{m} x{n}": fsdp_memory_bytes(c, r, n, layers, lm_head)
+                                    for m, r in (("FullFT", 0), ("LoRA", rank)) for n in (1, 2, 4, 8)}
+                                for k, c in presets.items()}
+    rep["capacity"] = dict(bits_by_rank={r: capacity_bits(cfg, r, layers, lm_head) for r in (1, 16, 256)},
+                           fullft_bits=BITS_PER_PARAM * P, math_bits=MATH_BITS, r1_zero_episodes=R1_ZERO_EPISODES,
+                           llama8b_rank1_bits=capacity_bits(presets["llama-3.1-8b"], 1, "all", lm_head=True))
+    if log:
+        bits, kind, conf = log_bits(log)
+        rep["capacity"]["log"] = dict(path=str(log), kind=kind, bits=bits,
+                                      trainable_params=conf.get("trainable_params"),
+                                      min_rank=min_rank(cfg, bits, layers, lm_head))
+    return rep
+
+
+def print_report(rep):
+    s, fl, R, gib = rep["shape"], rep["flops"], rep["rank"], lambda b: f"{b / 2**30:8.1f}"
+    L, h, V, E, k = (s["num_hidden_layers"], s["hidden_size"], s["vocab_size"], s.get("num_experts"),
+                     s.get("num_experts_per_tok"))
+    where = rep["layers"] + (" + lm_head" if rep["lm_head"] else "")
+    ffn = f"{E} experts x {s['moe_intermediate_size']} (top {k})" if E else f"intermediate {s['intermediate_size']}"
+    print(f"== {rep['model']}: hidden {h}, {ffn}, {L} layers, {s['num_attention_heads']} heads "
+          f"({s['num_key_value_heads']} kv) x {s['head_dim']}, vocab {V}, "
+          f"{'tied' if s.get('tie_word_embeddings') else 'untied'}: {rep['params']:,} params")
+    print("\nLoRA parameters, r (d_in + d_out) per adapted matrix"
+          f"{f' (rank / {k} on each of {E} experts)' if E else ''}")
+    print(f"  {'matrix':10} {'d_in x d_out':>14} {'per rank':>12} {f'r={R} on {where}':>24}")
+    dims = {n: f"{a} x {b}" + (f" x{c}" if c > 1 else "") for n, a, b, c, _ in matrices(s)} | {"lm_head": f"{h} x {V}"}
+    for n, per in rep["lora_params_per_rank"].items():
+        at = rep["lora_params"].get(n)
+        per = per if n != "total" else lora_params(s, 1, rep["layers"], rep["lm_head"])["total"]
+        print(f"  {n:10} {dims.get(n, ''):>14} {per:>12,} {f'{at:,}' if at else '-':>24}")
+    u = {lay: lora_params(s, 1, lay)["total"] for lay in ("mlp", "attn")}
+    mlp = (f"{L} x 3 x {E}/{k} x ({h} + {s['moe_intermediate_size']})" if E
+           else f"{L} x 3 x ({h} + {s['intermediate_size']})")
+    attn = " + ".join(f"{n[0]} {a + b}" for n, a, b, *_ in matrices(s)[:4])
+    is_8b = rep["post_table"] == post_table(presets["llama-3.1-8b"])
+    print("\nThe post's table (Llama-3.1-8B) is LoRA on the layer set PLUS the unembedding (lm_head). "
+          f"Per unit of rank: mlp {u['mlp']:,} = {mlp}; attn {u['attn']:,} = {L} x ({attn}); "
+          f"lm_head {h + V:,} = {h} + {V}")
+    print(f"  {'layers':6} {'rank':>5} {'params':>14} {'rounded':>8} {'post':>6} {'without lm_head':>16}")
+    for row in rep["post_table"]:
+        print(f"  {row['layers']:6} {row['rank']:>5} {row['params']:>14,} {human(row['params']):>8} "
+              f"{row['post'] if is_8b else '-':>6} {human(row['without_lm_head']):>16}")
+    print(f"\nFLOPs per token of a training step (forward + backward; 1 multiply-add = 2 FLOPs), LoRA r={R} on {where}")
+    print(f"  one {h} x {h} matrix: FullFT 3N^2 = {fl['matrix_macs_fullft']:,} MACs, LoRA 2N^2 + 6NR = "
+          f"{fl['matrix_macs_lora']:,}: ratio {fl['matrix_ratio']:.4f} = 2/3 + 2R/N")
+    print(f"  {'whole model':22} {'FullFT':>12} {'LoRA':>12} {'LoRA/FullFT':>12}")
+    for label, key in (("matrices only", "_no_attention"), (f"+ attention, T={rep['seq_len']}", "")):
+        print(f"  {label:22} {fl['fullft' + key] / 1e9:>6.2f} GFLOP {fl['lora' + key] / 1e9:>6.2f} GFLOP "
+              f"{fl['ratio' + key]:>12.3f}")
+    print("  ratio by rank:    " + "  ".join(f"r={r} {v:.3f}" for r, v in fl["ratio_by_rank"].items()))
+    print("  ratio by seq_len: " + "  ".join(f"T={t} {v:.3f}" for t, v in fl["ratio_by_seq_len"].items()))
+    print("  attention's share of FullFT: " + "  ".join(f"T={t} {v:.0%}" for t, v in fl["attention_share"].items()))
+    print("\nTraining memory, GiB: weights, grads, fp32 master, fp32 Adam moments (activations excluded), "
+          "against bf16 sampling")
+    print(f"  {'method':10} {'dtype':5} {'weights':>8} {'grads':>8} {'master':>8} {'adam':>8} {'total':>8} "
+          f"{'sampling':>8} {'train/sample':>12}")
+    for dt, m in rep["memory"].items():
+        for method, b in m.items():
+            print(f"  {method if method == 'FullFT' else f'LoRA r={R}':10} {dt:5} "
+                  + " ".join(gib(b[c]) for c in ("weights", "grads", "master", "adam", "total", "sampling"))
+                  + f" {b['total'] / b['sampling']:>11.2f}x")
+    print(f"  presets in bf16, GiB: {'sampling':>8} {'FullFT':>8} {f'LoRA r={R}':>9}")
+    for name, m in rep["memory_presets_bf16"].items():
+        print(f"  {name:20} " + " ".join(gib(m[c]) for c in ("sampling", "FullFT")) + f" {m['LoRA'] / 2**30:9.1f}")
+    print("\nPer GPU under N-way FSDP (train_sft.py --fsdp), bf16, GiB: training state / N + two unsharded blocks "
+          "(activations excluded; * = over an 80 GB GPU's ~74 GiB usable)")
+    print(f"  {'preset':20} " + " ".join(f"{'FullFT x' + str(n):>10}" for n in (1, 2, 4, 8)) + " "
+          + " ".join(f"{f'r={R} x{n}':>10}" for n in (1, 2, 4, 8)))
+    for name, m in rep["fsdp_per_gpu_bf16"].items():
+        cell = lambda v: f"{v / 2**30:9.1f}" + ("*" if v / 2**30 > 74 else " ")
+        print(f"  {name:20} " + " ".join(cell(m[f'FullFT x{n}']) for n in (1, 2, 4, 8)) + " "
+              + " ".join(cell(m[f'LoRA x{n}']) for n in (1, 2, 4, 8)))
+    c = rep["capacity"]
+    print(f"\nCapacity at {BITS_PER_PARAM} bits per parameter, LoRA on {where}: "
+          + ", ".join(f"rank {r} {human(b)} bits" for r, b in c["bits_by_rank"].items())
+          + f"; FullFT {human(c['fullft_bits'])} bits")
+    print(f"  the post's MATH RL: 10,000 problems x 32 samples x 1 bit = {c['math_bits']:,} bits; "
+          f"rank-1 LoRA on Llama-3.1-8B (all + lm_head) holds {c['llama8b_rank1_bits']:,}, "
+          f"{c['llama8b_rank1_bits'] / c['math_bits']:.0f}x that")
+    print(f"  the post's DeepSeek-R1-Zero: 10,400 steps x 32 questions x 16 samples "
+          f"= {c['r1_zero_episodes']:,} episodes = {human(c['r1_zero_episodes'])} bits, "
+          f"{c['r1_zero_episodes'] / c['llama8b_rank1_bits']:.2f}x that rank-1 capacity")
+    if "log" in c:
+        g, n = c["log"], c["log"]["trainable_params"] or 0
+        what = "summed first-epoch log loss" if g["kind"] == "sft" else "episodes x 1 bit"
+        print(f"  {g['path']}: {human(g['bits'])} bits ({what}); the run trained {n:,} params "
+              f"= {human(BITS_PER_PARAM * n)} bits; LoRA on {where} here needs rank >= {g['min_rank']}")
+
+
+# =============================================================================
+# Benchmarks: the accounting above checked against torch's FLOP counter and a stopwatch, the SFT step
+# and sampler against transformers + PEFT, the GPU benchmark (--gpu), the MoE layer (--moe). Above
+# this line is all that the post's tables need.
+# =============================================================================
 
 # -----------------------------------------------------------------------------
 # Measurement: torch's FLOP counter, a stopwatch and memory, on a random-init model of the shape
@@ -294,8 +422,8 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto", co
     shape (the weights' values change nothing measured), interleaved FullFT, LoRA, FullFT, ... so that
     a noisy machine slows both alike. Adapters are fp32 and bf16 autocast runs on CUDA (lora.pick_device).
     compile: time torch.compile(model) as train_sft.py --compile does (the untimed warm-up step compiles)."""
-    if shape(cfg).get("num_experts"):
-        raise UserError("MoE models are analytic only (lora.Llama builds dense models): measure a dense preset")
+    if isinstance(cfg, dict):
+        raise UserError("a Mixtral config is counted, not built (lora.Llama's MoE is Qwen3-MoE's): measure a preset")
     dev, _, amp, how = lora.pick_device(device)
     cuda = dev.startswith("cuda")
     room = (torch.cuda.get_device_properties(dev).total_memory if cuda
@@ -305,14 +433,8 @@ def measure(cfg, rank, layers, lm_head, seq_len, batch, steps, device="auto", co
                         "measure a smaller preset such as smollm2-135m")
     torch.manual_seed(0)
     runs = {}
-    for method, r in (("FullFT", 0), ("LoRA", rank)):
-        model = lora.Llama(cfg)
-        if r:
-            lora.apply_lora(model, r, layers=[n for n in lora.LAYER_SETS["all"] if n in targets(layers)],
-                            lm_head=lm_head)
-        model.to(dev).train()
-        # as train_sft.py
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+    for method, r in (("FullFT", 0), ("LoRA", rank)):  # as train_sft.py: each arm on the per-layer plan of --layers
+        model, opt = lora.prepare_training(lora.Llama(cfg), r, 1e-5, layers, lm_head, device=dev)
         runs[method] = dict(model=model, fwd=torch.compile(model) if compile else model, opt=opt, rank=r, times=[])
     idx, tgt = (torch.randint(cfg.vocab_size, (batch, seq_len), device=dev) for _ in range(2))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -376,6 +498,39 @@ def paired_ratio_interval(a, b, draws=2000, seed=0):
     r = (a[idx].median(1).values / b[idx].median(1).values).sort().values
     return [r[int(0.025 * draws)].item(), r[int(0.975 * draws) - 1].item()]
 
+
+
+def print_measured(m):
+    full, lo = m["FullFT"], m["LoRA"]
+    print(f"\nMeasured on {m['device']}{', torch.compile' if m['compiled'] else ''}, random init, "
+          f"{m['batch']} x {m['seq_len']} tokens, LoRA r={m['rank']} on {m['layers']}, "
+          f"median of {m['steps']} interleaved AdamW steps; peak {m['peak_flops'] or 0:.3g} FLOP/s ({m['peak']})")
+    G = 2 ** 30
+    rows = [("FLOPs/step, FlopCounterMode", "counted_flops", "{:.4g}", 1),
+            ("FLOPs/step, analytic", "analytic_flops", "{:.4g}", 1),
+            ("counter vs analytic", "counter_vs_analytic", "{:+.2%}", 1),
+            ("post's 2N^2 for every frozen W", "post_convention_flops", "{:.4g}", 1), ("ms/step", "ms", "{:.1f}", 1),
+            ("  of which optimizer.step", "optimizer_ms", "{:.1f}", 1), ("tokens/s", "tokens_per_s", "{:.0f}", 1),
+            ("achieved FLOP/s", "flops_per_s", "{:.3g}", 1), ("MFU", "mfu", "{:.1%}", 1),
+            ("state GiB (weights+grads+adam)", "state_bytes", "{:.3f}", G),
+            ("  analytic, fp32 row", "analytic_state_bytes", "{:.3f}", G),
+            ("saved activations GiB", "activation_bytes", "{:.3f}", G),
+            ("peak GiB, CUDA, this method alone", "peak_bytes", "{:.3f}", G),
+            ("warm-up step s (compiles)" if m["compiled"] else "warm-up step s", "warmup_s", "{:.1f}", 1)]
+    print(f"  {'':32} {'FullFT':>12} {'LoRA':>12}")
+    for label, key, fmt, scale in rows:
+        print(f"  {label:32} " + " ".join(f"{fmt.format(r[key] / scale) if r.get(key) is not None else 'n/a':>12}"
+                                          for r in (full, lo)))
+    if lo["mfu_if_counted_as_fullft"]:
+        print(f"  LoRA's MFU if its FLOPs were counted as FullFT's (as if frozen weights got weight gradients): "
+              f"{lo['mfu_if_counted_as_fullft']:.1%}")
+    ci = m.get("time_ratio_ci")
+    ci = f" [{ci[0]:.3f}, {ci[1]:.3f}] (95%, pairs of steps resampled)" if ci else " (no interval under 5 steps)"
+    print(f"  LoRA/FullFT time {m['time_ratio']:.3f}{ci} measured "
+          f"({m['fwd_bwd_time_ratio']:.3f} for forward + backward alone), "
+          f"{m['flop_ratio']:.3f} analytic FLOPs (which leave out the optimizer)")
+    print(f"  process max RSS {m['process_max_rss'] / 2**30:.2f} GiB, both models together "
+          "(a CPU peak is about state + activations)")
 
 
 # -----------------------------------------------------------------------------
@@ -819,151 +974,7 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"), 
 
 
 # -----------------------------------------------------------------------------
-# Report: the numbers as one dict (--json), then as tables
-
-
-def report(cfg, name, rank=16, layers="all", lm_head=False, seq_len=2048, log=None):
-    s, P, Ts = shape(cfg), model_params(cfg), (256, 2048, 8192, 32768, 131072)
-    f = lambda r, **kw: train_flops_per_token(cfg, r, layers, **{"seq_len": seq_len, "lm_head": lm_head, **kw})
-    N = s["hidden_size"]
-    rep = dict(model=name, shape={k: v for k, v in s.items() if not isinstance(v, dict)}, params=P, seq_len=seq_len,
-               rank=rank, layers=layers, lm_head=lm_head, lora_params_per_rank=lora_params(cfg, 1, "all", lm_head=True),
-               lora_params=lora_params(cfg, rank, layers, lm_head), post_table=post_table(cfg))
-    rep["flops"] = dict(
-        matrix_macs_fullft=matrix_macs(N, N), matrix_macs_lora=matrix_macs(N, N, rank),
-        matrix_ratio=matrix_macs(N, N, rank) / matrix_macs(N, N),
-        fullft_no_attention=f(0, attention=False), lora_no_attention=f(rank, attention=False),
-        fullft=f(0), lora=f(rank),
-        ratio_no_attention=f(rank, attention=False) / f(0, attention=False), ratio=f(rank) / f(0),
-        ratio_by_rank={r: f(r) / f(0) for r in (1, 4, 16, 64, 256, 1024)},
-        ratio_by_seq_len={T: f(rank, seq_len=T) / f(0, seq_len=T) for T in Ts},
-        attention_share={T: 1 - f(0, attention=False) / f(0, seq_len=T) for T in Ts})
-    rep["memory"] = {dt: {m: memory_bytes(cfg, r, layers, lm_head, dt) for m, r in (("FullFT", 0), ("LoRA", rank))}
-                     for dt in ("fp32", "bf16")}
-    rep["memory_presets_bf16"] = {k: {m: memory_bytes(c, r, layers, lm_head)["total"]
-                                      for m, r in (("FullFT", 0), ("LoRA", rank))}
-                                  | {"sampling": memory_bytes(c)["sampling"]} for k, c in presets.items()}
-    rep["fsdp_per_gpu_bf16"] = {k: {f"{m} x{n}": fsdp_memory_bytes(c, r, n, layers, lm_head)
-                                    for m, r in (("FullFT", 0), ("LoRA", rank)) for n in (1, 2, 4, 8)}
-                                for k, c in presets.items()}
-    rep["capacity"] = dict(bits_by_rank={r: capacity_bits(cfg, r, layers, lm_head) for r in (1, 16, 256)},
-                           fullft_bits=BITS_PER_PARAM * P, math_bits=MATH_BITS, r1_zero_episodes=R1_ZERO_EPISODES,
-                           llama8b_rank1_bits=capacity_bits(presets["llama-3.1-8b"], 1, "all", lm_head=True))
-    if log:
-        bits, kind, conf = log_bits(log)
-        rep["capacity"]["log"] = dict(path=str(log), kind=kind, bits=bits,
-                                      trainable_params=conf.get("trainable_params"),
-                                      min_rank=min_rank(cfg, bits, layers, lm_head))
-    return rep
-
-
-def print_report(rep):
-    s, fl, R, gib = rep["shape"], rep["flops"], rep["rank"], lambda b: f"{b / 2**30:8.1f}"
-    L, h, V, E, k = (s["num_hidden_layers"], s["hidden_size"], s["vocab_size"], s.get("num_experts"),
-                     s.get("num_experts_per_tok"))
-    where = rep["layers"] + (" + lm_head" if rep["lm_head"] else "")
-    ffn = f"{E} experts x {s['moe_intermediate_size']} (top {k})" if E else f"intermediate {s['intermediate_size']}"
-    print(f"== {rep['model']}: hidden {h}, {ffn}, {L} layers, {s['num_attention_heads']} heads "
-          f"({s['num_key_value_heads']} kv) x {s['head_dim']}, vocab {V}, "
-          f"{'tied' if s.get('tie_word_embeddings') else 'untied'}: {rep['params']:,} params")
-    print("\nLoRA parameters, r (d_in + d_out) per adapted matrix"
-          f"{f' (rank / {k} on each of {E} experts)' if E else ''}")
-    print(f"  {'matrix':10} {'d_in x d_out':>14} {'per rank':>12} {f'r={R} on {where}':>24}")
-    dims = {n: f"{a} x {b}" + (f" x{c}" if c > 1 else "") for n, a, b, c, _ in matrices(s)} | {"lm_head": f"{h} x {V}"}
-    for n, per in rep["lora_params_per_rank"].items():
-        at = rep["lora_params"].get(n)
-        per = per if n != "total" else lora_params(s, 1, rep["layers"], rep["lm_head"])["total"]
-        print(f"  {n:10} {dims.get(n, ''):>14} {per:>12,} {f'{at:,}' if at else '-':>24}")
-    u = {lay: lora_params(s, 1, lay)["total"] for lay in ("mlp", "attn")}
-    mlp = (f"{L} x 3 x {E}/{k} x ({h} + {s['moe_intermediate_size']})" if E
-           else f"{L} x 3 x ({h} + {s['intermediate_size']})")
-    attn = " + ".join(f"{n[0]} {a + b}" for n, a, b, *_ in matrices(s)[:4])
-    is_8b = rep["post_table"] == post_table(presets["llama-3.1-8b"])
-    print("\nThe post's table (Llama-3.1-8B) is LoRA on the layer set PLUS the unembedding (lm_head). "
-          f"Per unit of rank: mlp {u['mlp']:,} = {mlp}; attn {u['attn']:,} = {L} x ({attn}); "
-          f"lm_head {h + V:,} = {h} + {V}")
-    print(f"  {'layers':6} {'rank':>5} {'params':>14} {'rounded':>8} {'post':>6} {'without lm_head':>16}")
-    for row in rep["post_table"]:
-        print(f"  {row['layers']:6} {row['rank']:>5} {row['params']:>14,} {human(row['params']):>8} "
-              f"{row['post'] if is_8b else '-':>6} {human(row['without_lm_head']):>16}")
-    print(f"\nFLOPs per token of a training step (forward + backward; 1 multiply-add = 2 FLOPs), LoRA r={R} on {where}")
-    print(f"  one {h} x {h} matrix: FullFT 3N^2 = {fl['matrix_macs_fullft']:,} MACs, LoRA 2N^2 + 6NR = "
-          f"{fl['matrix_macs_lora']:,}: ratio {fl['matrix_ratio']:.4f} = 2/3 + 2R/N")
-    print(f"  {'whole model':22} {'FullFT':>12} {'LoRA':>12} {'LoRA/FullFT':>12}")
-    for label, key in (("matrices only", "_no_attention"), (f"+ attention, T={rep['seq_len']}", "")):
-        print(f"  {label:22} {fl['fullft' + key] / 1e9:>6.2f} GFLOP {fl['lora' + key] / 1e9:>6.2f} GFLOP "
-              f"{fl['ratio' + key]:>12.3f}")
-    print("  ratio by rank:    " + "  ".join(f"r={r} {v:.3f}" for r, v in fl["ratio_by_rank"].items()))
-    print("  ratio by seq_len: " + "  ".join(f"T={t} {v:.3f}" for t, v in fl["ratio_by_seq_len"].items()))
-    print("  attention's share of FullFT: " + "  ".join(f"T={t} {v:.0%}" for t, v in fl["attention_share"].items()))
-    print("\nTraining memory, GiB: weights, grads, fp32 master, fp32 Adam moments (activations excluded), "
-          "against bf16 sampling")
-    print(f"  {'method':10} {'dtype':5} {'weights':>8} {'grads':>8} {'master':>8} {'adam':>8} {'total':>8} "
-          f"{'sampling':>8} {'train/sample':>12}")
-    for dt, m in rep["memory"].items():
-        for method, b in m.items():
-            print(f"  {method if method == 'FullFT' else f'LoRA r={R}':10} {dt:5} "
-                  + " ".join(gib(b[c]) for c in ("weights", "grads", "master", "adam", "total", "sampling"))
-                  + f" {b['total'] / b['sampling']:>11.2f}x")
-    print(f"  presets in bf16, GiB: {'sampling':>8} {'FullFT':>8} {f'LoRA r={R}':>9}")
-    for name, m in rep["memory_presets_bf16"].items():
-        print(f"  {name:20} " + " ".join(gib(m[c]) for c in ("sampling", "FullFT")) + f" {m['LoRA'] / 2**30:9.1f}")
-    print("\nPer GPU under N-way FSDP (train_sft.py --fsdp), bf16, GiB: training state / N + two unsharded blocks "
-          "(activations excluded; * = over an 80 GB GPU's ~74 GiB usable)")
-    print(f"  {'preset':20} " + " ".join(f"{'FullFT x' + str(n):>10}" for n in (1, 2, 4, 8)) + " "
-          + " ".join(f"{f'r={R} x{n}':>10}" for n in (1, 2, 4, 8)))
-    for name, m in rep["fsdp_per_gpu_bf16"].items():
-        cell = lambda v: f"{v / 2**30:9.1f}" + ("*" if v / 2**30 > 74 else " ")
-        print(f"  {name:20} " + " ".join(cell(m[f'FullFT x{n}']) for n in (1, 2, 4, 8)) + " "
-              + " ".join(cell(m[f'LoRA x{n}']) for n in (1, 2, 4, 8)))
-    c = rep["capacity"]
-    print(f"\nCapacity at {BITS_PER_PARAM} bits per parameter, LoRA on {where}: "
-          + ", ".join(f"rank {r} {human(b)} bits" for r, b in c["bits_by_rank"].items())
-          + f"; FullFT {human(c['fullft_bits'])} bits")
-    print(f"  the post's MATH RL: 10,000 problems x 32 samples x 1 bit = {c['math_bits']:,} bits; "
-          f"rank-1 LoRA on Llama-3.1-8B (all + lm_head) holds {c['llama8b_rank1_bits']:,}, "
-          f"{c['llama8b_rank1_bits'] / c['math_bits']:.0f}x that")
-    print(f"  the post's DeepSeek-R1-Zero: 10,400 steps x 32 questions x 16 samples "
-          f"= {c['r1_zero_episodes']:,} episodes = {human(c['r1_zero_episodes'])} bits, "
-          f"{c['r1_zero_episodes'] / c['llama8b_rank1_bits']:.2f}x that rank-1 capacity")
-    if "log" in c:
-        g, n = c["log"], c["log"]["trainable_params"] or 0
-        what = "summed first-epoch log loss" if g["kind"] == "sft" else "episodes x 1 bit"
-        print(f"  {g['path']}: {human(g['bits'])} bits ({what}); the run trained {n:,} params "
-              f"= {human(BITS_PER_PARAM * n)} bits; LoRA on {where} here needs rank >= {g['min_rank']}")
-
-
-def print_measured(m):
-    full, lo = m["FullFT"], m["LoRA"]
-    print(f"\nMeasured on {m['device']}{', torch.compile' if m['compiled'] else ''}, random init, "
-          f"{m['batch']} x {m['seq_len']} tokens, LoRA r={m['rank']} on {m['layers']}, "
-          f"median of {m['steps']} interleaved AdamW steps; peak {m['peak_flops'] or 0:.3g} FLOP/s ({m['peak']})")
-    G = 2 ** 30
-    rows = [("FLOPs/step, FlopCounterMode", "counted_flops", "{:.4g}", 1),
-            ("FLOPs/step, analytic", "analytic_flops", "{:.4g}", 1),
-            ("counter vs analytic", "counter_vs_analytic", "{:+.2%}", 1),
-            ("post's 2N^2 for every frozen W", "post_convention_flops", "{:.4g}", 1), ("ms/step", "ms", "{:.1f}", 1),
-            ("  of which optimizer.step", "optimizer_ms", "{:.1f}", 1), ("tokens/s", "tokens_per_s", "{:.0f}", 1),
-            ("achieved FLOP/s", "flops_per_s", "{:.3g}", 1), ("MFU", "mfu", "{:.1%}", 1),
-            ("state GiB (weights+grads+adam)", "state_bytes", "{:.3f}", G),
-            ("  analytic, fp32 row", "analytic_state_bytes", "{:.3f}", G),
-            ("saved activations GiB", "activation_bytes", "{:.3f}", G),
-            ("peak GiB, CUDA, this method alone", "peak_bytes", "{:.3f}", G),
-            ("warm-up step s (compiles)" if m["compiled"] else "warm-up step s", "warmup_s", "{:.1f}", 1)]
-    print(f"  {'':32} {'FullFT':>12} {'LoRA':>12}")
-    for label, key, fmt, scale in rows:
-        print(f"  {label:32} " + " ".join(f"{fmt.format(r[key] / scale) if r.get(key) is not None else 'n/a':>12}"
-                                          for r in (full, lo)))
-    if lo["mfu_if_counted_as_fullft"]:
-        print(f"  LoRA's MFU if its FLOPs were counted as FullFT's (as if frozen weights got weight gradients): "
-              f"{lo['mfu_if_counted_as_fullft']:.1%}")
-    ci = m.get("time_ratio_ci")
-    ci = f" [{ci[0]:.3f}, {ci[1]:.3f}] (95%, pairs of steps resampled)" if ci else " (no interval under 5 steps)"
-    print(f"  LoRA/FullFT time {m['time_ratio']:.3f}{ci} measured "
-          f"({m['fwd_bwd_time_ratio']:.3f} for forward + backward alone), "
-          f"{m['flop_ratio']:.3f} analytic FLOPs (which leave out the optimizer)")
-    print(f"  process max RSS {m['process_max_rss'] / 2**30:.2f} GiB, both models together "
-          "(a CPU peak is about state + activations)")
+# The MoE layer (--moe): the model's expert loop against a grouped version
 
 
 def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, rounds=5, seed=0):
@@ -1012,6 +1023,10 @@ def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, r
             f(x).square().mean().backward()
             times[name].append((time.perf_counter() - t0) * 1000)
     return {k: statistics.median(v[1:]) for k, v in times.items()} | {"max_abs_diff": diff}
+
+
+# -----------------------------------------------------------------------------
+# main
 
 
 def main(argv=None):

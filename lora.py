@@ -11,7 +11,8 @@ Top to bottom, each section using only torch and the sections above it:
   tokenizer                tiktoken, built from tokenizer.json, a Llama 3 tokenizer.model or GGUF
   loading                  HF folders, GGUF files, hub ids and the offline default model
   sampling                 batched generation with the KV cache; merged copies for sampling
-  shared by the scripts    the post's LR, FLOPs, data, devices, batches, checkpoints, logs, progress
+  shared by the scripts    the post's LR, FLOPs, data, devices, batches, checkpoints, logs, and
+                           the run skeleton both training scripts share (Run, run_sweep)
 Importing this file does nothing. test_lora.py checks that the two blocks run when copied alone.
 
     from lora import load_model, apply_lora, generate
@@ -406,16 +407,11 @@ class Llama(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False, trunk=None, upto=None, at=None):
-        """idx (B, T) token ids -> logits (B, T, vocab). With targets: the mean cross entropy (a 0-dim
-        tensor), computing logits only where it is taken. targets (B, T) counts the positions where
-        targets != -100 and loss_mask (B, T) is nonzero (finding them makes a GPU's host wait); with
-        at (N,), flat indices into (B, T) built on the host (collate's), targets (N,) are those
-        positions' tokens and nothing waits.
-        With a KVCache, idx continues the cached sequences. last_only: logits of the last position.
-        trunk: (L, h) with h (B, T, hidden) the output of the first L layers for idx, which then
-        start at layer L (TrunkCache: the frozen layers below every adapter, run once); upto=L
-        returns that h, the hidden states after layer L-1."""
+    def hidden(self, idx, cache=None, trunk=None, upto=None):
+        """idx (B, T) token ids -> the hidden states (B, T, hidden) after layer upto-1 (all layers by
+        default; before the final norm). With a KVCache, idx continues the cached sequences. trunk:
+        (L, h) with h the output of the first L layers for idx, which then start at layer L
+        (TrunkCache: the frozen layers below every adapter, run once)."""
         B, T = idx.shape
         if cache is None:
             pos, mask = torch.arange(T, device=idx.device)[None], None
@@ -439,9 +435,15 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
-        if upto is not None:
-            return x
-        x = self.model.norm(x)
+        return x
+
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False, trunk=None, at=None):
+        """idx (B, T) token ids -> logits (B, T, vocab); last_only: the last position's. With targets:
+        the mean cross entropy (a 0-dim tensor), computing logits only where it is taken. targets
+        (B, T) counts the positions where targets != -100 and loss_mask (B, T) is nonzero (finding
+        them makes a GPU's host wait); with at (N,), flat indices into (B, T) built on the host,
+        targets (N,) are those positions' tokens and nothing waits. cache, trunk: see hidden()."""
+        x = self.model.norm(self.hidden(idx, cache, trunk))
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)
         # The loss needs logits only where it is taken: SFT's answer tokens are about half of a GSM8K
@@ -1700,11 +1702,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     the batch (whenever a quarter of it has finished), so that RL completions of very different
     lengths do not all decode to the longest; the tokens drawn do not change. vocab: draw only ids
     below it (the tokenizer's size: checkpoints pad the embedding past it, e.g. Qwen2.5 by 271 rows).
-    decode: a compiled step (compile_decode()): the prompts are prefilled as usual, then every token
-    decodes with the same shapes (no compaction: on a GPU a finished row costs little next to
-    reading the weights). On a GPU the host looks at the batch (all finished? compact?) every 8
-    tokens rather than every token, so decoding does not wait on the device; the tokens drawn do not
-    change."""
+    decode: a compiled step (compile_decode()): prefill as usual, then every token decodes with the
+    same shapes (no compaction: on a GPU a finished row costs little next to reading the weights).
+    On a GPU the host looks at the batch (all finished? compact?) every 8 tokens, not every token,
+    so decoding does not wait on the device; the tokens drawn do not change."""
     device = model.lm_head.weight.device
     every = 1 if device.type == "cpu" else 8
     B, lens = len(prompts), [len(p) for p in prompts]
@@ -1792,7 +1793,7 @@ def completion_logprobs(model, prompts, completions, temperature=1.0, vocab=None
                        for j in range(len(c))])
     y = torch.tensor([t for c in completions for t in c])
     x, at, y = to_device(x, device), to_device(at, device), to_device(y, device)
-    h = model(x[:, :-1], upto=len(model.model.layers)).flatten(0, 1)[at]    # before the final norm
+    h = model.hidden(x[:, :-1]).flatten(0, 1)[at]    # before the final norm
     nll = unembed_nll(model.lm_head, model.model.norm(h), y, reduction="none", vocab=vocab, temperature=temperature)
     return list((-nll).split([len(c) for c in completions]))
 
@@ -1854,10 +1855,8 @@ def attention_macs(cfg, seq_len, backward=True, causal=False):
 def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False, attention=True, skip=True,
                           causal=False):
     """FLOPs (2 per multiply-add) per token of one training step, forward + backward; rank 0 is
-    full fine-tuning. A d_out x d_in matrix costs d_in d_out multiply-adds for y = W x, as many
-    for the input gradient, and as many again for the weight gradient only if W trains: the
-    post's 3N^2 (FullFT) against 2N^2 + 6NR (LoRA; A and B do the same three products). So a LoRA
-    step is about 2/3 of a FullFT step, and 6 x params overstates LoRA's work by ~1.5x.
+    full fine-tuning. A matrix costs its multiply-adds for y = W x, as many for the input gradient,
+    and as many again for the weight gradient only if W trains (flops.py's docstring has the rest).
     skip=True counts what autograd runs: with the embedding frozen, no gradient reaches the
     residual stream before the first adapted matrix, so the matrices there get no input gradient.
     The count equals torch's FlopCounterMode on a real step (tested). cfg: a Config or a config
@@ -2064,6 +2063,33 @@ def gsm8k_or_synth(spec):
     return spec
 
 
+def training_flags(p, rank="16", save_every=50):
+    """The flags both training scripts take, in argparse groups it returns for each script's own:
+    (model, LoRA and LR, output)."""
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16")
+    m.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
+    m.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward to save memory")
+    g = p.add_argument_group("LoRA and LR (comma lists sweep)")
+    g.add_argument("--rank", default=rank, help="LoRA rank; 0 = full fine-tuning (of the --layers weights)")
+    g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
+    g.add_argument("--lm_head", action="store_true", help="also adapt the unembedding")
+    g.add_argument("--alpha", type=float, default=32)
+    g.add_argument("--lr", default=None, help="learning rate; overrides --lr_mult")
+    g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR; default 10 for LoRA, 1 for FullFT")
+    g.add_argument("--seed", default="0", help="seed of LoRA's init, the data order and sampling; a comma list "
+                   "runs each")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="out")
+    o.add_argument("--tag", default="", help="suffix for run names")
+    o.add_argument("--save_every", type=int, default=save_every, help="checkpoint every N steps and at the end "
+                   "(0 = never)")
+    o.add_argument("--resume", action="store_true", help="continue each run from its checkpoint; skip finished runs")
+    return m, g, o
+
+
 def check_flags(a, positive=(), non_negative=(), ints=()):
     """Refuse bad flags before anything slow starts: one line naming the flag and the fix. ints:
     comma-list flags of integers (sweeps), each value >= 0; then --layers, --device/--dtype and
@@ -2135,12 +2161,11 @@ def compile_blocks(model, **kwargs):
     """torch.compile each transformer block in place (nn.Module.compile: names and state dicts
     unchanged, so checkpoints, LoRA and FSDP see the same module). The blocks hold all the
     matmuls and have no data-dependent shapes; the embedding, the answer-token gather and the
-    chunked unembedding stay eager. The blocks share one code object, compiled with dynamic batch
-    and length; the batch size is unbacked (Llama.forward marks it), so a 1-row micro-batch (a long
-    row alone under --micro_tokens) reuses the graphs too instead of specialising on 1. Three graphs
-    in all: training, training the first block (its input needs no gradient under LoRA), and eval
-    (no_grad). The recompile limit, shared by every block, is raised so a few extra shapes (MoE,
-    another dtype) never send all blocks silently back to eager."""
+    chunked unembedding stay eager. Dynamic batch and length; the batch size is unbacked
+    (Llama.hidden marks it), so a 1-row micro-batch reuses the graphs instead of specialising on 1.
+    Three graphs: training, training the first block (its input needs no gradient under LoRA), and
+    eval. The recompile limit, shared by every block, is raised so a few extra shapes (MoE, another
+    dtype) never send all blocks silently back to eager."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model.unbacked_batch = True
     for block in model.model.layers:
@@ -2279,16 +2304,18 @@ def grad_sync(model, on):
 
 
 def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None, forwards=None,
-               max_tokens=0):
+               max_tokens=0, sync_each=False):
     """(sum of per-token NLL over the examples' loss tokens, a 0-dim float32 tensor on `device`;
     positions computed including padding), micro-batch by micro-batch (micro_batches_of); with
     backward, each micro-batch's gradient is scaled so that the accumulated total is the mean over
-    scale_tokens, synchronised across processes on the last one only. No host sync: the loss stays
-    on the device. trunk: an object whose .loss(model, examples, x, at, y) gives a micro-batch's mean
-    loss from cached frozen layers (train_sft's TrunkCache)."""
+    scale_tokens, synchronised across processes on the last one only (on every one with sync_each:
+    FSDP2 full fine-tuning reduce-scatters each, as torchtitan does, rather than hold an unsharded
+    float32 gradient of every weight until the last). No host sync: the loss stays on the device.
+    trunk: an object whose .loss(model, examples, x, at, y) gives a micro-batch's mean loss from
+    cached frozen layers (train_sft's TrunkCache)."""
     total, positions = torch.zeros((), device=device), 0
     for chunk, (x, at, y), n, last in micro_batches_of(examples, micro, pad_id, device, forwards, max_tokens):
-        with grad_sync(model, last or not backward), autocast(device, amp):
+        with grad_sync(model, last or sync_each or not backward), autocast(device, amp):
             loss = model(x, y, at=at) if trunk is None else trunk.loss(model, chunk, x, at, y)
         if backward:
             (loss * n / scale_tokens).backward()
@@ -2306,20 +2333,29 @@ def resolve_lrs(lr, lr_mult, rank, cfg):
 
 
 def run_sweep(runs, train_one, what="final held-out loss", higher_is_better=False, progress=None, quiet=False):
-    """Train each run (train_one(run) -> its final metric); a diverged run is marked and the rest
-    of the grid goes on (a lone run's divergence is the error). Prints the grid's ranking."""
+    """Train each run (train_one(run, stop) -> its final metric; stop: the StopSignal); a diverged
+    run is marked and the rest of the grid goes on (a lone run's divergence is the error), its
+    unrun work leaving the ETA. SIGTERM ends the sweep after a checkpoint. Prints the ranking."""
     results = []
     say = (lambda *x: None) if quiet else print
-    for i, r in enumerate(runs):
-        if len(runs) > 1:
-            say(f"\n[run {i + 1}/{len(runs)}]" + (f" grid: {progress}" if progress else ""))
-        try:
-            results.append((r.name, train_one(r)))
-        except Diverged as e:
-            if len(runs) == 1:
-                raise
-            say(f"diverged: {e}")
-            results.append((r.name, None))
+    try:
+        with StopSignal() as stop:
+            for i, r in enumerate(runs):
+                if len(runs) > 1:
+                    say(f"\n[run {i + 1}/{len(runs)}]" + (f" grid: {progress}" if progress else ""))
+                before = progress.done if progress else 0
+                try:
+                    results.append((r.name, train_one(r, stop)))
+                except Diverged as e:
+                    if len(runs) == 1:
+                        raise
+                    say(f"diverged: {e}")
+                    results.append((r.name, None))
+                    if progress:
+                        progress.total -= max(r.work - (progress.done - before), 0)
+    except Preempted as e:
+        say(f"preempted: {e}")
+        return results
     if len(runs) > 1:
         say(f"\n{what} per run:")
         key = lambda t: (t[1] is None, t[1] != t[1],
@@ -2335,13 +2371,16 @@ def hms(seconds):
 
 
 class Progress:
-    """Elapsed time and an ETA from units of work done (steps, FLOPs: anything additive)."""
+    """Elapsed time and an ETA from units of work done (steps, FLOPs: anything additive); work added
+    here is added to `parent` too (a run's Progress advances its sweep's)."""
 
-    def __init__(self, total):
-        self.total, self.done, self.t0 = total, 0.0, time.time()
+    def __init__(self, total, parent=None):
+        self.total, self.done, self.t0, self.parent = total, 0.0, time.time(), parent
 
     def add(self, work):
         self.done += work
+        if self.parent:
+            self.parent.add(work)
 
     def __str__(self):
         el = time.time() - self.t0
@@ -2453,14 +2492,6 @@ def check_run_dir(run_dir, resume):
                         "or --tag / --out for a new run, or delete that folder")
 
 
-def finished_run(run_dir, total_steps):
-    """The `final` record of a run in run_dir that already reached total_steps (a resumed sweep skips
-    it), or None."""
-    log = Path(run_dir) / "log.jsonl"
-    done = [r for r in read_jsonl(log, torn_tail=True) if r.get("type") == "final"] if log.exists() else []
-    return done[-1] if done and done[-1]["step"] == total_steps else None
-
-
 class JsonlLog:
     """Append-only JSONL run log: a config record first, then one record per step or eval; plot.py
     and flops.py read nothing else. Resuming keeps the records up to the checkpoint's step (a line
@@ -2483,3 +2514,70 @@ class JsonlLog:
 
     def records(self, kind):
         return [r for r in read_jsonl(self.path, torn_tail=True) if r.get("type") == kind]
+
+
+def run_name(kind, data, a, *extra):
+    """A run's folder name, e.g. sft_gsm8k_r16_lr1.87e-03_bs32 or rl_gsm8k_full_mlp_lr1.87e-04_g16_s1:
+    what a sweep varies (the extra parts are the script's own), then the seed (if not 0) and --tag."""
+    mode = ("full" if a.rank == 0 else f"r{a.rank}") + ("" if a.layers == "all" else "_" + a.layers.replace("+", "-"))
+    parts = [kind, data, mode + ("_head" if a.lm_head else ""), f"lr{a.lr:.2e}", *extra, f"s{a.seed}" if a.seed else ""]
+    return "_".join(p for p in parts if p) + a.tag
+
+
+class Run:
+    """What both training scripts do around their loop, for one run (a: its args, with a.name and a.work,
+    its share of the sweep's Progress): the folder <out>/<name>; a finished run skipped under --resume
+    (`done`: its final metric, else None); resuming; the config record, log (rank 0) and banner;
+    checkpoints on schedule and on SIGTERM; the final record."""
+
+    def __init__(self, a, steps, metric, grid=None, master=True):
+        self.a, self.steps, self.metric, self.master = a, steps, metric, master
+        self.dir, self.start, self.log = Path(a.out) / a.name, 0, None
+        self.say = print if master else (lambda *x, **k: None)
+        log = self.dir / "log.jsonl"  # a finished run's last record is `final`, at this many steps
+        final = [r for r in read_jsonl(log, torn_tail=True) if r.get("type") == "final"] if log.exists() else []
+        self.done = final[-1][metric] if a.resume and final and final[-1]["step"] == steps else None
+        if self.done is not None:
+            self.say(f"== {a.name}: already finished (final {metric} {self.done:.4f}); skipped")
+            if grid:
+                grid.total -= a.work
+
+    def resume(self, model, optimizer, load=None):
+        """Restore <out>/<name>/latest under --resume; returns its state ({} for a fresh run)."""
+        if not (self.a.resume and (self.dir / "latest").exists()):
+            return {}
+        state = (load or load_checkpoint)(self.dir, model, optimizer)
+        self.start = state["step"]
+        self.say(f"resumed {self.a.name} at step {self.start}")
+        return state
+
+    def open(self, script, model, base, data, what, **config):
+        """Write the config record (what every run records, plus `config`) and print the banner."""
+        a = self.a
+        config = dict(script=script, name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
+                      model=asdict(base.config), model_name=base.name_or_path, data=data,
+                      trainable_params=count_parameters(model), fullft_lr=fullft_lr(base.config)) | config
+        if self.master:
+            self.log = JsonlLog(self.dir / "log.jsonl", config, resume_step=self.start or None)
+        if str(a.device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
+        self.say(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, "
+                 f"{config['trainable_params']:,} trainable, lr {a.lr:.3g}, {what}, log {self.dir / 'log.jsonl'}")
+
+    def write(self, record):
+        if self.log:
+            self.log.write(record)
+
+    def end_step(self, step, save, stop=None, distributed=False):
+        """After each step: save(step) every --save_every steps and at the end; on SIGTERM save (once) and
+        raise Preempted. Every process calls this: the vote and an FSDP save are collectives."""
+        stopping = stop is not None and stop.requested(self.a.device, distributed)
+        if (self.a.save_every and (step % self.a.save_every == 0 or step == self.steps)) or stopping:
+            save(step)
+        if stopping:
+            raise Preempted(f"{self.a.name}: SIGTERM, stopped after step {step} with a checkpoint; "
+                            "continue with the same command plus --resume")
+
+    def finish(self, value):
+        self.write({"type": "final", "step": self.steps, self.metric: value})
+        return value

@@ -19,8 +19,7 @@ Every figure it measures also goes to summary.json beside the figures (finding, 
     fig6_early_rank.png     rank 16 against a higher rank at one LR: the same start of training
     fig7_loss_vs_flops.png  loss against training FLOPs, LoRA against FullFT
     fig8_lora_norms.png     spectral norms of LoRA's A and B during training (the post's finding 11)
-    fig9_capacity.png       the post's Figure 1 on K random facts (loss against log step per rank), and bits
-                            stored per parameter
+    fig9_capacity.png       the post's Figure 1 on random facts, and bits stored against the bits offered
     fig10_invariance.png    init_A / LR_A, the second direction the post's invariances leave, changes training
 """
 
@@ -73,51 +72,48 @@ def load_run(path):
     a = cfg.get("args")
     try:
         rl = cfg["script"] == "train_rl"
-        metric = "reward" if rl else "loss"
         variant = (bool(a.get("lm_head")), float(a.get("lr_ratio_b", 1)), float(a.get("init_scale", 1)))
-        # the post's defaults: no lm_head, one LR for A and B, A's usual init
-        plain = variant == (False, 1.0, 1.0)
+        plain = variant == (False, 1.0, 1.0)   # the post's defaults: no lm_head, one LR for A and B, A's usual init
         # an RL step's batch is questions x samples per question; an SFT step's is sequences
-        batch = (int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl
-                 else int(a.get("batch_size", 0)))
+        batch = int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl else int(a.get("batch_size", 0))
         data = str(a.get("data"))
         if rl:   # an RL task is also its prompt, temperature and length limit: rewards differ across them
             data += "".join(f" {k}={a[k]}" for k in ("instruction", "temperature", "max_new_tokens") if k in a)
-        last = max([r.get("step", 0) for r in records if r.get("type") == "train"] or [0])
+        train = [r for r in records if r.get("type") == "train"]
+        diverged = any(r.get("type") == "diverged" for r in records)
+        last = max([r.get("step", 0) for r in train] or [0])
         total = cfg.get("total_steps") or (a.get("steps") if rl else None)
-        if total and last < total and not any(r.get("type") == "diverged" for r in records):
+        # finished: its final record, or its last step's eval (a run still evaluating its last step is not)
+        done = any(r.get("type") == "final" for r in records) or any(r.get("type") == "eval" and r["step"] == last
+                                                                      for r in records) or not a.get("eval_every")
+        if total and (last < total or not done) and not diverged:
             print(f"warning: skip {path}: unfinished (step {last} of {total}; still running, or stopped: "
                   "--resume finishes it)")
             return None
         return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]), lr=float(a["lr"]),
                     seed=int(a.get("seed", 0)), cooldown=float(a.get("cooldown") or 0),
                     layers=str(a.get("layers", "all")), batch_size=batch, data=data, variant=variant,
-                    plain=plain, standard=plain and a.get("layers", "all") == "all",
-                    params=cfg.get("trainable_params"),
-                    diverged=any(r.get("type") == "diverged" for r in records),
-                    facts=int(data[6:]) if data.startswith("facts:") and data[6:].isdigit() else 0,
+                    plain=plain, standard=plain and a.get("layers", "all") == "all", params=cfg.get("trainable_params"),
+                    diverged=diverged, facts=int(data[6:]) if data.startswith("facts:") and data[6:].isdigit() else 0,
                     # the data a run sees, steps x batch: a longer run (fig 8's) is no point of a 20-step sweep
-                    examples=int(cfg.get("total_steps") or max([r.get("step", 0) for r in records
-                                                                if r.get("type") == "train"] or [0])) * batch,
+                    examples=int(cfg.get("total_steps") or last) * batch,
                     eval_tokens=[(int(r["step"]), r["tokens"]) for r in records
                                  if r.get("type") == "eval" and "tokens" in r],
                     n_eval=cfg.get("n_eval_examples"), n_layers=(cfg.get("model") or {}).get("num_hidden_layers"),
-                    ms=sum(r.get("ms", 0) for r in records
-                           if r.get("type") == "train" and isinstance(r.get("ms"), (int, float))),
-                    train=_series(records, "train", metric), flops=_series(records, "train", "flops"),
+                    ms=sum(r.get("ms", 0) for r in train if isinstance(r.get("ms"), (int, float))),
+                    train=_series(records, "train", "reward" if rl else "loss"),
+                    flops=_series(records, "train", "flops"),
                     eval=_series(records, "eval", "accuracy" if rl else "loss"),
                     unseen=_series(records, "eval", "unseen_loss"),
-                    norms=[(int(r["step"]), r["A"], r["B"]) for r in records
-                           if r.get("type") == "norms" and isinstance(r.get("A"), list)
-                           and len(r["A"]) == len(r.get("B") or [])])
+                    norms=[(int(r["step"]), r["A"], r["B"]) for r in records if r.get("type") == "norms"
+                           and isinstance(r.get("A"), list) and len(r["A"]) == len(r.get("B") or [])])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         print(f"warning: skip {path}: no usable config record ({type(e).__name__}: {e})")
         return None
 
 
 def load_runs(log_dir):
-    """Every <run>/log.jsonl under log_dir, at any depth (results/ keeps one folder per study), as a
-    list of run dicts."""
+    """Every <run>/log.jsonl under log_dir, at any depth (results/ keeps one folder per study), as run dicts."""
     runs = [load_run(p) for p in sorted(Path(log_dir).rglob("log.jsonl"))]
     return [r for r in runs if r is not None]
 
@@ -160,18 +156,7 @@ def group(runs, key):
 
 def config(run):
     """Everything but the LR: the runs of one configuration form an LR sweep."""
-    return (run["rl"], run["rank"], run["layers"], run["variant"], run["batch_size"], run["data"], run["examples"],
-            run["cooldown"])
-
-
-def best_per_config(runs):
-    """{config: the run with the best final loss (SFT) or reward (RL) over its LRs}; diverged runs never win."""
-    best = {}
-    for cfg, rs in group(runs, config).items():
-        ok = [r for r in rs if math.isfinite(_score(r))]
-        if ok:
-            best[cfg] = min(ok, key=_score)
-    return best
+    return tuple(run[k] for k in ("rl", "rank", "layers", "variant", "batch_size", "data", "examples", "cooldown"))
 
 
 def main_sweep(runs, rl=False):
@@ -200,6 +185,13 @@ def seed_mean(runs, w, kind="train"):
     ys = np.array([smooth(r[kind][1], w)[np.isin(r[kind][0], steps)] for r in runs])
     se = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros(len(steps))
     return steps, ys.mean(0), se
+
+
+def _eval_curve(runs):
+    """seed_mean of the eval loss from step 1: the untrained model's, far above, would squash the differences."""
+    steps, mean, se = seed_mean(runs, 1, "eval")
+    keep = steps > 0
+    return steps[keep], mean[keep], se[keep]
 
 
 def envelope(runs, w):
@@ -239,49 +231,31 @@ def scores_by_lr(runs):
     return dict(out)
 
 
-def optimal_lr(runs):
-    """Best LR of one configuration's sweep (seeds averaged per LR), parabola-refined in log10(LR).
-    None with fewer than 2 LRs that finished."""
-    by_lr = scores_by_lr(runs)
-    if len(by_lr) < 2:
-        return None
+def _lr_fit(by_lr):
+    """log10 of the best LR of {lr: [scores]} (seeds averaged per LR), parabola-refined in log10(LR)."""
     lrs = sorted(by_lr)
-    return float(10 ** _parabola_min(np.log10(lrs), np.array([np.mean(by_lr[lr]) for lr in lrs])))
-
-
-def bootstrap(values, stat, n=2000, seed=0):
-    """n values of stat over resamples (with replacement) of each list in `values` (a dict of lists)."""
-    rng = np.random.default_rng(seed)
-    return np.array([stat({k: rng.choice(v, len(v)) for k, v in values.items()}) for _ in range(n)])
+    return _parabola_min(np.log10(lrs), np.array([np.mean(by_lr[lr]) for lr in lrs]))
 
 
 def optimal_lr_stats(runs):
-    """The optimal LR of a sweep with a 95% interval from a bootstrap over seeds (None without 2+
-    seeds at every LR), whether the grid brackets it (the best mean LR is not at an edge of the
-    grid: otherwise the optimum may lie beyond, and is not reported as found; an LR at which a run
-    diverged counts as a worse point of the grid), and the draws."""
+    """The optimal LR of a sweep: pooled (the parabola through the seed means) and per seed (each seed's own
+    parabola; their mean in log LR with a 95% t interval), and whether the grid brackets it (the best mean LR is
+    not at an edge of the grid: otherwise the optimum may lie beyond, and is not reported as found; an LR at which
+    a run diverged counts as a worse point)."""
     by_lr = scores_by_lr(runs)
     if len(by_lr) < 2:
         return None
     lrs = sorted(by_lr)
-    x = np.log10(lrs)
-    fit = lambda d: _parabola_min(x, np.array([np.mean(d[lr]) for lr in lrs]))
     i = int(np.argmin([np.mean(by_lr[lr]) for lr in lrs]))
     seeds = min(len(v) for v in by_lr.values())
-    # an extra LR run with fewer seeds stays in the fit (resampling one value leaves it fixed)
-    draws = (10 ** bootstrap(by_lr, fit) if max(len(v) for v in by_lr.values()) >= 2 and len(by_lr[lrs[i]]) >= 2
-             else None)
-    lo, hi = np.percentile(draws, [2.5, 97.5]) if draws is not None else (math.nan, math.nan)
     tried = sorted({r["lr"] for r in runs})   # with the LRs that only diverged: the loss beyond them is worse
-    # where the true optimum may lie beyond the grid
-    edge = "<=" if lrs[i] == tried[0] else ">=" if lrs[i] == tried[-1] else ""
+    edge = "<=" if lrs[i] == tried[0] else ">=" if lrs[i] == tried[-1] else ""   # where the optimum may lie
     at_best = {r["seed"]: _score(r) for r in runs if r["lr"] == lrs[i] and math.isfinite(_score(r))}
     table = seed_table(runs)
-    seed_opt = {s: _parabola_min(np.log10(sorted(d)), np.array([d[lr] for lr in sorted(d)]))
-                for s, d in table.items() if len(d) >= 2}
+    seed_opt = {s: _lr_fit(d) for s, d in table.items() if len(d) >= 2}
     m, tlo, thi = mean_ci(list(seed_opt.values()))
-    return dict(lr=10 ** fit(by_lr), lo=float(lo), hi=float(hi), bracketed=not edge, edge=edge, seeds=seeds,
-                draws=draws, best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best, seed_opt=seed_opt, t_lr=10 ** m,
+    return dict(lr=10 ** _lr_fit(by_lr), bracketed=not edge, edge=edge, seeds=seeds,
+                best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best, seed_opt=seed_opt, t_lr=10 ** m,
                 t_lo=10 ** tlo, t_hi=10 ** thi, oos=out_of_sample(table))
 
 
@@ -351,6 +325,10 @@ def _ci(lo, hi, fmt="{:.3g}"):
     return f"[{fmt.format(lo)}, {fmt.format(hi)}]" if math.isfinite(lo) else "(1 seed: no interval)"
 
 
+def _est(m, lo, hi, fmt="{:+.4f}"):   # an estimate and its interval, as the tables print them
+    return f"{fmt.format(m)} {_ci(lo, hi, fmt)}"
+
+
 CLAIMS = []   # what the figures measure, for summary.json: main() empties it, each figure appends its rows
 
 
@@ -366,16 +344,16 @@ def claim(finding, quantity, estimate, lo=math.nan, hi=math.nan, seeds=None, ver
 
 
 def optimal_lrs(runs):
-    """{rank: optimal LR} over one group of runs (one data set, batch size and layer set)."""
-    opt = {rank: optimal_lr(rs) for rank, rs in group(runs, "rank").items()}
-    return {k: v for k, v in opt.items() if v is not None}
+    """{rank: optimal LR} over one group of runs (one data set, batch size and layer set), where 2+ LRs finished."""
+    by_rank = {rank: scores_by_lr(rs) for rank, rs in group(runs, "rank").items()}
+    return {k: 10 ** _lr_fit(by_lr) for k, by_lr in by_rank.items() if len(by_lr) >= 2}
 
 
-def _ratio(opt, stats=None, finding=None):
+def _ratio(opt, stats=None, finding=None, what="optimal LR, LoRA / FullFT"):
     """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank. With
     seeds: each seed's optimum is the parabola through its own sweep, and the ratio is the mean of
-    the seeds' log ratios (paired by seed) with a 95% t interval; the ratio of the pooled optima and
-    its bootstrap follow. A flag where an optimum is not bracketed by its grid."""
+    the seeds' log ratios (paired by seed) with a 95% t interval; the ratio of the pooled optima
+    follows. A flag where an optimum is not bracketed by its grid."""
     stats = stats or {}
     per_rank = {k: v / opt[0] for k, v in sorted(opt.items()) if k > 0} if 0 in opt else {}
     if not per_rank:
@@ -389,9 +367,6 @@ def _ratio(opt, stats=None, finding=None):
             items.append(f"rank {k}: {bound}{pooled:.2g}x (optimum not bracketed)")
             continue
         shared = sorted(set(st["seed_opt"]) & set(st0["seed_opt"])) if st and st0 else []
-        boot = ""
-        if st and st0 and st["draws"] is not None and st0["draws"] is not None:
-            boot = " " + _ci(*np.percentile(st["draws"] / st0["draws"], [2.5, 97.5]), fmt="{:.2g}")
         if len(shared) >= 2:
             m, lo, hi = mean_ci([st["seed_opt"][s] - st0["seed_opt"][s] for s in shared])
             found.append(10 ** m)
@@ -399,14 +374,14 @@ def _ratio(opt, stats=None, finding=None):
                 claim(finding, f"rank {k}: optimal LR of LoRA / FullFT (per-seed optima, t on log ratio)",
                       10 ** m, 10 ** lo, 10 ** hi, len(shared), null=10)
             items.append(f"rank {k}: {10 ** m:.2g}x {_ci(10 ** lo, 10 ** hi, fmt='{:.2g}')} "
-                         f"({len(shared)} seeds; pooled {pooled:.2g}x{boot})")
+                         f"({len(shared)} seeds; pooled {pooled:.2g}x)")
         else:
             found.append(pooled)
-            items.append(f"rank {k}: {pooled:.2g}x{boot}")
+            items.append(f"rank {k}: {pooled:.2g}x (pooled)")
     med = statistics.median(found or per_rank.values())  # bounds stay out of the median where optima were found
     per_line = 1 if stats else 3   # 3 ranks a line fit a legend title; one a line with intervals
     lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
-    return med, "\n".join([f"optimal LR, LoRA / FullFT: {med:.2g}x (median over ranks)"] + lines)
+    return med, "\n".join([f"{what}: {med:.2g}x (median over ranks)"] + lines)
 
 
 def optimal_lr_ratio(runs):
@@ -418,10 +393,10 @@ def optimal_lr_ratio(runs):
 # figures: each takes (runs, smoothing window) and returns (figure, summary) or (None, what it needs)
 
 
-def _fig(ncols=1, width=None, nrows=1):
+def _fig(ncols=1, width=None, ratios=None):
     width = width or (7 if ncols == 1 else 12)   # at most 1,600 pixels wide: what a README page shows unscaled
-    fig = Figure(figsize=(width, 4.5 * nrows), dpi=min(150, 1600 / width), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    fig = Figure(figsize=(width, 4.5), dpi=min(150, 1600 / width), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False, width_ratios=ratios)[0]
     for ax in axes:
         ax.grid(alpha=0.3)
     return fig, axes
@@ -444,8 +419,8 @@ def _colors(ranks, cmap="plasma"):
 
 def _lr_line(ax, runs, metric, **style):
     """A sweep as final metric against LR: the mean over seeds at each LR with +-1 SE bars; a point
-    with fewer seeds than the line's most is hollow and labelled with its count; a diverged run is an
-    x at the top edge (its loss is not a number)."""
+    with fewer seeds than the line's most is hollow; a diverged run is an x at the top edge (its loss
+    is not a number)."""
     by_lr = group(runs, "lr")
     lrs = np.array(sorted(by_lr))
     vals = [[v for v in map(metric, by_lr[lr]) if math.isfinite(v)] for lr in lrs]
@@ -457,13 +432,17 @@ def _lr_line(ax, runs, metric, **style):
     for lr, m, v in zip(lrs, mean, vals):
         if v and len(v) < most:
             ax.plot([lr], [m], "o", ms=7, mfc="white", color=style.get("color"), zorder=3)
-            ax.annotate(f"{len(v)} seed{'s' if len(v) > 1 else ''}", (lr, m), textcoords="offset points",
-                        xytext=(5, -10), fontsize=7, color=style.get("color"))
     bad = np.array([r["lr"] for r in runs if r["diverged"]])
     if len(bad):   # x in data units, y in axes units: the top edge whatever the loss range
         first = "diverged" not in [line.get_label() for line in ax.lines]
         ax.plot(bad, [0.97] * len(bad), "x", color=style.get("color"), transform=ax.get_xaxis_transform(),
                 label="diverged" if first else "_nolegend_")
+
+
+def _band(ax, x, mean, se, color, **kw):
+    """A curve with its +-1 SE band."""
+    ax.plot(x, mean, color=color, **kw)
+    ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.2, lw=0)
 
 
 def _legend(ax, **kw):
@@ -482,8 +461,7 @@ def fig_rank_curves(runs, w=5):
                            ["rank     runs  steps  loss at last step"])
     for k in _ranks(sweep):
         steps, loss, se = envelope(by_rank[k], w)
-        ax.plot(steps, loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
-        ax.fill_between(steps, loss - se, loss + se, color=cols[k], alpha=0.2, lw=0)  # +-1 SE over seeds
+        _band(ax, steps, loss, se, cols[k], lw=2 if k == 0 else 1.3, label=_label(k))   # +-1 SE over seeds
         rows.append(f"{_label(k):9} {len(by_rank[k]):4} {int(steps[-1]):6}  {loss[-1]:.4f}")
     ax.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)",
            title="LoRA rank vs FullFT (min over LRs; band: +-1 SE over seeds)")
@@ -496,36 +474,33 @@ def fig_lr_sweep(runs, w=5):
     by_rank = {k: rs for k, rs in group(sweep, "rank").items() if len({r["lr"] for r in rs}) >= 2}
     if not by_rank:
         return None, f"needs an SFT sweep over 2+ LRs per rank ({SFT_SWEEP})"
-    fig, (ax,) = _fig(width=9)
+    fig, (ax, side) = _fig(2, width=12, ratios=(1.4, 1))
     cols, opt = _colors(by_rank), optimal_lrs(sweep)
     stats = {k: optimal_lr_stats(rs) for k, rs in by_rank.items()}
-    rows = ["rank     runs seeds  optimal LR [95% CI]          bracketed  best final loss  "
-            "minus FullFT's, paired by seed [95% CI]"
-            "   out of sample [95% CI]   per-seed optimum [95% t CI]"]
-    for k in _ranks(sweep):
-        if k in by_rank:
-            _lr_line(ax, by_rank[k], final_loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
-            st = stats[k]
-            if k in opt:  # dotted at a bracketed optimum; dashed where the grid's edge is the best it found
-                ax.axvline(opt[k], color=cols[k], ls=":" if st and st["bracketed"] else "--", lw=0.8)
-            if not st:
-                continue
-            gap, oos = "", ""
-            if k != 0 and stats.get(0):
-                d, lo, hi = paired_gap(st["by_seed"], stats[0]["by_seed"])
-                gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
-                oos = _oos_gap(st, stats[0], 1, "High-rank LoRA reaches FullFT's loss (SFT)",
-                               f"{_label(k)} minus FullFT, final loss, each seed's LR chosen by the others (nats)")
-            if k and len(st["seed_opt"]) >= 2:
-                claim("The optimal LR is nearly independent of rank",
-                      f"{_label(k)}: optimal LR (per-seed parabola, t on log LR)",
-                      st["t_lr"], st["t_lo"], st["t_hi"], len(st["seed_opt"]), verdict="one rank's estimate")
-            per_seed = f"{st['t_lr']:.3g} {_ci(st['t_lo'], st['t_hi'])} ({len(st['seed_opt'])} seeds)"
-            found = (f"{st['lr']:10.3g} {_ci(st['lo'], st['hi']):19}" if st["bracketed"]
-                     else f"{st['edge'] + format(st['lr'], '.3g'):>10} {'':19}")
-            rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
-                        f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           "
-                        f"{gap:27}  {oos:25} {per_seed}")
+    rows = ["rank     runs seeds  pooled opt. LR  bracketed  best final loss  minus FullFT's, paired by "
+            "seed [95% CI]   out of sample [95% CI]   per-seed optimum [95% t CI]"]
+    for k in [k for k in _ranks(sweep) if k in by_rank]:
+        _lr_line(ax, by_rank[k], final_loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
+        st = stats[k]
+        if not st:   # fewer than 2 LRs finished: no optimum
+            continue
+        # at the mean of the seeds' optima, dotted if bracketed; dashed where the grid's edge is the best it found
+        ax.axvline(st["t_lr"] if len(st["seed_opt"]) >= 2 else st["lr"], color=cols[k],
+                   ls=":" if st["bracketed"] else "--", lw=0.8)
+        gap, oos = "", ""
+        if k != 0 and stats.get(0):
+            gap = _est(*paired_gap(st["by_seed"], stats[0]["by_seed"]))
+            oos = _oos_gap(st, stats[0], 1, "High-rank LoRA reaches FullFT's loss (SFT)",
+                           f"{_label(k)} minus FullFT, final loss, each seed's LR chosen by the others (nats)")
+        if k and len(st["seed_opt"]) >= 2:
+            claim("The optimal LR is nearly independent of rank",
+                  f"{_label(k)}: optimal LR (per-seed parabola, t on log LR)",
+                  st["t_lr"], st["t_lo"], st["t_hi"], len(st["seed_opt"]), verdict="one rank's estimate")
+        per_seed = f"{st['t_lr']:.3g} {_ci(st['t_lo'], st['t_hi'])} ({len(st['seed_opt'])} seeds)"
+        found = f"{st['lr']:14.3g}" if st["bracketed"] else f"{st['edge'] + format(st['lr'], '.3g'):>14}"
+        rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
+                    f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           "
+                    f"{gap:27}  {oos:25} {per_seed}")
     text = _ratio(opt, stats, "LoRA's optimal LR is ~10x FullFT's (SFT)")[1]
     lora_opt = {k: st["t_lr"] for k, st in stats.items() if k and st and len(st["seed_opt"]) >= 2}
     if len(lora_opt) >= 2:
@@ -533,47 +508,41 @@ def fig_lr_sweep(runs, w=5):
         claim("The optimal LR is nearly independent of rank",
               f"largest / smallest optimal LR over ranks {sorted(lora_opt)}",
               spread, verdict=f"within {spread:.2g}x over ranks {min(lora_opt)}-{max(lora_opt)}")
-    main = {id(r) for r in sweep}
+    main, main_steps = {id(r) for r in sweep}, sweep[0]["examples"] // sweep[0]["batch_size"]
+    # the post: ~15x in short runs, ~10x in long ones. The change, paired by seed (a seed fixes the data order)
+    log_ratio = lambda st, st0: {s: v - st0["seed_opt"][s] for s, v in st["seed_opt"].items() if s in st0["seed_opt"]}
     for key, rs in group([r for r in runs if not r["rl"] and r["standard"] and id(r) not in main],
                          lambda r: (r["data"], r["batch_size"], r["examples"])).items():
         # another study with both arms swept (e.g. 80 steps against the main sweep's 20): does the ratio move?
         other = {k: optimal_lr_stats(g) for k, g in group(rs, "rank").items() if len({r["lr"] for r in g}) >= 2}
         if 0 in other and len(other) >= 2:
             steps = key[2] // key[1]
-            text += "\n" + _ratio(optimal_lrs(rs), other,
-                                  f"LoRA's optimal LR over FullFT's, {steps}-step runs")[1].replace(
-                "optimal LR, LoRA / FullFT",
-                f"{steps} steps of {key[1]} ({Path(key[0]).name}): optimal LR, LoRA / FullFT")
+            text += "\n" + _ratio(optimal_lrs(rs), other, f"LoRA's optimal LR over FullFT's, {steps}-step runs",
+                                  f"{steps} steps of {key[1]} ({Path(key[0]).name}): optimal LR, LoRA / FullFT")[1]
             for k in sorted(k for k in other if k and other[k] and other.get(0) and stats.get(k) and stats.get(0)):
-                # the post: ~15x in short runs, ~10x in long ones. The change, paired by seed (a seed fixes the
-                # data order)
-                log_ratio = lambda st, st0: {s: st["seed_opt"][s] - st0["seed_opt"][s]
-                                             for s in st["seed_opt"] if s in st0["seed_opt"]}
                 there, here = log_ratio(other[k], other[0]), log_ratio(stats[k], stats[0])
                 if len(set(there) & set(here)) >= 2:
                     m, lo, hi = (10 ** v for v in paired_gap(there, here))
-                    main_steps = sweep[0]["examples"] // sweep[0]["batch_size"]
-                    claim("LoRA's optimal LR is ~10x FullFT's (SFT)",
-                          f"rank {k}: the LR ratio at {steps} steps / at {main_steps} steps, paired by seed "
-                          "(below 1: the ratio falls with training length)", m, lo, hi,
-                          len(set(there) & set(here)), null=1)
+                    claim("LoRA's optimal LR is ~10x FullFT's (SFT)", f"rank {k}: the LR ratio at {steps} steps / at "
+                          f"{main_steps} steps, paired by seed (below 1: the ratio falls with training length)",
+                          m, lo, hi, len(set(there) & set(here)), null=1)
                     text += (f"\nrank {k}, ratio at {steps} / at {main_steps} steps (paired): "
                              f"{m:.2f}x {_ci(lo, hi, '{:.2f}')}")
     ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep),
-           title="LR vs final loss per rank\n(seed mean +-1 SE)")
-    _legend(ax, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))   # beside the U
+           title="LR vs final loss per rank (seed mean +-1 SE; hollow: fewer seeds)")
+    _legend(ax, fontsize=8, loc="upper center", ncol=3)
+    side.axis("off")   # the ratios as the README quotes them: each seed's own optimum, t over seeds
+    side.text(0, 1, re.sub(r"; pooled [^)]*\)", ")", text).replace(" (gsm8k)", ""), va="top", fontsize=8)
     return fig, "\n".join(rows + [text])
 
 
 def fig_batch_size(runs, w=5):
-    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. The plain
-    SFT runs on the (data, examples seen, layers) with the most batch sizes; per (rank, batch size) the best LR
-    of its grid; the gap to FullFT at each batch size and its growth, paired by seed (a seed fixes
-    which examples a run sees, at any batch size)."""
+    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. The plain SFT runs on
+    the (data, examples seen, layers) with the most batch sizes; per (rank, batch size) the best LR of its grid; the
+    gap to FullFT at each batch size and its growth, paired by seed (a seed fixes which examples a run sees)."""
     std = [r for r in runs if not r["rl"] and r["plain"]]
     where = group(std, lambda r: (r["data"], r["examples"], r["layers"]))
-    sizes_of = lambda rs: {r["batch_size"] for r in rs}
-    key = max(where, key=lambda k: (len(sizes_of(where[k])), len(where[k])), default=None)
+    key = max(where, key=lambda k: (len({r["batch_size"] for r in where[k]}), len(where[k])), default=None)
     rs = where[key] if key else []
     arms = {ck: _arm_row(g, final_loss) for ck, g in group(rs, lambda r: (r["rank"], r["batch_size"])).items()}
     n_sizes = Counter(k for k, _ in arms)
@@ -584,9 +553,7 @@ def fig_batch_size(runs, w=5):
     fig, (left, right) = _fig(2)
     bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1)) for i, bs in enumerate(sizes)}
     rank_col = _colors(k for k, _ in arms)
-    lora_ranks = sorted({k for k, _ in arms if k})
-    # FullFT solid, a dash per LoRA rank
-    dash = {k: ("--", ":", "-.")[i % 3] for i, k in enumerate(lora_ranks)} | {0: "-"}
+    dash = {k: ("--", ":", "-.")[i % 3] for i, k in enumerate(sorted({k for k, _ in arms if k}))} | {0: "-"}
     rows = [f"{key[0]}, {key[1]} examples a run, layers: {key[2]}",
             "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    "
             "minus FullFT's, paired [95% CI]"]
@@ -596,14 +563,12 @@ def fig_batch_size(runs, w=5):
         lr = st["best_lr"] if st else mine[0]["lr"]
         best = [r for r in mine if r["lr"] == lr and not r["diverged"]]
         steps, mean, se = seed_mean(best, w)
-        # x in examples seen: runs at different batch sizes line up at the same data; the post's convention:
-        # FullFT solid, LoRA dashed
+        # x in examples seen: runs at different batch sizes line up at the same data; FullFT solid, LoRA dashed
         left.plot(steps * bs, mean, dash[k], color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
         gap = ""
         if k != 0 and (0, bs) in arms:
             gaps[(k, bs)] = {s: v - arms[(0, bs)][1][s] for s, v in by_seed.items() if s in arms[(0, bs)][1]}
-            d, lo, hi = paired_gap(by_seed, arms[(0, bs)][1])
-            gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+            gap = _est(*paired_gap(by_seed, arms[(0, bs)][1]))
         rows.append(f"{_label(k):9} {bs:6} {int(steps[-1]) if len(steps) else 0:6} {len({r['lr'] for r in mine}):4} "
                     f"{len(by_seed):5}  {_best_lr_text(st, mine):9} {text:28}  {gap}")
     for k in sorted({k for k, _ in gaps}):   # the claim is about the gap, so the panel draws it, paired by seed
@@ -612,22 +577,20 @@ def fig_batch_size(runs, w=5):
         err = np.nan_to_num(np.array([[p[1][0] - p[1][1], p[1][2] - p[1][0]] for p in pts]).T)
         right.errorbar(x, m, yerr=err, fmt=dash[k] + "o", capsize=3, color=rank_col[k],
                        label=f"{_label(k)} minus FullFT")
-    right.axhline(0, color="gray", lw=0.8)
-    for k in sorted({k for k, _ in gaps}):
-        lo_bs, hi_bs = min(bs for kk, bs in gaps if kk == k), max(bs for kk, bs in gaps if kk == k)
+        lo_bs, hi_bs = x[0], x[-1]
         if lo_bs != hi_bs:
             a, b = gaps[(k, hi_bs)], gaps[(k, lo_bs)]
             d, lo, hi = paired_gap(a, b)
             claim("LoRA pays more than FullFT at large batch sizes",
                   f"{_label(k)}: gap to FullFT at batch {hi_bs} minus at batch {lo_bs} ({key[0]}, nats)",
                   d, lo, hi, len(set(a) & set(b)))
-            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}: "
-                        f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}")
-    left.set(xscale="log", xlabel="training examples (steps x batch size)",
-             ylabel=f"train loss (nats/token, {w}-step mean)", title="Learning curves (best LR, seed mean)")
-    right.set(xscale="log", xlabel="batch size (sequences)",
-              ylabel="final loss, LoRA minus FullFT (paired by seed, 95% CI)",
-              title="LoRA's gap to FullFT vs batch size")
+            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}: {_est(d, lo, hi)}")
+    right.axhline(0, color="gray", lw=0.8)
+    left.set(xscale="log", xlabel="training examples (steps x batch size)", ylabel=f"train loss (nats/token, {w}-step "
+             "mean)", title="Learning curves (best LR, seed mean; cut at 2x the last loss)",
+             ylim=(None, 2 * max(line.get_ydata()[-1] for line in left.lines)))   # an early climb to 8 nats is off
+    right.set(xscale="log", xlabel="batch size (sequences)", title="LoRA's gap to FullFT vs batch size",
+              ylabel="final loss, LoRA minus FullFT (paired by seed, 95% CI)")
     right.set_xticks(sizes, [str(s) for s in sizes])
     right.minorticks_off()   # else log-axis minor labels (2x10^1) crowd the batch sizes
     left.legend(fontsize=7), right.legend(fontsize=8)
@@ -644,7 +607,7 @@ def _oos_gap(st, ref, sign=1, finding=None, quantity=None):
     d, lo, hi = paired_gap(a, b)
     if finding:
         claim(finding, quantity, d, lo, hi, len(set(a) & set(b)))
-    return f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+    return _est(d, lo, hi)
 
 
 def _arm_row(rs, metric):
@@ -652,8 +615,7 @@ def _arm_row(rs, metric):
     st = optimal_lr_stats(rs)
     by_seed = {s: (-v if rs[0]["rl"] else v) for s, v in st["by_seed"].items()} if st else \
         {r["seed"]: metric(r) for r in rs if math.isfinite(metric(r))}
-    m, lo, hi = mean_ci(list(by_seed.values()))
-    return st, by_seed, f"{m:.4f} {_ci(lo, hi, '{:.4f}')}"
+    return st, by_seed, _est(*mean_ci(list(by_seed.values())), "{:.4f}")
 
 
 def _best_lr_text(st, rs):
@@ -665,8 +627,7 @@ def _best_lr_text(st, rs):
 def fig_layers(runs, w=5):
     panels = []
     for rl in (False, True):
-        main = main_sweep(runs, rl)
-        where = {(r["data"], r["batch_size"], r["examples"]) for r in main}
+        where = {(r["data"], r["batch_size"], r["examples"]) for r in main_sweep(runs, rl)}
         rs = [r for r in runs if r["rl"] == rl and r["rank"] > 0 and r["plain"]
               and (r["data"], r["batch_size"], r["examples"]) in where]
         others = {r["rank"] for r in rs if r["layers"] != "all"}   # "all" only at the ranks the others ran
@@ -681,16 +642,14 @@ def fig_layers(runs, w=5):
              + " / ".join("reward" if rl else "loss" for rl, _ in panels))
     rows = []
     for ax, (rl, by) in zip(axes, panels):
-        metric = final_reward if rl else final_loss
+        metric, what = (final_reward, "reward") if rl else (final_loss, "loss")
         layer_sets = sorted({ly for ly, _ in by}, key=lambda s: ({"all": 0, "mlp": 1, "attn": 2}.get(s, 3), s))
         ranks = sorted({k for _, k in by})
         arms = {key: _arm_row(rs, metric) for key, rs in by.items()}
-        # the post's recommendation is the reference
-        ref = next((key for key in by if key[0] == "mlp"), None)
-        rows.append(f"{'train_rl' if rl else 'train_sft'}: layers  rank  params  LRs  seeds  best LR   "
-                    f"final {'reward' if rl else 'loss'} at it [95% CI]   "
-                    f"minus {ref[0] + ' rank ' + str(ref[1]) if ref else '-'}, paired by seed [95% CI]"
-                    "   out of sample [95% CI]")
+        ref = next((key for key in by if key[0] == "mlp"), None)   # the post's recommendation is the reference
+        rows.append(f"{'train_rl' if rl else 'train_sft'}: layers  rank  params  LRs  seeds  best LR   final {what} "
+                    f"at it [95% CI]   minus {ref[0] + ' rank ' + str(ref[1]) if ref else '-'}, paired by seed "
+                    "[95% CI]   out of sample [95% CI]")
         for (ly, k), rs in sorted(by.items(), key=lambda kv: (layer_sets.index(kv[0][0]), kv[0][1])):
             params = f", {rs[0]['params'] / 1e6:.3g}M params" if rs[0]["params"] else ""
             _lr_line(ax, rs, metric, color=f"C{layer_sets.index(ly)}",
@@ -698,11 +657,10 @@ def fig_layers(runs, w=5):
             st, by_seed, text = arms[(ly, k)]
             gap, oos = "", ""
             if ref and (ly, k) != ref:
-                d, lo, hi = paired_gap(by_seed, arms[ref][1])
-                gap = f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+                gap = _est(*paired_gap(by_seed, arms[ref][1]))
                 oos = _oos_gap(st, arms[ref][0], -1 if rl else 1,
                                "Attention-only LoRA trails MLP-only" + (" (RL)" if rl else ""),
-                               f"{ly} rank {k} minus {ref[0]} rank {ref[1]}, final {'reward' if rl else 'loss'}, "
+                               f"{ly} rank {k} minus {ref[0]} rank {ref[1]}, final {what}, "
                                "each seed's LR chosen by the others")
             rows.append(f"  {ly:13} {k:4}  {(rs[0]['params'] or 0) / 1e6:5.2f}M {len({r['lr'] for r in rs}):4} "
                         f"{len(by_seed):5}  {_best_lr_text(st, rs):9} {text:28}  {gap:27}  {oos}")
@@ -730,13 +688,10 @@ def fig_rl(runs, w=5):
         lr = st["best_lr"] if st else by_rank[k][0]["lr"]
         best = [r for r in by_rank[k] if r["lr"] == lr and not r["diverged"] and len(r["train"][0])]
         if best:
-            steps, mean, se = seed_mean(best, w)
-            left.plot(steps, mean, color=cols[k], lw=lw, label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
-            left.fill_between(steps, mean - se, mean + se, color=cols[k], alpha=0.2, lw=0)
+            _band(left, *seed_mean(best, w), cols[k], lw=lw, label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
         gap, oos = "", ""
         if k != 0 and 0 in arms:
-            d, lo, hi = paired_gap(by_seed, arms[0][1])
-            gap = f"{d:+.3f} {_ci(lo, hi, '{:+.3f}')}"
+            gap = _est(*paired_gap(by_seed, arms[0][1]), "{:+.3f}")
             oos = _oos_gap(st, arms[0][0], -1, "RL: rank-1 LoRA matches FullFT",
                            f"{_label(k)} minus FullFT, final reward, each seed's LR chosen by the others")
         rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  "
@@ -749,8 +704,8 @@ def fig_rl(runs, w=5):
              title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
               title="Final reward vs learning rate (seed mean +-1 SE)")
-    left.legend(fontsize=8), _legend(right, title=text, fontsize=8, title_fontsize=8, loc="upper left",
-                                     bbox_to_anchor=(1.01, 1))
+    left.legend(fontsize=8)
+    _legend(right, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("RL: LoRA vs full fine-tuning")
     return fig, "\n".join(rows + [text])
 
@@ -767,22 +722,19 @@ def _lr_range(by_rank, stats):
         by_lr = {lr: {r["seed"]: final_reward(r) for r in g} for lr, g in group(rs, "lr").items()}
         top = stats[k]["best_lr"]
         for lr in sorted(by_lr):
-            m, lo, hi = mean_ci(list(by_lr[lr].values()))
-            rows.append(f"  {_label(k):9} LR {lr:9.3g} ({lr / top:5.3g}x best) {m:.3f} {_ci(lo, hi, '{:.3f}')}, "
-                        f"{len(by_lr[lr])} seed(s)")
+            rows.append(f"  {_label(k):9} LR {lr:9.3g} ({lr / top:5.3g}x best) "
+                        f"{_est(*mean_ci(list(by_lr[lr].values())), '{:.3f}')}, {len(by_lr[lr])} seed(s)")
         for way, f in (("down", 0.5), ("up", 2.0)):
             near = next((v for lr, v in by_lr.items() if math.isclose(lr, top * f, rel_tol=0.05)), None)
             if near is None:
                 continue
             costs[k, way] = {s: by_lr[top][s] - near[s] for s in set(by_lr[top]) & set(near)}
-            m, lo, hi = mean_ci(list(costs[k, way].values()))
-            rows.append(f"  {_label(k):9} a 2x step {way:4} costs {m:+.3f} {_ci(lo, hi, '{:+.3f}')} "
-                        f"over {len(costs[k, way])} seed(s)")
+            cost = _est(*mean_ci(list(costs[k, way].values())), "{:+.3f}")
+            rows.append(f"  {_label(k):9} a 2x step {way:4} costs {cost} over {len(costs[k, way])} seed(s)")
     for (k, way), c in sorted(costs.items()):
         if k and (0, way) in costs:
-            d, lo, hi = paired_gap(c, costs[0, way])
-            rows.append(f"  {way:4}: {_label(k)}'s cost minus FullFT's {d:+.3f} {_ci(lo, hi, '{:+.3f}')} "
-                        "(below 0: LoRA's range is wider)")
+            gap = _est(*paired_gap(c, costs[0, way]), "{:+.3f}")
+            rows.append(f"  {way:4}: {_label(k)}'s cost minus FullFT's {gap} (below 0: LoRA's range is wider)")
     return rows
 
 
@@ -824,27 +776,23 @@ def fig_early_rank(runs, w=5):
     lr = min(set(by[lo]) & set(by[hi]), key=lambda lr: np.mean([final_loss(r) for r in by[lo][lr]]))
     cols = _colors([lo, hi])
     for k in (lo, hi):
-        steps, mean, se = seed_mean(by[k][lr], w)
-        left.plot(steps, mean, color=cols[k], label=f"{_label(k)} ({len(by[k][lr])} seeds)")
-        left.fill_between(steps, mean - se, mean + se, color=cols[k], alpha=0.2, lw=0)
+        _band(left, *seed_mean(by[k][lr], w), cols[k], label=f"{_label(k)} ({len(by[k][lr])} seeds)")
     lines = []
     for c, (a, b) in enumerate(pairs):
         steps, d = _rank_pair_diffs(by[a], by[b], lr)
         if steps is None or not len(steps):
             continue
         n = max(2, len(steps) // 10)
-        first, last = d[:, :n].mean(1), d[:, -n:].mean(1)
-        m, se = d.mean(0), (d.std(0, ddof=1) / math.sqrt(len(d)) if len(d) > 1 else np.zeros(d.shape[1]))
-        right.plot(steps, m, color=f"C{c + 3}", label=f"rank {a} minus rank {b} ({len(d)} seeds)")
-        right.fill_between(steps, m - se, m + se, color=f"C{c + 3}", alpha=0.2, lw=0)
-        ci = lambda v: f"{np.mean(v):+.4f} {_ci(*mean_ci(list(v))[1:], '{:+.4f}')}"
-        for v, where in ((first, f"steps {steps[0]:.0f}-{steps[n - 1]:.0f}"),
-                         (last, f"steps {steps[-n]:.0f}-{steps[-1]:.0f}")):
+        spans = [(d[:, :n].mean(1), f"steps {steps[0]:.0f}-{steps[n - 1]:.0f}"),   # the first and last 10%
+                 (d[:, -n:].mean(1), f"steps {steps[-n]:.0f}-{steps[-1]:.0f}")]
+        se = d.std(0, ddof=1) / math.sqrt(len(d)) if len(d) > 1 else np.zeros(d.shape[1])
+        _band(right, steps, d.mean(0), se, f"C{c + 3}", label=f"rank {a} minus rank {b} ({len(d)} seeds)")
+        for v, where in spans:
             claim("With alpha/r, ranks start identically",
                   f"rank {a} minus rank {b} at one LR, train loss over {where} (nats)", *mean_ci(list(v)), len(d))
         lines.append(f"rank {a} - rank {b} at LR {lr:.3g}, {len(d)} seed(s): "
-                     f"steps {steps[0]:.0f}-{steps[n - 1]:.0f} {ci(first)}, "
-                     f"steps {steps[-n]:.0f}-{steps[-1]:.0f} {ci(last)} (step 1: equal by construction)")
+                     + ", ".join(f"{where} {_est(np.mean(v), *mean_ci(list(v))[1:])}" for v, where in spans)
+                     + " (step 1: equal by construction)")
     right.axhline(0, color="gray", lw=0.8)
     left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean; seed mean +-1 SE)",
              title="Learning curves")
@@ -874,9 +822,8 @@ def fig_flops(runs, w=5):
     for k in _ranks([r for rs in by_rank.values() for r in rs]):
         lr, best, per_step = curves[k]
         steps, mean, se = seed_mean(best, w)
-        ax.plot(steps * per_step, mean, color=cols[k], lw=2 if k == 0 else 1.3,
-                label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
-        ax.fill_between(steps * per_step, mean - se, mean + se, color=cols[k], alpha=0.2, lw=0)
+        _band(ax, steps * per_step, mean, se, cols[k], lw=2 if k == 0 else 1.3,
+              label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
         rel = f"{per_step / curves[0][2]:9.3f}" if 0 in curves else "        -"
         rows.append(f"{_label(k):9} {lr:8.3g}  {len(best):5}  {per_step:10.3g}  {rel}  {per_step * steps[-1]:.3g}")
     ax.set(xscale="log", xlabel="training FLOPs (cumulative, forward + backward)",
@@ -887,36 +834,39 @@ def fig_flops(runs, w=5):
 
 
 def fig_norms(runs, w=5):
-    """The post's finding 11: B starts at zero and grows during training; by the end of its long runs B
-    had larger spectral norms than A. Drawn: median over the adapted matrices of ||A||_2 and ||B||_2 per
-    eval, for the longest runs on real data (on facts where there are none). The table adds, for every
-    configuration run with 2+ seeds (facts included), ||B|| / ||A|| at the last eval (median over
-    matrices): its mean over seeds with a 95% interval."""
+    """The post's finding 11: B starts at zero and grows during training; by the end of its long runs B had larger
+    spectral norms than A. Drawn: median over the adapted matrices of ||A||_2 and ||B||_2 per eval, for the longest
+    configurations on real data (on facts where there are none), each at its best LR (its first seed). The table
+    adds, for every configuration run with 2+ seeds
+    (facts included), ||B|| / ||A|| at the last eval (median over matrices): its mean over seeds, 95% interval."""
     every = [r for r in runs if len(r["norms"]) >= 2 and not r["diverged"]]
     if not every:
         return None, "needs LoRA runs with evals (train_sft.py logs the spectral norms of A and B at each eval)"
-    longest = lambda r: (-r["norms"][-1][0], r["name"])
-    # the finding is about the end of training
-    rs = sorted([r for r in every if not r["facts"]] or every, key=longest)[:4]
-    fig, (ax,) = _fig(width=9)
+    longest = lambda r: (-r["norms"][-1][0], r["name"])   # the finding is about the end of training
+    drawn = []
+    for rs_ in group([r for r in every if not r["facts"]] or every, config).values():
+        scores = scores_by_lr(rs_)
+        best = min(scores, key=lambda lr: np.mean(scores[lr])) if scores else rs_[0]["lr"]
+        drawn.append(min((r for r in rs_ if r["lr"] == best), key=lambda r: r["seed"]))
+    rs = sorted(drawn, key=longest)[:3]
+    fig, (ax,) = _fig(width=8)
     rows = ["run                                              step  median |A|_2  median |B|_2  B > A in"]
     for i, r in enumerate(rs):
         steps = np.array([s for s, _, _ in r["norms"]])
-        for j, (which, ls) in enumerate((("A", "-"), ("B", "--"))):
+        for which, ls in (("A", "-"), ("B", "--")):
             v = np.array([a if which == "A" else b for _, a, b in r["norms"]])
             q1, med, q3 = np.percentile(v, [25, 50, 75], axis=1)
-            ax.plot(steps, med, ls, color=f"C{i}", marker="o", ms=3, label=f"{which}: {r['name']}")
+            ax.plot(steps, med, ls, color=f"C{i}", marker="o", ms=3, label=f"{which}: {_label(r['rank'])}"
+                    f"{'' if r['layers'] == 'all' else ' on ' + r['layers']}, {steps[-1]} steps, LR {r['lr']:.2g}")
             ax.fill_between(steps, q1, q3, color=f"C{i}", alpha=0.12, lw=0)
         step, a, b = r["norms"][-1]
         rows.append(f"{r['name'][:48]:48} {step:5}  {np.median(a):12.4f}  {np.median(b):12.4f}  "
                     f"{sum(y > x for x, y in zip(a, b))}/{len(a)} matrices")
     # part: of the 7 matrices of each layer (q, k, v, o, gate, up, down: lora_modules' order)
-    def ratio(r, part=slice(None)):
+    def ratio(r, part=None):
         a, b = (np.array(v, dtype=float) for v in r["norms"][-1][1:])
         q = b / np.maximum(a, 1e-12)
-        if part != slice(None):
-            q = q.reshape(-1, 7)[:, part]
-        return float(np.median(q))
+        return float(np.median(q if part is None else q.reshape(-1, 7)[:, part]))
     split = lambda r: r["layers"] == "all" and r["n_layers"] and len(r["norms"][-1][1]) == 7 * r["n_layers"]
     seeded = []   # per configuration, its best LR (by mean final loss) among those with 2+ finished seeds
     for rs_ in group(every, config).values():
@@ -927,31 +877,30 @@ def fig_norms(runs, w=5):
     rows += ["", "configuration at its best LR (2+ seeds, longest first)      step  seeds  |B|/|A| at the end [95% CI]"
                  "   attention matrices       MLP matrices"]
     for g in sorted(seeded, key=lambda g: longest(g[0])):
-        parts = [slice(None)] + ([slice(0, 4), slice(4, 7)] if all(split(r) for r in g) else [])
+        parts = [None] + ([slice(0, 4), slice(4, 7)] if all(split(r) for r in g) else [])
         stats = [mean_ci([ratio(r, p) for r in g]) for p in parts]
         cells = [f"{m:.3f} {_ci(lo, hi, '{:.3f}'):16}" for m, lo, hi in stats]
+        name, step = re.sub(r"_s[0-9]+$", "", g[0]["name"]), g[0]["norms"][-1][0]   # the seeds' common name
         for (m, lo, hi), which in zip(stats, ("all matrices", "attention matrices", "MLP matrices")):
-            claim("B ends with a larger norm than A",
-                  f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])}, step {g[0]['norms'][-1][0]}: "
-                  f"|B|/|A| at the end, {which}", m, lo, hi, len(g), null=1)
-        rows.append(f"{re.sub(r'_s[0-9]+$', '', g[0]['name'])[:56]:56} {g[0]['norms'][-1][0]:5}  {len(g):5}  "
-                    + "  ".join(cells))
+            claim("B ends with a larger norm than A", f"{name}, step {step}: |B|/|A| at the end, {which}",
+                  m, lo, hi, len(g), null=1)
+        rows.append(f"{name[:56]:56} {step:5}  {len(g):5}  " + "  ".join(cells))
     ax.set(xlabel="step", ylabel="spectral norm (median; band: quartiles)",
            title="LoRA's A (solid) and B (dashed): B grows from zero")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(fontsize=7, loc="upper left")
     return fig, "\n".join(rows)
 
 
 BITS_PER_FACT = math.log2(1e4)   # train_sft.facts: a 4-digit code drawn uniformly
+CAPACITY = "Low ranks fall behind FullFT once the data exceed their capacity"   # the finding the facts runs test
 
 
 def stored_bits(run, at=-1, unseen=False):
-    """Bits of the facts' codes a run has stored at its at-th eval: the K codes hold K log2(10^4) bits,
-    and what the model still needs to be told is its summed log loss on the answers, in bits, scaled
-    from the eval facts to all K. No model can predict an unseen code better than uniform digits, so
-    this is a lower bound on what the weights hold about the codes (a format not yet learnt counts
-    against it). unseen=True measures against the loss on facts the run never saw instead, which
-    cancels the format but adds the overconfidence on unseen keys that memorising brings."""
+    """Bits of the facts' codes a run has stored at its at-th eval: the K codes hold K log2(10^4) bits, and what
+    the model still needs to be told is its summed log loss on the answers, in bits, scaled from the eval facts to
+    all K. No model can predict an unseen code better than uniform digits, so this is a lower bound on what the
+    weights hold about the codes (a format not yet learnt counts against it). unseen=True measures against the loss
+    on facts the run never saw instead: that cancels the format but adds the overconfidence memorising brings."""
     if run["diverged"] or not run["eval_tokens"] or not run["n_eval"]:
         return math.nan
     steps, losses = run["eval"]
@@ -971,11 +920,9 @@ def _plateau_gain(run):
 
 
 def log_ratio_ci(a, b):
-    """a / b, each {seed: positive value}: the geometric mean ratio over shared seeds with a 95% t
-    interval on log."""
-    m, lo, hi = paired_gap({s: math.log(v) for s, v in a.items() if v > 0},
-                           {s: math.log(v) for s, v in b.items() if v > 0})
-    return math.exp(m), math.exp(lo) if math.isfinite(lo) else math.nan, math.exp(hi) if math.isfinite(hi) else math.nan
+    """a / b, each {seed: positive value}: the geometric mean ratio over shared seeds with a 95% t interval on log."""
+    logs = [{s: math.log(v) for s, v in d.items() if v > 0} for d in (a, b)]
+    return tuple(math.exp(v) for v in paired_gap(*logs))   # exp(NaN) is NaN: no interval stays none
 
 
 def _rank_doubling(bits, where, row_where, rows):
@@ -985,9 +932,8 @@ def _rank_doubling(bits, where, row_where, rows):
         b1 = bits.get(r2 // 2)
         if r2 > 1 and b1 and len(set(b1) & set(b2)) >= 2:
             rat, lo, hi = log_ratio_ci(b2, b1)
-            claim("Low ranks fall behind FullFT once the data exceed their capacity",
-                  f"{where}: bits stored by rank {r2} / by rank {r2 // 2}, paired by seed (2 if capacity binds both)",
-                  rat, lo, hi, len(set(b1) & set(b2)), null=2)
+            claim(CAPACITY, f"{where}: bits stored by rank {r2} / by rank {r2 // 2}, paired by seed "
+                  "(2 if capacity binds both)", rat, lo, hi, len(set(b1) & set(b2)), null=2)
             rows.append(f"{row_where}: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] what rank {r2 // 2} stores "
                         "(paired by seed)")
 
@@ -996,21 +942,27 @@ def fig_capacity(runs, w=5):
     """The post's Figure 1 and its capacity argument, on data whose information is known: K random
     facts learnt by LoRA of each rank and by full fine-tuning of the same matrix, each arm at its own
     LR, long enough to plateau. Left, Figure 1's shape: eval loss on the trained facts against log
-    step (seed mean +-1 SE). Right: bits stored against trainable parameters, beside the 2 bits per
-    parameter the post assumes. The table gives every study on facts (a study: layers, K, examples)."""
+    step (seed mean +-1 SE). Right: bits stored against the bits the data hold, per rank (colour) and
+    training length (marker), under the all-stored diagonal; a capacity shows as a line flat in K and
+    in steps. The table gives every study on facts (a study: layers, K, examples)."""
     rs = [r for r in runs if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
     if not rs:
         return None, "needs runs on --data facts:K (see results/README.md, capacity)"
     # per (layers, K), the study with the FullFT control and the most arms; and longer runs of it
-    studies, longer = {}, {}
+    studies, longer, points = {}, {}, defaultdict(list)   # points: (layers, rank, steps) -> [(K, bits, CI)]
     for key, mine in group(rs, lambda r: (r["layers"], r["facts"])).items():
         by_len = group(mine, lambda r: (r["examples"], r["batch_size"], r["cooldown"]))
         studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g), len({r["rank"] for r in g}),
                                                            g[0]["examples"], len(g)))
         longer[key] = [g for g in by_len.values() if g[0]["examples"] > studies[key][0]["examples"]]
+        for g in by_len.values():   # the right panel's shorter runs (the study's and longer ones' points come below)
+            if g[0]["examples"] < studies[key][0]["examples"] and g[0]["cooldown"] == studies[key][0]["cooldown"]:
+                for rank, rs_ in group(g, "rank").items():
+                    bits = mean_ci([stored_bits(r) for r in rs_])
+                    points[key[0], rank, g[0]["examples"] // g[0]["batch_size"]].append((key[1], *bits))
     rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  bits stored [95% CI]   "
             "bits/param [95% CI]    last-quarter gain   minus FullFT, paired [95% CI]"]
-    points, curves, per_seed, best_lr, steps_of = defaultdict(list), None, {}, {}, {}
+    curves, per_seed, best_lr = None, {}, {}
     for (layers, k), mine in sorted(studies.items()):
         bests = {}
         for rank in _ranks(mine):
@@ -1019,34 +971,28 @@ def fig_capacity(runs, w=5):
             best_lr[layers, k, rank] = bests[rank][0]["lr"]
         full = {r["seed"]: stored_bits(r) for r in bests.get(0, [])}
         for rank, best in bests.items():
-            bits = {r["seed"]: stored_bits(r) for r in best}
-            per_seed[layers, k, rank] = bits
+            per_seed[layers, k, rank] = bits = {r["seed"]: stored_bits(r) for r in best}
             m, lo, hi = mean_ci(bits.values())
             p = best[0]["params"]
             gain = mean_ci([_plateau_gain(r) for r in best])[0]
-            gap = ""
-            if rank and len(full) and len(bits):
-                d, glo, ghi = paired_gap(bits, full)
-                gap = f"{d:+.0f} {_ci(glo, ghi, '{:+.0f}')}"
+            paired = paired_gap(bits, full) if rank and len(full) and len(bits) else None
+            gap = _est(*paired, "{:+.0f}") if paired else ""
             unseen = np.mean([r["unseen"][1][-1] for r in best]) if all(len(r["unseen"][1]) for r in best) else math.nan
             rows.append(f"{layers:15} {k:5} {k * BITS_PER_FACT:6.0f}  {_label(rank):7} {p:8,} {best[0]['lr']:7.2g}  "
                         f"{len(best):5}  {np.mean([final_loss(r) for r in best]):10.4f}  {unseen:6.3f}  "
                         f"{m:7.0f} {_ci(lo, hi, '{:.0f}'):14}  {m / p:7.3f} {_ci(lo / p, hi / p, '{:.3f}'):14}  "
                         f"{gain:+17.1%}   {gap}")
             if len(best[0]["unseen"][0]):
-                points[k].append((p, m, lo, hi, rank))
-                steps_of[k] = best[0]["examples"] // best[0]["batch_size"]
-                finding = "Low ranks fall behind FullFT once the data exceed their capacity"
-                claim(finding, f"{_label(rank)} on {layers}, {k} facts ({k * BITS_PER_FACT:.0f} bits): bits stored",
+                points[layers, rank, best[0]["examples"] // best[0]["batch_size"]].append((k, m, lo, hi))
+                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts ({k * BITS_PER_FACT:.0f} bits): bits stored",
                       m, lo, hi, len(best), verdict=f"{m / (k * BITS_PER_FACT):.0%} of the data's bits")
                 if rank:
-                    claim(finding, f"{_label(rank)} on {layers}, {k} facts: bits stored per trainable parameter",
+                    claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts: bits stored per trainable parameter",
                           m / p, lo / p, hi / p, len(best),
                           verdict="below 2 (the post's assumption)" if hi / p < 2 else None, null=2)
-                    if gap:
-                        claim(finding,
-                              f"{_label(rank)} minus FullFT on {layers}, {k} facts: bits stored, paired by seed",
-                              d, glo, ghi, len(set(bits) & set(full)))
+                    if paired:
+                        claim(CAPACITY, f"{_label(rank)} minus FullFT on {layers}, {k} facts: bits stored, "
+                              "paired by seed", *paired, len(set(bits) & set(full)))
         if 0 in bests and len(bests) > 1 and all(len(r["unseen"][0]) for r in mine):   # Figure 1: the largest such K
             curves = max([c for c in (curves, (k, mine, bests)) if c], key=lambda c: (c[0], len(c[1])))
     for (layers, k), groups in longer.items():   # a plateau: training longer adds little
@@ -1061,16 +1007,14 @@ def fig_capacity(runs, w=5):
                 rat, lo, hi = log_ratio_ci(long, short)
                 m, mlo, mhi = mean_ci(long.values())
                 p = next(r["params"] for r in g if r["rank"] == rank)
-                claim("Low ranks fall behind FullFT once the data exceed their capacity",
-                      f"{_label(rank)} on {layers}, {k} facts: bits stored after {times:g}x the steps / after 1x, "
-                      "paired by seed (1 at a plateau)", rat, lo, hi, len(set(long) & set(short)), null=1)
-                claim("Low ranks fall behind FullFT once the data exceed their capacity",
-                      f"{_label(rank)} on {layers}, {k} facts, {times:g}x the steps: "
+                points[layers, rank, g[0]["examples"] // g[0]["batch_size"]].append((k, m, mlo, mhi))
+                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts: bits stored after {times:g}x the steps / "
+                      "after 1x, paired by seed (1 at a plateau)", rat, lo, hi, len(set(long) & set(short)), null=1)
+                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts, {times:g}x the steps: "
                       "bits stored per trainable parameter", m / p, mlo / p, mhi / p, len(long), null=2)
                 rows.append(f"{layers} at {k} facts, {_label(rank)} trained {times:g}x as long: "
-                            f"{m:.0f} {_ci(mlo, mhi, '{:.0f}')} bits, "
-                            f"{m / p:.3f} {_ci(mlo / p, mhi / p, '{:.3f}')} bits/param, "
-                            f"{rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits (paired by seed); "
+                            f"{_est(m, mlo, mhi, '{:.0f}')} bits, {_est(m / p, mlo / p, mhi / p, '{:.3f}')} "
+                            f"bits/param, {rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits (paired by seed); "
                             f"last-quarter gain {mean_ci([_plateau_gain(r) for r in g if r['rank'] == rank])[0]:+.1%}")
             _rank_doubling(long_bits, f"{layers}, {k} facts, {times:g}x the steps",
                            f"{layers} at {k} facts, {times:g}x as long", rows)
@@ -1084,47 +1028,39 @@ def fig_capacity(runs, w=5):
     fig, (left, right) = _fig(2)
     cols = _colors(bests)
     for rank, best in bests.items():
-        steps, mean, se = seed_mean(best, 1, "eval")
-        keep = steps > 0
-        left.plot(steps[keep], mean[keep], color=cols[rank], lw=2 if rank == 0 else 1.3,
-                  label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, "
-                        f"{len(best)} seed{'s' * (len(best) > 1)})")
-        left.fill_between(steps[keep], (mean - se)[keep], (mean + se)[keep], color=cols[rank], alpha=0.2, lw=0)
+        _band(left, *_eval_curve(best), cols[rank], lw=2 if rank == 0 else 1.3,
+              label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, "
+                    f"{len(best)} seed{'s' * (len(best) > 1)})")
     # the plateau check: the same arms trained longer; the shortest dashed, longer ones dotted, then dash-dotted
     for j, g in enumerate(sorted(longer.get((mine[0]["layers"], k), []), key=lambda g: g[0]["examples"])):
         for rank, rs_ in group(g, "rank").items():
-            steps, mean, _ = seed_mean(rs_, 1, "eval")
-            keep = steps > 0
-            left.plot(steps[keep], mean[keep], ("--", ":", "-.")[j % 3], color=cols.get(rank, "gray"), lw=1,
+            steps, mean, _ = _eval_curve(rs_)
+            left.plot(steps, mean, ("--", ":", "-.")[j % 3], color=cols.get(rank, "gray"), lw=1,
                       label=f"{_label(rank)}, {g[0]['examples'] / mine[0]['examples']:g}x the steps ({len(rs_)} seeds)")
     left.axhline(math.log(10) * 4 / 5, color="gray", ls="--", lw=1,
                  label="no code stored (uniform digits, end token learnt)")
     left.set(xscale="log", xlabel="step (log)", ylabel="eval loss on the trained facts (nats/token)", ylim=(0, None),
              title=f"{k} random facts ({k * BITS_PER_FACT:,.0f} bits), {mine[0]['layers']}: the post's Figure 1")
     left.legend(fontsize=7)
-    for i, kk in enumerate(sorted(points)):
-        p = sorted(points[kk])
-        x, y = np.array([q[0] for q in p], float), np.array([q[1] for q in p])
-        lo, hi = np.array([q[2] for q in p]), np.array([q[3] for q in p])
-        right.errorbar(x, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], fmt="o-", color=f"C{i}", capsize=3,
-                       label=f"{kk} facts ({kk * BITS_PER_FACT:,.0f} bits, dashed), {steps_of[kk]:,} steps")
-        right.axhline(kk * BITS_PER_FACT, color=f"C{i}", ls="--", lw=0.8)
-    allp = [q[0] for v in points.values() for q in v]
-    xs = np.logspace(np.log10(min(allp)) - 0.2, np.log10(max(allp)) + 0.2, 10)
-    right.plot(xs, 2 * xs, color="gray", ls=":", label="2 bits / parameter")
-    right.set(xscale="log", yscale="log", xlabel="trainable parameters",
-              ylim=(min(q[1] for v in points.values() for q in v) / 3, 4 * max(points) * BITS_PER_FACT),
-              ylabel="bits stored (seed mean, 95% CI)", title="Stored information against capacity")
-    right.legend(fontsize=7)
+    marks = dict(zip(sorted({n for ly, _, n in points if ly == mine[0]["layers"]}), "v^osDP*X"))
+    for (layers, rank, n), pts in sorted(points.items(), key=lambda t: (t[0][1] == 0, t[0][1], t[0][2])):
+        if layers == mine[0]["layers"]:
+            k_, y, lo, hi = (np.array(c, dtype=float) for c in zip(*sorted(pts)))
+            right.errorbar(k_ * BITS_PER_FACT, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], capsize=2, lw=1,
+                           marker=marks[n], color=cols.get(rank, "gray"), ms=5, label=f"{_label(rank)}, {n:,} steps")
+    offered = [kk * BITS_PER_FACT for (ly, _, _), v in points.items() if ly == mine[0]["layers"] for kk, *_ in v]
+    xs = np.array([min(offered) / 1.5, max(offered) * 1.5])
+    right.plot(xs, xs, color="gray", ls="--", lw=1, label="every bit stored")
+    right.set(xscale="log", yscale="log", xlabel="bits in the data (K facts x 13.3)", ylim=(100, None),
+              ylabel="bits stored (seed mean, 95% CI)", title=f"Stored against offered, {mine[0]['layers']}")
+    right.legend(fontsize=6, ncol=2)
     return fig, "\n".join(rows)
 
 
-
 def fig_invariance(runs, w=5):
-    """The post's invariances leave two directions of (alpha, init_A, LR_A, LR_B) that matter; this
-    draws the second, init_A / LR_A, alone: --init_scale c with --lr_ratio_b 1/c keeps
-    alpha x init_A x LR_B fixed. Eval loss per c (seed mean +-1 SE) and each c's final loss minus
-    c = 1's with a 95% interval over seeds."""
+    """The post's invariances leave two directions of (alpha, init_A, LR_A, LR_B) that matter; this draws the
+    second, init_A / LR_A, alone: --init_scale c with --lr_ratio_b 1/c keeps alpha x init_A x LR_B fixed. Eval loss
+    per c (seed mean +-1 SE) and each c's final loss minus c = 1's with a 95% interval over seeds."""
     rs = [r for r in runs if r["rank"] > 0 and (r["diverged"] or len(r["eval"][0]) >= 2)
           and r["variant"][0] is False and abs(r["variant"][1] * r["variant"][2] - 1) < 1e-9]
     by = group(rs, lambda r: (r["data"], r["rank"], r["layers"], r["lr"], r["batch_size"], r["examples"]))
@@ -1142,21 +1078,17 @@ def fig_invariance(runs, w=5):
         if not vs:
             rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every):8}")
             continue
-        steps, mean, se = seed_mean(vs, 1, "eval")
         bad = len(every) - len(vs)
-        late = steps > 0   # the step-0 eval (the untrained model, far above) would squash the differences that matter
-        ax.plot(steps[late], mean[late], color=f"C{i}",
-                label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
-        ax.fill_between(steps[late], (mean - se)[late], (mean + se)[late], color=f"C{i}", alpha=0.2, lw=0)
-        finals = [final_loss(r) for r in vs]
+        _band(ax, *_eval_curve(vs), f"C{i}",
+              label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
         d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)   # a seed fixes the facts and the batches
-        gap = "(the reference)" if vs[0]["plain"] else f"{d:+.4f} {_ci(lo, hi, '{:+.4f}')}"
+        gap = "(the reference)" if vs[0]["plain"] else _est(d, lo, hi)
         if not vs[0]["plain"]:
             claim("Only two of (alpha, init_A, LR_A, LR_B) matter",
                   f"init_A x {init:g}, LR_B / LR_A {ratio:g}: final loss minus "
                   f"c = 1's ({bad} of {len(every)} seeds diverged; nats)", d, lo, hi, len(vs))
-        rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every) - len(vs):8}  "
-                    f"{np.mean(finals):10.4f}  {gap}")
+        rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {bad:8}  "
+                    f"{np.mean([final_loss(r) for r in vs]):10.4f}  {gap}")
     ax.set(xlabel="step", ylabel="eval loss (nats/token; seed mean +-1 SE; step 0 not drawn)",
            title="The second direction alone: init_A / LR_A x c (alpha x init_A x LR_B fixed)")
     ax.legend()

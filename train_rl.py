@@ -22,7 +22,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -145,13 +144,9 @@ def evaluate(model, tok, rows, max_new_tokens, batch, amp, device, instruction=l
 def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
     """Train one configuration; returns the final greedy accuracy. grid: the sweep's Progress (in steps)."""
     device, amp = a.device, a.amp
-    run_dir = Path(a.out) / a.name
-    done = lora.finished_run(run_dir, a.steps) if a.resume else None
-    if done:  # a finished run of a resumed sweep: nothing to redo
-        print(f"== {a.name}: already finished (final accuracy {done['accuracy']:.3f}); skipped")
-        if grid:
-            grid.total -= a.steps
-        return done["accuracy"]
+    run = lora.Run(a, a.steps, "accuracy", grid)
+    if run.done is not None:
+        return run.done
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, device=device, seed=a.seed)
     params = [p for g in opt.param_groups for p in g["params"]]
     model.gradient_checkpointing = a.grad_ckpt
@@ -159,34 +154,24 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
     decode = lora.compile_decode() if a.compile else None
     if a.compile:
         lora.compile_blocks(model)
-    if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
-    start = 0
-    if a.resume and (run_dir / "latest").exists():
-        start = lora.load_checkpoint(run_dir, model, opt)["step"]
-        print(f"resumed {a.name} at step {start}")
-    config = dict(script="train_rl", name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
-                  model=asdict(base.config), model_name=base.name_or_path, data=data_desc,
-                  trainable_params=lora.count_parameters(model), fullft_lr=lora.fullft_lr(base.config))
-    log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None)
-    progress = lora.Progress(a.steps - start)
-    print(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, "
-          f"{config['trainable_params']:,} trainable, lr {a.lr:.3g}, {a.steps} steps x {a.questions_per_step} "
-          f"questions x {a.group_size} samples, log {run_dir / 'log.jsonl'}")
+    run.resume(model, opt)
+    run.open("train_rl", model, base, data_desc,
+             f"{a.steps} steps x {a.questions_per_step} questions x {a.group_size} samples")
+    progress = lora.Progress(a.steps - run.start, grid)
 
     def eval_and_log(step):
         print(f"step {step:4d} | greedy eval on {len(eval_rows)} problems ...", end="", flush=True)
         acc = evaluate(model, tok, eval_rows, a.max_new_tokens, a.eval_batch, amp, device, a.instruction)
-        log.write({"type": "eval", "step": step, "accuracy": acc})
+        run.write({"type": "eval", "step": step, "accuracy": acc})
         print(f" accuracy {acc:.3f}")
         model.train()
         return acc
 
-    if start == 0 and a.eval_every:
+    if run.start == 0 and a.eval_every:
         eval_and_log(0)
     order = random.Random(a.seed).sample(range(len(train_rows)), len(train_rows))
     sampler = None  # --sample_merged: a copy with W + scale B A, refreshed each step
-    for step in range(start + 1, a.steps + 1):
+    for step in range(run.start + 1, a.steps + 1):
         # 1. sample: every problem group_size times, with the policy as it is now
         k = (step - 1) * a.questions_per_step
         rows = [train_rows[order[(k + j) % len(order)]] for j in range(a.questions_per_step)]
@@ -227,7 +212,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
                 ratios.append(ratio)
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip or float("inf"))
-            lora.stop_if_diverged(run_dir, step, loss_sum.item(), grad_norm.item(), math.inf, a.name, a.lr, log)
+            lora.stop_if_diverged(run.dir, step, loss_sum.item(), grad_norm.item(), math.inf, a.name, a.lr, run.log)
             opt.step()
             opt.zero_grad(set_to_none=True)
         t_learn, loss_total = time.time() - t1, loss_sum.item()
@@ -244,10 +229,8 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
         # what this run holds at its peak: weights, optimizer, KV cache, activations
         if str(device).startswith("cuda"):
             rec["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        log.write(rec)
+        run.write(rec)
         progress.add(1)
-        if grid:
-            grid.add(1)
         print(f"step {step:4d}/{a.steps} | reward {rec['reward']:.3f} | no-spread groups {rec['zero_spread']:.2f} | "
               f"len {rec['completion_len']:.0f} (cut {truncated}) | "
               f"ratio {rec['ratio_min']:.3f}/{rec['ratio_mean']:.3f}/{rec['ratio_max']:.3f} | "
@@ -255,17 +238,8 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
               f"{rec['ms'] / 1000:.1f} s | {progress}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             eval_and_log(step)
-        saved = a.save_every and (step % a.save_every == 0 or step == a.steps)
-        if saved:
-            lora.save_checkpoint(run_dir, step, model, opt)
-        if stop and stop.requested():  # SIGTERM: this step is done; keep it and stop
-            if not saved:
-                lora.save_checkpoint(run_dir, step, model, opt)
-            raise lora.Preempted(f"{a.name}: SIGTERM, stopped after step {step} with a checkpoint; "
-                                 "continue with the same command plus --resume")
-    final = eval_and_log(a.steps) if a.eval_every else float("nan")
-    log.write({"type": "final", "step": a.steps, "accuracy": final})
-    return final
+        run.end_step(step, lambda k: lora.save_checkpoint(run.dir, k, model, opt), stop)
+    return run.finish(eval_and_log(a.steps) if a.eval_every else float("nan"))
 
 
 # -----------------------------------------------------------------------------
@@ -275,23 +249,9 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), "
-                   "float32, bfloat16")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the learner per block and the sampler's "
+    m = lora.training_flags(p, rank="1", save_every=10)[0]
+    m.add_argument("--compile", action="store_true", help="torch.compile the learner per block and the sampler's "
                    "decode step (a CUDA graph on a GPU)")
-    g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in the learner's backward "
-                   "to save memory")
-    g = p.add_argument_group("LoRA and LR (comma lists sweep)")
-    g.add_argument("--rank", default="1", help="LoRA rank; 0 = full fine-tuning")
-    g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by +")
-    g.add_argument("--lm_head", action="store_true")
-    g.add_argument("--alpha", type=float, default=32)
-    g.add_argument("--lr", default=None, help="learning rate; overrides --lr_mult")
-    g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR; default 10 for LoRA, 1 for FullFT")
     g = p.add_argument_group("RL")
     g.add_argument("--steps", type=int, default=50)
     g.add_argument("--questions_per_step", type=int, default=8)
@@ -311,8 +271,6 @@ def parse_args(argv=None):
                    "per layer instead of three, at the cost of a copy of the adapted weights; in bf16 the merge "
                    "rounds, which the logged importance ratio shows (default: on CUDA, not on a CPU)")
     g.add_argument("--grad_clip", type=float, default=0.0)
-    g.add_argument("--seed", default="0", help="seed of LoRA's init, the problem order and sampling; "
-                   "a comma list runs each")
     g = p.add_argument_group("data and eval")
     g.add_argument("--data", default="gsm8k", help="gsm8k, synth, synth1 (one-step problems), "
                    "a GSM8K-style folder or .jsonl")
@@ -321,12 +279,6 @@ def parse_args(argv=None):
     g.add_argument("--eval_examples", type=int, default=64)
     g.add_argument("--eval_every", type=int, default=10)
     g.add_argument("--eval_batch", type=int, default=32)
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="out")
-    g.add_argument("--tag", default="")
-    g.add_argument("--save_every", type=int, default=10)
-    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint; "
-                   "skip finished runs")
     return p.parse_args(argv)
 
 
@@ -362,17 +314,13 @@ def main(argv=None):
     for r in (int(x) for x in a.rank.split(",")):
         for lr in lora.resolve_lrs(a.lr, a.lr_mult, r, base.config):
             for seed in seeds:
-                mode = ("full" if r == 0 else f"r{r}") + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}")
-                name = f"rl_{tag}_{mode}_lr{lr:.2e}_g{a.group_size}" + (f"_s{seed}" if seed else "") + a.tag
-                runs.append(argparse.Namespace(**{**vars(a), "rank": r, "lr": lr, "seed": seed, "name": name}))
-                lora.check_run_dir(Path(a.out) / name, a.resume)
+                run = argparse.Namespace(**{**vars(a), "rank": r, "lr": lr, "seed": seed, "work": a.steps})
+                run.name = lora.run_name("rl", tag, run, f"g{a.group_size}")
+                lora.check_run_dir(Path(a.out) / run.name, a.resume)
+                runs.append(run)
     grid = lora.Progress(len(runs) * a.steps)
-    try:
-        with lora.StopSignal() as stop:
-            lora.run_sweep(runs, lambda r: train(r, base, tok, train_rows, eval_rows, desc, grid, stop),
-                           "final greedy eval accuracy", higher_is_better=True, progress=grid)
-    except lora.Preempted as e:
-        print(f"preempted: {e}")
+    lora.run_sweep(runs, lambda r, stop: train(r, base, tok, train_rows, eval_rows, desc, grid, stop),
+                   "final greedy eval accuracy", higher_is_better=True, progress=grid)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import lora
 
 # -----------------------------------------------------------------------------
-# data: any chat-shaped rows -> (token ids, loss mask)
+# data: any chat-shaped rows -> (token ids, loss mask); random facts to memorise
 
 
 def to_messages(row, i=0, where="data"):
@@ -136,20 +135,6 @@ def prompt_lengths(rows, tok, where):
     return sorted(lengths)
 
 
-@torch.no_grad()
-def evaluate(model, examples, micro, pad_id, device, amp, trunk=None, micro_tokens=0):
-    model.eval()
-    n = sum(sum(m[1:]) for _, m in examples)
-    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, False, trunk,
-                           max_tokens=micro_tokens)[0].item() / n
-    model.train()
-    return loss
-
-
-# -----------------------------------------------------------------------------
-# what SFT alone uses: random facts, FLOPs of a batch, the frozen-trunk cache, FSDP2 sharding
-
-
 def facts(k, seed=0, digits=4):
     """k random facts to memorise, deterministic per seed: a random 6-letter key, each mapped to a
     random code of `digits` digits. The data's information is known exactly, k x log2(10^digits)
@@ -176,11 +161,193 @@ def unseen_facts(trained, n, seed):
     return [r for r in facts(n + len(keys), seed + 1_000_003) if r["messages"][1]["content"] not in keys][:n]
 
 
+# -----------------------------------------------------------------------------
+# one run
+
+
+def train(a, base, tok, data, ddp, grid=None, trunks=None, stop=None):
+    """Train one configuration (a: resolved args) from the base model; returns the final eval loss.
+    data: .train, .eval, .unseen (facts never trained) examples and .desc. grid: the sweep's Progress.
+    trunks(a, model): a TrunkCache of the layers below the first trained one, or None."""
+    (rank_id, world), cfg = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1), base.config
+    total_steps, step_flops, eval_flops, _ = plan(a, cfg, data.train, data.eval)
+    run = lora.Run(a, total_steps, "loss", grid, master=rank_id == 0)
+    if run.done is not None:
+        return run.done
+    model, fwd, opt, trunk = build(a, base, trunks, run.master, world, ddp)
+    lrs, params = [g["lr"] for g in opt.param_groups], [p for g in opt.param_groups for p in g["params"]]
+    state = run.resume(model, opt, fsdp_load_checkpoint if a.fsdp else None)
+    todo = (total_steps - run.start) * step_flops + n_evals(a.eval_every, run.start, total_steps) * eval_flops
+    first_loss, flops, progress = state.get("first_loss"), state.get("flops", 0.0), lora.Progress(todo, grid)
+    run.open("train_sft", model, base, data.desc, f"{total_steps} steps of {a.batch_size} sequences",
+             n_train_examples=len(data.train), n_eval_examples=len(data.eval), world_size=world,
+             total_steps=total_steps, lora_modules=list(lora.lora_modules(model)),
+             flops_per_token=lora.train_flops_per_token(cfg, a.rank, a.layers, a.max_len, a.lm_head))
+    evaluate = lambda step: eval_and_log(run, model, tok, data, trunk, step, progress, eval_flops)
+    save = lambda step: save_checkpoint(a, run, step, model, opt, {"flops": flops, "first_loss": first_loss})
+    if run.start == 0 and a.eval_every:
+        evaluate(0)
+    for step, batch in batches(a, data.train, run.start, total_steps):
+        t0 = time.time()
+        mine = batch[rank_id::world]  # each process takes every world-th sequence of the length-sorted batch
+        n_tok, lengths = answer_tokens(batch), [len(ids) - 1 for ids, _ in batch]
+        forwards = forwards_per_process(batch, world, a.micro_batch, a.micro_tokens) if ddp else None
+        # forward and backward by micro-batch: the gradient is the mean over every process's answer tokens
+        loss, positions = lora.batch_loss(fwd, mine, a.micro_batch, tok.pad_id, a.device, a.amp, n_tok / world, True,
+                                          trunk, forwards, a.micro_tokens, sync_each=a.fsdp and a.rank == 0)
+        if ddp:
+            dist.all_reduce(loss)  # on the device: NCCL refuses host tensors
+        loss = loss.item() / n_tok
+        first_loss = loss if first_loss is None else first_loss
+        grad_norm = lora.full(torch.nn.utils.clip_grad_norm_(params, a.grad_clip or math.inf)).item()
+        lora.stop_if_diverged(run.dir, step, loss, grad_norm, lora.divergence_limit(first_loss, cfg.vocab_size),
+                              a.name, a.lr, run.log, first_loss)
+        # --cooldown: the LR falls linearly to 0 over that last fraction of the steps
+        lr_scale = min(1.0, (total_steps - step + 1) / (a.cooldown * total_steps)) if a.cooldown else 1.0
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr * lr_scale
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ms = (time.time() - t0) * 1000
+        # FLOPs as if every layer ran (comparable across runs); the ETA counts only the work really done
+        work = sequence_flops(cfg, a.rank, a.layers, a.lm_head, lengths)
+        flops += work
+        progress.add(work - (trunk_flops(cfg, trunk.layers, lengths) if trunk else 0))
+        run.write({"type": "train", "step": step, "loss": loss, "lr": a.lr * lr_scale, "ms": ms, "tokens": n_tok,
+                   "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": flops,
+                   "grad_norm": grad_norm, "epoch": step / (len(data.train) // a.batch_size),
+                   "pad_frac": 1 - sum(len(ids) - 1 for ids, _ in mine) / positions}
+                  | ({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if a.device.startswith("cuda") else {}))
+        if step % a.log_every == 0 or step == total_steps:
+            run.say(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr * lr_scale:.2e} | {ms:6.0f} ms | "
+                    f"{sum(lengths) / ms * 1000:7.0f} tok/s | {flops:.3e} FLOPs | {progress}", flush=True)
+        if a.eval_every and step % a.eval_every == 0 and step != total_steps:
+            evaluate(step)
+        run.end_step(step, save, stop, ddp)
+    return run.finish(evaluate(total_steps) if a.eval_every else float("nan"))
+
+
+# -----------------------------------------------------------------------------
+# what train() calls: its plan and FLOPs, the model, batches, evals, the frozen-trunk cache, FSDP2
+
+
+def plan(a, cfg, train_ex, eval_ex):
+    """(total steps, FLOPs of an average step, FLOPs of one eval, FLOPs of the whole run): for the
+    ETA and the up-front estimate (less the frozen layers a TrunkCache runs once)."""
+    total_steps = min(a.steps or 10**9, len(train_ex) // a.batch_size * a.epochs)
+    mean_len = sum(len(ids) for ids, _ in train_ex) / len(train_ex)
+    first = 0 if a.no_trunk_cache else first_trained_layer(cfg, a.rank, a.layers, a.lm_head)
+    step = sequence_flops(cfg, a.rank, a.layers, a.lm_head, [mean_len] * a.batch_size)
+    step -= trunk_flops(cfg, first, [mean_len] * a.batch_size)
+    # an eval is a forward pass: about a third of a full fine-tuning step's FLOPs
+    lens = [len(ids) for ids, _ in eval_ex]
+    evals = sequence_flops(cfg, 0, "all", False, lens) / 3 - trunk_flops(cfg, first, lens) if a.eval_every else 0
+    return total_steps, step, evals, total_steps * step + evals * n_evals(a.eval_every, 0, total_steps)
+
+
+def n_evals(every, start, total):
+    """Evals a run makes from `start`: step 0 (fresh runs), each multiple of `every` before the end, the end."""
+    return 0 if not every else (start == 0) + (total - 1) // every - start // every + 1
+
+
 def sequence_flops(cfg, rank, layers, lm_head, lengths):
     """Training FLOPs of a batch of sequences of these lengths (attention grows with each one's length)."""
     a = lora.train_flops_per_token(cfg, rank, layers, 0, lm_head)
     b = lora.train_flops_per_token(cfg, rank, layers, 1, lm_head) - a  # per token per unit of sequence length
     return sum(T * (a + b * T) for T in lengths)
+
+
+def trunk_flops(cfg, first, lengths):
+    """Forward FLOPs of layers 0..first-1 over sequences of these lengths: what a TrunkCache saves."""
+    per_token = sum(d_in * d_out * active for _, d_in, d_out, _, active in lora.layer_matrices(cfg))
+    return 2 * first * sum(T * (per_token + lora.attention_macs(cfg, T, backward=False)) for T in lengths)
+
+
+def forwards_per_process(batch, world, micro, micro_tokens):
+    """Forwards each DDP/FSDP process runs this step: the most that any one's share of the batch
+    needs. Every process plans every share (they all hold the whole batch), so they agree without
+    talking; one running fewer forwards than another would leave FSDP's per-block all-gathers
+    unmatched, a hang."""
+    return max(len(lora.micro_batches([len(ids) for ids, _ in batch[r::world]], micro, max_tokens=micro_tokens))
+               for r in range(world))
+
+
+def build(a, base, trunks, master, world, ddp):
+    """(model, the module the loop calls (DDP-wrapped under torchrun), optimizer, TrunkCache or None)
+    for one run: LoRA or FullFT on a copy of the base, on the device; under --fsdp sharded (only
+    rank 0 holds weights before that), compiled before sharding when --compile."""
+    def shard(m):
+        rank0_state = m.state_dict() if master else None
+        if a.compile:
+            lora.compile_blocks(m)
+        fsdp_shard(m, init_device_mesh(a.device.split(":")[0], (world,)), a.amp, rank0_state, reshard=a.rank == 0)
+    model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
+                                       a.weight_decay, a.beta2, a.device, a.seed, shard if a.fsdp else None)
+    model.gradient_checkpointing = a.grad_ckpt
+    trunk = trunks(a, model) if trunks else None
+    if a.compile and not a.fsdp:
+        lora.compile_blocks(model)
+    fwd = model
+    if ddp and not a.fsdp:
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(a.device).index] if a.device.startswith("cuda") else None)
+    return model, fwd, opt, trunk
+
+
+def batches(a, train_ex, start, total_steps):
+    """(step, batch sorted by length) from step start + 1 on. The order is a pure function of (seed,
+    epoch), so a resumed run sees exactly the batches it would have."""
+    per_epoch, order = len(train_ex) // a.batch_size, {}
+    for step in range(start + 1, total_steps + 1):
+        epoch, k = divmod(step - 1, per_epoch)
+        if epoch not in order:
+            order[epoch] = random.Random(a.seed * 1000 + epoch).sample(range(len(train_ex)), len(train_ex))
+        yield step, sorted((train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]),
+                           key=lambda e: len(e[0]))
+
+
+def answer_tokens(examples):
+    return sum(sum(m[1:]) for _, m in examples)
+
+
+def eval_and_log(run, model, tok, data, trunk, step, progress, flops):
+    """The held-out loss at this step, logged with the unseen facts' loss (facts) and the spectral
+    norms of each adapter's A and B (the post's finding 11: B ends larger)."""
+    a = run.a
+    run.say(f"step {step:5d} | evaluating on {len(data.eval)} held-out examples ...", end="", flush=True)
+    loss_of = lambda ex: evaluate(model, ex, a.micro_batch, tok.pad_id, a.device, a.amp, trunk, a.micro_tokens)
+    loss = loss_of(data.eval)
+    unseen = {"unseen_loss": loss_of(data.unseen), "unseen_tokens": answer_tokens(data.unseen)} if data.unseen else {}
+    progress.add(flops)
+    # tokens: the answer tokens the loss averages (the facts' stored bits come from loss x tokens)
+    run.write({"type": "eval", "step": step, "loss": loss, "tokens": answer_tokens(data.eval)} | unseen)
+    if a.rank:  # under FSDP every process gathers each matrix
+        norm = lambda w: round(torch.linalg.matrix_norm(lora.full(w.detach()).float(), ord=2).item(), 6)
+        mods = lora.lora_modules(model).values()
+        run.write({"type": "norms", "step": step, "A": [norm(m.lora_A.weight) for m in mods],
+                   "B": [norm(m.lora_B.weight) for m in mods]})
+    run.say(f" eval loss {loss:.4f} | {progress}")
+    return loss
+
+
+def save_checkpoint(a, run, step, model, opt, extra):
+    """Under FSDP a collective (every process gathers, rank 0 writes); else rank 0's alone."""
+    if a.fsdp:
+        fsdp_save_checkpoint(run.dir, step, model, opt, extra)
+    elif run.master:
+        lora.save_checkpoint(run.dir, step, model, opt, extra)
+
+
+@torch.no_grad()
+def evaluate(model, examples, micro, pad_id, device, amp, trunk=None, micro_tokens=0):
+    model.eval()
+    n = sum(sum(m[1:]) for _, m in examples)
+    loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, False, trunk,
+                           max_tokens=micro_tokens)[0].item() / n
+    model.train()
+    return loss
 
 
 def first_trained_layer(cfg, rank, layers, lm_head=False):
@@ -200,10 +367,9 @@ def first_trained_layer(cfg, rank, layers, lm_head=False):
 class TrunkCache:
     """The output of a model's first L layers for each example, computed once. When every adapter
     (or trained weight) sits at layer L or later, those layers are frozen and get no gradient, so
-    their output is a fixed function of the tokens: a run that trains only the last layers, over
-    many epochs or evals, skips almost all of its forward pass (results/README.md gives the
-    speed-up on the capacity experiment). Padding on the right leaves causal states unchanged, so
-    each example's states are kept unpadded and padded per batch.
+    their output is a fixed function of the tokens: a run that trains only the last layers skips
+    almost all of its forward pass. Padding on the right leaves causal states unchanged, so each
+    example's states are kept unpadded and padded per batch.
     tail: only the last layer's MLP trains. The MLP, final norm and head act on each position
     alone, so only the answer positions' inputs to that MLP are kept, and nothing else is run."""
 
@@ -217,7 +383,7 @@ class TrunkCache:
         with torch.no_grad(), lora.autocast(device, amp):
             for start, end in lora.micro_batches([len(ids) for ids, _ in examples], micro):
                 x = lora.collate(examples[start:end], pad_id, device)[0]
-                h = model(x, upto=len(model.model.layers) if tail else layers)
+                h = model.hidden(x, upto=None if tail else layers)
                 for i, (ids, mask) in enumerate(examples[start:end]):  # ids kept: the key stays valid
                     at = [t for t, keep in enumerate(mask[1:]) if keep]  # the answer positions
                     state = (seen[-1][i][at].clone(), torch.tensor([ids[t + 1] for t in at], device=device)) \
@@ -358,266 +524,24 @@ def fsdp_load_checkpoint(run_dir, model, optimizer):
 
 
 # -----------------------------------------------------------------------------
-# one run
-
-
-def run_name(a, data_tag):
-    mode = (("full" if a.rank == 0 else f"r{a.rank}") + ("" if a.layers == "all" else f"_{a.layers.replace('+', '-')}")
-            + ("_head" if a.lm_head else ""))
-    extra = "" if a.lr_ratio_b == 1 else f"_b{a.lr_ratio_b:g}"
-    extra += "" if a.init_scale == 1 else f"_init{a.init_scale:g}"
-    extra += "" if a.seed == 0 else f"_s{a.seed}"
-    return f"sft_{data_tag}_{mode}_lr{a.lr:.2e}_bs{a.batch_size}{extra}{a.tag}"
-
-
-def trunk_flops(cfg, first, lengths):
-    """Forward FLOPs of layers 0..first-1 over sequences of these lengths: what a TrunkCache saves."""
-    per_token = sum(d_in * d_out * active for _, d_in, d_out, _, active in lora.layer_matrices(cfg))
-    return 2 * first * sum(T * (per_token + lora.attention_macs(cfg, T, backward=False)) for T in lengths)
-
-
-def plan(a, cfg, train_ex, eval_ex):
-    """(total steps, FLOPs of an average step, FLOPs of one eval, FLOPs of the whole run): for the
-    ETA and the up-front estimate (less the frozen layers a TrunkCache runs once)."""
-    total_steps = min(a.steps or 10**9, len(train_ex) // a.batch_size * a.epochs)
-    mean_len = sum(len(ids) for ids, _ in train_ex) / len(train_ex)
-    first = 0 if a.no_trunk_cache else first_trained_layer(cfg, a.rank, a.layers, a.lm_head)
-    step = sequence_flops(cfg, a.rank, a.layers, a.lm_head, [mean_len] * a.batch_size)
-    step -= trunk_flops(cfg, first, [mean_len] * a.batch_size)
-    # an eval is a forward pass: about a third of a full fine-tuning step's FLOPs
-    lens = [len(ids) for ids, _ in eval_ex]
-    evals = sequence_flops(cfg, 0, "all", False, lens) / 3 - trunk_flops(cfg, first, lens) if a.eval_every else 0
-    return total_steps, step, evals, total_steps * step + evals * n_evals(a.eval_every, 0, total_steps)
-
-
-def n_evals(every, start, total):
-    """Evals a run makes from `start`: step 0 (fresh runs), each multiple of `every` before the end, the end."""
-    return 0 if not every else (start == 0) + (total - 1) // every - start // every + 1
-
-
-def forwards_per_process(batch, world, micro, micro_tokens):
-    """Forwards each DDP/FSDP process runs this step: the most that any one's share of the batch
-    needs. Every process plans every share (they all hold the whole batch), so they agree without
-    talking; one running fewer forwards than another would leave FSDP's per-block all-gathers
-    unmatched, a hang."""
-    return max(len(lora.micro_batches([len(ids) for ids, _ in batch[r::world]], micro, max_tokens=micro_tokens))
-               for r in range(world))
-
-
-def build(a, base, trunks, master, world, ddp):
-    """(model, the module the loop calls (DDP-wrapped under torchrun), optimizer, TrunkCache or None)
-    for one run: LoRA or FullFT on a copy of the base, on the device; under --fsdp sharded (only
-    rank 0 holds weights before that), compiled before sharding when --compile."""
-    def shard(m):
-        rank0_state = m.state_dict() if master else None
-        if a.compile:
-            lora.compile_blocks(m)
-        fsdp_shard(m, init_device_mesh(a.device.split(":")[0], (world,)), a.amp, rank0_state, reshard=a.rank == 0)
-    model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, a.init_scale, a.lr_ratio_b,
-                                       a.weight_decay, a.beta2, a.device, a.seed, shard if a.fsdp else None)
-    model.gradient_checkpointing = a.grad_ckpt
-    trunk = trunks(a, model) if trunks else None
-    if a.compile and not a.fsdp:
-        lora.compile_blocks(model)
-    fwd = model
-    if ddp and not a.fsdp:
-        fwd = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.device(a.device).index] if a.device.startswith("cuda") else None)
-    if a.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
-    return model, fwd, opt, trunk
-
-
-def batches(a, train_ex, start, total_steps):
-    """(step, batch sorted by length) from step start + 1 on. The order is a pure function of (seed,
-    epoch), so a resumed run sees exactly the batches it would have."""
-    per_epoch, order = len(train_ex) // a.batch_size, {}
-    for step in range(start + 1, total_steps + 1):
-        epoch, k = divmod(step - 1, per_epoch)
-        if epoch not in order:
-            order[epoch] = random.Random(a.seed * 1000 + epoch).sample(range(len(train_ex)), len(train_ex))
-        yield step, sorted((train_ex[i] for i in order[epoch][k * a.batch_size:(k + 1) * a.batch_size]),
-                           key=lambda e: len(e[0]))
-
-
-class Meter:
-    """FLOPs and the ETA. `flops` counts every step as if all layers ran (comparable across runs,
-    trunk cache or not); the ETA counts the work this run will really do, and advances the sweep's."""
-
-    def __init__(self, a, cfg, trunk, todo, flops=0.0, grid=None):
-        self.a, self.cfg, self.trunk, self.flops, self.grid = a, cfg, trunk, flops, grid
-        self.progress = lora.Progress(todo)
-
-    def add(self, work):
-        self.progress.add(work)
-        if self.grid:
-            self.grid.add(work)
-
-    def step(self, lengths):
-        work = sequence_flops(self.cfg, self.a.rank, self.a.layers, self.a.lm_head, lengths)
-        self.flops += work
-        self.add(work - (trunk_flops(self.cfg, self.trunk.layers, lengths) if self.trunk else 0))
-
-    def __str__(self):
-        return str(self.progress)
-
-
-def train(a, base, tok, train_ex, eval_ex, data_desc, ddp, grid=None, trunks=None, stop=None, unseen_ex=()):
-    """Train one configuration (a: resolved args) from the base model; returns the final eval loss.
-    grid: the sweep's Progress, advanced with this run's work. trunks(a, model): a TrunkCache
-    of the frozen layers below this run's first trained one, or None. stop: a lora.StopSignal.
-    unseen_ex: facts never trained, evaluated beside eval_ex (the baseline of the stored bits)."""
-    rank_id, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master, device, amp, cfg = rank_id == 0, a.device, a.amp, base.config
-    run_dir = Path(a.out) / a.name
-    total_steps, step_flops, eval_flops, run_flops = plan(a, cfg, train_ex, eval_ex)
-    done = lora.finished_run(run_dir, total_steps) if a.resume else None
-    if done:  # a finished run of a resumed sweep: nothing to redo
-        if master:
-            print(f"== {a.name}: already finished (final held-out loss {done['loss']:.4f}); skipped")
-        if grid:
-            grid.total -= run_flops
-        return done["loss"]
-    model, fwd, opt, trunk = build(a, base, trunks, master, world, ddp)
-    start, flops, first_loss = 0, 0.0, None
-    if a.resume and (run_dir / "latest").exists():
-        state = fsdp_load_checkpoint(run_dir, model, opt) if a.fsdp else lora.load_checkpoint(run_dir, model, opt)
-        start, flops, first_loss = state["step"], state["flops"], state.get("first_loss")
-        if master:
-            print(f"resumed {a.name} at step {start}")
-    n_train = lora.count_parameters(model)
-    config = dict(script="train_sft", name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
-                  model=asdict(cfg), model_name=base.name_or_path, data=data_desc, n_train_examples=len(train_ex),
-                  n_eval_examples=len(eval_ex), trainable_params=n_train, fullft_lr=lora.fullft_lr(cfg),
-                  flops_per_token=lora.train_flops_per_token(cfg, a.rank, a.layers, a.max_len, a.lm_head),
-                  world_size=world, total_steps=total_steps, lora_modules=list(lora.lora_modules(model)))
-    log = lora.JsonlLog(run_dir / "log.jsonl", config, resume_step=start if start else None) if master else None
-    meter = Meter(a, cfg, trunk,
-                  (total_steps - start) * step_flops + n_evals(a.eval_every, start, total_steps) * eval_flops,
-                  flops, grid)
-    say = print if master else (lambda *x, **k: None)
-    say(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, {n_train:,} trainable, "
-        f"lr {a.lr:.3g}, {total_steps} steps of {a.batch_size} sequences, log {run_dir / 'log.jsonl'}")
-    eval_tokens = sum(sum(m[1:]) for _, m in eval_ex)
-
-    def eval_and_log(step):
-        say(f"step {step:5d} | evaluating on {len(eval_ex)} held-out examples ...", end="", flush=True)
-        loss = evaluate(model, eval_ex, a.micro_batch, tok.pad_id, device, amp, trunk, a.micro_tokens)
-        meter.add(eval_flops)
-        if a.rank:  # the post's finding 11: B ends with a larger spectral norm than A (gathered whole under FSDP)
-            mods = lora.lora_modules(model).values()
-            norm = lambda w: round(torch.linalg.matrix_norm(lora.full(w.detach()).float(), ord=2).item(), 6)
-            norms = {"A": [norm(m.lora_A.weight) for m in mods], "B": [norm(m.lora_B.weight) for m in mods]}
-        if unseen_ex:
-            unseen = evaluate(model, unseen_ex, a.micro_batch, tok.pad_id, device, amp, trunk, a.micro_tokens)
-        if master:  # tokens: the answer tokens the loss averages (the facts' stored bits come from loss x tokens)
-            log.write({"type": "eval", "step": step, "loss": loss, "tokens": eval_tokens}
-                      | ({"unseen_loss": unseen, "unseen_tokens": sum(sum(m[1:]) for _, m in unseen_ex)}
-                         if unseen_ex else {}))
-            if a.rank:
-                log.write({"type": "norms", "step": step, **norms})
-        say(f" eval loss {loss:.4f} | {meter}")
-        return loss
-
-    def save(step):  # under FSDP a collective: every process gathers, rank 0 writes
-        extra = {"flops": meter.flops, "first_loss": first_loss}
-        if a.fsdp:
-            fsdp_save_checkpoint(run_dir, step, model, opt, extra)
-        elif master:
-            lora.save_checkpoint(run_dir, step, model, opt, extra)
-
-    if start == 0 and a.eval_every:
-        eval_and_log(0)
-    for step, batch in batches(a, train_ex, start, total_steps):
-        t0 = time.time()
-        mine = batch[rank_id::world]  # each process takes every world-th sequence of the length-sorted batch
-        n_tok, lengths = sum(sum(m[1:]) for _, m in batch), [len(ids) - 1 for ids, _ in batch]
-        # forward and backward, micro-batch by micro-batch (every process runs as many); gradients synced on the last
-        forwards = forwards_per_process(batch, world, a.micro_batch, a.micro_tokens) if ddp else None
-        loss_sum, positions = torch.zeros((), device=device), 0
-        for chunk, (x, at, y), n, last in lora.micro_batches_of(mine, a.micro_batch, tok.pad_id, device, forwards,
-                                                                a.micro_tokens):
-            # FSDP2 full fine-tuning reduce-scatters every micro-batch (torchtitan's way): skipping it would
-            # keep an unsharded float32 gradient of every weight until the step's last; LoRA's are small
-            with lora.grad_sync(fwd, last or (a.fsdp and a.rank == 0)), lora.autocast(device, amp):
-                loss = fwd(x, y, at=at) if trunk is None else trunk.loss(fwd, chunk, x, at, y)
-            (loss * n / (n_tok / world)).backward()  # the step's gradient: the mean over every process's answer tokens
-            loss_sum, positions = loss_sum + loss.detach().float() * n, positions + x.numel()
-        if ddp:
-            dist.all_reduce(loss_sum)  # on the device: NCCL refuses host tensors
-        loss = loss_sum.item() / n_tok
-        first_loss = loss if first_loss is None else first_loss
-        grad_norm = lora.full(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                             a.grad_clip or math.inf))
-        lora.stop_if_diverged(run_dir, step, loss, grad_norm.item(), lora.divergence_limit(first_loss, cfg.vocab_size),
-                              a.name, a.lr, log, first_loss)
-        lr_scale = min(1.0, (total_steps - step + 1) / (a.cooldown * total_steps)) if a.cooldown else 1.0
-        for g in opt.param_groups:  # the LR falls linearly to 0 over the last --cooldown of the steps
-            g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_scale
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ms = (time.time() - t0) * 1000
-        meter.step(lengths)
-        if master:
-            log.write({"type": "train", "step": step, "loss": loss, "lr": a.lr * lr_scale, "ms": ms, "tokens": n_tok,
-                       "seq_tokens": sum(lengths), "tok_s": sum(lengths) / ms * 1000, "flops": meter.flops,
-                       "grad_norm": grad_norm.item(), "epoch": step / (len(train_ex) // a.batch_size),
-                       "pad_frac": 1 - sum(len(ids) - 1 for ids, _ in mine) / positions}
-                      | ({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if device.startswith("cuda") else {}))
-            if step % a.log_every == 0 or step == total_steps:
-                print(f"step {step:5d}/{total_steps} | loss {loss:.4f} | lr {a.lr * lr_scale:.2e} | {ms:6.0f} ms | "
-                      f"{sum(lengths) / ms * 1000:7.0f} tok/s | {meter.flops:.3e} FLOPs | {meter}", flush=True)
-        if a.eval_every and step % a.eval_every == 0 and step != total_steps:
-            eval_and_log(step)
-        saved = a.save_every and (step % a.save_every == 0 or step == total_steps)
-        if saved:
-            save(step)
-        if stop and stop.requested(device, ddp):  # SIGTERM: this step is done; keep it and stop
-            if not saved:
-                save(step)
-            raise lora.Preempted(f"{a.name}: SIGTERM, stopped after step {step} with a checkpoint; "
-                                 "continue with the same command plus --resume")
-    final = eval_and_log(total_steps) if a.eval_every else float("nan")
-    if master:
-        log.write({"type": "final", "step": total_steps, "loss": final})
-    return final
-
+# main: check the flags, load the data and the base model once, run the grid
 
 TRUNK_CACHE_GB = 4  # the most memory the frozen layers' cached outputs may take
-
-# -----------------------------------------------------------------------------
-# main: check the flags, load the data and the base model once, run the grid
+CPU_FLOPS = 1e11    # what a 2-core CPU trains at, roughly: the up-front estimate's rate
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--dtype", default="auto", help="autocast dtype: auto (bf16 on CUDA, fp32 on CPU), "
-                   "float32, bfloat16")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state "
+    m, g, o = lora.training_flags(p, rank="16", save_every=50)
+    m.add_argument("--compile", action="store_true", help="torch.compile the model")
+    m.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state "
                    "over the processes (FSDP2) instead of replicating them (DDP)")
-    g.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward to save memory")
-    g.add_argument("--no_trunk_cache", action="store_true", help="run the frozen layers below every adapter each step "
+    m.add_argument("--no_trunk_cache", action="store_true", help="run the frozen layers below every adapter each step "
                    "instead of once (TrunkCache; it needs --layers limited to late layers, e.g. 29.down_proj)")
-    g = p.add_argument_group("LoRA (comma lists sweep)")
-    g.add_argument("--rank", default="16", help="LoRA rank; 0 = full fine-tuning "
-                   "(of --layers' weights only, unless all)")
-    g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
-    g.add_argument("--lm_head", action="store_true", help="also adapt the unembedding")
-    g.add_argument("--alpha", type=float, default=32)
     g.add_argument("--init_scale", default="1", help="scale of A's init U(+-init_scale/sqrt(d_in))")
     g.add_argument("--lr_ratio_b", default="1", help="LR of B / LR of A (LoRA+ uses 16)")
     g = p.add_argument_group("optimization (comma lists sweep)")
-    g.add_argument("--lr", default=None, help="learning rate; overrides --lr_mult")
-    g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR for this model; "
-                   "default 10 for LoRA, 1 for FullFT")
     g.add_argument("--batch_size", default="32", help="sequences per optimizer step")
     g.add_argument("--micro_batch", type=int, default=8, help="sequences per forward (gradient accumulation)")
     g.add_argument("--micro_tokens", type=int, default=0, help="at most this many padded positions per forward "
@@ -630,7 +554,6 @@ def parse_args(argv=None):
                    "fraction of the steps (0 = constant, as in the post)")
     g.add_argument("--steps", type=int, default=0, help="stop after this many steps (0 = the whole epoch)")
     g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--seed", default="0", help="seed of LoRA's init and the data order; a comma list runs each")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="gsm8k", help="gsm8k, synth, facts:K (K random facts to memorise), a GSM8K-style "
                    "folder, a .jsonl file, or a hub dataset")
@@ -638,13 +561,7 @@ def parse_args(argv=None):
     g.add_argument("--max_len", type=int, default=512, help="truncate examples to this many tokens")
     g.add_argument("--eval_examples", type=int, default=64)
     g.add_argument("--eval_every", type=int, default=10, help="eval on the held-out rows every N steps (0 = never)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="out")
-    g.add_argument("--tag", default="", help="suffix for run names")
-    g.add_argument("--log_every", type=int, default=1)
-    g.add_argument("--save_every", type=int, default=50, help="checkpoint every N steps and at the end (0 = never)")
-    g.add_argument("--resume", action="store_true", help="continue each run from its latest checkpoint; "
-                   "skip finished runs")
+    o.add_argument("--log_every", type=int, default=1)
     return p.parse_args(argv)
 
 
@@ -718,8 +635,8 @@ def main(argv=None):
     desc += (f"; {len(train_ex)} train examples ({truncated} truncated to {a.max_len} tokens, "
              f"{empty} dropped with no answer tokens)")
     say(f"data: {desc}; {len(eval_ex)} held out" + (f" ({eval_empty} dropped)" if eval_empty else ""))
-    world = dist.get_world_size() if ddp else 1
-    runs = grid(a, base.config)
+    data = argparse.Namespace(train=train_ex, eval=eval_ex, unseen=unseen_ex, desc=desc)
+    world, runs, n_steps = dist.get_world_size() if ddp else 1, grid(a, base.config), 0
     data_tag = ("synth" if "synth" in desc.split(":")[0]
                 else Path(a.data).name.replace(".jsonl", "").replace(":", "") or "data")
     for r in runs:
@@ -728,48 +645,48 @@ def main(argv=None):
         if len(train_ex) < r.batch_size:
             raise lora.UserError(f"{len(train_ex)} training examples are fewer than one batch of {r.batch_size}: "
                                  "lower --batch_size, or add data (--max_examples, --eval_examples)")
-        r.name = run_name(r, data_tag)
+        r.name = lora.run_name("sft", data_tag, r, f"bs{r.batch_size}", f"b{r.lr_ratio_b:g}" * (r.lr_ratio_b != 1),
+                               f"init{r.init_scale:g}" * (r.init_scale != 1))
+        steps, _, _, r.work = plan(r, base.config, train_ex, eval_ex)
+        n_steps += steps
         lora.check_run_dir(Path(a.out) / r.name, a.resume)
-    work = [plan(r, base.config, train_ex, eval_ex) for r in runs]
-    total = sum(w[3] for w in work)
-    if a.steps and work[0][0] < a.steps:  # epochs bound the steps (transformers' max_steps would win instead)
-        say(f"--steps {a.steps} is capped by --epochs {a.epochs}: {work[0][0]} steps of {a.batch_size} over "
+    if a.steps and steps < a.steps:  # epochs bound the steps (transformers' max_steps would win instead)
+        say(f"--steps {a.steps} is capped by --epochs {a.epochs}: {steps} steps of {a.batch_size} over "
             f"{len(train_ex)} examples; raise --epochs to train longer")
-    if not a.device.startswith("cuda"):  # a 2-core CPU trains at roughly 1e11 FLOP/s
-        minutes = total / 1e11 / 60
-        say(f"{len(runs)} run(s), {sum(w[0] for w in work)} steps, {total:.2e} FLOPs: roughly {minutes:.0f} min on a "
-            f"2-core CPU" + (" (the README's CPU quick start: --batch_size 8 --max_len 256 --steps 20, ~3 min)"
-                             if minutes > 15 else ""))
-    grid_progress = lora.Progress(total)
-    trunks = {}  # first trained layer -> its TrunkCache, shared by the runs that start there
-
-    def trunk(r, model):  # built with the run's model: on the device, its frozen layers equal the base's
-        first = first_trained_layer(base.config, r.rank, r.layers, r.lm_head)
-        if first == 0 or a.no_trunk_cache:
-            return None
-        tail = not ddp and TrunkCache.only_last_mlp_trains(model)  # DDP and FSDP must run the wrapped model
-        if (first, tail) not in trunks:
-            trunks.clear()  # one at a time: memory
-            # facts: the eval rows are training rows, cached once
-            every = list({id(ids): (ids, m) for ids, m in train_ex + eval_ex + unseen_ex}.values())
-            gb = TrunkCache.nbytes(base.config, every) / 2**30
-            if gb > TRUNK_CACHE_GB:
-                say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
-                return None
-            say(f"layers 0-{first - 1}{' and the attention of the last' if tail else ''} are frozen: "
-                f"running them once over {len(every)} examples ({gb:.2f} GiB kept) ...", flush=True)
-            trunks[first, tail] = TrunkCache(model, first, every, a.micro_batch, tok.pad_id, a.device, a.amp, tail)
-        return trunks[first, tail]
-
-    try:
-        with lora.StopSignal() as stop:
-            lora.run_sweep(runs, lambda r: train(r, base, tok, train_ex, eval_ex, desc, ddp, grid_progress, trunk,
-                                                 stop, unseen_ex),
-                           progress=grid_progress, quiet=not master)
-    except lora.Preempted as e:
-        say(f"preempted: {e}")
+    total = sum(r.work for r in runs)
+    if not a.device.startswith("cuda"):
+        minutes = total / CPU_FLOPS / 60
+        say(f"{len(runs)} run(s), {n_steps} steps, {total:.2e} FLOPs: roughly {minutes:.0f} min on a 2-core CPU"
+            + " (the README's CPU quick start: --batch_size 8 --max_len 256 --steps 20, ~3 min)" * (minutes > 15))
+    progress, kept = lora.Progress(total), {}
+    trunks = lambda r, model: trunk_cache(r, model, base.config, data, tok.pad_id, ddp, kept)
+    lora.run_sweep(runs, lambda r, stop: train(r, base, tok, data, ddp, progress, trunks, stop), progress=progress,
+                   quiet=not master)
     if ddp:
         dist.destroy_process_group()
+
+
+def trunk_cache(r, model, cfg, data, pad_id, ddp, kept):
+    """The TrunkCache of the frozen layers below run r's first trained one, or None (nothing frozen,
+    or over TRUNK_CACHE_GB). Built with the run's model (on the device, its frozen layers equal the
+    base's) and kept for the next runs that start at the same layer (kept: one at a time, memory)."""
+    first = first_trained_layer(cfg, r.rank, r.layers, r.lm_head)
+    if first == 0 or r.no_trunk_cache:
+        return None
+    tail = not ddp and TrunkCache.only_last_mlp_trains(model)  # DDP and FSDP must run the wrapped model
+    if (first, tail) not in kept:
+        kept.clear()
+        # facts: the eval rows are training rows, cached once
+        every = list({id(ids): (ids, m) for ids, m in data.train + data.eval + data.unseen}.values())
+        gb = TrunkCache.nbytes(cfg, every) / 2**30
+        say = print if not ddp or dist.get_rank() == 0 else (lambda *x, **k: None)
+        if gb > TRUNK_CACHE_GB:
+            say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
+            return None
+        say(f"layers 0-{first - 1}{' and the attention of the last' if tail else ''} are frozen: "
+            f"running them once over {len(every)} examples ({gb:.2f} GiB kept) ...", flush=True)
+        kept[first, tail] = TrunkCache(model, first, every, r.micro_batch, pad_id, r.device, r.amp, tail)
+    return kept[first, tail]
 
 
 if __name__ == "__main__":
