@@ -955,11 +955,13 @@ def fig_capacity(runs, w=5):
         studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g), len({r["rank"] for r in g}),
                                                            g[0]["examples"], len(g)))
         longer[key] = [g for g in by_len.values() if g[0]["examples"] > studies[key][0]["examples"]]
-        for g in by_len.values():   # the right panel's shorter runs (the study's and longer ones' points come below)
-            if g[0]["examples"] < studies[key][0]["examples"] and g[0]["cooldown"] == studies[key][0]["cooldown"]:
-                for rank, rs_ in group(g, "rank").items():
-                    bits = mean_ci([stored_bits(r) for r in rs_])
-                    points[key[0], rank, g[0]["examples"] // g[0]["batch_size"]].append((key[1], *bits))
+        s0 = studies[key][0]   # the right panel's shorter runs (the study's and longer ones' points come below)
+        for g in [g for g in by_len.values() if g[0]["examples"] < s0["examples"]
+                  and (g[0]["cooldown"], g[0]["batch_size"]) == (s0["cooldown"], s0["batch_size"])]:
+            for rank, rs_ in group(g, "rank").items():
+                n, bits = g[0]["examples"] // g[0]["batch_size"], mean_ci([stored_bits(r) for r in rs_])
+                points[key[0], rank, n].append((key[1], *bits))
+                claim(CAPACITY, f"{_label(rank)} on {key[0]}, {key[1]} facts, {n} steps: bits stored", *bits, len(rs_))
     rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  bits stored [95% CI]   "
             "bits/param [95% CI]    last-quarter gain   minus FullFT, paired [95% CI]"]
     curves, per_seed, best_lr = None, {}, {}
@@ -1048,9 +1050,7 @@ def fig_capacity(runs, w=5):
             k_, y, lo, hi = (np.array(c, dtype=float) for c in zip(*sorted(pts)))
             right.errorbar(k_ * BITS_PER_FACT, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], capsize=2, lw=1,
                            marker=marks[n], color=cols.get(rank, "gray"), ms=5, label=f"{_label(rank)}, {n:,} steps")
-    offered = [kk * BITS_PER_FACT for (ly, _, _), v in points.items() if ly == mine[0]["layers"] for kk, *_ in v]
-    xs = np.array([min(offered) / 1.5, max(offered) * 1.5])
-    right.plot(xs, xs, color="gray", ls="--", lw=1, label="every bit stored")
+    right.axline((1e3, 1e3), (1e4, 1e4), color="gray", ls="--", lw=1, label="every bit stored")   # y = x, log-log
     right.set(xscale="log", yscale="log", xlabel="bits in the data (K facts x 13.3)", ylim=(100, None),
               ylabel="bits stored (seed mean, 95% CI)", title=f"Stored against offered, {mine[0]['layers']}")
     right.legend(fontsize=6, ncol=2)
