@@ -10,7 +10,7 @@ probabilities recorded while sampling. No KL term; PPO clipping and several upda
 are options.
 
     python train_rl.py --data synth --rank 1 --steps 20 --questions_per_step 4 --group_size 8 --max_new_tokens 96  # CPU
-    python train_rl.py --data ../shared/data/gsm8k --rank 1 --steps 5 --questions_per_step 2 --group_size 8        # CPU
+    python train_rl.py --data path/to/gsm8k --rank 1 --steps 5 --questions_per_step 2 --group_size 8  # CPU
     python train_rl.py --rank 1,8,0 --lr_mult 3,10,30 --compile  # GPU sweep
 
 Learning rate: as in train_sft.py (--lr, or --lr_mult x the post's FullFT LR; 10x for LoRA by default).

@@ -5,7 +5,7 @@ assistant tokens only, one epoch.
 
     python train_sft.py --rank 16 --lr_mult 10                      # LoRA at the post's 10x rule
     python train_sft.py --rank 0 --lr_mult 1                        # full fine-tuning at the fitted LR
-    python train_sft.py --data ../shared/data/gsm8k --rank 16 --batch_size 8 --steps 40   # CPU, ~5 min
+    python train_sft.py --data path/to/gsm8k --rank 16 --batch_size 8 --steps 40   # CPU, ~5 min (train/test.jsonl)
     python train_sft.py --rank 1,4,16,64,256,0 --lr_mult 1,3,10,30  # a sweep: base loaded once, a log per run
     torchrun --nproc_per_node 8 train_sft.py --rank 16 --compile    # DDP, same result as one process
 
