@@ -343,7 +343,7 @@ def save_checkpoint(a, run, step, model, opt, extra):
 @torch.no_grad()
 def evaluate(model, examples, micro, pad_id, device, amp, trunk=None, micro_tokens=0):
     model.eval()
-    n = sum(sum(m[1:]) for _, m in examples)
+    n = answer_tokens(examples)
     loss = lora.batch_loss(model, examples, micro, pad_id, device, amp, n, False, trunk,
                            max_tokens=micro_tokens)[0].item() / n
     model.train()
@@ -418,6 +418,29 @@ class TrunkCache:
         last = model.model.layers[-1]
         h = h + last.mlp(last.post_attention_layernorm(h))
         return lora.unembed_nll(model.lm_head, model.model.norm(h), targets) / len(targets)
+
+
+def trunk_cache(r, model, cfg, data, pad_id, ddp, kept):
+    """The TrunkCache of the frozen layers below run r's first trained one, or None (nothing frozen,
+    or over TRUNK_CACHE_GB). Built with the run's model (on the device, its frozen layers equal the
+    base's) and kept for the next runs that start at the same layer (kept: one at a time, memory)."""
+    first = first_trained_layer(cfg, r.rank, r.layers, r.lm_head)
+    if first == 0 or r.no_trunk_cache:
+        return None
+    tail = not ddp and TrunkCache.only_last_mlp_trains(model)  # DDP and FSDP must run the wrapped model
+    if (first, tail) not in kept:
+        kept.clear()
+        # facts: the eval rows are training rows, cached once
+        every = list({id(ids): (ids, m) for ids, m in data.train + data.eval + data.unseen}.values())
+        gb = TrunkCache.nbytes(cfg, every) / 2**30
+        say = print if not ddp or dist.get_rank() == 0 else (lambda *x, **k: None)
+        if gb > TRUNK_CACHE_GB:
+            say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
+            return None
+        say(f"layers 0-{first - 1}{' and the attention of the last' if tail else ''} are frozen: "
+            f"running them once over {len(every)} examples ({gb:.2f} GiB kept) ...", flush=True)
+        kept[first, tail] = TrunkCache(model, first, every, r.micro_batch, pad_id, r.device, r.amp, tail)
+    return kept[first, tail]
 
 
 def fsdp_shard(model, mesh, amp=None, rank0_state=None, reshard=True):
@@ -664,29 +687,6 @@ def main(argv=None):
                    quiet=not master)
     if ddp:
         dist.destroy_process_group()
-
-
-def trunk_cache(r, model, cfg, data, pad_id, ddp, kept):
-    """The TrunkCache of the frozen layers below run r's first trained one, or None (nothing frozen,
-    or over TRUNK_CACHE_GB). Built with the run's model (on the device, its frozen layers equal the
-    base's) and kept for the next runs that start at the same layer (kept: one at a time, memory)."""
-    first = first_trained_layer(cfg, r.rank, r.layers, r.lm_head)
-    if first == 0 or r.no_trunk_cache:
-        return None
-    tail = not ddp and TrunkCache.only_last_mlp_trains(model)  # DDP and FSDP must run the wrapped model
-    if (first, tail) not in kept:
-        kept.clear()
-        # facts: the eval rows are training rows, cached once
-        every = list({id(ids): (ids, m) for ids, m in data.train + data.eval + data.unseen}.values())
-        gb = TrunkCache.nbytes(cfg, every) / 2**30
-        say = print if not ddp or dist.get_rank() == 0 else (lambda *x, **k: None)
-        if gb > TRUNK_CACHE_GB:
-            say(f"not caching layers 0-{first - 1}: {gb:.1f} GiB over {TRUNK_CACHE_GB}")
-            return None
-        say(f"layers 0-{first - 1}{' and the attention of the last' if tail else ''} are frozen: "
-            f"running them once over {len(every)} examples ({gb:.2f} GiB kept) ...", flush=True)
-        kept[first, tail] = TrunkCache(model, first, every, r.micro_batch, pad_id, r.device, r.amp, tail)
-    return kept[first, tail]
 
 
 if __name__ == "__main__":
