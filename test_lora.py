@@ -2443,19 +2443,19 @@ def full_set(root):
         facts(root, 1, seed, final, init=init)
 
 
-def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, params=1000):
+def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, params=1000, lr=1e-3):
     """A run memorising k facts (train_sft.py --data facts:k) whose eval loss falls linearly from 2 to
     `final` over `steps` steps of 10 (from 6.0 at step 0), with evals on 10 facts (5 answer tokens
     each) and, when given, the loss `unseen` on facts it never saw; init: --init_scale init
     --lr_ratio_b 1/init."""
-    args = dict(rank=rank, layers="29.down_proj", lm_head=False, lr=1e-3, batch_size=10, data=f"facts:{k}", seed=seed,
+    args = dict(rank=rank, layers="29.down_proj", lm_head=False, lr=lr, batch_size=10, data=f"facts:{k}", seed=seed,
                 init_scale=init, lr_ratio_b=1 / init)
     points = [(0, 6.0)] + [(steps * i // 4, 2.0 + (final - 2.0) * i / 4) for i in range(1, 5)]
     evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50}
              | ({"unseen_loss": unseen if s else 6.0, "unseen_tokens": 50} if unseen is not None else {})
              for s, loss in points]
     evals.append({"type": "train", "step": steps, "loss": final})   # finished: its last step is the total
-    write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}", "train_sft", args, evals, trainable_params=params,
+    write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}_lr{lr:g}", "train_sft", args, evals, trainable_params=params,
               n_eval_examples=10, total_steps=steps)
 
 
@@ -2467,7 +2467,7 @@ def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
     for name in FIG_NAMES:
         assert (tmp_path / "png" / name).stat().st_size > 10_000
     runs = plot.load_runs(tmp_path / "out")
-    assert plot.optimal_lr_ratio(runs) == pytest.approx(10, rel=0.01)
+    assert plot._ratio(plot.optimal_lrs(plot.main_sweep(runs)))[0] == pytest.approx(10, rel=0.01)
     opt = plot.optimal_lrs(plot.main_sweep(runs))
     assert opt[0] == pytest.approx(1e-4, rel=0.01) and opt[256] == pytest.approx(1e-3, rel=0.01)
     out = capsys.readouterr().out
@@ -2549,7 +2549,9 @@ def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path,
     growth = re.search(r"rank 16's gap to FullFT at batch 32 minus at batch 8: "
                        r"\+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
     assert growth and 0.01 < float(growth[2]) < float(growth[1]) < float(growth[3]) < 0.03, text
-    assert "grid edge" not in text and text.count("[") >= 9   # 4 arms' losses, 2 gaps, the growth
+    oos = re.search(r"at batch 8, each seed at the LRs the other seeds chose: \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
+    assert oos and 0.01 < float(oos[2]) < float(oos[1]) < float(oos[3]) < 0.03, text   # the LRs chosen out of sample
+    assert "grid edge" not in text and text.count("[") >= 10   # 4 arms' losses, 2 gaps, the growth twice
 
 
 def test_unfinished_runs_are_left_out_of_the_figures(tmp_path, capsys):
@@ -2601,7 +2603,7 @@ def test_diverged_run_is_excluded_from_the_optimum(tmp_path):
         f.write(json.dumps({"type": "diverged", "step": 31, "loss": float("nan")}) + "\n")
     runs = plot.load_runs(tmp_path)
     assert math.isnan(plot.final_loss([r for r in runs if r["lr"] == 1.5e-3][0]))
-    assert plot.optimal_lr_ratio(runs) == pytest.approx(10, rel=0.01)
+    assert plot._ratio(plot.optimal_lrs(plot.main_sweep(runs)))[0] == pytest.approx(10, rel=0.01)
 
 
 def test_an_lr_that_diverged_brackets_the_optimum_and_never_wins(tmp_path):
@@ -2678,6 +2680,25 @@ def test_a_shorter_study_on_the_same_facts_stays_out_of_the_capacity_figure(tmp_
             if line.startswith("29.down_proj  ")]
     assert [r[3] for r in rows] == ["rank_4", "FullFT"] and [r[6] for r in rows] == ["2", "2"]   # 2 seeds, not 4
     assert [float(r[7]) for r in rows] == [0.5, 0.0]                                          # the 50-step runs' losses
+
+
+def test_a_short_lr_sweep_draws_each_arm_at_its_best_lr_beside_figure_1(tmp_path):
+    # the study (50 steps, FullFT beside rank 4) and a 20-step sweep of two LRs per arm, where 1e-2 wins for
+    # FullFT and 1e-3 for rank 4: the middle panel draws those two, and the sweep stays off the right panel
+    # (its LRs pooled would make one point of unlike runs)
+    uniform = math.log(10) * 4 / 5
+    for seed in (0, 1):
+        for rank in (0, 4):
+            facts(tmp_path, rank, seed, 0.1 if rank == 0 else 0.5, unseen=uniform + 0.1)
+            for lr in (1e-3, 1e-2):
+                facts(tmp_path, rank, seed, 1.0 if (lr == 1e-2) == (rank == 0) else 1.5, steps=20, lr=lr,
+                      unseen=uniform + 0.1)
+    plot.CLAIMS.clear()
+    fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
+    middle = {line.get_label(): line.get_ydata()[-1] for line in fig.axes[1].lines if "seeds" in line.get_label()}
+    assert len(fig.axes) == 3 and middle == {"rank 4, LR 1e-03 (2 seeds)": 1.0, "FullFT, LR 1e-02 (2 seeds)": 1.0}
+    assert "29.down_proj at 100 facts, rank 4, 20 steps: final loss at LR 0.001 1.000, 0.01 1.500" in text
+    assert not [c for c in plot.CLAIMS if "20 steps" in c["quantity"]]
 
 
 def test_longer_runs_of_some_arms_check_the_plateau_and_leave_the_study_alone(tmp_path):
