@@ -2455,8 +2455,8 @@ def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, param
              | ({"unseen_loss": unseen if s else 6.0, "unseen_tokens": 50} if unseen is not None else {})
              for s, loss in points]
     evals.append({"type": "train", "step": steps, "loss": final})   # finished: its last step is the total
-    write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}_lr{lr:g}", "train_sft", args, evals, trainable_params=params,
-              n_eval_examples=10, total_steps=steps)
+    write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}_lr{lr:g}", "train_sft", args, evals,
+              trainable_params=params, n_eval_examples=10, total_steps=steps)
 
 
 @slow
@@ -2549,7 +2549,8 @@ def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path,
     growth = re.search(r"rank 16's gap to FullFT at batch 32 minus at batch 8: "
                        r"\+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
     assert growth and 0.01 < float(growth[2]) < float(growth[1]) < float(growth[3]) < 0.03, text
-    oos = re.search(r"at batch 8, each seed at the LRs the other seeds chose: \+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
+    oos = re.search(r"at batch 8, each seed at the LRs the other seeds chose: "
+                    r"\+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
     assert oos and 0.01 < float(oos[2]) < float(oos[1]) < float(oos[3]) < 0.03, text   # the LRs chosen out of sample
     assert "grid edge" not in text and text.count("[") >= 10   # 4 arms' losses, 2 gaps, the growth twice
 
