@@ -956,10 +956,10 @@ def fig_capacity(runs, w=5):
         for g in [g for g in by_len.values() if g[0]["examples"] < s0["examples"]
                   and (g[0]["cooldown"], g[0]["batch_size"]) == (s0["cooldown"], s0["batch_size"])]:
             for rank, rs_ in group(g, "rank").items():
-                if len(lrs := sorted({r["lr"] for r in rs_})) > 1:   # an LR sweep: the middle panel draws its best
-                    loss = {lr: np.mean([final_loss(r) for r in rs_ if r["lr"] == lr]) for lr in lrs}
+                if len(by_lr := scores_by_lr(rs_)) > 1:   # an LR sweep: the middle panel draws its best
+                    loss = ", ".join(f"{lr:.3g} {np.mean(v):.3f}" for lr, v in sorted(by_lr.items()))
                     rows.append(f"{key[0]} at {key[1]} facts, {_label(rank)}, {g[0]['examples'] // g[0]['batch_size']} "
-                                "steps: final loss at LR " + ", ".join(f"{lr:.3g} {v:.3f}" for lr, v in loss.items()))
+                                f"steps: final loss at LR {loss}")
                     early[key][rank] = at_best_lr(rs_)
                     continue
                 n, bits = g[0]["examples"] // g[0]["batch_size"], mean_ci([stored_bits(r) for r in rs_])
