@@ -461,9 +461,12 @@ def fig_rank_curves(runs, w=5):
     sweep = [r for r in main_sweep(runs) if len(r["train"][0]) and not r["diverged"]]
     if not sweep:
         return None, f"needs an SFT sweep over ranks and LRs ({SFT_SWEEP})"
-    fig, (ax,) = _fig()
-    by_rank, cols, rows = (group(sweep, "rank"), _colors(r["rank"] for r in sweep),
-                           ["rank     runs  steps  loss at last step"])
+    # one seed set for every curve (LRs that lack one are left out): the curves differ by rank, not by seeds run
+    seeds = set.intersection(*({r["seed"] for r in rs} for rs in group(sweep, "rank").values()))
+    cells = group([r for r in sweep if r["seed"] in seeds], lambda r: (r["rank"], r["lr"])).values()
+    sweep = [r for rs in cells if {r["seed"] for r in rs} == seeds for r in rs]
+    (fig, (ax,)), by_rank, cols = _fig(), group(sweep, "rank"), _colors(r["rank"] for r in sweep)
+    rows = [f"seeds {sorted(seeds)} (those every rank ran)", "rank     runs  steps  loss at last step"]
     for k in _ranks(sweep):
         steps, loss, se = envelope(by_rank[k], w)
         _band(ax, steps, loss, se, cols[k], lw=2 if k == 0 else 1.3, label=_label(k))   # +-1 SE over seeds

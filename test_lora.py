@@ -2508,6 +2508,21 @@ def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsy
     assert (se > 0).all() and len(steps) == 30
 
 
+def test_figure_1_draws_every_rank_over_one_seed_set(tmp_path):
+    # ranks 1 and 16 ran seeds 0-1 at two LRs; rank 1 also ran seed 2 (much lower loss) at both and seed 3 at one:
+    # the extra seeds would pull rank 1's curve below rank 16's although the two ranks agree seed for seed
+    for rank in (1, 16):
+        for lr in (1e-3, 2e-3):
+            for seed in (0, 1):
+                sft(tmp_path / "out", rank, lr, 1.0 + 0.1 * seed, seed=seed)
+    for lr in (1e-3, 2e-3):
+        sft(tmp_path / "out", 1, lr, 0.5, seed=2)
+    sft(tmp_path / "out", 1, 1e-3, 0.4, seed=3)
+    _, text = plot.fig_rank_curves(plot.load_runs(tmp_path / "out"))
+    rows = dict(re.findall(r"(rank \d+)\s+\d+\s+\d+\s+([\d.]+)", text))
+    assert "seeds [0, 1]" in text and rows["rank 1"] == rows["rank 16"], text
+
+
 def test_early_rank_pairs_leave_out_step_one_and_show_the_posts_pair(tmp_path):
     # rank 1 ends 0.05 worse than ranks 16 and 256, the same at every step; the early window starts
     # at step 2 (step 1 is equal by construction in real runs) and the post's pair 16 vs 256 is shown
