@@ -963,9 +963,8 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"), 
                     + ", ".join(f"{L}: {ms:.2f} ms" for L, ms in r["decode_first_call_ms"].items())))
     r = run_stage("agree", lim["agree"], lambda: bf16_agreement(cfg, dev, amp), out)
     say("bf16 vs fp32: " + (r["error"] if "error" in r else
-        f"loss {r['loss_fp32']:.4f}, relative difference {r['loss_rel_diff']:.1e}; "
-        f"adapter gradient cosine {r['grad_cosine']:.5f} "
-        f"(relative norm of the difference {r['grad_rel_norm_diff']:.3f})"))
+        f"loss {r['loss_fp32']:.4f}, relative difference {r['loss_rel_diff']:.1e}; adapter gradient cosine "
+        f"{r['grad_cosine']:.5f} (relative norm of the difference {r['grad_rel_norm_diff']:.3f})"))
     if "error" not in r:
         say("RL importance ratio at step 0, bf16: " + "; ".join(
             f"sampling {k}: mean {r[k]['ratio_mean']:.4f} [{r[k]['ratio_min']:.3f}, {r[k]['ratio_max']:.3f}], "

@@ -545,20 +545,26 @@ def fig_lr_sweep(runs, w=5):
 
 
 def fig_batch_size(runs, w=5):
-    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. The plain SFT runs on
-    the (data, examples seen, layers) with the most batch sizes; per (rank, batch size) the best LR of its grid; the
-    gap to FullFT at each batch size and its growth, paired by seed (a seed fixes which examples a run sees)."""
-    std = [r for r in runs if not r["rl"] and r["plain"]]
-    where = group(std, lambda r: (r["data"], r["examples"], r["layers"]))
-    key = max(where, key=lambda k: (len({r["batch_size"] for r in where[k]}), len(where[k])), default=None)
-    rs = where[key] if key else []
+    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. One row of panels per
+    study: plain SFT runs of one (data, examples seen, layers) where LoRA and FullFT each ran 2+ batch sizes."""
+    where = group([r for r in runs if not r["rl"] and r["plain"]], lambda r: (r["data"], r["examples"], r["layers"]))
+    n = lambda g, lora: len({r["batch_size"] for r in g if bool(r["rank"]) == lora})   # LoRA's, FullFT's sizes
+    keys = sorted(k for k, g in where.items() if n(g, True) >= 2 and n(g, False) >= 2)
+    if not keys:
+        return None, "needs SFT runs at 2+ batch sizes (train_sft.py --batch_size 8,32 --rank 16,0 --lr_mult 1,3,10,30)"
+    fig = Figure(figsize=(12, 4.5 * len(keys)), dpi=min(150, 1600 / 12), layout="constrained")
+    rows = [row for (left, right), key in zip(fig.subplots(len(keys), 2, squeeze=False), keys)
+            for row in _batch_study(left, right, where[key], key, w)]
+    fig.suptitle("Batch size effects: LoRA (dashed, dotted) vs FullFT (solid)")
+    return fig, "\n".join(rows)
+
+
+def _batch_study(left, right, rs, key, w):
+    """One study's curves at each arm's best LR (left), LoRA's gap to FullFT paired by seed (right); table rows."""
     arms = {ck: _arm_row(g, final_loss) for ck, g in group(rs, lambda r: (r["rank"], r["batch_size"])).items()}
     n_sizes = Counter(k for k, _ in arms)
     arms = {(k, bs): a for (k, bs), a in arms.items() if n_sizes[k] >= 2}   # ranks that ran 2+ batch sizes
     sizes = sorted({bs for _, bs in arms})
-    if len(sizes) < 2:
-        return None, "needs SFT runs at 2+ batch sizes (train_sft.py --batch_size 8,32 --rank 16,0 --lr_mult 1,3,10,30)"
-    fig, (left, right) = _fig(2)
     bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1)) for i, bs in enumerate(sizes)}
     rank_col = _colors(k for k, _ in arms)
     dash = {k: ("--", ":", "-.")[i % 3] for i, k in enumerate(sorted({k for k, _ in arms if k}))} | {0: "-"}
@@ -591,19 +597,18 @@ def fig_batch_size(runs, w=5):
                 continue
             d, lo, hi = paired_gap(a, b)
             claim("LoRA pays more than FullFT at large batch sizes", f"{_label(k)}: gap to FullFT at batch {hi_bs} "
-                  f"minus at batch {lo_bs} ({key[0]}, nats){how}", d, lo, hi, len(set(a) & set(b)))
+                  f"minus at batch {lo_bs} ({key[0]}, {key[2]}, nats){how}", d, lo, hi, len(set(a) & set(b)))
             rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}{how}: {_est(d, lo, hi)}")
     right.axhline(0, color="gray", lw=0.8)
     left.set(xscale="log", xlabel="training examples (steps x batch size)", ylabel=f"train loss (nats/token, {w}-step "
              "mean)", title="Learning curves (best LR, seed mean; cut at 2x the last loss)",
              ylim=(None, 2 * max(line.get_ydata()[-1] for line in left.lines)))   # an early climb to 8 nats is off
-    right.set(xscale="log", xlabel="batch size (sequences)", title="LoRA's gap to FullFT vs batch size",
+    right.set(xscale="log", xlabel="batch size (sequences)", title=f"LoRA's gap to FullFT vs batch size ({key[2]})",
               ylabel="final loss, LoRA minus FullFT (paired by seed, 95% CI)")
     right.set_xticks(sizes, [str(s) for s in sizes])
     right.minorticks_off()   # else log-axis minor labels (2x10^1) crowd the batch sizes
     left.legend(fontsize=7), right.legend(fontsize=8)
-    fig.suptitle("Batch size effects: LoRA (dashed, dotted) vs FullFT (solid)")
-    return fig, "\n".join(rows)
+    return rows
 
 
 def _oos_gap(st, ref, sign=1, finding=None, quantity=None):
@@ -970,15 +975,12 @@ def fig_capacity(runs, w=5):
                 claim(CAPACITY, f"{_label(rank)} on {key[0]}, {key[1]} facts, {n} steps: bits stored", *bits, len(rs_))
     curves, per_seed, best_lr = None, {}, {}
     for (layers, k), mine in sorted(studies.items()):
-        bests = {}
-        for rank in _ranks(mine):
-            bests[rank] = at_best_lr([r for r in mine if r["rank"] == rank])
-            best_lr[layers, k, rank] = bests[rank][0]["lr"]
+        bests = {rank: at_best_lr([r for r in mine if r["rank"] == rank]) for rank in _ranks(mine)}
+        best_lr.update({(layers, k, rank): best[0]["lr"] for rank, best in bests.items()})
         full = {r["seed"]: stored_bits(r) for r in bests.get(0, [])}
         for rank, best in bests.items():
             per_seed[layers, k, rank] = bits = {r["seed"]: stored_bits(r) for r in best}
-            m, lo, hi = mean_ci(bits.values())
-            p = best[0]["params"]
+            (m, lo, hi), p = mean_ci(bits.values()), best[0]["params"]
             gain = mean_ci([_plateau_gain(r) for r in best])[0]
             paired = paired_gap(bits, full) if rank and len(full) and len(bits) else None
             gap = _est(*paired, "{:+.0f}") if paired else ""
@@ -1010,8 +1012,7 @@ def fig_capacity(runs, w=5):
                 if not set(long) & set(short):
                     continue
                 rat, lo, hi = log_ratio_ci(long, short)
-                m, mlo, mhi = mean_ci(long.values())
-                p = next(r["params"] for r in g if r["rank"] == rank)
+                (m, mlo, mhi), p = mean_ci(long.values()), next(r["params"] for r in g if r["rank"] == rank)
                 points[layers, rank, g[0]["examples"] // g[0]["batch_size"]].append((k, m, mlo, mhi))
                 claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts: bits stored after {times:g}x the steps / "
                       "after 1x, paired by seed (1 at a plateau)", rat, lo, hi, len(set(long) & set(short)), null=1)
