@@ -1055,9 +1055,10 @@ def fig_capacity(runs, w=5):
                       label=f"{_label(rank)}, {g[0]['examples'] / mine[0]['examples']:g}x the steps ({len(rs_)} seeds)")
     left.axhline(math.log(10) * 4 / 5, color="gray", ls="--", lw=1,
                  label="no code stored (uniform digits, end token learnt)")
-    left.set(xscale="log", xlabel="step (log)", ylabel="eval loss on the trained facts (nats/token)", ylim=(0, None),
+    left.set(xscale="log", xlabel="step (log)", ylabel="eval loss on the trained facts (nats/token)",
              title=f"{k} random facts ({k * BITS_PER_FACT:,.0f} bits), {mine[0]['layers']}: the post's Figure 1")
-    left.legend(fontsize=7)
+    left.set_ylim(0, left.get_ylim()[1] * 1.45)   # headroom: the legend sits above the curves
+    left.legend(fontsize=7, loc="upper right")
     marks = dict(zip(sorted({n for ly, _, n in points if ly == mine[0]["layers"]}), "v^osDP*X"))
     for (layers, rank, n), pts in sorted(points.items(), key=lambda t: (t[0][1] == 0, t[0][1], t[0][2])):
         if layers == mine[0]["layers"]:
