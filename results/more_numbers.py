@@ -2,7 +2,8 @@
 own helpers (run from the repository root: python results/more_numbers.py):
   GSM8K sweep: paired ratios of per-seed optimal LRs between ranks; held-out loss between ranks at one LR.
   RL: rank 1 minus FullFT in the middle of the run (steps 11-20), each at its best LR.
-  Batch size on facts: the gap's growth from batch 10 to 40 at each common LR, and with the divergence rule off."""
+  Batch size on facts: the gap's growth from batch 10 to 40 at each common LR, and with the divergence rule off.
+  Capacity decision: the two-seed figures from capacity_k/full_eval.txt (bits on all K facts)."""
 import math
 import sys
 from collections import defaultdict
@@ -58,3 +59,19 @@ for study, layer in (("batch_facts", "29.down_proj"), ("batch_up", "29.up_proj")
         g40, g10 = gap(k, 40, best(k, 40), best(0, 40)), gap(k, 10, best(k, 10), best(0, 10))
         print(f"  each arm at its best LR counting diverged LRs' survivors, rank {k}: "
               f"{est(plot.paired_gap(g40, g10), '{:+.2f}')} ({len(set(g40) & set(g10))} seeds)")
+
+print("capacity decision, rank 1 at 16,000 steps: bits stored on all K facts (capacity_k/full_eval.txt), over seeds")
+full = {}   # (K, seed) -> bits
+for line in open(R / "capacity_k" / "full_eval.txt"):
+    name = line.split()[0] if line.strip() and not line.startswith("#") else ""
+    if name.startswith("sft_facts") and "_r1_" in name and name.endswith("_16000"):
+        full[(int(name[9:name.index("_r1_")]), 1 if "_s1_" in name else 0)] = float(line.split()[1])
+two = sorted({k for k, s in full if s == 1})
+for k in two:
+    m, lo, hi = plot.mean_ci([full[(k, s)] for s in (0, 1)])
+    print(f"  K = {k}: {m:.0f} [{lo:.0f}, {hi:.0f}] bits, "
+          f"{m / 2112:.3f} [{lo / 2112:.3f}, {hi / 2112:.3f}] bits/param (2 seeds)")
+if len(two) == 2:
+    m, lo, hi = plot.mean_ci([math.log(full[(two[1], s)] / full[(two[0], s)]) for s in (0, 1)])
+    print(f"  K = {two[1]} over K = {two[0]}, paired by seed: "
+          f"{math.exp(m):.3f}x [{math.exp(lo):.3f}, {math.exp(hi):.3f}]")
