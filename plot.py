@@ -1004,7 +1004,8 @@ def fig_capacity(runs, w=5):
             curves = max([c for c in (curves, (k, mine, bests)) if c], key=lambda c: (c[0], len(c[1])))
     for (layers, k), groups in longer.items():   # a plateau: training longer adds little
         for g in groups:
-            times, long_bits = g[0]["examples"] / studies[layers, k][0]["examples"], {}
+            s0, c, long_bits, at = studies[layers, k][0], g[0]["cooldown"], {}, f"{layers} at {k} facts"
+            times = f"{g[0]['examples'] / s0['examples']:g}x" + f" (LR decay {c:g})" * (c != s0["cooldown"])
             for rank in _ranks(g):
                 long_bits[rank] = long = {r["seed"]: stored_bits(r) for r in g if r["rank"] == rank
                                           and r["lr"] == best_lr.get((layers, k, rank))}
@@ -1014,16 +1015,15 @@ def fig_capacity(runs, w=5):
                 rat, lo, hi = log_ratio_ci(long, short)
                 (m, mlo, mhi), p = mean_ci(long.values()), next(r["params"] for r in g if r["rank"] == rank)
                 points[layers, rank, g[0]["examples"] // g[0]["batch_size"]].append((k, m, mlo, mhi))
-                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts: bits stored after {times:g}x the steps / "
+                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts: bits stored after {times} the steps / "
                       "after 1x, paired by seed (1 at a plateau)", rat, lo, hi, len(set(long) & set(short)), null=1)
-                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts, {times:g}x the steps: "
+                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts, {times} the steps: "
                       "bits stored per trainable parameter", m / p, mlo / p, mhi / p, len(long), null=2)
-                rows.append(f"{layers} at {k} facts, {_label(rank)} trained {times:g}x as long: "
+                rows.append(f"{at}, {_label(rank)} trained {times} as long: "
                             f"{_est(m, mlo, mhi, '{:.0f}')} bits, {_est(m / p, mlo / p, mhi / p, '{:.3f}')} "
                             f"bits/param, {rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits (paired by seed); "
                             f"last-quarter gain {mean_ci([_plateau_gain(r) for r in g if r['rank'] == rank])[0]:+.1%}")
-            _rank_doubling(long_bits, f"{layers}, {k} facts, {times:g}x the steps",
-                           f"{layers} at {k} facts, {times:g}x as long", rows)
+            _rank_doubling(long_bits, f"{layers}, {k} facts, {times} the steps", f"{at}, {times} as long", rows)
     for layers, k in studies:
         if (layers, k, 0) in per_seed:   # beside the FullFT control
             _rank_doubling({rank: b for (ly, kk, rank), b in per_seed.items() if (ly, kk) == (layers, k)},
