@@ -21,9 +21,9 @@ print("GSM8K, 20 steps: optimal LR of one rank / another's, per-seed parabola op
 by = plot.group(plot.main_sweep(plot.load_runs(R / "sft_gsm8k")), "rank")
 opt = {k: plot.optimal_lr_stats(rs)["seed_opt"] for k, rs in by.items()}   # {seed: log10 optimal LR}
 for a, b in ((16, 256), (64, 256), (4, 256), (1, 256), (1, 16)):
-    seeds = sorted(set(opt[a]) & set(opt[b]))
-    m, lo, hi = plot.mean_ci([opt[a][s] - opt[b][s] for s in seeds])
-    print(f"  rank {a} / rank {b}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}] ({len(seeds)} seeds)")
+    m, lo, hi = plot.paired_gap(opt[a], opt[b])
+    n = len(set(opt[a]) & set(opt[b]))
+    print(f"  rank {a} / rank {b}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}] ({n} seeds)")
 print("GSM8K, 20 steps: held-out loss at LR 9.25e-4 (the grid's central point, 7x the formula), paired by seed")
 at = lambda k: {r["seed"]: plot.final_loss(r) for r in by[k] if math.isclose(r["lr"], 9.25e-4, rel_tol=1e-2)}
 for a, b in ((1, 256), (16, 256)):
@@ -33,10 +33,9 @@ for a, b in ((1, 256), (16, 256)):
 print("RL: mean sampled reward over steps 11-20, rank 1 minus FullFT, each at its best LR, paired by seed")
 rl = plot.group(plot.main_sweep(plot.load_runs(R / "rl"), rl=True), "rank")
 def mid(rs):
-    best = {r["lr"] for r in plot.at_best_lr(rs)}
-    return {r["seed"]: float(np.asarray(r["train"][1])[(np.asarray(r["train"][0]) >= 11)
-                                                        & (np.asarray(r["train"][0]) <= 20)].mean())
-            for r in rs if r["lr"] in best}
+    steps = lambda r: np.asarray(r["train"][0])
+    return {r["seed"]: float(np.asarray(r["train"][1])[(steps(r) >= 11) & (steps(r) <= 20)].mean())
+            for r in plot.at_best_lr(rs)}
 print(f"  {est(plot.paired_gap(mid(rl[1]), mid(rl[0])), '{:+.3f}')}")
 
 for study, layer in (("batch_facts", "29.down_proj"), ("batch_up", "29.up_proj")):
@@ -72,6 +71,5 @@ for k in two:
     print(f"  K = {k}: {m:.0f} [{lo:.0f}, {hi:.0f}] bits, "
           f"{m / 2112:.3f} [{lo / 2112:.3f}, {hi / 2112:.3f}] bits/param (2 seeds)")
 if len(two) == 2:
-    m, lo, hi = plot.mean_ci([math.log(full[(two[1], s)] / full[(two[0], s)]) for s in (0, 1)])
-    print(f"  K = {two[1]} over K = {two[0]}, paired by seed: "
-          f"{math.exp(m):.3f}x [{math.exp(lo):.3f}, {math.exp(hi):.3f}]")
+    m, lo, hi = plot.log_ratio_ci(*({s: full[(k, s)] for s in (0, 1)} for k in reversed(two)))
+    print(f"  K = {two[1]} over K = {two[0]}, paired by seed: {m:.3f}x [{lo:.3f}, {hi:.3f}]")
