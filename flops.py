@@ -1029,7 +1029,7 @@ def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, r
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and adapter")
     g.add_argument("--model", default="smollm2-135m", help=f"a preset ({', '.join(presets)}), "

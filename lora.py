@@ -28,6 +28,7 @@ alpha = 32, scale alpha / r, A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0, all laye
 
 import base64
 import copy
+import hashlib
 import json
 import math
 import os
@@ -1138,49 +1139,69 @@ class Tokenizer:
         _atomic_write(path / "tokenizer.json", lambda f: Path(f).write_text(json.dumps(tj)))
         _atomic_write(path / "tokenizer_config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
 
-    def render_chat(self, messages, add_generation_prompt=False):
+    def render_chat(self, messages, add_generation_prompt=False, specials_in_content=False):
         """Token ids of a conversation in the model's chat format, and a 0/1 mask marking the
         assistant tokens (their content and end-of-turn token): what SFT puts the loss on.
         ChatML (SmolLM2, Qwen) and Llama 3 are rendered as their templates render them; tools and
-        other template extras are not. The text between two special tokens is encoded as one
+        other template extras are not. The text between two control tokens is encoded as one
         string, as apply_chat_template does (a header and the content after it can share a token);
-        a token is masked in if it holds any character of an assistant answer."""
-        parts = []  # (special id or text, learn)
+        a token is masked in if it holds any character of an assistant answer.
 
-        def add(piece, learn=False):
-            parts.append((self.special.get(piece, piece), learn))
+        Message content is text: a special-token string in it ("<|im_end|>" in a scraped answer)
+        stays plain text, so data cannot forge a turn or move the mask (Meta's Llama 3 format
+        does the same). specials_in_content=True turns such strings into control tokens, as
+        Hugging Face's apply_chat_template followed by its tokenizer does."""
+        parts = []  # (control id or text, learn)
+
+        def control(name, learn=False):
+            parts.append((self.special.get(name, name), learn))  # not in the vocabulary: text
+
+        def text(piece, learn=False):
+            parts.append((piece, learn))
 
         if self.chat_format == "chatml":
             if self.default_system and messages and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": self.default_system}] + list(messages)
             for m in messages:
                 learn = m["role"] == "assistant"
-                add("<|im_start|>"), add(m["role"] + "\n")
-                add(m["content"], learn), add("<|im_end|>", learn), add("\n")
+                control("<|im_start|>")
+                text(m["role"] + "\n")
+                text(m["content"], learn)
+                control("<|im_end|>", learn)
+                text("\n")
             if add_generation_prompt:
-                add("<|im_start|>"), add("assistant\n")
+                control("<|im_start|>")
+                text("assistant\n")
         elif self.chat_format == "llama3":
             if self.bos_id is not None:
                 parts.append((self.bos_id, False))
             for m in messages:
                 learn = m["role"] == "assistant"
-                add("<|start_header_id|>"), add(m["role"]), add("<|end_header_id|>"), add("\n\n")
-                add(m["content"].strip(), learn), add("<|eot_id|>", learn)  # the template trims content
+                control("<|start_header_id|>")
+                text(m["role"])
+                control("<|end_header_id|>")
+                text("\n\n")
+                text(m["content"].strip(), learn)  # the template trims content
+                control("<|eot_id|>", learn)
             if add_generation_prompt:
-                add("<|start_header_id|>"), add("assistant"), add("<|end_header_id|>"), add("\n\n")
+                control("<|start_header_id|>")
+                text("assistant")
+                control("<|end_header_id|>")
+                text("\n\n")
         else:  # no chat tokens in the vocabulary: a plain transcript, each answer ended by EOS
             for m in messages:
                 learn = m["role"] == "assistant"
-                add(f"{m['role'].capitalize()}: "), add(m["content"], learn)
+                text(f"{m['role'].capitalize()}: ")
+                text(m["content"], learn)
                 if learn and self.eos_id is not None:
                     parts.append((self.eos_id, True))
-                add("\n\n")
+                text("\n\n")
             if add_generation_prompt:
-                add("Assistant: ")
-        return self._encode_parts(parts)
+                text("Assistant: ")
+        return self._encode_parts(parts, allowed_special="all" if specials_in_content else set())
 
-    def _encode_parts(self, parts):
-        """ids and mask of (special id or text, learn) parts: each run of text between ids is encoded
+    def _encode_parts(self, parts, allowed_special):
+        """ids and mask of (control id or text, learn) parts: each run of text between ids is encoded
         whole; a token is learned if its bytes overlap a learned part's bytes."""
         ids, mask, run = [], [], []
         for piece, learn in parts + [(None, False)]:
@@ -1194,7 +1215,8 @@ class Tokenizer:
                     if lrn and n:
                         spans.append((pos, pos + n))
                     pos += n
-                toks = self.enc.encode("".join(t for t, _ in run), allowed_special="all")
+                joined = "".join(t for t, _ in run)
+                toks = self.enc.encode(joined, allowed_special=allowed_special, disallowed_special=())
                 pos = 0
                 for t, b in zip(toks, self.enc.decode_tokens_bytes(toks)):
                     ids.append(t)
@@ -1542,7 +1564,11 @@ def load_model(name_or_path=None, device="cpu", dtype=torch.float32, weights=Tru
         path, name = Path(name_or_path).expanduser(), str(name_or_path)
         if not path.exists():
             if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith("."):
-                path = Path(_download_hub(str(name_or_path)))
+                try:  # owner/name: a relative folder that is not there, or a hub id
+                    path = Path(_download_hub(str(name_or_path)))
+                except UserError as e:
+                    raise UserError(f"{name_or_path} is no folder or file under {Path.cwd()}, and as a hub id: {e}") \
+                        from None
             else:
                 raise UserError(f"no such file or folder: {name_or_path} (pass a HF model folder, a .gguf file, a "
                                 f"hub id like meta-llama/Llama-3.2-1B, or nothing for {DEFAULT_MODEL})")
@@ -2398,9 +2424,10 @@ def _checkpoints(run_dir):
     return [p for p in Path(run_dir).glob("ckpt-*") if p.is_dir() and re.fullmatch(r"ckpt-\d+(-\d+)?", p.name)]
 
 
-def save_checkpoint(run_dir, step, model, optimizer, extra=None):
-    """Save <run_dir>/ckpt-<step>/ (the adapter in PEFT format, or the full model as an HF folder,
-    plus state.pt: optimizer state, step and `extra`) and point <run_dir>/latest at it. The
+def save_checkpoint(run_dir, step, model, optimizer, extra=None, tokenizer=None):
+    """Save <run_dir>/ckpt-<step>/ (the adapter in PEFT format, or the full model as an HF folder
+    with the tokenizer, which load_model reads, plus state.pt: optimizer state, step and `extra`)
+    and point <run_dir>/latest at it. The
     checkpoint `latest` named before is kept too (the divergence guard may fall back to it); older
     ones and leftovers of killed saves are deleted last."""
     run_dir = Path(run_dir)
@@ -2412,7 +2439,7 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None):
     if lora_modules(model):
         save_adapter(model, tmp)
     else:
-        save_model(model, tmp)
+        save_model(model, tmp, tokenizer=tokenizer)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra or {})}, tmp / "state.pt")
     for f in tmp.iterdir():
         _fsync(f)
@@ -2510,18 +2537,53 @@ def run_name(kind, data, a, *extra):
     return "_".join(p for p in parts if p) + a.tag
 
 
+# Flags a resumed run may change: they do not change its curve (nor, without --cooldown, do --steps
+# and --epochs: a constant LR may train on). Every other flag, and the data's fingerprint, must equal
+# the config record's (a sweep's comma lists are compared per run, resolved).
+RESUMABLE_CHANGES = {"micro_batch", "micro_tokens", "eval_batch", "threads", "device", "compile", "grad_ckpt",
+                     "no_trunk_cache", "fsdp", "sample_merged", "eval_every", "log_every", "save_every",
+                     "resume", "out", "lr_mult", "name", "work"}
+
+
+def recipe_changes(record, a, data_sha):
+    """'--flag old -> new' for each curve-changing setting of run `a` that differs from its config
+    record (missing keys, from older logs, are not compared)."""
+    old = dict(record.get("args", {}), data_sha=record.get("data_sha") or data_sha)
+    new = dict(json.loads(json.dumps(vars(a), default=str)), data_sha=data_sha)  # as the record holds them
+    free = RESUMABLE_CHANGES | {"amp"} | ({"steps", "epochs"} if not new.get("cooldown") else set())
+    keys = sorted(k for k in old.keys() & new.keys() if k not in free)  # a constant LR may train on
+    changed = [k for k in keys if old[k] != new[k]]
+    return [f"the data's content changed" if k == "data_sha" else f"--{k} {old[k]} -> {new[k]}" for k in changed]
+
+
+def data_fingerprint(items):
+    """A short hash of the training data as the run sees it (token ids, masks or rows)."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(json.dumps(item, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 class Run:
     """What both training scripts do around their loop, for one run (a: its args, with a.name and a.work,
-    its share of the sweep's Progress): the folder <out>/<name>; a finished run skipped under --resume
-    (`done`: its final metric, else None); resuming; the config record, log (rank 0) and banner;
-    checkpoints on schedule and on SIGTERM; the final record."""
+    its share of the sweep's Progress): the folder <out>/<name>; under --resume, a run whose config
+    record names another recipe refused and a finished run skipped (`done`: its final metric, else
+    None); resuming; the config record, log (rank 0) and banner; checkpoints on schedule and on
+    SIGTERM; the final record. data_sha: data_fingerprint of the training data."""
 
-    def __init__(self, a, steps, metric, grid=None, master=True):
+    def __init__(self, a, steps, metric, grid=None, master=True, data_sha=None):
         self.a, self.steps, self.metric, self.master = a, steps, metric, master
-        self.dir, self.start, self.log = Path(a.out) / a.name, 0, None
+        self.dir, self.start, self.log, self.data_sha = Path(a.out) / a.name, 0, None, data_sha
+        self.t0, self.model_name = time.time(), None
         self.say = print if master else (lambda *x, **k: None)
         log = self.dir / "log.jsonl"  # a finished run's last record is `final`, at this many steps
-        final = [r for r in read_jsonl(log, torn_tail=True) if r.get("type") == "final"] if log.exists() else []
+        records = read_jsonl(log, torn_tail=True) if a.resume and log.exists() else []
+        config = next((r for r in records if r.get("type") == "config"), None)
+        changes = recipe_changes(config, a, data_sha) if config else []
+        if changes:
+            raise UserError(f"{self.dir} was trained with another recipe ({'; '.join(changes)}): resume with its "
+                            "settings, or drop --resume and pass --tag or --out for a new run")
+        final = [r for r in records if r.get("type") == "final"]
         self.done = final[-1][metric] if a.resume and final and final[-1]["step"] == steps else None
         if self.done is not None:
             self.say(f"== {a.name}: already finished (final {metric} {self.done:.4f}); skipped")
@@ -2541,8 +2603,9 @@ class Run:
         """Write the config record (what every run records, plus `config`) and print the banner."""
         a = self.a
         config = dict(script=script, name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
-                      model=asdict(base.config), model_name=base.name_or_path, data=data,
+                      model=asdict(base.config), model_name=base.name_or_path, data=data, data_sha=self.data_sha,
                       trainable_params=count_parameters(model), fullft_lr=fullft_lr(base.config)) | config
+        self.model_name = base.name_or_path
         if self.master:
             self.log = JsonlLog(self.dir / "log.jsonl", config, resume_step=self.start or None)
         if str(a.device).startswith("cuda"):
@@ -2565,5 +2628,17 @@ class Run:
                             "continue with the same command plus --resume")
 
     def finish(self, value):
+        """The final record, and a last line: the metric, the wall time, where the weights are and
+        the line of Python that loads them."""
         self.write({"type": "final", "step": self.steps, self.metric: value})
+        latest = self.dir / "latest"
+        ckpt = self.dir / latest.read_text().strip() if latest.exists() else None
+        if ckpt is None:
+            where = "no checkpoint (--save_every 0)"
+        elif self.a.rank:
+            where = (f"adapter in {ckpt}/ (PEFT format); load it: model, tok = lora.load_model("
+                     f"{self.model_name!r}); lora.load_adapter(model, {str(ckpt)!r})")
+        else:
+            where = f"model in {ckpt}/ (HF format); load it: model, tok = lora.load_model({str(ckpt)!r})"
+        self.say(f"== {self.a.name} done: final {self.metric} {value:.4f} in {hms(time.time() - self.t0)}; {where}")
         return value

@@ -1118,7 +1118,7 @@ FIGURES = [("fig1_rank_curves.png", fig_rank_curves), ("fig2_lr_vs_loss.png", fi
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], allow_abbrev=False)
     p.add_argument("logs", nargs="?", default="out", help="folder holding <run>/log.jsonl")
     p.add_argument("--to", default=None, help="folder for the PNGs (default: the log folder)")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps) for learning curves")

@@ -144,7 +144,7 @@ def evaluate(model, tok, rows, max_new_tokens, batch, amp, device, instruction=l
 def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
     """Train one configuration; returns the final greedy accuracy. grid: the sweep's Progress (in steps)."""
     device, amp = a.device, a.amp
-    run = lora.Run(a, a.steps, "accuracy", grid)
+    run = lora.Run(a, a.steps, "accuracy", grid, data_sha=lora.data_fingerprint(train_rows))
     if run.done is not None:
         return run.done
     model, opt = lora.prepare_training(base, a.rank, a.lr, a.layers, a.lm_head, a.alpha, device=device, seed=a.seed)
@@ -238,7 +238,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
               f"{rec['ms'] / 1000:.1f} s | {progress}", flush=True)
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             eval_and_log(step)
-        run.end_step(step, lambda k: lora.save_checkpoint(run.dir, k, model, opt), stop)
+        run.end_step(step, lambda k: lora.save_checkpoint(run.dir, k, model, opt, tokenizer=tok), stop)
     return run.finish(eval_and_log(a.steps) if a.eval_every else float("nan"))
 
 
@@ -247,7 +247,7 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = lora.training_flags(p, rank="1", save_every=10)[0]
     m.add_argument("--compile", action="store_true", help="torch.compile the learner per block and the sampler's "

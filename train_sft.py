@@ -171,7 +171,7 @@ def train(a, base, tok, data, ddp, grid=None, trunks=None, stop=None):
     trunks(a, model): a TrunkCache of the layers below the first trained one, or None."""
     (rank_id, world), cfg = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1), base.config
     total_steps, step_flops, eval_flops, _ = plan(a, cfg, data.train, data.eval)
-    run = lora.Run(a, total_steps, "loss", grid, master=rank_id == 0)
+    run = lora.Run(a, total_steps, "loss", grid, master=rank_id == 0, data_sha=data.sha)
     if run.done is not None:
         return run.done
     model, fwd, opt, trunk = build(a, base, trunks, run.master, world, ddp)
@@ -184,7 +184,8 @@ def train(a, base, tok, data, ddp, grid=None, trunks=None, stop=None):
              total_steps=total_steps, lora_modules=list(lora.lora_modules(model)),
              flops_per_token=lora.train_flops_per_token(cfg, a.rank, a.layers, a.max_len, a.lm_head))
     evaluate = lambda step: eval_and_log(run, model, tok, data, trunk, step, progress, eval_flops)
-    save = lambda step: save_checkpoint(a, run, step, model, opt, {"flops": flops, "first_loss": first_loss})
+    save = lambda step: save_checkpoint(a, run, step, model, opt=opt, tok=tok,
+                                        extra={"flops": flops, "first_loss": first_loss})
     if run.start == 0 and a.eval_every:
         evaluate(0)
     for step, batch in batches(a, data.train, run.start, total_steps):
@@ -332,12 +333,12 @@ def eval_and_log(run, model, tok, data, trunk, step, progress, flops):
     return loss
 
 
-def save_checkpoint(a, run, step, model, opt, extra):
+def save_checkpoint(a, run, step, model, opt, tok, extra):
     """Under FSDP a collective (every process gathers, rank 0 writes); else rank 0's alone."""
     if a.fsdp:
-        fsdp_save_checkpoint(run.dir, step, model, opt, extra)
+        fsdp_save_checkpoint(run.dir, step, model, opt, extra=extra, tokenizer=tok)
     elif run.master:
-        lora.save_checkpoint(run.dir, step, model, opt, extra)
+        lora.save_checkpoint(run.dir, step, model, opt, extra=extra, tokenizer=tok)
 
 
 @torch.no_grad()
@@ -509,7 +510,7 @@ class FullOptimizerState:
         self.state = state
 
 
-def fsdp_save_checkpoint(run_dir, step, model, optimizer, extra=None):
+def fsdp_save_checkpoint(run_dir, step, model, optimizer, extra=None, tokenizer=None):
     """save_checkpoint for a sharded model, in the same formats (PEFT adapter or HF folder, plus
     the optimizer state keyed by parameter name). Every process gathers (collectives) what the
     checkpoint holds: for LoRA the adapters alone, never the frozen base; rank 0 writes."""
@@ -523,7 +524,7 @@ def fsdp_save_checkpoint(run_dir, step, model, optimizer, extra=None):
     if dist.get_rank() == 0:
         sk = fsdp_skeleton(model)
         _fill(sk, weights)
-        lora.save_checkpoint(run_dir, step, sk, FullOptimizerState(opt_state), extra)
+        lora.save_checkpoint(run_dir, step, sk, FullOptimizerState(opt_state), extra=extra, tokenizer=tokenizer)
 
 
 def fsdp_load_checkpoint(run_dir, model, optimizer):
@@ -554,7 +555,7 @@ CPU_FLOPS = 1e11    # what a 2-core CPU trains at, roughly: the up-front estimat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m, g, o = lora.training_flags(p, rank="16", save_every=50)
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -658,7 +659,8 @@ def main(argv=None):
     desc += (f"; {len(train_ex)} train examples ({truncated} truncated to {a.max_len} tokens, "
              f"{empty} dropped with no answer tokens)")
     say(f"data: {desc}; {len(eval_ex)} held out" + (f" ({eval_empty} dropped)" if eval_empty else ""))
-    data = argparse.Namespace(train=train_ex, eval=eval_ex, unseen=unseen_ex, desc=desc)
+    data = argparse.Namespace(train=train_ex, eval=eval_ex, unseen=unseen_ex, desc=desc,
+                              sha=lora.data_fingerprint(train_ex))
     world, runs, n_steps = dist.get_world_size() if ddp else 1, grid(a, base.config), 0
     data_tag = ("synth" if "synth" in desc.split(":")[0]
                 else Path(a.data).name.replace(".jsonl", "").replace(":", "") or "data")
