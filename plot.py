@@ -2,25 +2,26 @@
 plot.py: the figures of "LoRA Without Regret" (Schulman and Thinking Machines Lab, 2025) drawn from
 the JSONL logs that train_sft.py and train_rl.py write.
 
-    python plot.py out/                           # a PNG per figure into out/, a summary table per figure
-    python plot.py out/ --to assets/ --smooth 9   # PNGs elsewhere, a wider moving average on the curves
+    python plot.py out/                           # per figure: a PNG into out/, a summary table
+    python plot.py out/ --to assets/ --smooth 9   # PNGs elsewhere, a wider moving average
 
 It reads out/<run>/log.jsonl and nothing else. Runs are grouped by configuration (script, rank,
 layers, batch size, data, ...); the learning rate is what a sweep varies within a configuration.
 The "main sweep" is the SFT runs on all layers with the default LoRA settings at the most common
 (data, batch size). A figure whose runs are missing is skipped with a line saying what to train.
-Every figure it measures also goes to summary.json beside the figures (finding, estimate, 95% interval, seeds).
+Every figure it measures also goes to summary.json beside the figures (finding, estimate, 95%
+interval, seeds).
 
     fig1_rank_curves.png    SFT loss against step per rank, the pointwise minimum over LRs
     fig2_lr_vs_loss.png     final loss against LR per rank, and LoRA's optimal LR over FullFT's
     fig3_batch_size.png     learning curves and final loss against batch size, LoRA dashed
-    fig4_layers.png         final loss (and RL reward) against LR for LoRA on all / mlp / attn layers
+    fig4_layers.png         final loss (and RL reward) against LR, LoRA on all / mlp / attn layers
     fig5_rl.png             RL reward against step per rank, and final reward against LR
     fig6_early_rank.png     rank 16 against a higher rank at one LR: the same start of training
     fig7_loss_vs_flops.png  loss against training FLOPs, LoRA against FullFT
     fig8_lora_norms.png     spectral norms of LoRA's A and B during training (the post's finding 11)
-    fig9_capacity.png       the post's Figure 1 on random facts, and bits stored against the bits offered
-    fig10_invariance.png    init_A / LR_A, the second direction the post's invariances leave, changes training
+    fig9_capacity.png       the post's Figure 1 on random facts; bits stored against bits offered
+    fig10_invariance.png    init_A / LR_A changes training (the 2nd direction the invariances leave)
 """
 
 import argparse
@@ -33,7 +34,8 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from matplotlib.figure import Figure  # the object API: no pyplot, so no display backend and no global state
+# the object API: no pyplot, so no display backend and no global state
+from matplotlib.figure import Figure
 
 SFT_SWEEP = "train_sft.py --rank 1,16,256,0 --lr_mult 0.3,1,3,10,30"
 
@@ -59,7 +61,8 @@ def load_run(path):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            bad += bool(line.strip())   # a run killed mid-write leaves half a line: skip it, keep the rest
+            # a run killed mid-write leaves half a line: skip it, keep the rest
+            bad += bool(line.strip())
             continue
         if isinstance(rec, dict):
             records.append(rec)
@@ -72,48 +75,60 @@ def load_run(path):
     a = cfg.get("args")
     try:
         rl = cfg["script"] == "train_rl"
-        variant = (bool(a.get("lm_head")), float(a.get("lr_ratio_b", 1)), float(a.get("init_scale", 1)))
-        plain = variant == (False, 1.0, 1.0)   # the post's defaults: no lm_head, one LR for A and B, A's usual init
+        variant = (bool(a.get("lm_head")), float(a.get("lr_ratio_b", 1)),
+                   float(a.get("init_scale", 1)))
+        # the post's defaults: no lm_head, one LR for A and B, A's usual init
+        plain = variant == (False, 1.0, 1.0)
         # an RL step's batch is questions x samples per question; an SFT step's is sequences
-        batch = int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl else int(a.get("batch_size", 0))
+        batch = (int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl
+                 else int(a.get("batch_size", 0)))
         data = str(a.get("data"))
-        if rl:   # an RL task is also its prompt, temperature and length limit: rewards differ across them
-            data += "".join(f" {k}={a[k]}" for k in ("instruction", "temperature", "max_new_tokens") if k in a)
+        # an RL task is also its prompt, temperature and length limit: rewards differ across them
+        if rl:
+            data += "".join(f" {k}={a[k]}" for k in ("instruction", "temperature", "max_new_tokens")
+                            if k in a)
         train = [r for r in records if r.get("type") == "train"]
         diverged = any(r.get("type") == "diverged" for r in records)
         last = max([r.get("step", 0) for r in train] or [0])
         total = cfg.get("total_steps") or (a.get("steps") if rl else None)
-        # finished: its final record, or its last step's eval (a run still evaluating its last step is not)
-        done = any(r.get("type") == "final" for r in records) or any(r.get("type") == "eval" and r["step"] == last
-                                                                      for r in records) or not a.get("eval_every")
+        # done: its final record, or its last step's eval (a run still evaluating that step is not)
+        done = (any(r.get("type") == "final" for r in records)
+                or any(r.get("type") == "eval" and r["step"] == last for r in records)
+                or not a.get("eval_every"))
         if total and (last < total or not done) and not diverged:
-            print(f"warning: skip {path}: unfinished (step {last} of {total}; still running, or stopped: "
-                  "--resume finishes it)")
+            print(f"warning: skip {path}: unfinished (step {last} of {total}; "
+                  "still running, or stopped: --resume finishes it)")
             return None
-        return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]), lr=float(a["lr"]),
-                    seed=int(a.get("seed", 0)), cooldown=float(a.get("cooldown") or 0),
-                    layers=str(a.get("layers", "all")), batch_size=batch, data=data, variant=variant,
-                    plain=plain, standard=plain and a.get("layers", "all") == "all", params=cfg.get("trainable_params"),
-                    diverged=diverged, facts=int(data[6:]) if data.startswith("facts:") and data[6:].isdigit() else 0,
-                    # the data a run sees, steps x batch: a longer run (fig 8's) is no point of a 20-step sweep
+        return dict(name=cfg.get("name", Path(path).parent.name), rl=rl, rank=int(a["rank"]),
+                    lr=float(a["lr"]), seed=int(a.get("seed", 0)),
+                    cooldown=float(a.get("cooldown") or 0), layers=str(a.get("layers", "all")),
+                    batch_size=batch, data=data, variant=variant, plain=plain,
+                    standard=plain and a.get("layers", "all") == "all",
+                    params=cfg.get("trainable_params"), diverged=diverged,
+                    facts=int(data[6:]) if data.startswith("facts:") and data[6:].isdigit() else 0,
+                    # the data a run sees, steps x batch:
+                    # a longer run (fig 8's) is no point of a 20-step sweep
                     examples=int(cfg.get("total_steps") or last) * batch,
                     eval_tokens=[(int(r["step"]), r["tokens"]) for r in records
                                  if r.get("type") == "eval" and "tokens" in r],
-                    n_eval=cfg.get("n_eval_examples"), n_layers=(cfg.get("model") or {}).get("num_hidden_layers"),
+                    n_eval=cfg.get("n_eval_examples"),
+                    n_layers=(cfg.get("model") or {}).get("num_hidden_layers"),
                     ms=sum(r.get("ms", 0) for r in train if isinstance(r.get("ms"), (int, float))),
                     train=_series(records, "train", "reward" if rl else "loss"),
                     flops=_series(records, "train", "flops"),
                     eval=_series(records, "eval", "accuracy" if rl else "loss"),
                     unseen=_series(records, "eval", "unseen_loss"),
-                    norms=[(int(r["step"]), r["A"], r["B"]) for r in records if r.get("type") == "norms"
-                           and isinstance(r.get("A"), list) and len(r["A"]) == len(r.get("B") or [])])
+                    norms=[(int(r["step"]), r["A"], r["B"]) for r in records
+                           if r.get("type") == "norms" and isinstance(r.get("A"), list)
+                           and len(r["A"]) == len(r.get("B") or [])])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         print(f"warning: skip {path}: no usable config record ({type(e).__name__}: {e})")
         return None
 
 
 def load_runs(log_dir):
-    """Every <run>/log.jsonl under log_dir, at any depth (results/ keeps one folder per study), as run dicts."""
+    """The run dicts of every <run>/log.jsonl under log_dir, at any depth (results/ keeps one
+    folder per study)."""
     runs = [load_run(p) for p in sorted(Path(log_dir).rglob("log.jsonl"))]
     return [r for r in runs if r is not None]
 
@@ -123,7 +138,8 @@ def _tail_mean(v, frac):
 
 
 def final_loss(run):
-    """Last eval loss after step 0, else the mean of the last 10% (at least 3) train losses; NaN if diverged."""
+    """Last eval loss after step 0, else the mean of the last 10% (at least 3) train losses;
+    NaN if diverged."""
     if run["diverged"]:
         return math.nan
     steps, losses = run["eval"]
@@ -131,7 +147,8 @@ def final_loss(run):
 
 
 def final_reward(run):
-    """Mean train reward over the last 20% (at least 3) steps: more episodes than the small greedy eval."""
+    """Mean train reward over the last 20% (at least 3) steps: more episodes than the small
+    greedy eval."""
     return math.nan if run["diverged"] else _tail_mean(run["train"][1], 0.2)
 
 
@@ -156,11 +173,13 @@ def group(runs, key):
 
 def config(run):
     """Everything but the LR: the runs of one configuration form an LR sweep."""
-    return tuple(run[k] for k in ("rl", "rank", "layers", "variant", "batch_size", "data", "examples", "cooldown"))
+    keys = ("rl", "rank", "layers", "variant", "batch_size", "data", "examples", "cooldown")
+    return tuple(run[k] for k in keys)
 
 
 def main_sweep(runs, rl=False):
-    """Standard runs (all layers, default LoRA settings) at the most common (data, batch size, examples seen)."""
+    """Standard runs (all layers, default LoRA settings) at the most common (data, batch size,
+    examples seen)."""
     std = [r for r in runs if r["rl"] == rl and r["standard"]]
     if not std:
         return []
@@ -169,7 +188,8 @@ def main_sweep(runs, rl=False):
 
 
 def smooth(y, w):
-    """Trailing moving average over w steps (fewer at the start): the value at a step uses no later steps."""
+    """Trailing moving average over w steps (fewer at the start): the value at a step uses no
+    later steps."""
     c = np.concatenate([[0.0], np.cumsum(y)])
     i = np.arange(1, len(y) + 1)
     lo = np.maximum(0, i - max(1, w))
@@ -190,7 +210,8 @@ def seed_mean(runs, w, kind="train"):
 
 
 def _eval_curve(runs):
-    """seed_mean of the eval loss from step 1: the untrained model's, far above, would squash the differences."""
+    """seed_mean of the eval loss from step 1: the untrained model's, far above, would squash
+    the differences."""
     steps, mean, se = seed_mean(runs, 1, "eval")
     keep = steps > 0
     return steps[keep], mean[keep], se[keep]
@@ -224,8 +245,8 @@ def _parabola_min(x, y):
 
 
 def scores_by_lr(runs):
-    """{lr: [final loss (or -reward) of each seed]} over a sweep's finished runs, leaving out every LR at
-    which any seed diverged: its survivors alone would make an unstable LR look like the best."""
+    """{lr: [final loss (or -reward) of each seed]} over a sweep's finished runs, leaving out
+    every LR at which any seed diverged: its survivors alone would make an unstable LR look best."""
     out, bad = defaultdict(list), {r["lr"] for r in runs if not math.isfinite(_score(r))}
     for r in runs:
         if r["lr"] not in bad:
@@ -234,39 +255,41 @@ def scores_by_lr(runs):
 
 
 def at_best_lr(runs, seeds=1):
-    """One arm's finished runs at its best LR: the lowest seed-mean score among the LRs that at least `seeds`
-    seeds finished (none at which a seed diverged, as in scores_by_lr); [] if there is none."""
+    """One arm's finished runs at its best LR: the lowest seed-mean score among the LRs that at
+    least `seeds` seeds finished (none at which a seed diverged, as in scores_by_lr); [] if none."""
     by_lr = {lr: v for lr, v in scores_by_lr(runs).items() if len(v) >= seeds}
     best = min(by_lr, key=lambda lr: np.mean(by_lr[lr]), default=None)
     return [r for r in runs if r["lr"] == best and not r["diverged"]]
 
 
 def _lr_fit(by_lr):
-    """log10 of the best LR of {lr: [scores]} (seeds averaged per LR), parabola-refined in log10(LR)."""
+    """log10 of the best LR of {lr: [scores]} (seed means per LR), parabola-refined in log10(LR)."""
     lrs = sorted(by_lr)
     return _parabola_min(np.log10(lrs), np.array([np.mean(by_lr[lr]) for lr in lrs]))
 
 
 def optimal_lr_stats(runs):
-    """The optimal LR of a sweep: pooled (the parabola through the seed means) and per seed (each seed's own
-    parabola; their mean in log LR with a 95% t interval), and whether the grid brackets it (the best mean LR is
-    not at an edge of the grid: otherwise the optimum may lie beyond, and is not reported as found; an LR at which
-    a run diverged counts as a worse point)."""
+    """The optimal LR of a sweep: pooled (the parabola through the seed means) and per seed (each
+    seed's own parabola; their mean in log LR with a 95% t interval), and whether the grid
+    brackets it (the best mean LR is not at an edge of the grid: otherwise the optimum may lie
+    beyond, and is not reported as found; an LR at which a run diverged counts as a worse point)."""
     by_lr = scores_by_lr(runs)
     if len(by_lr) < 2:
         return None
     lrs = sorted(by_lr)
     i = int(np.argmin([np.mean(by_lr[lr]) for lr in lrs]))
     seeds = min(len(v) for v in by_lr.values())
-    tried = sorted({r["lr"] for r in runs})   # with the LRs that only diverged: the loss beyond them is worse
-    edge = "<=" if lrs[i] == tried[0] else ">=" if lrs[i] == tried[-1] else ""   # where the optimum may lie
+    # with the LRs that only diverged: the loss beyond them is worse
+    tried = sorted({r["lr"] for r in runs})
+    # where the optimum may lie
+    edge = "<=" if lrs[i] == tried[0] else ">=" if lrs[i] == tried[-1] else ""
     at_best = {r["seed"]: _score(r) for r in runs if r["lr"] == lrs[i] and math.isfinite(_score(r))}
     table = seed_table(runs)
     seed_opt = {s: _lr_fit(d) for s, d in table.items() if len(d) >= 2}
     m, tlo, thi = mean_ci(list(seed_opt.values()))
     return dict(lr=10 ** _lr_fit(by_lr), bracketed=not edge, edge=edge, seeds=seeds,
-                best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best, seed_opt=seed_opt, t_lr=10 ** m,
-                t_lo=10 ** tlo, t_hi=10 ** thi, oos=out_of_sample(table))
+                best=by_lr[lrs[i]], best_lr=lrs[i], by_seed=at_best, seed_opt=seed_opt,
+                t_lr=10 ** m, t_lo=10 ** tlo, t_hi=10 ** thi, oos=out_of_sample(table))
 
 
 def seed_table(runs):
@@ -291,13 +314,14 @@ def out_of_sample(table):
     return out
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
 def t975(df):
-    """Student's t 0.975 quantile (the half-width factor of a two-sided 95% interval): the table, the
-    next smaller df's (a wider interval) between its entries, 1.96 + 2.4/df above 30 df (within 0.002)."""
+    """Student's t 0.975 quantile (the half-width factor of a two-sided 95% interval): the table,
+    the next smaller df's (a wider interval) between its entries, and above 30 df 1.96 + 2.4/df
+    (within 0.002)."""
     return T975.get(df) or (1.96 + 2.4 / df if df > 30 else T975[max(k for k in T975 if k < df)])
 
 
@@ -312,8 +336,9 @@ def mean_ci(values):
 
 
 def gap_interval(a, b):
-    """Mean of a minus mean of b, unpaired, with a 95% Welch-t interval (df = the smaller n - 1, the
-    conservative choice). For seed scores that share no data order; paired_gap pairs them when they do."""
+    """Mean of a minus mean of b, unpaired, with a 95% Welch-t interval (df = the smaller n - 1,
+    the conservative choice). For seed scores that share no data order; paired_gap pairs them
+    when they do."""
     a, b = (np.array([x for x in v if math.isfinite(x)], dtype=float) for v in (a, b))
     d = float(a.mean() - b.mean())
     if min(len(a), len(b)) < 2:
@@ -323,8 +348,9 @@ def gap_interval(a, b):
 
 
 def paired_gap(a, b):
-    """a minus b, each {seed: score}: the mean difference over shared seeds with a 95% t interval (a
-    seed fixes the data order, and pairing takes it out of the gap); unpaired with fewer than 2 shared."""
+    """a minus b, each {seed: score}: the mean difference over shared seeds with a 95% t interval
+    (a seed fixes the data order, and pairing takes it out of the gap); unpaired with fewer than
+    2 shared."""
     shared = sorted(set(a) & set(b))
     if len(shared) >= 2:
         return mean_ci([a[s] - b[s] for s in shared])
@@ -339,27 +365,29 @@ def _est(m, lo, hi, fmt="{:+.4f}"):   # an estimate and its interval, as the tab
     return f"{fmt.format(m)} {_ci(lo, hi, fmt)}"
 
 
-CLAIMS = []   # what the figures measure, for summary.json: main() empties it, each figure appends its rows
-
-
-def claim(finding, quantity, estimate, lo=math.nan, hi=math.nan, seeds=None, verdict=None, null=0.0):
-    """Record one measured figure of a finding. The verdict, unless given, says only where the 95%
-    interval lies against `null` (0 for a difference, 1 or 10 for a ratio)."""
+def claim(claims, finding, quantity, estimate, lo=math.nan, hi=math.nan, seeds=None, verdict=None,
+          null=0.0):
+    """Append one measured figure of a finding to `claims` (the list a figure returns, which
+    summary.json gathers). The verdict, unless given, says only where the 95% interval lies
+    against `null` (0 for a difference, 1 or 10 for a ratio)."""
     ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (lo, hi))
     if verdict is None:
-        verdict = ("no interval (one seed)" if not ok else f"interval spans {null:g}" if lo <= null <= hi
+        verdict = ("no interval (one seed)" if not ok
+                   else f"interval spans {null:g}" if lo <= null <= hi
                    else f"above {null:g}" if lo > null else f"below {null:g}")
-    CLAIMS.append(dict(finding=finding, quantity=quantity, estimate=float(estimate),
-                       interval=[float(lo), float(hi)] if ok else None, seeds=seeds, verdict=verdict))
+    claims.append(dict(finding=finding, quantity=quantity, estimate=float(estimate),
+                       interval=[float(lo), float(hi)] if ok else None, seeds=seeds,
+                       verdict=verdict))
 
 
 def optimal_lrs(runs):
-    """{rank: optimal LR} over one group of runs (one data set, batch size and layer set), where 2+ LRs finished."""
+    """{rank: optimal LR} over one group of runs (one data set, batch size and layer set), where
+    2+ LRs finished."""
     by_rank = {rank: scores_by_lr(rs) for rank, rs in group(runs, "rank").items()}
     return {k: 10 ** _lr_fit(by_lr) for k, by_lr in by_rank.items() if len(by_lr) >= 2}
 
 
-def _ratio(opt, stats=None, finding=None, what="optimal LR, LoRA / FullFT"):
+def _ratio(opt, claims, stats=None, finding=None, what="optimal LR, LoRA / FullFT"):
     """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank. With
     seeds: each seed's optimum is the parabola through its own sweep, and the ratio is the mean of
     the seeds' log ratios (paired by seed) with a 95% t interval; the ratio of the pooled optima
@@ -371,7 +399,8 @@ def _ratio(opt, stats=None, finding=None, what="optimal LR, LoRA / FullFT"):
     items, found = [], []
     for k, pooled in per_rank.items():
         st, st0 = stats.get(k), stats.get(0)
-        if st and st0 and not (st["bracketed"] and st0["bracketed"]):  # a bound, never reported as found
+        # a bound, never reported as found
+        if st and st0 and not (st["bracketed"] and st0["bracketed"]):
             bound = {("", "<="): ">=", ("", ">="): "<=",
                      (">=", ""): ">=", ("<=", ""): "<="}.get((st["edge"], st0["edge"]), "?")
             items.append(f"rank {k}: {bound}{pooled:.2g}x (optimum not bracketed)")
@@ -381,25 +410,29 @@ def _ratio(opt, stats=None, finding=None, what="optimal LR, LoRA / FullFT"):
             m, lo, hi = mean_ci([st["seed_opt"][s] - st0["seed_opt"][s] for s in shared])
             found.append(10 ** m)
             if finding:
-                claim(finding, f"rank {k}: optimal LR of LoRA / FullFT (per-seed optima, t on log ratio)",
-                      10 ** m, 10 ** lo, 10 ** hi, len(shared), null=10)
+                claim(claims, finding, f"rank {k}: optimal LR of LoRA / FullFT "
+                               "(per-seed optima, t on log ratio)",
+                      10 ** m, lo=10 ** lo, hi=10 ** hi, seeds=len(shared), null=10)
             items.append(f"rank {k}: {10 ** m:.2g}x {_ci(10 ** lo, 10 ** hi, fmt='{:.2g}')} "
                          f"({len(shared)} seeds; pooled {pooled:.2g}x)")
         else:
             found.append(pooled)
             items.append(f"rank {k}: {pooled:.2g}x (pooled)")
-    med = statistics.median(found or per_rank.values())  # bounds stay out of the median where optima were found
+    # bounds stay out of the median where optima were found
+    med = statistics.median(found or per_rank.values())
     per_line = 1 if stats else 3   # 3 ranks a line fit a legend title; one a line with intervals
     lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
     return med, "\n".join([f"{what}: {med:.2g}x (median over ranks)"] + lines)
 
 
 # -----------------------------------------------------------------------------
-# figures: each takes (runs, smoothing window) and returns (figure, summary) or (None, what it needs)
+# figures: each takes (runs, smoothing window) and returns (figure or None, its table or what it
+# needs, the claims it measured)
 
 
 def _fig(ncols=1, width=None, ratios=None):
-    width = width or (7 if ncols == 1 else 12)   # at most 1,600 pixels wide: what a README page shows unscaled
+    # at most 1,600 pixels wide: what a README page shows unscaled
+    width = width or (7 if ncols == 1 else 12)
     fig = Figure(figsize=(width, 4.5), dpi=min(150, 1600 / width), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False, width_ratios=ratios)[0]
     for ax in axes:
@@ -418,14 +451,15 @@ def _ranks(runs):   # LoRA ranks ascending, FullFT last so that it is drawn on t
 def _colors(ranks, cmap="plasma"):
     """A sequential colour per LoRA rank (dark = low rank), black for FullFT (rank 0)."""
     lora = sorted(k for k in set(ranks) if k > 0)
-    cols = {k: matplotlib.colormaps[cmap](0.8 * i / max(1, len(lora) - 1)) for i, k in enumerate(lora)}
+    cols = {k: matplotlib.colormaps[cmap](0.8 * i / max(1, len(lora) - 1))
+            for i, k in enumerate(lora)}
     return {**cols, 0: "black"}
 
 
 def _lr_line(ax, runs, metric, **style):
-    """A sweep as final metric against LR: the mean over seeds at each LR with +-1 SE bars; a point
-    with fewer seeds than the line's most is hollow; a diverged run is an x at the top edge (its loss
-    is not a number)."""
+    """A sweep as final metric against LR: the mean over seeds at each LR with +-1 SE bars; a
+    point with fewer seeds than the line's most is hollow; a diverged run is an x at the top edge
+    (its loss is not a number)."""
     by_lr = group(runs, "lr")
     lrs = np.array(sorted(by_lr))
     vals = [[v for v in map(metric, by_lr[lr]) if math.isfinite(v)] for lr in lrs]
@@ -440,8 +474,8 @@ def _lr_line(ax, runs, metric, **style):
     bad = np.array([r["lr"] for r in runs if r["diverged"]])
     if len(bad):   # x in data units, y in axes units: the top edge whatever the loss range
         first = "diverged" not in [line.get_label() for line in ax.lines]
-        ax.plot(bad, [0.97] * len(bad), "x", color=style.get("color"), transform=ax.get_xaxis_transform(),
-                label="diverged" if first else "_nolegend_")
+        ax.plot(bad, [0.97] * len(bad), "x", color=style.get("color"),
+                transform=ax.get_xaxis_transform(), label="diverged" if first else "_nolegend_")
 
 
 def _band(ax, x, mean, se, color, **kw):
@@ -458,116 +492,147 @@ def _legend(ax, **kw):
 
 
 def fig_rank_curves(runs, w=5):
+    claims = []  # what this figure measures: main() writes them to summary.json
     sweep = [r for r in main_sweep(runs) if len(r["train"][0]) and not r["diverged"]]
     if not sweep:
-        return None, f"needs an SFT sweep over ranks and LRs ({SFT_SWEEP})"
-    # one seed set for every curve (LRs that lack one are left out): the curves differ by rank, not by seeds run
+        return None, f"needs an SFT sweep over ranks and LRs ({SFT_SWEEP})", claims
+    # one seed set for every curve (LRs that lack one are left out): the curves differ by rank,
+    # not by seeds run
     seeds = set.intersection(*({r["seed"] for r in rs} for rs in group(sweep, "rank").values()))
     cells = group([r for r in sweep if r["seed"] in seeds], lambda r: (r["rank"], r["lr"])).values()
     sweep = [r for rs in cells if {r["seed"] for r in rs} == seeds for r in rs]
     (fig, (ax,)), by_rank, cols = _fig(), group(sweep, "rank"), _colors(r["rank"] for r in sweep)
-    rows = [f"seeds {sorted(seeds)} (those every rank ran)", "rank     runs  steps  loss at last step"]
+    rows = [f"seeds {sorted(seeds)} (those every rank ran)",
+            "rank     runs  steps  loss at last step"]
     for k in _ranks(sweep):
         steps, loss, se = envelope(by_rank[k], w)
-        _band(ax, steps, loss, se, cols[k], lw=2 if k == 0 else 1.3, label=_label(k))   # +-1 SE over seeds
+        # +-1 SE over seeds
+        _band(ax, steps, loss, se, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
         rows.append(f"{_label(k):9} {len(by_rank[k]):4} {int(steps[-1]):6}  {loss[-1]:.4f}")
     ax.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean)",
            title="LoRA rank vs FullFT (min over LRs; band: +-1 SE over seeds)")
     ax.legend()
-    return fig, "\n".join(rows)
+    return fig, "\n".join(rows), claims
 
 
 def fig_lr_sweep(runs, w=5):
+    claims = []  # what this figure measures: main() writes them to summary.json
     sweep = main_sweep(runs)
     by_rank = {k: rs for k, rs in group(sweep, "rank").items() if len({r["lr"] for r in rs}) >= 2}
     if not by_rank:
-        return None, f"needs an SFT sweep over 2+ LRs per rank ({SFT_SWEEP})"
+        return None, f"needs an SFT sweep over 2+ LRs per rank ({SFT_SWEEP})", claims
     fig, (ax, side) = _fig(2, width=12, ratios=(1.4, 1))
     cols, opt = _colors(by_rank), optimal_lrs(sweep)
     stats = {k: optimal_lr_stats(rs) for k, rs in by_rank.items()}
-    rows = ["rank     runs seeds  pooled opt. LR  bracketed  best final loss  minus FullFT's, paired by "
-            "seed [95% CI]   out of sample [95% CI]   per-seed optimum [95% t CI]"]
+    rows = ["rank     runs seeds  pooled opt. LR  bracketed  best final loss  "
+            "minus FullFT's, paired by seed [95% CI]   out of sample [95% CI]   "
+            "per-seed optimum [95% t CI]"]
     for k in [k for k in _ranks(sweep) if k in by_rank]:
-        _lr_line(ax, by_rank[k], final_loss, color=cols[k], lw=2 if k == 0 else 1.3, label=_label(k))
+        _lr_line(ax, by_rank[k], final_loss, color=cols[k], lw=2 if k == 0 else 1.3,
+                 label=_label(k))
         st = stats[k]
         if not st:   # fewer than 2 LRs finished: no optimum
             continue
-        # at the mean of the seeds' optima, dotted if bracketed; dashed where the grid's edge is the best it found
+        # at the mean of the seeds' optima, dotted if bracketed; dashed where the grid's edge is
+        # the best it found
         ax.axvline(st["t_lr"] if len(st["seed_opt"]) >= 2 else st["lr"], color=cols[k],
                    ls=":" if st["bracketed"] else "--", lw=0.8)
         gap, oos = "", ""
         if k != 0 and stats.get(0):
             gap = _est(*paired_gap(st["by_seed"], stats[0]["by_seed"]))
-            oos = _oos_gap(st, stats[0], 1, "High-rank LoRA reaches FullFT's loss (SFT)",
-                           f"{_label(k)} minus FullFT, final loss, each seed's LR chosen by the others (nats)")
+            oos = _oos_gap(st, stats[0], claims, sign=1,
+                           finding="High-rank LoRA reaches FullFT's loss (SFT)",
+                           quantity=f"{_label(k)} minus FullFT, final loss, "
+                                    "each seed's LR chosen by the others (nats)")
         if k and len(st["seed_opt"]) >= 2:
-            claim("The optimal LR is nearly independent of rank",
+            claim(claims, "The optimal LR is nearly independent of rank",
                   f"{_label(k)}: optimal LR (per-seed parabola, t on log LR)",
-                  st["t_lr"], st["t_lo"], st["t_hi"], len(st["seed_opt"]), verdict="one rank's estimate")
+                  st["t_lr"], lo=st["t_lo"], hi=st["t_hi"], seeds=len(st["seed_opt"]),
+                  verdict="one rank's estimate")
         per_seed = f"{st['t_lr']:.3g} {_ci(st['t_lo'], st['t_hi'])} ({len(st['seed_opt'])} seeds)"
-        found = f"{st['lr']:14.3g}" if st["bracketed"] else f"{st['edge'] + format(st['lr'], '.3g'):>14}"
+        found = (f"{st['lr']:14.3g}" if st["bracketed"]
+                 else f"{st['edge'] + format(st['lr'], '.3g'):>14}")
         rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
-                    f"{'yes' if st['bracketed'] else 'NO: at edge':11} {np.mean(st['best']):.4f}           "
-                    f"{gap:27}  {oos:25} {per_seed}")
-    text = _ratio(opt, stats, "LoRA's optimal LR is ~10x FullFT's (SFT)")[1]
+                    f"{'yes' if st['bracketed'] else 'NO: at edge':11} "
+                    f"{np.mean(st['best']):.4f}           {gap:27}  {oos:25} {per_seed}")
+    text = _ratio(opt, claims, stats=stats, finding="LoRA's optimal LR is ~10x FullFT's (SFT)")[1]
     lora_opt = {k: st["t_lr"] for k, st in stats.items() if k and st and len(st["seed_opt"]) >= 2}
     if len(lora_opt) >= 2:
         spread = max(lora_opt.values()) / min(lora_opt.values())
-        claim("The optimal LR is nearly independent of rank",
+        claim(claims, "The optimal LR is nearly independent of rank",
               f"largest / smallest optimal LR over ranks {sorted(lora_opt)}",
               spread, verdict=f"within {spread:.2g}x over ranks {min(lora_opt)}-{max(lora_opt)}")
     main, main_steps = {id(r) for r in sweep}, sweep[0]["examples"] // sweep[0]["batch_size"]
-    # the post: ~15x in short runs, ~10x in long ones. The change, paired by seed (a seed fixes the data order)
-    log_ratio = lambda st, st0: {s: v - st0["seed_opt"][s] for s, v in st["seed_opt"].items() if s in st0["seed_opt"]}
+    # the post: ~15x in short runs, ~10x in long ones. The change, paired by seed (a seed fixes
+    # the data order)
+    log_ratio = lambda st, st0: {s: v - st0["seed_opt"][s] for s, v in st["seed_opt"].items()
+                                 if s in st0["seed_opt"]}
     for key, rs in group([r for r in runs if not r["rl"] and r["standard"] and id(r) not in main],
                          lambda r: (r["data"], r["batch_size"], r["examples"])).items():
-        # another study with both arms swept (e.g. 80 steps against the main sweep's 20): does the ratio move?
-        other = {k: optimal_lr_stats(g) for k, g in group(rs, "rank").items() if len({r["lr"] for r in g}) >= 2}
+        # another study with both arms swept (e.g. 80 steps against the main sweep's 20): does
+        # the ratio move?
+        other = {k: optimal_lr_stats(g) for k, g in group(rs, "rank").items()
+                 if len({r["lr"] for r in g}) >= 2}
         if 0 in other and len(other) >= 2:
             steps = key[2] // key[1]
-            text += "\n" + _ratio(optimal_lrs(rs), other, f"LoRA's optimal LR over FullFT's, {steps}-step runs",
-                                  f"{steps} steps of {key[1]} ({Path(key[0]).name}): optimal LR, LoRA / FullFT")[1]
-            for k in sorted(k for k in other if k and other[k] and other.get(0) and stats.get(k) and stats.get(0)):
+            finding = f"LoRA's optimal LR over FullFT's, {steps}-step runs"
+            what = f"{steps} steps of {key[1]} ({Path(key[0]).name}): optimal LR, LoRA / FullFT"
+            text += "\n" + _ratio(optimal_lrs(rs), claims, stats=other, finding=finding,
+                                  what=what)[1]
+            for k in sorted(k for k in other
+                            if k and other[k] and other.get(0) and stats.get(k) and stats.get(0)):
                 there, here = log_ratio(other[k], other[0]), log_ratio(stats[k], stats[0])
                 if len(set(there) & set(here)) >= 2:
                     m, lo, hi = (10 ** v for v in paired_gap(there, here))
-                    claim("LoRA's optimal LR is ~10x FullFT's (SFT)", f"rank {k}: the LR ratio at {steps} steps / at "
-                          f"{main_steps} steps, paired by seed (below 1: the ratio falls with training length)",
-                          m, lo, hi, len(set(there) & set(here)), null=1)
+                    claim(claims, "LoRA's optimal LR is ~10x FullFT's (SFT)",
+                          f"rank {k}: the LR ratio at {steps} steps / at {main_steps} steps, "
+                          "paired by seed (below 1: the ratio falls with training length)",
+                          m, lo=lo, hi=hi, seeds=len(set(there) & set(here)), null=1)
                     text += (f"\nrank {k}, ratio at {steps} / at {main_steps} steps (paired): "
                              f"{m:.2f}x {_ci(lo, hi, '{:.2f}')}")
     ax.set(xscale="log", xlabel="learning rate", ylabel=_loss_label(sweep),
            title="LR vs final loss per rank (seed mean +-1 SE; hollow: fewer seeds)")
     _legend(ax, fontsize=8, loc="upper center", ncol=3)
     side.axis("off")   # the ratios as the README quotes them: each seed's own optimum, t over seeds
-    side.text(0, 1, re.sub(r"; pooled [^)]*\)", ")", text).replace(" (gsm8k)", ""), va="top", fontsize=8)
-    return fig, "\n".join(rows + [text])
+    side.text(0, 1, re.sub(r"; pooled [^)]*\)", ")", text).replace(" (gsm8k)", ""),
+              va="top", fontsize=8)
+    return fig, "\n".join(rows + [text]), claims
 
 
 def fig_batch_size(runs, w=5):
-    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. One row of panels per
-    study: plain SFT runs of one (data, examples seen, layers) where LoRA and FullFT each ran 2+ batch sizes."""
-    where = group([r for r in runs if not r["rl"] and r["plain"]], lambda r: (r["data"], r["examples"], r["layers"]))
-    n = lambda g, lora: len({r["batch_size"] for r in g if bool(r["rank"]) == lora})   # LoRA's, FullFT's sizes
-    keys = sorted(k for k, g in where.items() if n(g, True) >= 2 and n(g, False) >= 2)
+    """The post's batch-size finding: LoRA's loss gap to FullFT grows with the batch size. One row
+    of panels per study: plain SFT runs of one (data, examples seen, layers) where LoRA and FullFT
+    each ran 2+ batch sizes."""
+    claims = []  # what this figure measures: main() writes them to summary.json
+    where = group([r for r in runs if not r["rl"] and r["plain"]],
+                  lambda r: (r["data"], r["examples"], r["layers"]))
+    # LoRA's, FullFT's sizes
+    n = lambda g, lora: len({r["batch_size"] for r in g if bool(r["rank"]) == lora})
+    keys = sorted(k for k, g in where.items() if n(g, lora=True) >= 2 and n(g, lora=False) >= 2)
     if not keys:
-        return None, "needs SFT runs at 2+ batch sizes (train_sft.py --batch_size 8,32 --rank 16,0 --lr_mult 1,3,10,30)"
+        return None, ("needs SFT runs at 2+ batch sizes "
+                      "(train_sft.py --batch_size 8,32 --rank 16,0 --lr_mult 1,3,10,30)"), claims
     fig = Figure(figsize=(12, 4.5 * len(keys)), dpi=min(150, 1600 / 12), layout="constrained")
     rows = [row for (left, right), key in zip(fig.subplots(len(keys), 2, squeeze=False), keys)
-            for row in _batch_study(left, right, where[key], key, w)]
+            for row in _batch_study(left, right, where[key], key, w=w, claims=claims)]
     fig.suptitle("Batch size effects: LoRA (dashed, dotted) vs FullFT (solid)")
-    return fig, "\n".join(rows)
+    return fig, "\n".join(rows), claims
 
 
-def _batch_study(left, right, rs, key, w):
-    """One study's curves at each arm's best LR (left), LoRA's gap to FullFT paired by seed (right); table rows."""
-    arms = {ck: _arm_row(g, final_loss) for ck, g in group(rs, lambda r: (r["rank"], r["batch_size"])).items()}
+def _batch_study(left, right, rs, key, w, claims):
+    """One study's curves at each arm's best LR (left), LoRA's gap to FullFT paired by seed
+    (right); table rows."""
+    arms = {ck: _arm_row(g, final_loss)
+            for ck, g in group(rs, lambda r: (r["rank"], r["batch_size"])).items()}
     n_sizes = Counter(k for k, _ in arms)
-    arms = {(k, bs): a for (k, bs), a in arms.items() if n_sizes[k] >= 2}   # ranks that ran 2+ batch sizes
+    # ranks that ran 2+ batch sizes
+    arms = {(k, bs): a for (k, bs), a in arms.items() if n_sizes[k] >= 2}
     sizes = sorted({bs for _, bs in arms})
-    bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1)) for i, bs in enumerate(sizes)}
+    bs_col = {bs: matplotlib.colormaps["viridis"](0.85 * i / (len(sizes) - 1))
+              for i, bs in enumerate(sizes)}
     rank_col = _colors(k for k, _ in arms)
-    dash = {k: ("--", ":", "-.")[i % 3] for i, k in enumerate(sorted({k for k, _ in arms if k}))} | {0: "-"}
+    lora = sorted({k for k, _ in arms if k})
+    dash = {k: ("--", ":", "-.")[i % 3] for i, k in enumerate(lora)} | {0: "-"}
     rows = [f"{key[0]}, {key[1]} examples a run, layers: {key[2]}",
             "rank      batch  steps  LRs  seeds  best LR   final loss at it [95% CI]    "
             "minus FullFT's, paired [95% CI]"]
@@ -575,35 +640,47 @@ def _batch_study(left, right, rs, key, w):
     for (k, bs), (st, by_seed, text) in sorted(arms.items(), key=lambda kv: (kv[0][0] == 0, kv[0])):
         mine = [r for r in rs if (r["rank"], r["batch_size"]) == (k, bs)]
         steps, mean, se = seed_mean(at_best_lr(mine), w)
-        # x in examples seen: runs at different batch sizes line up at the same data; FullFT solid, LoRA dashed
+        # x in examples seen: runs at different batch sizes line up at the same data;
+        # FullFT solid, LoRA dashed
         left.plot(steps * bs, mean, dash[k], color=bs_col[bs], label=f"{_label(k)}, batch {bs}")
         gap = ""
         if k != 0 and (0, bs) in arms:
-            gaps[(k, bs)] = {s: v - arms[(0, bs)][1][s] for s, v in by_seed.items() if s in arms[(0, bs)][1]}
+            gaps[(k, bs)] = {s: v - arms[(0, bs)][1][s] for s, v in by_seed.items()
+                             if s in arms[(0, bs)][1]}
             gap, ref = _est(*paired_gap(by_seed, arms[(0, bs)][1])), arms[(0, bs)][0]
-            oos[(k, bs)] = {s: v - ref["oos"][s] for s, v in st["oos"].items() if s in ref["oos"]} if st and ref else {}
-        rows.append(f"{_label(k):9} {bs:6} {int(steps[-1]) if len(steps) else 0:6} {len({r['lr'] for r in mine}):4} "
-                    f"{len(by_seed):5}  {_best_lr_text(st, mine):9} {text:28}  {gap}")
-    for k in sorted({k for k, _ in gaps}):   # the claim is about the gap, so the panel draws it, paired by seed
+            oos[(k, bs)] = ({s: v - ref["oos"][s] for s, v in st["oos"].items() if s in ref["oos"]}
+                            if st and ref else {})
+        rows.append(f"{_label(k):9} {bs:6} {int(steps[-1]) if len(steps) else 0:6} "
+                    f"{len({r['lr'] for r in mine}):4} {len(by_seed):5}  "
+                    f"{_best_lr_text(st, mine):9} {text:28}  {gap}")
+    # the claim is about the gap, so the panel draws it, paired by seed
+    for k in sorted({k for k, _ in gaps}):
         pts = [(bs, mean_ci(list(gaps[(k, bs)].values()))) for bs in sizes if (k, bs) in gaps]
         x, m = [p[0] for p in pts], np.array([p[1][0] for p in pts])
         err = np.nan_to_num(np.array([[p[1][0] - p[1][1], p[1][2] - p[1][0]] for p in pts]).T)
         right.errorbar(x, m, yerr=err, fmt=dash[k] + "o", capsize=3, color=rank_col[k],
                        label=f"{_label(k)} minus FullFT")
         lo_bs, hi_bs = x[0], x[-1]
-        for gs, how in ((gaps, ""), (oos, ", each seed at the LRs the other seeds chose")):   # in sample, then out
+        # in sample, then out
+        for gs, how in ((gaps, ""), (oos, ", each seed at the LRs the other seeds chose")):
             a, b = gs[(k, hi_bs)], gs[(k, lo_bs)]
             if lo_bs == hi_bs or not (a and b):   # out of sample needs 2+ seeds and LRs
                 continue
             d, lo, hi = paired_gap(a, b)
-            claim("LoRA pays more than FullFT at large batch sizes", f"{_label(k)}: gap to FullFT at batch {hi_bs} "
-                  f"minus at batch {lo_bs} ({key[0]}, {key[2]}, nats){how}", d, lo, hi, len(set(a) & set(b)))
-            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} minus at batch {lo_bs}{how}: {_est(d, lo, hi)}")
+            claim(claims, "LoRA pays more than FullFT at large batch sizes",
+                  f"{_label(k)}: gap to FullFT at batch {hi_bs} minus at batch {lo_bs} "
+                  f"({key[0]}, {key[2]}, nats){how}",
+                  d, lo=lo, hi=hi, seeds=len(set(a) & set(b)))
+            rows.append(f"{_label(k)}'s gap to FullFT at batch {hi_bs} "
+                        f"minus at batch {lo_bs}{how}: {_est(d, lo, hi)}")
     right.axhline(0, color="gray", lw=0.8)
-    left.set(xscale="log", xlabel="training examples (steps x batch size)", ylabel=f"train loss (nats/token, {w}-step "
-             "mean)", title="Learning curves (best LR, seed mean; cut at 2x the last loss)",
-             ylim=(None, 2 * max(line.get_ydata()[-1] for line in left.lines)))   # an early climb to 8 nats is off
-    right.set(xscale="log", xlabel="batch size (sequences)", title=f"LoRA's gap to FullFT vs batch size ({key[2]})",
+    # ylim: an early climb to 8 nats is off the plot
+    left.set(xscale="log", xlabel="training examples (steps x batch size)",
+             ylabel=f"train loss (nats/token, {w}-step mean)",
+             title="Learning curves (best LR, seed mean; cut at 2x the last loss)",
+             ylim=(None, 2 * max(line.get_ydata()[-1] for line in left.lines)))
+    right.set(xscale="log", xlabel="batch size (sequences)",
+              title=f"LoRA's gap to FullFT vs batch size ({key[2]})",
               ylabel="final loss, LoRA minus FullFT (paired by seed, 95% CI)")
     right.set_xticks(sizes, [str(s) for s in sizes])
     right.minorticks_off()   # else log-axis minor labels (2x10^1) crowd the batch sizes
@@ -611,7 +688,7 @@ def _batch_study(left, right, rs, key, w):
     return rows
 
 
-def _oos_gap(st, ref, sign=1, finding=None, quantity=None):
+def _oos_gap(st, ref, claims, sign=1, finding=None, quantity=None):
     """The gap to a reference arm with each seed's LR chosen out of sample (see out_of_sample), as
     text; recorded as a claim when a finding is named."""
     if not (st and ref and st["oos"] and ref["oos"]):  # one seed: no other seed to choose its LR by
@@ -619,12 +696,13 @@ def _oos_gap(st, ref, sign=1, finding=None, quantity=None):
     a, b = {s: sign * v for s, v in st["oos"].items()}, {s: sign * v for s, v in ref["oos"].items()}
     d, lo, hi = paired_gap(a, b)
     if finding:
-        claim(finding, quantity, d, lo, hi, len(set(a) & set(b)))
+        claim(claims, finding, quantity, d, lo=lo, hi=hi, seeds=len(set(a) & set(b)))
     return _est(d, lo, hi)
 
 
 def _arm_row(rs, metric):
-    """(optimal-LR stats, {seed: metric at the best grid LR}, mean [95% CI] text) of one arm's sweep."""
+    """(optimal-LR stats, {seed: metric at the best grid LR}, mean [95% CI] text) of one
+    arm's sweep."""
     st = optimal_lr_stats(rs)
     by_seed = {s: (-v if rs[0]["rl"] else v) for s, v in st["by_seed"].items()} if st else \
         {r["seed"]: metric(r) for r in rs if math.isfinite(metric(r))}
@@ -634,36 +712,44 @@ def _arm_row(rs, metric):
 def _best_lr_text(st, rs):
     if not st:
         return f"{rs[0]['lr']:.3g} (one LR)"
-    return f"{st['best_lr']:.3g}" + ("" if st["bracketed"] else f" (grid edge: optimum {st['edge']})")
+    edge = "" if st["bracketed"] else f" (grid edge: optimum {st['edge']})"
+    return f"{st['best_lr']:.3g}" + edge
 
 
 def fig_layers(runs, w=5):
+    claims = []  # what this figure measures: main() writes them to summary.json
     panels = []
     for rl in (False, True):
         where = {(r["data"], r["batch_size"], r["examples"]) for r in main_sweep(runs, rl)}
         rs = [r for r in runs if r["rl"] == rl and r["rank"] > 0 and r["plain"]
               and (r["data"], r["batch_size"], r["examples"]) in where]
-        others = {r["rank"] for r in rs if r["layers"] != "all"}   # "all" only at the ranks the others ran
-        by = group([r for r in rs if r["layers"] != "all" or r["rank"] in others], lambda r: (r["layers"], r["rank"]))
+        # "all" only at the ranks the others ran
+        others = {r["rank"] for r in rs if r["layers"] != "all"}
+        by = group([r for r in rs if r["layers"] != "all" or r["rank"] in others],
+                   lambda r: (r["layers"], r["rank"]))
         if len({ly for ly, _ in by}) >= 2:
             panels.append((rl, by))
     if not panels:
         return None, ("needs LoRA runs on 2+ layer sets beside the main sweep "
-                      "(train_sft.py --rank 16 --layers mlp,attn --lr_mult 1,3,10,30)")
+                      "(train_sft.py --rank 16 --layers mlp,attn --lr_mult 1,3,10,30)"), claims
     fig, axes = _fig(len(panels), width=9 if len(panels) == 1 else 14)
     title = ("Which layers get LoRA: learning rate vs final "
              + " / ".join("reward" if rl else "loss" for rl, _ in panels))
     rows = []
     for ax, (rl, by) in zip(axes, panels):
         metric, what = (final_reward, "reward") if rl else (final_loss, "loss")
-        layer_sets = sorted({ly for ly, _ in by}, key=lambda s: ({"all": 0, "mlp": 1, "attn": 2}.get(s, 3), s))
+        layer_sets = sorted({ly for ly, _ in by},
+                            key=lambda s: ({"all": 0, "mlp": 1, "attn": 2}.get(s, 3), s))
         ranks = sorted({k for _, k in by})
         arms = {key: _arm_row(rs, metric) for key, rs in by.items()}
-        ref = next((key for key in by if key[0] == "mlp"), None)   # the post's recommendation is the reference
-        rows.append(f"{'train_rl' if rl else 'train_sft'}: layers  rank  params  LRs  seeds  best LR   final {what} "
-                    f"at it [95% CI]   minus {ref[0] + ' rank ' + str(ref[1]) if ref else '-'}, paired by seed "
+        # the post's recommendation is the reference
+        ref = next((key for key in by if key[0] == "mlp"), None)
+        ref_name = ref[0] + " rank " + str(ref[1]) if ref else "-"
+        rows.append(f"{'train_rl' if rl else 'train_sft'}: layers  rank  params  LRs  seeds  "
+                    f"best LR   final {what} at it [95% CI]   minus {ref_name}, paired by seed "
                     "[95% CI]   out of sample [95% CI]")
-        for (ly, k), rs in sorted(by.items(), key=lambda kv: (layer_sets.index(kv[0][0]), kv[0][1])):
+        for (ly, k), rs in sorted(by.items(),
+                                  key=lambda kv: (layer_sets.index(kv[0][0]), kv[0][1])):
             params = f", {rs[0]['params'] / 1e6:.3g}M params" if rs[0]["params"] else ""
             _lr_line(ax, rs, metric, color=f"C{layer_sets.index(ly)}",
                      ls=["-", "--", ":", "-."][ranks.index(k) % 4], label=f"{ly}, rank {k}{params}")
@@ -671,61 +757,67 @@ def fig_layers(runs, w=5):
             gap, oos = "", ""
             if ref and (ly, k) != ref:
                 gap = _est(*paired_gap(by_seed, arms[ref][1]))
-                oos = _oos_gap(st, arms[ref][0], -1 if rl else 1,
-                               "Attention-only LoRA trails MLP-only" + (" (RL)" if rl else ""),
-                               f"{ly} rank {k} minus {ref[0]} rank {ref[1]}, final {what}, "
-                               "each seed's LR chosen by the others")
-            rows.append(f"  {ly:13} {k:4}  {(rs[0]['params'] or 0) / 1e6:5.2f}M {len({r['lr'] for r in rs}):4} "
-                        f"{len(by_seed):5}  {_best_lr_text(st, rs):9} {text:28}  {gap:27}  {oos}")
-        ylabel = "final reward (mean of last 20% steps)" if rl else _loss_label([r for rs in by.values() for r in rs])
+                oos = _oos_gap(st, arms[ref][0], claims, sign=-1 if rl else 1,
+                               finding="Attention-only LoRA trails MLP-only" + " (RL)" * rl,
+                               quantity=f"{ly} rank {k} minus {ref[0]} rank {ref[1]}, "
+                                        f"final {what}, each seed's LR chosen by the others")
+            rows.append(f"  {ly:13} {k:4}  {(rs[0]['params'] or 0) / 1e6:5.2f}M "
+                        f"{len({r['lr'] for r in rs}):4} {len(by_seed):5}  "
+                        f"{_best_lr_text(st, rs):9} {text:28}  {gap:27}  {oos}")
+        ylabel = ("final reward (mean of last 20% steps)" if rl
+                  else _loss_label([r for rs in by.values() for r in rs]))
         ax.set(xscale="log", xlabel="learning rate", ylabel=ylabel,
-               title=(f"{'RL' if rl else 'SFT'}: LoRA on different layers" if len(panels) > 1 else title)
-               + " (seed mean +-1 SE)")
+               title=(f"{'RL' if rl else 'SFT'}: LoRA on different layers" if len(panels) > 1
+                      else title) + " (seed mean +-1 SE)")
         _legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     if len(panels) > 1:
         fig.suptitle(title)
-    return fig, "\n".join(rows)
+    return fig, "\n".join(rows), claims
 
 
 def fig_rl(runs, w=5):
+    claims = []  # what this figure measures: main() writes them to summary.json
     sweep = main_sweep(runs, rl=True)
     if not sweep:
-        return None, "needs train_rl.py runs (train_rl.py --rank 1,8,0 --lr_mult 3,10,30)"
+        return None, "needs train_rl.py runs (train_rl.py --rank 1,8,0 --lr_mult 3,10,30)", claims
     fig, (left, right) = _fig(2, width=15)
     by_rank, cols, opt = group(sweep, "rank"), _colors(r["rank"] for r in sweep), optimal_lrs(sweep)
     arms = {k: _arm_row(rs, final_reward) for k, rs in by_rank.items()}
-    rows = ["rank      LRs  seeds  best LR   final reward at it [95% CI]   minus FullFT's, paired by seed [95% CI]   "
-            "out of sample [95% CI]"]
+    rows = ["rank      LRs  seeds  best LR   final reward at it [95% CI]   "
+            "minus FullFT's, paired by seed [95% CI]   out of sample [95% CI]"]
     for k in _ranks(sweep):
         lw, (st, by_seed, text) = 2 if k == 0 else 1.3, arms[k]
         if best := [r for r in at_best_lr(by_rank[k]) if len(r["train"][0])]:
-            _band(left, *seed_mean(best, w), cols[k], lw=lw,
+            _band(left, *seed_mean(best, w), color=cols[k], lw=lw,
                   label=f"{_label(k)}, LR {best[0]['lr']:.2g}, {len(best)} seed(s)")
         gap, oos = "", ""
         if k != 0 and 0 in arms:
             gap = _est(*paired_gap(by_seed, arms[0][1]), "{:+.3f}")
-            oos = _oos_gap(st, arms[0][0], -1, "RL: rank-1 LoRA matches FullFT",
-                           f"{_label(k)} minus FullFT, final reward, each seed's LR chosen by the others")
+            oos = _oos_gap(st, arms[0][0], claims, sign=-1,
+                           finding="RL: rank-1 LoRA matches FullFT",
+                           quantity=f"{_label(k)} minus FullFT, final reward, "
+                                    "each seed's LR chosen by the others")
         rows.append(f"{_label(k):9} {len({r['lr'] for r in by_rank[k]}):4} {len(by_seed):5}  "
                     f"{_best_lr_text(st, by_rank[k]):9} {text:30} {gap:27}  {oos}")
         _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
     stats = {k: a[0] for k, a in arms.items()}
-    text = _ratio(opt, stats, "RL: LoRA's optimal LR is ~10x FullFT's")[1]
+    text = _ratio(opt, claims, stats=stats, finding="RL: LoRA's optimal LR is ~10x FullFT's")[1]
     rows += _lr_range(by_rank, stats)
     left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)",
              title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
               title="Final reward vs learning rate (seed mean +-1 SE)")
     left.legend(fontsize=8)
-    _legend(right, title=text, fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _legend(right, title=text, fontsize=8, title_fontsize=8, loc="upper left",
+            bbox_to_anchor=(1.01, 1))
     fig.suptitle("RL: LoRA vs full fine-tuning")
-    return fig, "\n".join(rows + [text])
+    return fig, "\n".join(rows + [text]), claims
 
 
 def _lr_range(by_rank, stats):
-    """The post's wider range of good LRs for LoRA, as lines: each arm's final reward at every grid LR,
-    what a 2x step down and up from its best grid LR costs (paired by seed), and LoRA's cost minus
-    FullFT's (paired by seed: below 0 means LoRA's range is wider that way)."""
+    """The post's wider range of good LRs for LoRA, as lines: each arm's final reward at every
+    grid LR, what a 2x step down and up from its best grid LR costs (paired by seed), and LoRA's
+    cost minus FullFT's (paired by seed: below 0 means LoRA's range is wider that way)."""
     rows, costs = ["final reward at each LR, mean over seeds [95% CI], "
                    "and the cost of a 2x step from the best grid LR"], {}
     for k, rs in sorted(by_rank.items(), key=lambda kv: (kv[0] == 0, kv[0])):
@@ -734,26 +826,30 @@ def _lr_range(by_rank, stats):
         by_lr = {lr: {r["seed"]: final_reward(r) for r in g} for lr, g in group(rs, "lr").items()}
         top = stats[k]["best_lr"]
         for lr in sorted(by_lr):
+            reward = _est(*mean_ci(list(by_lr[lr].values())), "{:.3f}")
             rows.append(f"  {_label(k):9} LR {lr:9.3g} ({lr / top:5.3g}x best) "
-                        f"{_est(*mean_ci(list(by_lr[lr].values())), '{:.3f}')}, {len(by_lr[lr])} seed(s)")
+                        f"{reward}, {len(by_lr[lr])} seed(s)")
         for way, f in (("down", 0.5), ("up", 2.0)):
-            near = next((v for lr, v in by_lr.items() if math.isclose(lr, top * f, rel_tol=0.05)), None)
+            near = next((v for lr, v in by_lr.items()
+                         if math.isclose(lr, top * f, rel_tol=0.05)), None)
             if near is None:
                 continue
             costs[k, way] = {s: by_lr[top][s] - near[s] for s in set(by_lr[top]) & set(near)}
             cost = _est(*mean_ci(list(costs[k, way].values())), "{:+.3f}")
-            rows.append(f"  {_label(k):9} a 2x step {way:4} costs {cost} over {len(costs[k, way])} seed(s)")
+            rows.append(f"  {_label(k):9} a 2x step {way:4} "
+                        f"costs {cost} over {len(costs[k, way])} seed(s)")
     for (k, way), c in sorted(costs.items()):
         if k and (0, way) in costs:
             gap = _est(*paired_gap(c, costs[0, way]), "{:+.3f}")
-            rows.append(f"  {way:4}: {_label(k)}'s cost minus FullFT's {gap} (below 0: LoRA's range is wider)")
+            rows.append(f"  {way:4}: {_label(k)}'s cost minus FullFT's {gap} "
+                        "(below 0: LoRA's range is wider)")
     return rows
 
 
 def _rank_pair_diffs(low, high, lr):
-    """(steps from 2 on, per-seed raw loss differences low - high at those steps) for the seeds both
-    ranks ran at lr. Step 1 is left out: with B = 0 every rank's first loss is the base model's, equal
-    by construction, so it would only pull an early mean toward 0."""
+    """(steps from 2 on, per-seed raw loss differences low - high at those steps) for the seeds
+    both ranks ran at lr. Step 1 is left out: with B = 0 every rank's first loss is the base
+    model's, equal by construction, so it would only pull an early mean toward 0."""
     rows, steps = [], None
     for a in low[lr]:
         for b in high[lr]:
@@ -769,103 +865,122 @@ def _rank_pair_diffs(low, high, lr):
 def fig_early_rank(runs, w=5):
     """The post: with alpha/r scaling, ranks start training identically at the same LR. The lowest
     rank against the highest that shares an LR with it (and the post's own pair, rank 16 against
-    256, where both ran), paired by seed (a seed fixes the batches): the loss difference from step 2
-    (step 1 is equal by construction) over its first and last 10% of steps (2 at least), 95% t intervals."""
+    256, where both ran), paired by seed (a seed fixes the batches): the loss difference from
+    step 2 (step 1 is equal by construction) over its first and last 10% of steps (2 at least),
+    95% t intervals."""
+    claims = []  # what this figure measures: main() writes them to summary.json
     sweep = [r for r in main_sweep(runs) if len(r["train"][0]) and not r["diverged"]]
     lora_ranks = sorted({r["rank"] for r in sweep if r["rank"] > 0})
     by = {k: group([r for r in sweep if r["rank"] == k], "lr") for k in lora_ranks}
     pairs = []
     if lora_ranks:
         lo = lora_ranks[0]
-        hi = next((k for k in sorted(lora_ranks, reverse=True) if k > lo and set(by[k]) & set(by[lo])), None)
+        hi = next((k for k in sorted(lora_ranks, reverse=True)
+                   if k > lo and set(by[k]) & set(by[lo])), None)
         pairs = [(lo, hi)] if hi else []
         if 16 in by and 256 in by and (16, 256) != (lo, hi) and set(by[16]) & set(by[256]):
             pairs.append((16, 256))
     if not pairs:
-        return None, "needs SFT runs at two ranks with the same LR (train_sft.py --rank 16,256 --lr 1e-3)"
+        return None, ("needs SFT runs at two ranks with the same LR "
+                      "(train_sft.py --rank 16,256 --lr 1e-3)"), claims
     fig, (left, right) = _fig(2)
     lo, hi = pairs[0]
     lr = min(set(by[lo]) & set(by[hi]), key=lambda lr: np.mean([final_loss(r) for r in by[lo][lr]]))
     cols = _colors([lo, hi])
     for k in (lo, hi):
-        _band(left, *seed_mean(by[k][lr], w), cols[k], label=f"{_label(k)} ({len(by[k][lr])} seeds)")
+        _band(left, *seed_mean(by[k][lr], w), color=cols[k],
+              label=f"{_label(k)} ({len(by[k][lr])} seeds)")
     lines = []
     for c, (a, b) in enumerate(pairs):
         steps, d = _rank_pair_diffs(by[a], by[b], lr)
         if steps is None or not len(steps):
             continue
         n = max(2, len(steps) // 10)
-        spans = [(d[:, :n].mean(1), f"steps {steps[0]:.0f}-{steps[n - 1]:.0f}"),   # the first and last 10%
+        # the first and last 10%
+        spans = [(d[:, :n].mean(1), f"steps {steps[0]:.0f}-{steps[n - 1]:.0f}"),
                  (d[:, -n:].mean(1), f"steps {steps[-n]:.0f}-{steps[-1]:.0f}")]
         se = d.std(0, ddof=1) / math.sqrt(len(d)) if len(d) > 1 else np.zeros(d.shape[1])
-        _band(right, steps, d.mean(0), se, f"C{c + 3}", label=f"rank {a} minus rank {b} ({len(d)} seeds)")
+        _band(right, steps, d.mean(0), se, color=f"C{c + 3}",
+              label=f"rank {a} minus rank {b} ({len(d)} seeds)")
         for v, where in spans:
-            claim("With alpha/r, ranks start identically",
-                  f"rank {a} minus rank {b} at one LR, train loss over {where} (nats)", *mean_ci(list(v)), len(d))
+            claim(claims, "With alpha/r, ranks start identically",
+                  f"rank {a} minus rank {b} at one LR, train loss over {where} (nats)",
+                  *mean_ci(list(v)), seeds=len(d))
         lines.append(f"rank {a} - rank {b} at LR {lr:.3g}, {len(d)} seed(s): "
-                     + ", ".join(f"{where} {_est(np.mean(v), *mean_ci(list(v))[1:])}" for v, where in spans)
+                     + ", ".join(f"{where} {_est(np.mean(v), *mean_ci(list(v))[1:])}"
+                                 for v, where in spans)
                      + " (step 1: equal by construction)")
     right.axhline(0, color="gray", lw=0.8)
-    left.set(xscale="log", xlabel="step", ylabel=f"train loss (nats/token, {w}-step mean; seed mean +-1 SE)",
+    left.set(xscale="log", xlabel="step",
+             ylabel=f"train loss (nats/token, {w}-step mean; seed mean +-1 SE)",
              title="Learning curves")
-    right.set(xscale="log", xlabel="step", ylabel="loss difference, paired by seed (nats/token; mean +-1 SE)",
+    right.set(xscale="log", xlabel="step",
+              ylabel="loss difference, paired by seed (nats/token; mean +-1 SE)",
               title="Loss difference from step 2 (step 1 is equal by construction)")
     left.legend(), right.legend(fontsize=8)
     fig.suptitle(f"Ranks at the same LR ({lr:.2g}): the same start of training (1/r scaling)")
-    return fig, "\n".join(lines)
+    return fig, "\n".join(lines), claims
 
 
 def fig_flops(runs, w=5):
-    """Loss against cumulative training FLOPs, each rank at its best LR (best seed mean), as the seed
-    mean with a +-1 SE band: the seeds share their batches across ranks, so the curves compare like
-    with like (one best run per rank would pick different batches for each)."""
-    by_rank = {k: rs for k, rs in group([r for r in main_sweep(runs) if len(r["flops"][0])], "rank").items()
-               if scores_by_lr(rs)}
+    """Loss against cumulative training FLOPs, each rank at its best LR (best seed mean), as the
+    seed mean with a +-1 SE band: the seeds share their batches across ranks, so the curves
+    compare like with like (one best run per rank would pick different batches for each)."""
+    claims = []  # what this figure measures: main() writes them to summary.json
+    logged = [r for r in main_sweep(runs) if len(r["flops"][0])]
+    by_rank = {k: rs for k, rs in group(logged, "rank").items() if scores_by_lr(rs)}
     if not by_rank:
-        return None, f"needs SFT runs with FLOPs in their logs ({SFT_SWEEP})"
+        return None, f"needs SFT runs with FLOPs in their logs ({SFT_SWEEP})", claims
     fig, (ax,) = _fig()
     cols, rows = _colors(by_rank), ["rank      best LR  seeds  FLOPs/step  vs FullFT  total FLOPs"]
     curves = {}
     for k, rs in by_rank.items():
         best = [r for r in at_best_lr(rs) if len(r["train"][0])]
-        curves[k] = (best[0]["lr"], best, float(np.mean([r["flops"][1][-1] / r["flops"][0][-1] for r in best])))
+        curves[k] = (best[0]["lr"], best,
+                     float(np.mean([r["flops"][1][-1] / r["flops"][0][-1] for r in best])))
     for k in _ranks([r for rs in by_rank.values() for r in rs]):
         lr, best, per_step = curves[k]
         steps, mean, se = seed_mean(best, w)
-        _band(ax, steps * per_step, mean, se, cols[k], lw=2 if k == 0 else 1.3,
+        _band(ax, steps * per_step, mean, se, color=cols[k], lw=2 if k == 0 else 1.3,
               label=f"{_label(k)}, LR {lr:.2g}, {len(best)} seed(s)")
         rel = f"{per_step / curves[0][2]:9.3f}" if 0 in curves else "        -"
-        rows.append(f"{_label(k):9} {lr:8.3g}  {len(best):5}  {per_step:10.3g}  {rel}  {per_step * steps[-1]:.3g}")
+        rows.append(f"{_label(k):9} {lr:8.3g}  {len(best):5}  {per_step:10.3g}  {rel}  "
+                    f"{per_step * steps[-1]:.3g}")
     ax.set(xscale="log", xlabel="training FLOPs (cumulative, forward + backward)",
            ylabel=f"train loss (nats/token, {w}-step mean; seed mean +-1 SE)",
            title="Loss vs training compute: LoRA vs FullFT (best LR)")
     ax.legend(fontsize=8)
-    return fig, "\n".join(rows)
+    return fig, "\n".join(rows), claims
 
 
 def fig_norms(runs, w=5):
-    """The post's finding 11: B starts at zero and grows during training; by the end of its long runs B had larger
-    spectral norms than A. Drawn: median over the adapted matrices of ||A||_2 and ||B||_2 per eval, for the longest
-    configurations on real data (on facts where there are none), each at its best LR (its first seed). The table
-    adds, for every configuration run with 2+ seeds
-    (facts included), ||B|| / ||A|| at the last eval (median over matrices): its mean over seeds, 95% interval."""
+    """The post's finding 11: B starts at zero and grows during training; by the end of its long
+    runs B had larger spectral norms than A. Drawn: median over the adapted matrices of ||A||_2
+    and ||B||_2 per eval, for the longest configurations on real data (on facts where there are
+    none), each at its best LR (its first seed). The table adds, for every configuration run with
+    2+ seeds (facts included), ||B|| / ||A|| at the last eval (median over matrices): its mean
+    over seeds, 95% interval."""
+    claims = []  # what this figure measures: main() writes them to summary.json
     every = [r for r in runs if len(r["norms"]) >= 2 and not r["diverged"]]
     if not every:
-        return None, "needs LoRA runs with evals (train_sft.py logs the spectral norms of A and B at each eval)"
+        return None, ("needs LoRA runs with evals "
+                      "(train_sft.py logs the spectral norms of A and B at each eval)"), claims
     longest = lambda r: (-r["norms"][-1][0], r["name"])   # the finding is about the end of training
     drawn = []
     for rs_ in group([r for r in every if not r["facts"]] or every, config).values():
         drawn.append(min(at_best_lr(rs_) or rs_, key=lambda r: r["seed"]))
     rs = sorted(drawn, key=longest)[:3]
     fig, (ax,) = _fig(width=8)
-    rows = ["run                                              step  median |A|_2  median |B|_2  B > A in"]
+    rows = ["run                                              step"
+            "  median |A|_2  median |B|_2  B > A in"]
     for i, r in enumerate(rs):
         steps = np.array([s for s, _, _ in r["norms"]])
+        on = "" if r["layers"] == "all" else " on " + r["layers"]
         for which, ls in (("A", "-"), ("B", "--")):
             v = np.array([a if which == "A" else b for _, a, b in r["norms"]])
             q1, med, q3 = np.percentile(v, [25, 50, 75], axis=1)
-            ax.plot(steps, med, ls, color=f"C{i}", marker="o", ms=3, label=f"{which}: {_label(r['rank'])}"
-                    f"{'' if r['layers'] == 'all' else ' on ' + r['layers']}, {steps[-1]} steps, LR {r['lr']:.2g}")
+            ax.plot(steps, med, ls, color=f"C{i}", marker="o", ms=3,
+                    label=f"{which}: {_label(r['rank'])}{on}, {steps[-1]} steps, LR {r['lr']:.2g}")
             ax.fill_between(steps, q1, q3, color=f"C{i}", alpha=0.12, lw=0)
         step, a, b = r["norms"][-1]
         rows.append(f"{r['name'][:48]:48} {step:5}  {np.median(a):12.4f}  {np.median(b):12.4f}  "
@@ -875,42 +990,49 @@ def fig_norms(runs, w=5):
         a, b = (np.array(v, dtype=float) for v in r["norms"][-1][1:])
         q = b / np.maximum(a, 1e-12)
         return float(np.median(q if part is None else q.reshape(-1, 7)[:, part]))
-    split = lambda r: r["layers"] == "all" and r["n_layers"] and len(r["norms"][-1][1]) == 7 * r["n_layers"]
+    split = lambda r: (r["layers"] == "all" and r["n_layers"]
+                       and len(r["norms"][-1][1]) == 7 * r["n_layers"])
     seeded = [g for g in (at_best_lr(rs_, seeds=2) for rs_ in group(every, config).values()) if g]
-    rows += ["", "configuration at its best LR (2+ seeds, longest first)      step  seeds  |B|/|A| at the end [95% CI]"
-                 "   attention matrices       MLP matrices"]
+    rows += ["", "configuration at its best LR (2+ seeds, longest first)      step  seeds  "
+                 "|B|/|A| at the end [95% CI]   attention matrices       MLP matrices"]
     for g in sorted(seeded, key=lambda g: longest(g[0])):
         parts = [None] + ([slice(0, 4), slice(4, 7)] if all(split(r) for r in g) else [])
         stats = [mean_ci([ratio(r, p) for r in g]) for p in parts]
         cells = [f"{m:.3f} {_ci(lo, hi, '{:.3f}'):16}" for m, lo, hi in stats]
-        name, step = re.sub(r"_s[0-9]+$", "", g[0]["name"]), g[0]["norms"][-1][0]   # the seeds' common name
-        for (m, lo, hi), which in zip(stats, ("all matrices", "attention matrices", "MLP matrices")):
-            claim("B ends with a larger norm than A", f"{name}, step {step}: |B|/|A| at the end, {which}",
-                  m, lo, hi, len(g), null=1)
+        # the seeds' common name
+        name, step = re.sub(r"_s[0-9]+$", "", g[0]["name"]), g[0]["norms"][-1][0]
+        kinds = ("all matrices", "attention matrices", "MLP matrices")
+        for (m, lo, hi), which in zip(stats, kinds):
+            claim(claims, "B ends with a larger norm than A",
+                  f"{name}, step {step}: |B|/|A| at the end, {which}",
+                  m, lo=lo, hi=hi, seeds=len(g), null=1)
         rows.append(f"{name[:56]:56} {step:5}  {len(g):5}  " + "  ".join(cells))
     ax.set(xlabel="step", ylabel="spectral norm (median; band: quartiles)",
            title="LoRA's A (solid) and B (dashed): B grows from zero")
     ax.legend(fontsize=7, loc="upper left")
-    return fig, "\n".join(rows)
+    return fig, "\n".join(rows), claims
 
 
 BITS_PER_FACT = math.log2(1e4)   # train_sft.facts: a 4-digit code drawn uniformly
-CAPACITY = "Low ranks fall behind FullFT once the data exceed their capacity"   # the finding the facts runs test
+# the finding the facts runs test
+CAPACITY = "Low ranks fall behind FullFT once the data exceed their capacity"
 
 
 def stored_bits(run, at=-1, unseen=False):
-    """Bits of the facts' codes a run has stored at its at-th eval: the K codes hold K log2(10^4) bits, and what
-    the model still needs to be told is its summed log loss on the answers, in bits, scaled from the eval facts to
-    all K. No model can predict an unseen code better than uniform digits, so this is a lower bound on what the
-    weights hold about the codes (a format not yet learnt counts against it). unseen=True measures against the loss
-    on facts the run never saw instead: that cancels the format but adds the overconfidence memorising brings."""
+    """Bits of the facts' codes a run has stored at its at-th eval: the K codes hold K log2(10^4)
+    bits, and what the model still needs to be told is its summed log loss on the answers, in bits,
+    scaled from the eval facts to all K. No model can predict an unseen code better than uniform
+    digits, so this is a lower bound on what the weights hold about the codes (a format not yet
+    learnt counts against it). unseen=True measures against the loss on facts the run never saw
+    instead: that cancels the format but adds the overconfidence memorising brings."""
     if run["diverged"] or not run["eval_tokens"] or not run["n_eval"]:
         return math.nan
     steps, losses = run["eval"]
     tokens = dict(run["eval_tokens"])[int(steps[at])] / run["n_eval"]   # answer tokens per fact
     told = losses[at] * tokens / math.log(2)
     us, ul = run["unseen"]
-    base = ul[us == steps[at]][0] * tokens / math.log(2) if unseen and steps[at] in us else BITS_PER_FACT
+    base = (ul[us == steps[at]][0] * tokens / math.log(2) if unseen and steps[at] in us
+            else BITS_PER_FACT)
     return run["facts"] * (base - told)
 
 
@@ -923,56 +1045,71 @@ def _plateau_gain(run):
 
 
 def log_ratio_ci(a, b):
-    """a / b, each {seed: positive value}: the geometric mean ratio over shared seeds with a 95% t interval on log."""
+    """a / b, each {seed: positive value}: the geometric mean ratio over shared seeds with a 95% t
+    interval on log."""
     logs = [{s: math.log(v) for s, v in d.items() if v > 0} for d in (a, b)]
     return tuple(math.exp(v) for v in paired_gap(*logs))   # exp(NaN) is NaN: no interval stays none
 
 
-def _rank_doubling(bits, where, row_where, rows):
-    """Bits stored by rank r over rank r/2, paired by seed, for each such pair in {rank: {seed: bits}}:
-    2 where capacity binds both (a capacity limit; a fixed learning speed per step predicts no such ratio)."""
+def _rank_doubling(bits, where, row_where, rows, claims):
+    """Bits stored by rank r over rank r/2, paired by seed, for each such pair in
+    {rank: {seed: bits}}: 2 where capacity binds both (a capacity limit; a fixed learning speed
+    per step predicts no such ratio)."""
     for r2, b2 in sorted(bits.items()):
         b1 = bits.get(r2 // 2)
         if r2 > 1 and b1 and len(set(b1) & set(b2)) >= 2:
             rat, lo, hi = log_ratio_ci(b2, b1)
-            claim(CAPACITY, f"{where}: bits stored by rank {r2} / by rank {r2 // 2}, paired by seed "
-                  "(2 if capacity binds both)", rat, lo, hi, len(set(b1) & set(b2)), null=2)
-            rows.append(f"{row_where}: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] what rank {r2 // 2} stores "
-                        "(paired by seed)")
+            claim(claims, CAPACITY, f"{where}: bits stored by rank {r2} / by rank {r2 // 2}, "
+                            "paired by seed (2 if capacity binds both)",
+                  rat, lo=lo, hi=hi, seeds=len(set(b1) & set(b2)), null=2)
+            rows.append(f"{row_where}: rank {r2} stores {rat:.2f}x [{lo:.2f}, {hi:.2f}] "
+                        f"what rank {r2 // 2} stores (paired by seed)")
 
 
 def fig_capacity(runs, w=5):
-    """The post's Figure 1 and its capacity argument on K random facts (known information), LoRA of each rank
-    and full fine-tuning of one matrix. Left, Figure 1's shape: eval loss on the trained facts against log step
-    (seed mean +-1 SE); middle, where runs sweep LRs over a short run, its first steps with each arm at its best
-    LR; right, bits stored against the bits offered per rank (colour) and length (marker) under the all-stored
-    diagonal: a capacity is a line flat in K and in steps. The table: every study on facts (layers, K, examples)."""
-    rs = [r for r in runs if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
+    """The post's Figure 1 and its capacity argument on K random facts (known information), LoRA of
+    each rank and full fine-tuning of one matrix. Left, Figure 1's shape: eval loss on the trained
+    facts against log step (seed mean +-1 SE); middle, where runs sweep LRs over a short run, its
+    first steps with each arm at its best LR; right, bits stored against the bits offered per rank
+    (colour) and length (marker) under the all-stored diagonal: a capacity is a line flat in K and
+    in steps. The table: every study on facts (layers, K, examples)."""
+    claims = []  # what this figure measures: main() writes them to summary.json
+    rs = [r for r in runs
+          if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
     if not rs:
-        return None, "needs runs on --data facts:K (see results/README.md, capacity)"
+        return None, "needs runs on --data facts:K (see results/README.md, capacity)", claims
     # per (layers, K), the study with the FullFT control and the most arms; and longer runs of it
-    studies, longer, points = {}, {}, defaultdict(list)   # points: (layers, rank, steps) -> [(K, bits, CI)]
+    # points: (layers, rank, steps) -> [(K, bits, CI)]
+    studies, longer, points = {}, {}, defaultdict(list)
     early = defaultdict(dict)   # (layers, K) -> {rank: the runs of a short LR sweep at its best LR}
-    rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  bits stored [95% CI]   "
-            "bits/param [95% CI]    last-quarter gain   minus FullFT, paired [95% CI]"]
+    rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  "
+            "bits stored [95% CI]   bits/param [95% CI]    last-quarter gain   "
+            "minus FullFT, paired [95% CI]"]
     for key, mine in group(rs, lambda r: (r["layers"], r["facts"])).items():
         by_len = group(mine, lambda r: (r["examples"], r["batch_size"], r["cooldown"]))
-        studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g), len({r["rank"] for r in g}),
+        studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g),
+                                                           len({r["rank"] for r in g}),
                                                            g[0]["examples"], len(g)))
         longer[key] = [g for g in by_len.values() if g[0]["examples"] > studies[key][0]["examples"]]
-        s0 = studies[key][0]   # the right panel's shorter runs (the study's and longer ones' points come below)
+        # the right panel's shorter runs (the study's and longer ones' points come below)
+        s0 = studies[key][0]
         for g in [g for g in by_len.values() if g[0]["examples"] < s0["examples"]
                   and (g[0]["cooldown"], g[0]["batch_size"]) == (s0["cooldown"], s0["batch_size"])]:
             for rank, rs_ in group(g, "rank").items():
-                if len(by_lr := scores_by_lr(rs_)) > 1:   # an LR sweep: the middle panel draws its best
-                    loss = ", ".join(f"{lr:.3g} {np.mean(v):.3f}" for lr, v in sorted(by_lr.items()))
-                    rows.append(f"{key[0]} at {key[1]} facts, {_label(rank)}, {g[0]['examples'] // g[0]['batch_size']} "
-                                f"steps: final loss at LR {loss}")
+                # an LR sweep: the middle panel draws its best
+                if len(by_lr := scores_by_lr(rs_)) > 1:
+                    loss = ", ".join(f"{lr:.3g} {np.mean(v):.3f}"
+                                     for lr, v in sorted(by_lr.items()))
+                    n_steps = g[0]["examples"] // g[0]["batch_size"]
+                    rows.append(f"{key[0]} at {key[1]} facts, {_label(rank)}, {n_steps} steps: "
+                                f"final loss at LR {loss}")
                     early[key][rank] = at_best_lr(rs_)
                     continue
-                n, bits = g[0]["examples"] // g[0]["batch_size"], mean_ci([stored_bits(r) for r in rs_])
+                n = g[0]["examples"] // g[0]["batch_size"]
+                bits = mean_ci([stored_bits(r) for r in rs_])
                 points[key[0], rank, n].append((key[1], *bits))
-                claim(CAPACITY, f"{_label(rank)} on {key[0]}, {key[1]} facts, {n} steps: bits stored", *bits, len(rs_))
+                what = f"{_label(rank)} on {key[0]}, {key[1]} facts, {n} steps: bits stored"
+                claim(claims, CAPACITY, what, *bits, seeds=len(rs_))
     curves, per_seed, best_lr = None, {}, {}
     for (layers, k), mine in sorted(studies.items()):
         bests = {rank: at_best_lr([r for r in mine if r["rank"] == rank]) for rank in _ranks(mine)}
@@ -984,28 +1121,39 @@ def fig_capacity(runs, w=5):
             gain = mean_ci([_plateau_gain(r) for r in best])[0]
             paired = paired_gap(bits, full) if rank and len(full) and len(bits) else None
             gap = _est(*paired, "{:+.0f}") if paired else ""
-            unseen = np.mean([r["unseen"][1][-1] for r in best]) if all(len(r["unseen"][1]) for r in best) else math.nan
-            rows.append(f"{layers:15} {k:5} {k * BITS_PER_FACT:6.0f}  {_label(rank):7} {p:8,} {best[0]['lr']:7.2g}  "
-                        f"{len(best):5}  {np.mean([final_loss(r) for r in best]):10.4f}  {unseen:6.3f}  "
-                        f"{m:7.0f} {_ci(lo, hi, '{:.0f}'):14}  {m / p:7.3f} {_ci(lo / p, hi / p, '{:.3f}'):14}  "
-                        f"{gain:+17.1%}   {gap}")
+            unseen = (np.mean([r["unseen"][1][-1] for r in best])
+                      if all(len(r["unseen"][1]) for r in best) else math.nan)
+            rows.append(f"{layers:15} {k:5} {k * BITS_PER_FACT:6.0f}  {_label(rank):7} {p:8,} "
+                        f"{best[0]['lr']:7.2g}  {len(best):5}  "
+                        f"{np.mean([final_loss(r) for r in best]):10.4f}  {unseen:6.3f}  "
+                        f"{m:7.0f} {_ci(lo, hi, '{:.0f}'):14}  "
+                        f"{m / p:7.3f} {_ci(lo / p, hi / p, '{:.3f}'):14}  {gain:+17.1%}   {gap}")
             if len(best[0]["unseen"][0]):
-                points[layers, rank, best[0]["examples"] // best[0]["batch_size"]].append((k, m, lo, hi))
-                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts ({k * BITS_PER_FACT:.0f} bits): bits stored",
-                      m, lo, hi, len(best), verdict=f"{m / (k * BITS_PER_FACT):.0%} of the data's bits")
+                n = best[0]["examples"] // best[0]["batch_size"]
+                points[layers, rank, n].append((k, m, lo, hi))
+                claim(claims, CAPACITY, f"{_label(rank)} on {layers}, {k} facts "
+                                f"({k * BITS_PER_FACT:.0f} bits): bits stored",
+                      m, lo=lo, hi=hi, seeds=len(best),
+                      verdict=f"{m / (k * BITS_PER_FACT):.0%} of the data's bits")
                 if rank:
-                    claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts: bits stored per trainable parameter",
-                          m / p, lo / p, hi / p, len(best),
+                    claim(claims, CAPACITY, f"{_label(rank)} on {layers}, {k} facts: "
+                                    "bits stored per trainable parameter",
+                          m / p, lo=lo / p, hi=hi / p, seeds=len(best),
                           verdict="below 2 (the post's assumption)" if hi / p < 2 else None, null=2)
                     if paired:
-                        claim(CAPACITY, f"{_label(rank)} minus FullFT on {layers}, {k} facts: bits stored, "
-                              "paired by seed", *paired, len(set(bits) & set(full)))
-        if 0 in bests and len(bests) > 1 and all(len(r["unseen"][0]) for r in mine):   # Figure 1: the largest such K
-            curves = max([c for c in (curves, (k, mine, bests)) if c], key=lambda c: (c[0], len(c[1])))
+                        what = (f"{_label(rank)} minus FullFT on {layers}, {k} facts: "
+                                "bits stored, paired by seed")
+                        claim(claims, CAPACITY, what, *paired, seeds=len(set(bits) & set(full)))
+        # Figure 1: the largest such K
+        if 0 in bests and len(bests) > 1 and all(len(r["unseen"][0]) for r in mine):
+            curves = max([c for c in (curves, (k, mine, bests)) if c],
+                         key=lambda c: (c[0], len(c[1])))
     for (layers, k), groups in longer.items():   # a plateau: training longer adds little
         for g in groups:
-            s0, c, long_bits, at = studies[layers, k][0], g[0]["cooldown"], {}, f"{layers} at {k} facts"
-            times = f"{g[0]['examples'] / s0['examples']:g}x" + f" (LR decay {c:g})" * (c != s0["cooldown"])
+            s0, c, long_bits = studies[layers, k][0], g[0]["cooldown"], {}
+            at = f"{layers} at {k} facts"
+            times = (f"{g[0]['examples'] / s0['examples']:g}x"
+                     + f" (LR decay {c:g})" * (c != s0["cooldown"]))
             for rank in _ranks(g):
                 long_bits[rank] = long = {r["seed"]: stored_bits(r) for r in g if r["rank"] == rank
                                           and r["lr"] == best_lr.get((layers, k, rank))}
@@ -1013,141 +1161,182 @@ def fig_capacity(runs, w=5):
                 if not set(long) & set(short):
                     continue
                 rat, lo, hi = log_ratio_ci(long, short)
-                (m, mlo, mhi), p = mean_ci(long.values()), next(r["params"] for r in g if r["rank"] == rank)
-                points[layers, rank, g[0]["examples"] // g[0]["batch_size"]].append((k, m, mlo, mhi))
-                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts: bits stored after {times} the steps / "
-                      "after 1x, paired by seed (1 at a plateau)", rat, lo, hi, len(set(long) & set(short)), null=1)
-                claim(CAPACITY, f"{_label(rank)} on {layers}, {k} facts, {times} the steps: "
-                      "bits stored per trainable parameter", m / p, mlo / p, mhi / p, len(long), null=2)
+                m, mlo, mhi = mean_ci(long.values())
+                p = next(r["params"] for r in g if r["rank"] == rank)
+                n = g[0]["examples"] // g[0]["batch_size"]
+                points[layers, rank, n].append((k, m, mlo, mhi))
+                claim(claims, CAPACITY, f"{_label(rank)} on {layers}, {k} facts: "
+                                f"bits stored after {times} the steps / after 1x, "
+                                "paired by seed (1 at a plateau)",
+                      rat, lo=lo, hi=hi, seeds=len(set(long) & set(short)), null=1)
+                what = (f"{_label(rank)} on {layers}, {k} facts, {times} the steps: "
+                        "bits stored per trainable parameter")
+                claim(claims, CAPACITY, what, m / p, lo=mlo / p, hi=mhi / p, seeds=len(long),
+                      null=2)
+                gain = mean_ci([_plateau_gain(r) for r in g if r["rank"] == rank])[0]
                 rows.append(f"{at}, {_label(rank)} trained {times} as long: "
-                            f"{_est(m, mlo, mhi, '{:.0f}')} bits, {_est(m / p, mlo / p, mhi / p, '{:.3f}')} "
-                            f"bits/param, {rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits (paired by seed); "
-                            f"last-quarter gain {mean_ci([_plateau_gain(r) for r in g if r['rank'] == rank])[0]:+.1%}")
-            _rank_doubling(long_bits, f"{layers}, {k} facts, {times} the steps", f"{at}, {times} as long", rows)
+                            f"{_est(m, mlo, mhi, '{:.0f}')} bits, "
+                            f"{_est(m / p, mlo / p, mhi / p, '{:.3f}')} bits/param, "
+                            f"{rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits "
+                            f"(paired by seed); last-quarter gain {gain:+.1%}")
+            _rank_doubling(long_bits, f"{layers}, {k} facts, {times} the steps",
+                           f"{at}, {times} as long", rows, claims)
     for layers, k in studies:
         if (layers, k, 0) in per_seed:   # beside the FullFT control
-            _rank_doubling({rank: b for (ly, kk, rank), b in per_seed.items() if (ly, kk) == (layers, k)},
-                           f"{layers}, {k} facts", f"{layers} at {k} facts", rows)
+            by_rank = {rank: b for (ly, kk, rank), b in per_seed.items() if (ly, kk) == (layers, k)}
+            _rank_doubling(by_rank, f"{layers}, {k} facts", f"{layers} at {k} facts", rows,
+                           claims)
     if curves is None:
-        return None, "\n".join(rows + ["(no figure: needs facts runs with an unseen-key eval, beside FullFT)"])
+        need = "(no figure: needs facts runs with an unseen-key eval, beside FullFT)"
+        return None, "\n".join(rows + [need]), claims
     k, mine, bests = curves
     ear, cols = early.get((mine[0]["layers"], k), {}), _colors(bests)
     fig, axes = _fig(2 + bool(ear), width=17 if ear else None)
     left, right = axes[0], axes[-1]
-    for rank, best in ear.items():   # the post draws each arm at its own best LR: here with evals every few steps
-        axes[1].plot(*_eval_curve(best)[:2], color=cols.get(rank, "gray"), lw=2 if rank == 0 else 1.3,
-                     label=f"{_label(rank)}, LR {best[0]['lr']:.0e} ({len(best)} seed{'s' * (len(best) > 1)})")
+    # the post draws each arm at its own best LR: here with evals every few steps
+    for rank, best in ear.items():
+        axes[1].plot(*_eval_curve(best)[:2], color=cols.get(rank, "gray"),
+                     lw=2 if rank == 0 else 1.3,
+                     label=f"{_label(rank)}, LR {best[0]['lr']:.0e} "
+                           f"({len(best)} seed{'s' * (len(best) > 1)})")
         n = best[0]["examples"] // best[0]["batch_size"]
     if ear:
-        axes[1].axvline((1 - best[0]["cooldown"]) * n, color="gray", ls=":", lw=1, label="LR decay to 0 starts")
-        axes[1].set(xlabel="step", ylabel="eval loss on the trained facts (nats/token)", ylim=(0, None),
+        axes[1].axvline((1 - best[0]["cooldown"]) * n, color="gray", ls=":", lw=1,
+                        label="LR decay to 0 starts")
+        axes[1].set(xlabel="step", ylabel="eval loss on the trained facts (nats/token)",
+                    ylim=(0, None),
                     title=f"The first {n} steps, each arm at its best LR (the table's sweep)")
         axes[1].legend(fontsize=7)
     for rank, best in bests.items():
-        _band(left, *_eval_curve(best), cols[rank], lw=2 if rank == 0 else 1.3,
+        _band(left, *_eval_curve(best), color=cols[rank], lw=2 if rank == 0 else 1.3,
               label=f"{_label(rank)} ({best[0]['params']:,} params, LR {best[0]['lr']:.2g}, "
                     f"{len(best)} seed{'s' * (len(best) > 1)})")
-    # the plateau check: the same arms trained longer; the shortest dashed, longer ones dotted, then dash-dotted
-    for j, g in enumerate(sorted(longer.get((mine[0]["layers"], k), []), key=lambda g: g[0]["examples"])):
+    # the plateau check: the same arms trained longer; the shortest dashed, longer ones dotted,
+    # then dash-dotted
+    for j, g in enumerate(sorted(longer.get((mine[0]["layers"], k), []),
+                                 key=lambda g: g[0]["examples"])):
+        factor = g[0]["examples"] / mine[0]["examples"]
         for rank, rs_ in group(g, "rank").items():
             steps, mean, _ = _eval_curve(rs_)
             left.plot(steps, mean, ("--", ":", "-.")[j % 3], color=cols.get(rank, "gray"), lw=1,
-                      label=f"{_label(rank)}, {g[0]['examples'] / mine[0]['examples']:g}x the steps ({len(rs_)} seeds)")
+                      label=f"{_label(rank)}, {factor:g}x the steps ({len(rs_)} seeds)")
     left.axhline(math.log(10) * 4 / 5, color="gray", ls="--", lw=1,
                  label="no code stored (uniform digits, end token learnt)")
-    left.set(xscale="log", xlabel="step (log)", ylabel="eval loss on the trained facts (nats/token)",
-             title=f"{k} random facts ({k * BITS_PER_FACT:,.0f} bits), {mine[0]['layers']}: the post's Figure 1")
+    left.set(xscale="log", xlabel="step (log)",
+             ylabel="eval loss on the trained facts (nats/token)",
+             title=f"{k} random facts ({k * BITS_PER_FACT:,.0f} bits), {mine[0]['layers']}: "
+                   "the post's Figure 1")
     left.set_ylim(0, left.get_ylim()[1] * 1.45)   # headroom: the legend sits above the curves
     left.legend(fontsize=7, loc="upper right")
     marks = dict(zip(sorted({n for ly, _, n in points if ly == mine[0]["layers"]}), "v^osDP*X"))
-    for (layers, rank, n), pts in sorted(points.items(), key=lambda t: (t[0][1] == 0, t[0][1], t[0][2])):
+    for (layers, rank, n), pts in sorted(points.items(),
+                                         key=lambda t: (t[0][1] == 0, t[0][1], t[0][2])):
         if layers == mine[0]["layers"]:
             k_, y, lo, hi = (np.array(c, dtype=float) for c in zip(*sorted(pts)))
-            right.errorbar(k_ * BITS_PER_FACT, y, yerr=[np.nan_to_num(y - lo), np.nan_to_num(hi - y)], capsize=2, lw=1,
-                           marker=marks[n], color=cols.get(rank, "gray"), ms=5, label=f"{_label(rank)}, {n:,} steps")
-    right.axline((1e3, 1e3), (1e4, 1e4), color="gray", ls="--", lw=1, label="every bit stored")   # y = x, log-log
-    right.set(xscale="log", yscale="log", xlabel="bits in the data (K facts x 13.3)", ylim=(100, None),
-              ylabel="bits stored (seed mean, 95% CI)", title=f"Stored against offered, {mine[0]['layers']}")
+            err = [np.nan_to_num(y - lo), np.nan_to_num(hi - y)]
+            right.errorbar(k_ * BITS_PER_FACT, y, yerr=err, capsize=2, lw=1, marker=marks[n],
+                           color=cols.get(rank, "gray"), ms=5, label=f"{_label(rank)}, {n:,} steps")
+    # y = x, log-log
+    right.axline((1e3, 1e3), (1e4, 1e4), color="gray", ls="--", lw=1, label="every bit stored")
+    right.set(xscale="log", yscale="log", xlabel="bits in the data (K facts x 13.3)",
+              ylim=(100, None), ylabel="bits stored (seed mean, 95% CI)",
+              title=f"Stored against offered, {mine[0]['layers']}")
     right.legend(fontsize=6, ncol=2)
-    return fig, "\n".join(rows)
+    return fig, "\n".join(rows), claims
 
 
 def fig_invariance(runs, w=5):
-    """The post's invariances leave two directions of (alpha, init_A, LR_A, LR_B) that matter; this draws the
-    second, init_A / LR_A, alone: --init_scale c with --lr_ratio_b 1/c keeps alpha x init_A x LR_B fixed. Eval loss
-    per c (seed mean +-1 SE) and each c's final loss minus c = 1's with a 95% interval over seeds."""
+    """The post's invariances leave two directions of (alpha, init_A, LR_A, LR_B) that matter; this
+    draws the second, init_A / LR_A, alone: --init_scale c with --lr_ratio_b 1/c keeps alpha x
+    init_A x LR_B fixed. Eval loss per c (seed mean +-1 SE) and each c's final loss minus c = 1's
+    with a 95% interval over seeds."""
+    claims = []  # what this figure measures: main() writes them to summary.json
     rs = [r for r in runs if r["rank"] > 0 and (r["diverged"] or len(r["eval"][0]) >= 2)
           and r["variant"][0] is False and abs(r["variant"][1] * r["variant"][2] - 1) < 1e-9]
-    by = group(rs, lambda r: (r["data"], r["rank"], r["layers"], r["lr"], r["batch_size"], r["examples"]))
-    by = {k: v for k, v in by.items() if len({r["variant"] for r in v}) >= 2 and any(r["plain"] for r in v)}
+    by = group(rs, lambda r: (r["data"], r["rank"], r["layers"], r["lr"], r["batch_size"],
+                              r["examples"]))
+    by = {k: v for k, v in by.items()
+          if len({r["variant"] for r in v}) >= 2 and any(r["plain"] for r in v)}
     if not by:
-        return None, ("needs LoRA runs at --init_scale c --lr_ratio_b 1/c for several c beside c = 1 "
-                      "(README: invariances)")
+        return None, ("needs LoRA runs at --init_scale c --lr_ratio_b 1/c "
+                      "for several c beside c = 1 (README: invariances)"), claims
     key = max(by, key=lambda k: len(by[k]))
     fig, (ax,) = _fig()
     rows = [f"{key[0]}, rank {key[1]} on {key[2]}, LR {key[3]:.2g}",
-            "init_scale  lr_ratio_b  seeds  diverged  final loss  minus c=1, paired by seed [95% CI]"]
-    ref = {r["seed"]: final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]}   # c = 1, by seed
-    for i, ((_, ratio, init), every) in enumerate(sorted(group(by[key], "variant").items(), key=lambda kv: kv[0][2])):
+            "init_scale  lr_ratio_b  seeds  diverged  final loss  "
+            "minus c=1, paired by seed [95% CI]"]
+    # c = 1, by seed
+    ref = {r["seed"]: final_loss(r) for r in by[key] if r["plain"] and not r["diverged"]}
+    variants = sorted(group(by[key], "variant").items(), key=lambda kv: kv[0][2])
+    for i, ((_, ratio, init), every) in enumerate(variants):
         vs = [r for r in every if not r["diverged"]]
         if not vs:
             rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {len(every):8}")
             continue
         bad = len(every) - len(vs)
-        _band(ax, *_eval_curve(vs), f"C{i}",
-              label=f"init x{init:g}, LR_B/LR_A {ratio:g}" + (f" ({bad} of {len(every)} diverged)" if bad else ""))
-        d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)   # a seed fixes the facts and the batches
+        _band(ax, *_eval_curve(vs), color=f"C{i}",
+              label=f"init x{init:g}, LR_B/LR_A {ratio:g}"
+                    + (f" ({bad} of {len(every)} diverged)" if bad else ""))
+        # a seed fixes the facts and the batches
+        d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)
         gap = "(the reference)" if vs[0]["plain"] else _est(d, lo, hi)
         if not vs[0]["plain"]:
-            claim("Only two of (alpha, init_A, LR_A, LR_B) matter",
+            claim(claims, "Only two of (alpha, init_A, LR_A, LR_B) matter",
                   f"init_A x {init:g}, LR_B / LR_A {ratio:g}: final loss minus "
-                  f"c = 1's ({bad} of {len(every)} seeds diverged; nats)", d, lo, hi, len(vs))
+                  f"c = 1's ({bad} of {len(every)} seeds diverged; nats)",
+                  d, lo=lo, hi=hi, seeds=len(vs))
         rows.append(f"{init:10g}  {ratio:10g}  {len(every):5}  {bad:8}  "
                     f"{np.mean([final_loss(r) for r in vs]):10.4f}  {gap}")
     ax.set(xlabel="step", ylabel="eval loss (nats/token; seed mean +-1 SE; step 0 not drawn)",
            title="The second direction alone: init_A / LR_A x c (alpha x init_A x LR_B fixed)")
     ax.legend()
-    return fig, "\n".join(rows)
+    return fig, "\n".join(rows), claims
 
 
 FIGURES = [("fig1_rank_curves.png", fig_rank_curves), ("fig2_lr_vs_loss.png", fig_lr_sweep),
-           ("fig3_batch_size.png", fig_batch_size), ("fig4_layers.png", fig_layers), ("fig5_rl.png", fig_rl),
-           ("fig6_early_rank.png", fig_early_rank), ("fig7_loss_vs_flops.png", fig_flops),
-           ("fig8_lora_norms.png", fig_norms), ("fig9_capacity.png", fig_capacity),
-           ("fig10_invariance.png", fig_invariance)]
+           ("fig3_batch_size.png", fig_batch_size), ("fig4_layers.png", fig_layers),
+           ("fig5_rl.png", fig_rl), ("fig6_early_rank.png", fig_early_rank),
+           ("fig7_loss_vs_flops.png", fig_flops), ("fig8_lora_norms.png", fig_norms),
+           ("fig9_capacity.png", fig_capacity), ("fig10_invariance.png", fig_invariance)]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0], allow_abbrev=False)
     p.add_argument("logs", nargs="?", default="out", help="folder holding <run>/log.jsonl")
     p.add_argument("--to", default=None, help="folder for the PNGs (default: the log folder)")
-    p.add_argument("--smooth", type=int, default=5, help="moving-average window (steps) for learning curves")
+    p.add_argument("--smooth", type=int, default=5,
+                   help="moving-average window (steps) for learning curves")
     a = p.parse_args(argv)
     if not Path(a.logs).is_dir():
         p.error(f"{a.logs} is not a folder: pass the --out folder of train_sft.py / train_rl.py")
     runs = load_runs(a.logs)
-    CLAIMS.clear()
-    print(f"{len(runs)} runs in {a.logs}; their training steps took {sum(r['ms'] for r in runs) / 3.6e6:.1f} hours "
+    claims = []
+    hours = sum(r["ms"] for r in runs) / 3.6e6
+    print(f"{len(runs)} runs in {a.logs}; their training steps took {hours:.1f} hours "
           "(the logged step times; evals, loading and caching not counted)")
     out = Path(a.to or a.logs)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, make in FIGURES:
-        # the facts runs feed their own figures, the batch study (the data with the most batch sizes wins) and
-        # the norms table (not its drawing)
+        # the facts runs feed their own figures, the batch study (the data with the most batch
+        # sizes wins) and the norms table (not its drawing)
+        on_facts = make in (fig_capacity, fig_invariance)
         mine = (runs if make in (fig_batch_size, fig_norms)
-                else [r for r in runs if bool(r["facts"]) == (make in (fig_capacity, fig_invariance))])
-        fig, text = make(mine, a.smooth)
+                else [r for r in runs if bool(r["facts"]) == on_facts])
+        fig, text, found = make(mine, a.smooth)
+        claims += found
         if fig is None:
             print(f"skip {name}: {text}")
             continue
         fig.savefig(out / name)
         written.append(out / name)
         print(f"wrote {out / name}\n" + "\n".join("  " + line for line in text.splitlines()))
-    # every figure above, as data: a reader's script can check a claim of the README without parsing its prose
+    # every figure above, as data: a reader's script can check a claim of the README without
+    # parsing its prose
     summary = out / "summary.json"   # beside the figures: nothing is written into the logs folder
-    summary.write_text(json.dumps({"runs": len(runs), "claims": CLAIMS}, indent=1) + "\n")
-    print(f"wrote {summary}: {len(CLAIMS)} measured figures (estimate, 95% interval, seeds, what the interval says)")
+    summary.write_text(json.dumps({"runs": len(runs), "claims": claims}, indent=1) + "\n")
+    print(f"wrote {summary}: {len(claims)} measured figures "
+          "(estimate, 95% interval, seeds, what the interval says)")
     return written
 
 

@@ -2,8 +2,8 @@
 Tests: CPU, offline (the default model comes from PyPI once), a few minutes in all.
 
     pytest test_lora.py                  # everything (CI, the README)
-    pytest test_lora.py -m "not slow"    # the quick subset while editing: no torchrun, kills, compile or
-                                           real-model training
+    pytest test_lora.py -m "not slow"    # the quick subset while editing: no torchrun, kills,
+                                           compile or real-model training
     pytest test_lora.py -k lora          # the tests whose names say lora
 
 Tiny random models check exact properties (equalities, invariances); the real default model
@@ -42,8 +42,9 @@ import train_rl
 import train_sft
 from lora import Config, Llama, UserError
 
-# the slowest tests (torchrun, the kill matrix, compile, the real model), left out by -m "not slow"; the
-# marker is declared here rather than in a config file, so pytest's unknown-marker warning is silenced
+# the slowest tests (torchrun, the kill matrix, compile, the real model), left out by
+# -m "not slow"; the marker is declared here rather than in a config file, so pytest's
+# unknown-marker warning is silenced
 warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
 slow = pytest.mark.slow
 
@@ -52,8 +53,9 @@ slow = pytest.mark.slow
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False)
+    base = dict(vocab_size=272, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rope_theta=10000.0, tie_word_embeddings=False)
     return Config(**{**base, **kw})
 
 
@@ -81,13 +83,14 @@ def tiny_vocab():
 
 def tiny_tokenizer_json():
     vocab = tiny_vocab()
-    added = [dict(id=len(vocab) + i, content=s, special=True, single_word=False, lstrip=False, rstrip=False,
-                  normalized=False) for i, s in enumerate(TINY_SPECIAL)]
+    added = [dict(id=len(vocab) + i, content=s, special=True, single_word=False, lstrip=False,
+                  rstrip=False, normalized=False) for i, s in enumerate(TINY_SPECIAL)]
     vocab.update({t["content"]: t["id"] for t in added})
-    return {"version": "1.0", "added_tokens": added, "normalizer": None,
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    merges = [f"{a} {b}" for a, b in TINY_MERGES]
+    return {"version": "1.0", "added_tokens": added, "normalizer": None, "pre_tokenizer": pre,
             "post_processor": None, "decoder": {"type": "ByteLevel"},
-            "model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in TINY_MERGES]}}
+            "model": {"type": "BPE", "vocab": vocab, "merges": merges}}
 
 
 def write_hf_folder(path, model):
@@ -95,17 +98,19 @@ def write_hf_folder(path, model):
     cfg = model.config
     config = dict(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                   intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                  num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-                  max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-                  rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings, eos_token_id=263)
+                  num_attention_heads=cfg.num_attention_heads,
+                  num_key_value_heads=cfg.num_key_value_heads,
+                  max_position_embeddings=cfg.max_position_embeddings,
+                  rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+                  tie_word_embeddings=cfg.tie_word_embeddings, eos_token_id=263)
     (path / "config.json").write_text(json.dumps(config))
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:  # tied checkpoints store the embedding once
         sd.pop("lm_head.weight")
     save_file(sd, path / "model.safetensors")
     (path / "tokenizer.json").write_text(json.dumps(tiny_tokenizer_json()))
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '<|im_start|>' }}",
-                                                            "eos_token": "<|im_end|>"}))
+    tok_config = {"chat_template": "{{ '<|im_start|>' }}", "eos_token": "<|im_end|>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
     return path
 
 
@@ -122,8 +127,8 @@ def write_jsonl(path, rows):
 def write_tokenizer_model(path):
     """A Llama 3 style tokenizer.model (base64 token, rank per line) of the tiny vocabulary."""
     vocab = tiny_vocab()
-    (path / "tokenizer.model").write_text("\n".join(f"{base64.b64encode(lora._token_bytes(t)).decode()} {i}"
-                                                    for t, i in vocab.items()))
+    lines = (f"{base64.b64encode(lora._token_bytes(t)).decode()} {i}" for t, i in vocab.items())
+    (path / "tokenizer.model").write_text("\n".join(lines))
     return vocab
 
 
@@ -134,15 +139,17 @@ def umask():
 
 
 def moe_config(**kw):
-    return tiny_config(**{**dict(num_hidden_layers=3, head_dim=16, qk_norm=True, model_type="qwen3_moe", num_experts=8,
-                                 num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-                                 decoder_sparse_step=1, mlp_only_layers=(1,)), **kw})
+    moe = dict(num_hidden_layers=3, head_dim=16, qk_norm=True, model_type="qwen3_moe",
+               num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+               decoder_sparse_step=1, mlp_only_layers=(1,))
+    return tiny_config(**{**moe, **kw})
 
 
-GSM8K_TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-              "How many clips did Natalia sell altogether in April and May?\nNatalia sold 48/2 = <<48/2=24>>24 clips "
-              "in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72  It costs "
-              "$1,080.50 (about 12%)!")
+GSM8K_TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+              "clips in May. How many clips did Natalia sell altogether in April and May?\n"
+              "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n"
+              "#### 72  It costs $1,080.50 (about 12%)!")
 
 
 def ids(n=24, batch=2, seed=1, vocab=260):
@@ -177,9 +184,10 @@ def test_architecture_variants_are_causal_and_their_cache_agrees():
     # scaling) changes the function, stays causal, and decodes from the KV cache as the full forward
     x = ids()
     plain = tiny_model()(x)
-    for kw in [dict(qk_norm=True, head_dim=32), dict(attention_bias=True), dict(tie_word_embeddings=True),
-               dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                      original_max_position_embeddings=16))]:
+    llama3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+    for kw in [dict(qk_norm=True, head_dim=32), dict(attention_bias=True),
+               dict(tie_word_embeddings=True),
+               dict(rope_scaling=dict(**llama3, original_max_position_embeddings=16))]:
         model = tiny_model(**kw)
         if "attention_bias" in kw:
             for n, p in model.named_parameters():
@@ -190,21 +198,23 @@ def test_architecture_variants_are_causal_and_their_cache_agrees():
         torch.testing.assert_close(model(x[:, :10]), full[:, :10], rtol=1e-5, atol=1e-5)
         cache = lora.KVCache(model.config, len(x), x.shape[1], "cpu", torch.float32)
         model(x[:, :-1], cache=cache)
-        torch.testing.assert_close(model(x[:, -1:], cache=cache)[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(x[:, -1:], cache=cache)[:, -1], full[:, -1],
+                                   rtol=1e-4, atol=1e-4)
     # llama3 scaling keeps the highest frequencies and divides the lowest by the factor
-    cfg = tiny_config(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                        original_max_position_embeddings=64))
+    cfg = tiny_config(rope_scaling=dict(**llama3, original_max_position_embeddings=64))
     plain, scaled = lora.rope_inv_freq(tiny_config()), lora.rope_inv_freq(cfg)
     assert scaled[0] == plain[0] and torch.isclose(scaled[-1], plain[-1] / 8)
 
 
 def test_config_from_hf_qwen2_and_qwen3_flags():
-    d = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
-    q2, q3 = Config.from_hf({**d, "model_type": "qwen2"}), Config.from_hf({**d, "model_type": "qwen3", "head_dim": 16})
+    d = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+             num_attention_heads=2)
+    q2 = Config.from_hf({**d, "model_type": "qwen2"})
+    q3 = Config.from_hf({**d, "model_type": "qwen3", "head_dim": 16})
     assert (q2.attention_bias, q2.o_proj_bias, q2.qk_norm) == (True, False, False)
     assert (q3.attention_bias, q3.qk_norm, q3.head_dim) == (False, True, 16)
-    assert Config.from_hf({**d, "model_type": "llama",
-                           "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}).rope_theta == 5e5
+    rope = {"rope_theta": 5e5, "rope_type": "default"}
+    assert Config.from_hf({**d, "model_type": "llama", "rope_parameters": rope}).rope_theta == 5e5
 
 
 # -----------------------------------------------------------------------------
@@ -212,8 +222,8 @@ def test_config_from_hf_qwen2_and_qwen3_flags():
 
 
 BANNER = "# -----------------------------------------------------------------------------\n"
-TORCH_ONLY = ("import math, re\nfrom dataclasses import asdict, dataclass\nimport torch\nimport torch.nn as nn\n"
-              "import torch.nn.functional as F\n")
+TORCH_ONLY = ("import math, re\nfrom dataclasses import asdict, dataclass\n"
+              "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n")
 
 
 def lora_py_block(first, stop):
@@ -227,7 +237,8 @@ def test_the_model_and_the_lora_core_each_copy_out_as_one_block_that_runs_with_t
     # The copy-paste promise: each block, pasted alone under torch's imports, works.
     model_src = lora_py_block("class UserError", BANNER + "# LoRA:")
     core_src = lora_py_block(BANNER + "# LoRA:", BANNER + "# PEFT adapters")
-    assert "class Llama" in model_src and "class KVCache" in model_src and "def apply_lora" in core_src
+    assert "class Llama" in model_src and "class KVCache" in model_src
+    assert "def apply_lora" in core_src
     m = {}
     exec(TORCH_ONLY + model_src, m)
     cfg = m["Config"](**asdict(tiny_config()))
@@ -237,14 +248,16 @@ def test_the_model_and_the_lora_core_each_copy_out_as_one_block_that_runs_with_t
     x = ids()
     assert torch.equal(copied(x), ours(x))
     cache = m["KVCache"](cfg, 2, 40, "cpu", torch.float32)
-    torch.testing.assert_close(copied(x, cache=cache, last_only=True)[:, -1], copied(x)[:, -1], rtol=1e-5, atol=1e-5)
+    last = copied(x, cache=cache, last_only=True)[:, -1]
+    torch.testing.assert_close(last, copied(x)[:, -1], rtol=1e-5, atol=1e-5)
     core = {}
     exec(TORCH_ONLY + "class UserError(ValueError):\n    pass\n" + core_src, core)
     seq = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     inp = torch.randn(5, 8)
     before = seq(inp)
     core["apply_lora"](seq, rank=2)  # no Llama names: every nn.Linear (layers="linear")
-    assert torch.equal(seq(inp), before) and core["count_parameters"](seq) == 2 * (8 + 16) + 2 * (16 + 4)
+    assert torch.equal(seq(inp), before)
+    assert core["count_parameters"](seq) == 2 * (8 + 16) + 2 * (16 + 4)
     for mod in core["lora_modules"](seq).values():
         nn.init.normal_(mod.lora_B.weight)
     adapted = seq(inp)
@@ -252,7 +265,8 @@ def test_the_model_and_the_lora_core_each_copy_out_as_one_block_that_runs_with_t
     torch.testing.assert_close(core["merge_lora"](seq)(inp), adapted, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(core["unmerge_lora"](seq)(inp), adapted, rtol=1e-5, atol=1e-5)
     core["apply_lora"](copied, 4, layers="mlp")  # and the core on the copied model
-    assert torch.equal(copied(x), ours(x)) and len(core["lora_modules"](copied)) == 3 * cfg.num_hidden_layers
+    assert torch.equal(copied(x), ours(x))
+    assert len(core["lora_modules"](copied)) == 3 * cfg.num_hidden_layers
 
 
 def test_every_line_fits_in_120_characters_and_standard_imports_sit_at_the_top():
@@ -279,8 +293,10 @@ def test_lora_init_matches_the_post():
     model = lora.apply_lora(tiny_model(), rank=8)
     m = model.model.layers[0].mlp.down_proj
     bound = 1 / math.sqrt(m.in_features)
-    assert m.scale == 32 / 8 and m.lora_A.weight.abs().max() <= bound and m.lora_A.weight.abs().max() > 0.9 * bound
-    assert m.lora_A.weight.shape == (8, 96) and m.lora_B.weight.shape == (64, 8) and not m.lora_B.weight.any()
+    largest = m.lora_A.weight.abs().max()
+    assert m.scale == 32 / 8 and largest <= bound and largest > 0.9 * bound
+    assert m.lora_A.weight.shape == (8, 96) and m.lora_B.weight.shape == (64, 8)
+    assert not m.lora_B.weight.any()
 
 
 def randomize_lora(model, std=0.05):
@@ -312,14 +328,17 @@ def test_merged_copy_samples_like_the_adapters_and_leaves_the_model_untouched():
     before = {n: p.clone() for n, p in model.state_dict().items()}
     x = ids()
     copy1 = lora.merged_copy(model)
-    assert not lora.lora_modules(copy1) and copy1.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared
+    assert not lora.lora_modules(copy1)
+    assert copy1.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared
     torch.testing.assert_close(copy1(x), model(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         for m in lora.lora_modules(model).values():
-            m.lora_B.weight.mul_(-2)  # the adapters move (a training step); the copy follows when refreshed
+            # the adapters move (a training step); the copy follows when refreshed
+            m.lora_B.weight.mul_(-2)
     assert lora.merged_copy(model, copy1) is copy1
     torch.testing.assert_close(copy1(x), model(x), rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items() if "lora_" not in n)  # no drift
+    # no drift
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items() if "lora_" not in n)
 
 
 def test_merge_does_not_change_tied_input_embedding():
@@ -334,9 +353,11 @@ def test_merge_does_not_change_tied_input_embedding():
 
 
 def lora_training_curve(alpha, init_scale, lr_a, lr_b, steps=12):
-    """Losses of a float64 tiny model trained with LoRA under Adam with eps ~ 0 (scale-free updates)."""
+    """Losses of a float64 tiny model trained with LoRA under Adam with eps ~ 0
+    (scale-free updates)."""
     torch.manual_seed(0)
-    model = lora.apply_lora(tiny_model().double(), 4, alpha=alpha, init_scale=init_scale, dtype=torch.float64).train()
+    model = lora.apply_lora(tiny_model().double(), 4, alpha=alpha, init_scale=init_scale,
+                            dtype=torch.float64).train()
     opt = torch.optim.Adam(lora.lora_param_groups(model, lr_a, lr_b / lr_a), eps=1e-30)
     x, out = ids(batch=3, seed=4), []
     for _ in range(steps):
@@ -358,8 +379,10 @@ def test_the_posts_lora_invariance_and_the_two_directions_that_matter():
     for p, q in ((4.0, 0.25), (0.1, 3.0), (2.0, 2.0)):
         moved = lora_training_curve(32 / (p * q), p, p * 1e-2, q * 1e-2)
         assert np.allclose(moved, ref, rtol=1e-9, atol=0), (p, q)
-    first = lora_training_curve(32 * 4, 1.0, 1e-2, 1e-2)    # alpha x init_A x LR_B up 4x, init_A / LR_A kept
-    second = lora_training_curve(32 / 4, 4.0, 1e-2, 1e-2)   # init_A / LR_A up 4x, alpha x init_A x LR_B kept
+    # first: alpha x init_A x LR_B up 4x, init_A / LR_A kept;
+    # second: init_A / LR_A up 4x, alpha x init_A x LR_B kept
+    first = lora_training_curve(32 * 4, 1.0, 1e-2, 1e-2)
+    second = lora_training_curve(32 / 4, 4.0, 1e-2, 1e-2)
     for other in (first, second):
         assert abs(other[-1] - ref[-1]) > 1e-3, (other[-1], ref[-1])
 
@@ -399,25 +422,30 @@ def test_separate_learning_rates_for_a_and_b():
 
 def test_adapter_save_then_load_reproduces_outputs(tmp_path):
     model, x = tiny_model(), ids()
-    lora.apply_lora(model, rank=4, layers=["q_proj", "v_proj", "model.layers.1.mlp.up_proj"], lm_head=True)
+    lora.apply_lora(model, rank=4, layers=["q_proj", "v_proj", "model.layers.1.mlp.up_proj"],
+                    lm_head=True)
     randomize_lora(model)
     lora.save_adapter(model, tmp_path, base_model="tiny")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 32 and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 32
+    assert cfg["task_type"] == "CAUSAL_LM"
     assert cfg["target_modules"] == ["q_proj", "v_proj", "model.layers.1.mlp.up_proj", "lm_head"]
     from safetensors.torch import load_file
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 2 * 6
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == 2 * 6
     fresh = lora.load_adapter(tiny_model(), tmp_path)  # applies the same layout, then loads
     assert torch.equal(fresh(x), model(x))
 
 
 def test_lora_on_any_module_saves_and_loads_as_peft(tmp_path):
     # a module with none of Llama's names: every nn.Linear is adapted (minLoRA's default) but
-    # MultiheadAttention's out_proj, whose weight it reads directly (no forward call: an adapter there
-    # would do nothing), and the PEFT folder round-trips into a fresh copy; no name_or_path is recorded
+    # MultiheadAttention's out_proj, whose weight it reads directly (no forward call: an adapter
+    # there would do nothing), and the PEFT folder round-trips into a fresh copy; no name_or_path
+    # is recorded
     torch.manual_seed(0)
-    make = lambda: nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    make = lambda: nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0,
+                                              batch_first=True)
     layer, x = make(), torch.randn(3, 5, 16)
     fresh = make()
     fresh.load_state_dict(layer.state_dict())
@@ -426,11 +454,13 @@ def test_lora_on_any_module_saves_and_loads_as_peft(tmp_path):
     randomize_lora(layer)
     lora.save_adapter(layer, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] is None and cfg["target_modules"] == ["linear1", "linear2"]
+    assert cfg["base_model_name_or_path"] is None
+    assert cfg["target_modules"] == ["linear1", "linear2"]
     lora.load_adapter(fresh, tmp_path)
     assert torch.equal(fresh(x), layer(x)) and not torch.equal(fresh(x), make()(x))
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    assert len(lora.lora_modules(lora.apply_lora(mlp, 2))) == 2   # "all" on a module without Llama's names
+    # "all" on a module without Llama's names
+    assert len(lora.lora_modules(lora.apply_lora(mlp, 2))) == 2
 
 
 def test_adapter_for_another_model_is_refused(tmp_path):
@@ -465,7 +495,8 @@ L = lambda i, m: f"model.layers.{i}.{m}"  # noqa: E731
     (dict(target_modules=[L(0, "mlp.up_proj"), "v_proj"], layers_to_transform=[1]),
      [L(0, "mlp.up_proj"), L(1, "self_attn.v_proj")]),
     (dict(target_modules="all-linear"),
-     sorted(n for n, m in tiny_model().named_modules() if isinstance(m, nn.Linear) and n != "lm_head")),
+     sorted(n for n, m in tiny_model().named_modules()
+            if isinstance(m, nn.Linear) and n != "lm_head")),
 ])
 def test_load_adapter_follows_peft_target_rules(tmp_path, extra, want):
     src = lora.apply_lora(tiny_model(), rank=4, layers=want)
@@ -494,9 +525,11 @@ def test_load_adapter_refuses_what_it_cannot_honour(tmp_path, extra, match):
         lora.load_adapter(tiny_model(), tmp_path)
 
 
-@pytest.mark.parametrize("fields,want", [({}, "tiny.gguf"), ({"general.name": "Tiny Model 1B"}, "tiny.gguf"),
-                                         ({"general.name": "someorg/tiny-1b"}, "someorg/tiny-1b"),
-                                         ({"general.repo_url": "https://huggingface.co/org2/tiny"}, "org2/tiny")])
+@pytest.mark.parametrize("fields,want", [
+    ({}, "tiny.gguf"), ({"general.name": "Tiny Model 1B"}, "tiny.gguf"),
+    ({"general.name": "someorg/tiny-1b"}, "someorg/tiny-1b"),
+    ({"general.repo_url": "https://huggingface.co/org2/tiny"}, "org2/tiny"),
+])
 def test_adapter_records_a_base_peft_can_open(tmp_path, monkeypatch, fields, want):
     import gguf
     writer = gguf.GGUFWriter
@@ -510,7 +543,8 @@ def test_adapter_records_a_base_peft_can_open(tmp_path, monkeypatch, fields, wan
     monkeypatch.setattr(gguf, "GGUFWriter", with_fields)
     model, _ = lora.load_model(write_gguf(tmp_path / "tiny.gguf", tiny_model()))
     lora.save_adapter(lora.apply_lora(model, rank=2), tmp_path / "ad")
-    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == want
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == want
 
 
 @slow
@@ -520,16 +554,19 @@ def test_default_model_records_its_hub_id(smol):
 
 def test_lm_head_adapter_on_tied_base_warns(tmp_path):
     tied = lora.apply_lora(tiny_model(tie_word_embeddings=True), rank=2, lm_head=True)
-    with pytest.warns(UserWarning, match="tied embeddings.*untied base or without an lm_head adapter"):
+    with pytest.warns(UserWarning,
+                      match="tied embeddings.*untied base or without an lm_head adapter"):
         lora.save_adapter(tied, tmp_path / "a")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lora.save_adapter(lora.apply_lora(tiny_model(), rank=2, lm_head=True), tmp_path / "b")
-        lora.save_adapter(lora.apply_lora(tiny_model(tie_word_embeddings=True), rank=2), tmp_path / "c")
+        tied_no_head = lora.apply_lora(tiny_model(tie_word_embeddings=True), rank=2)
+        lora.save_adapter(tied_no_head, tmp_path / "c")
 
 
 def test_merge_lora_unties_any_shared_weight_without_knowing_names():
-    class TinyLM(nn.Module):  # no .model.embed_tokens: the LoRA section must not assume Llama's names
+    # no .model.embed_tokens: the LoRA section must not assume Llama's names
+    class TinyLM(nn.Module):
         def __init__(self):
             super().__init__()
             self.wte, self.proj = nn.Embedding(50, 16), nn.Linear(16, 16)
@@ -566,7 +603,8 @@ def test_hf_folder_loads_and_matches(tmp_path):
     write_hf_folder(tmp_path, model)
     loaded, tok = lora.load_model(tmp_path)
     assert torch.equal(loaded(x), model(x))
-    assert tok.encode(" the") == [tiny_vocab()["Ġthe"]] and tok.decode(tok.encode("in the sea!")) == "in the sea!"
+    assert tok.encode(" the") == [tiny_vocab()["Ġthe"]]
+    assert tok.decode(tok.encode("in the sea!")) == "in the sea!"
     assert tok.stop_ids == [263]
     assert tok.chat_format == "chatml" and tok.encode("<|im_end|>") == [263]
 
@@ -578,17 +616,21 @@ def test_sharded_hf_folder_loads(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     half = sorted(sd)[: len(sd) // 2]
     save_file({k: sd[k] for k in half}, tmp_path / "model-00001-of-00002.safetensors")
-    save_file({k: sd[k] for k in sd if k not in half}, tmp_path / "model-00002-of-00002.safetensors")
+    save_file({k: sd[k] for k in sd if k not in half},
+              tmp_path / "model-00002-of-00002.safetensors")
     index = {k: f"model-0000{1 if k in half else 2}-of-00002.safetensors" for k in sd}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     loaded, _ = lora.load_model(tmp_path, dtype="bfloat16")
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and loaded.lm_head.weight.dtype == torch.bfloat16
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
     assert torch.allclose(loaded(x).float(), model(x), atol=0.15)
 
 
 def permute_for_gguf(w, n_head):
-    """What llama.cpp's converter does to q/k rows of a 'llama' model (interleave the two halves)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """What llama.cpp's converter does to q/k rows of a 'llama' model
+    (interleave the two halves)."""
+    halves = w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+    return halves.swapaxes(1, 2).reshape(w.shape)
 
 
 def write_gguf(path, model, qtype="F32", bad_tensor=False):
@@ -604,7 +646,8 @@ def write_gguf(path, model, qtype="F32", bad_tensor=False):
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     vocab = tiny_vocab()
-    tokens = list(vocab) + TINY_SPECIAL + [f"[PAD{i}]" for i in range(cfg.vocab_size - len(vocab) - 3)]
+    pads = [f"[PAD{i}]" for i in range(cfg.vocab_size - len(vocab) - 3)]
+    tokens = list(vocab) + TINY_SPECIAL + pads
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
@@ -615,12 +658,14 @@ def write_gguf(path, model, qtype="F32", bad_tensor=False):
     for name, t in model.state_dict().items():
         t = t.numpy()
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            t = permute_for_gguf(t, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            t = permute_for_gguf(t, heads)
         if name.startswith("model.layers."):
             i, rest = name.split(".")[2], ".".join(name.split(".")[3:-1])
             gname = f"blk.{i}.{names[rest]}.weight"
         else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            gname = {"model.embed_tokens.weight": "token_embd.weight",
+                     "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
         if t.ndim == 2 and qtype != "F32":
             q = gguf.GGMLQuantizationType[qtype]
@@ -651,7 +696,8 @@ def test_gguf_quantised_weights_dequantise_exactly(tmp_path, qtype):
     with torch.no_grad():  # make the weights exactly what the quantised file will hold
         for n, p in model.named_parameters():
             if p.ndim == 2:
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q), q)))
+                quantised = gguf.quants.quantize(p.numpy(), q)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(quantised, q)))
     loaded, _ = lora.load_model(write_gguf(tmp_path / "tiny.gguf", model, qtype))
     assert torch.allclose(loaded(x), model(x), atol=1e-5)
 
@@ -659,11 +705,14 @@ def test_gguf_quantised_weights_dequantise_exactly(tmp_path, qtype):
 def test_llama3_tokenizer_model(tmp_path):
     vocab = write_tokenizer_model(tmp_path)
     tok = lora.load_tokenizer(tmp_path)
-    assert tok.bos_id == len(vocab) and tok.encode(" the") == [tok.bos_id, vocab["Ġthe"]]  # HF's Llama 3 default
+    # HF's Llama 3 default
+    assert tok.bos_id == len(vocab) and tok.encode(" the") == [tok.bos_id, vocab["Ġthe"]]
     assert tok.encode(" the", bos=False) == [vocab["Ġthe"]]
     assert tok.chat_format == "llama3" and tok.stop_ids == [len(vocab) + 1, len(vocab) + 9]
-    ids_, mask = tok.render_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " the "}])
-    assert ids_[0] == tok.bos_id and tok.decode([i for i, m in zip(ids_, mask) if m]) == "the<|eot_id|>"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " the "}]
+    ids_, mask = tok.render_chat(chat)
+    learned = [i for i, m in zip(ids_, mask) if m]
+    assert ids_[0] == tok.bos_id and tok.decode(learned) == "the<|eot_id|>"
 
 
 # -----------------------------------------------------------------------------
@@ -672,7 +721,8 @@ def test_llama3_tokenizer_model(tmp_path):
 # (reference figures were checked against transformers 5 / PEFT 0.21; nothing here imports them)
 
 TEXTS = [GSM8K_TEXT, "12345678901234567890 3.14 -42 1e-5 0x1F 2024-01-02",
-         "Héllo wörld — naïve café, 日本語, 🤖🎉, Ελληνικά, e\u0301 (combining), ﬁ Å",
+         ("Héllo wörld — naïve café, 日本語, 🤖🎉, Ελληνικά, "
+          "e\u0301 (combining), ﬁ Å"),
          "   leading\n\n\n\ttabs\t\t and   runs    of spaces   \r\n trailing   ",
          "def f(x):\n    return [i**2 for i in range(x) if i % 2 == 0]  # sq\n\nclass A:\n\tpass\n",
          "<|im_start|>user\nhi<|im_end|>\n don't I'M we'LL", "", " ", "\n"]
@@ -686,25 +736,30 @@ TEXTS = [GSM8K_TEXT, "12345678901234567890 3.14 -42 1e-5 0x1F 2024-01-02",
 def test_gguf_default_saved_with_tokenizer_reloads_identically(smol, tmp_path):
     model, tok = smol
     lora.save_model(model, tmp_path, tokenizer=tok)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors",
-                                            "tokenizer.json", "tokenizer_config.json"]
+    files = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json"]
+    assert sorted(os.listdir(tmp_path)) == files
     for f in os.listdir(tmp_path):  # not mkstemp's 0600
         assert os.stat(tmp_path / f).st_mode & 0o777 == 0o666 & ~umask(), f
     model2, tok2 = lora.load_model(tmp_path)
     for s in TEXTS:
         assert tok2.encode(s) == tok.encode(s), s
-    assert tok2.render_chat(CHAT, add_generation_prompt=True) == tok.render_chat(CHAT, add_generation_prompt=True)
-    assert (tok2.stop_ids, tok2.bos_id, tok2.eos_id, tok2.add_bos, tok2.nfc, tok2.pattern, tok2.chat_template) == \
-           (tok.stop_ids, tok.bos_id, tok.eos_id, tok.add_bos, tok.nfc, tok.pattern, tok.chat_template)
+    assert (tok2.render_chat(CHAT, add_generation_prompt=True)
+            == tok.render_chat(CHAT, add_generation_prompt=True))
+    fields = lambda t: (t.stop_ids, t.bos_id, t.eos_id, t.add_bos, t.nfc, t.pattern,
+                        t.chat_template)
+    assert fields(tok2) == fields(tok)
     x = torch.tensor([tok.encode(GSM8K_TEXT)[:40]])
     with torch.no_grad():
         assert torch.equal(model2(x), model(x))
     tj = json.loads((tmp_path / "tokenizer.json").read_text())
     tc = json.loads((tmp_path / "tokenizer_config.json").read_text())
     # SmolLM2's own tokenizer.json: 48,900 merges, Digits + ByteLevel, <|im_start|>/<|im_end|>
-    assert len(tj["model"]["merges"]) == 48900 and tj["model"]["merges"][:3] == ["Ġ t", "Ġ a", "i n"]
+    merges = tj["model"]["merges"]
+    assert len(merges) == 48900 and merges[:3] == ["Ġ t", "Ġ a", "i n"]
     assert [p["type"] for p in tj["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
-    assert tj["post_processor"]["type"] == "ByteLevel" and all(t["special"] for t in tj["added_tokens"])
+    assert tj["post_processor"]["type"] == "ByteLevel"
+    assert all(t["special"] for t in tj["added_tokens"])
     assert ((tc["bos_token"], tc["eos_token"], tc["add_bos_token"], tc["model_max_length"])
             == ("<|im_start|>", "<|im_end|>", False, 8192))
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == 2
@@ -715,12 +770,14 @@ def test_merges_rebuilt_from_ranks():
     assert tok.merges() == [tuple(lora._token_bytes(p) for p in m) for m in TINY_MERGES]
 
 
-@pytest.mark.parametrize("pattern", ["GPT2_PATTERN", "DIGITS_PATTERN", "LLAMA3_PATTERN", "QWEN2_PATTERN"])
+@pytest.mark.parametrize("pattern", ["GPT2_PATTERN", "DIGITS_PATTERN", "LLAMA3_PATTERN",
+                                     "QWEN2_PATTERN"])
 @pytest.mark.parametrize("nfc,add_bos", [(False, False), (True, True)])
 def test_tokenizer_json_round_trip_keeps_pattern_nfc_and_bos(tmp_path, pattern, nfc, add_bos):
     src = lora.tokenizer_from_json(tiny_tokenizer_json())
-    tok = lora.Tokenizer(src.ranks, src.special, getattr(lora, pattern), src.special["<|endoftext|>"], [],
-                         "{{ '<|im_start|>' }}", nfc=nfc, add_bos=add_bos)
+    tok = lora.Tokenizer(src.ranks, src.special, getattr(lora, pattern),
+                         src.special["<|endoftext|>"], [], "{{ '<|im_start|>' }}",
+                         nfc=nfc, add_bos=add_bos)
     tok.save_hf(tmp_path)
     back = lora.load_tokenizer(tmp_path)
     assert (back.pattern, back.nfc, back.add_bos, back.bos_id, back.stop_ids, back.chat_format) == \
@@ -740,7 +797,8 @@ def test_llama3_tokenizer_model_gets_a_real_template(tmp_path):
     tok = lora.load_tokenizer(tmp_path)
     tok.save_hf(tmp_path / "out")
     tc = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
-    import jinja2  # transformers renders with jinja2: the written template gives what render_chat encodes
+    # transformers renders with jinja2: the written template gives what render_chat encodes
+    import jinja2
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " the "}]
     text = jinja2.Template(tc["chat_template"]).render(messages=chat, bos_token=tc["bos_token"],
                                                        add_generation_prompt=False)
@@ -763,9 +821,10 @@ def test_save_model_still_copies_tokenizer_files_from_a_folder(tmp_path):
 # with the single token "\n\n\n" (16506), and " 12" after "user\n" with "\n " (3805)
 WS_CHAT = [{"role": "user", "content": " 12+30?"}, {"role": "assistant", "content": "\n\n42 "},
            {"role": "user", "content": "\tok"}, {"role": "assistant", "content": ""}]
-WS_CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182,
-               2, 198, 1, 4093, 3805, 33, 34, 27, 35, 32, 47, 2, 198, 1, 520, 9531, 16506, 36, 34, 216, 2, 198, 1, 4093,
-               198, 197, 2231, 2, 198, 1, 520, 9531, 198, 2, 198]
+WS_CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
+               411, 407, 19712, 8182, 2, 198, 1, 4093, 3805, 33, 34, 27, 35, 32, 47, 2, 198, 1, 520,
+               9531, 16506, 36, 34, 216, 2, 198, 1, 4093, 198, 197, 2231, 2, 198, 1, 520, 9531, 198,
+               2, 198]
 
 
 @slow
@@ -773,12 +832,15 @@ def test_render_chat_matches_apply_chat_template_on_whitespace(smol):
     _, tok = smol
     ids_, mask = tok.render_chat(WS_CHAT)
     assert ids_ == WS_CHAT_IDS
-    # the straddling "\n\n\n" holds answer characters, so it is learned; the empty answer learns its <|im_end|> only
-    assert [tok.decode([i]) for i, m in zip(ids_, mask) if m] == ["\n\n\n", "4", "2", " ", "<|im_end|>", "<|im_end|>"]
+    # the straddling "\n\n\n" holds answer characters, so it is learned; the empty answer learns
+    # its <|im_end|> only
+    learned = [tok.decode([i]) for i, m in zip(ids_, mask) if m]
+    assert learned == ["\n\n\n", "4", "2", " ", "<|im_end|>", "<|im_end|>"]
     assert tok.render_chat(CHAT, add_generation_prompt=True)[0] == CHAT_IDS
 
 
-@pytest.mark.parametrize("content", ["  two spaces", "\n\nnewlines", "trailing  \n", "", "42 is it", "\t\ttab", " "])
+@pytest.mark.parametrize("content", ["  two spaces", "\n\nnewlines", "trailing  \n", "", "42 is it",
+                                     "\t\ttab", " "])
 @slow
 def test_render_chat_equals_encoding_the_rendered_template(smol, content):
     import jinja2
@@ -790,13 +852,15 @@ def test_render_chat_equals_encoding_the_rendered_template(smol, content):
     assert ids_ == tok.encode(text)
     # masked tokens cover exactly the answer and its <|im_end|>, give or take one straddling token
     learned = tok.decode([i for i, m in zip(ids_, mask) if m])
-    assert learned.endswith(content + "<|im_end|>") and len(learned) <= len(content + "<|im_end|>") + 1
+    assert learned.endswith(content + "<|im_end|>")
+    assert len(learned) <= len(content + "<|im_end|>") + 1
 
 
 def test_llama3_render_chat_strips_and_encodes_digits_after_header():
     vocab = tiny_vocab()
-    special = {s: len(vocab) + i for i, s in enumerate(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                                                         "<|end_header_id|>", "<|eot_id|>"])}
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+             "<|eot_id|>"]
+    special = {s: len(vocab) + i for i, s in enumerate(names)}
     ranks = {lora._token_bytes(t): i for t, i in vocab.items()}
     tok = lora.Tokenizer(ranks, special, lora.LLAMA3_PATTERN, special["<|begin_of_text|>"],
                          [special["<|end_of_text|>"]], "<|start_header_id|>", add_bos=True)
@@ -811,7 +875,8 @@ def test_llama3_render_chat_strips_and_encodes_digits_after_header():
 
 def llama3_tiny_tokenizer():
     vocab = tiny_vocab()
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+             "<|eot_id|>"]
     special = {s: len(vocab) + i for i, s in enumerate(names)}
     ranks = {lora._token_bytes(t): i for t, i in vocab.items()}
     return lora.Tokenizer(ranks, special, lora.LLAMA3_PATTERN, special["<|begin_of_text|>"],
@@ -820,16 +885,21 @@ def llama3_tiny_tokenizer():
 
 @pytest.mark.parametrize("fmt", ["chatml", "llama3"])
 def test_special_strings_in_message_content_stay_text(tmp_path, fmt):
-    tok = lora.load_model(write_hf_folder(tmp_path, tiny_model()))[1] if fmt == "chatml" else llama3_tiny_tokenizer()
+    if fmt == "chatml":
+        tok = lora.load_model(write_hf_folder(tmp_path, tiny_model()))[1]
+    else:
+        tok = llama3_tiny_tokenizer()
     assert tok.chat_format == fmt
-    forged = "".join(tok.special)  # every control string of the vocabulary, as a scraped row might hold them
+    # every control string of the vocabulary, as a scraped row might hold them
+    forged = "".join(tok.special)
     answer = f"the{forged}sea"
     chat = [{"role": "system", "content": "s" + forged}, {"role": "user", "content": forged + "in"},
             {"role": "assistant", "content": answer}]
     plain = [{**m, "content": m["content"].replace(forged, "")} for m in chat]
     controls = lambda ids_: [i for i in ids_ if i in tok.special.values()]
     ids_, mask = tok.render_chat(chat)
-    assert controls(ids_) == controls(tok.render_chat(plain)[0])  # data cannot add or move a turn boundary
+    # data cannot add or move a turn boundary
+    assert controls(ids_) == controls(tok.render_chat(plain)[0])
     eot = "<|im_end|>" if fmt == "chatml" else "<|eot_id|>"
     learned = [i for i, m in zip(ids_, mask) if m]
     assert tok.decode(learned) == answer + eot and controls(learned) == [tok.special[eot]]
@@ -846,7 +916,8 @@ def test_saved_config_says_no_sliding_window(tmp_path, mt):
     model = tiny_model(model_type=mt, qk_norm=mt == "qwen3", attention_bias=mt == "qwen2")
     lora.save_model(model, tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
-    assert "sliding_window" in d and d["sliding_window"] is None  # absent would read as 4096 in MistralConfig
+    # absent would read as 4096 in MistralConfig
+    assert "sliding_window" in d and d["sliding_window"] is None
     assert d.get("use_sliding_window", False) is False
     assert lora.Config.from_hf(d) == model.config
 
@@ -870,14 +941,17 @@ def test_cached_greedy_equals_uncached_for_a_padded_batch():
     for p, o, lp in zip(prompts, out, logprobs):
         assert o == greedy_by_full_forward(model, p, 12)
         full = torch.log_softmax(model(torch.tensor([p + o]))[0, len(p) - 1:-1], -1)
-        assert torch.allclose(torch.tensor(lp, dtype=torch.float64), full[range(len(o)), o], atol=1e-6)
+        got = torch.tensor(lp, dtype=torch.float64)
+        assert torch.allclose(got, full[range(len(o)), o], atol=1e-6)
 
 
 def test_sampling_stops_at_stop_ids_and_respects_seed():
     model = tiny_model()
     g = lambda: torch.Generator().manual_seed(0)
-    a, _ = lora.generate(model, [[1, 2, 3]] * 8, 30, temperature=1.0, generator=g(), stop_ids=[7, 8, 9])
-    b, _ = lora.generate(model, [[1, 2, 3]] * 8, 30, temperature=1.0, generator=g(), stop_ids=[7, 8, 9])
+    a, _ = lora.generate(model, [[1, 2, 3]] * 8, 30, temperature=1.0, generator=g(),
+                         stop_ids=[7, 8, 9])
+    b, _ = lora.generate(model, [[1, 2, 3]] * 8, 30, temperature=1.0, generator=g(),
+                         stop_ids=[7, 8, 9])
     assert a == b and len(set(map(tuple, a))) > 1
     for o in a:
         assert all(t not in (7, 8, 9) for t in o[:-1]) and (o[-1] in (7, 8, 9) or len(o) == 30)
@@ -891,10 +965,12 @@ def test_compacted_sampling_draws_the_same_tokens_and_logprobs():
     # batch must not change any row's tokens or log-probabilities: each row's draw is its own.
     model = tiny_model().double()
     with torch.no_grad():
-        model.lm_head.weight[7] += 0.4 * model.model.norm.weight.sign() / model.model.norm.weight.abs()
+        norm = model.model.norm.weight
+        model.lm_head.weight[7] += 0.4 * norm.sign() / norm.abs()
     prompts = [[5, 9, 200], [7], [100, 101, 102, 3], [7], [1, 2]] * 4
-    run = lambda compact: lora.generate(model, prompts, 24, temperature=1.0, stop_ids=[7], compact=compact,
-                                        generator=torch.Generator().manual_seed(3))
+    g = lambda: torch.Generator().manual_seed(3)
+    run = lambda compact: lora.generate(model, prompts, 24, temperature=1.0, stop_ids=[7],
+                                        compact=compact, generator=g())
     (a, la), (b, lb) = run(True), run(False)
     assert a == b and 1 < len({len(o) for o in a}) and min(map(len, a)) < 24
     for x, y in zip(la, lb):
@@ -902,12 +978,14 @@ def test_compacted_sampling_draws_the_same_tokens_and_logprobs():
 
 
 def test_compiled_decode_step_is_one_graph_per_generation_and_draws_the_eager_tokens():
-    # compile_decode: a static cache and device-side positions give every decode step one shape, so a
-    # generation compiles one graph (fullgraph: no break) and, in one 128-slot bucket, the next reuses it
+    # compile_decode: a static cache and device-side positions give every decode step one shape,
+    # so a generation compiles one graph (fullgraph: no break) and, in one 128-slot bucket, the
+    # next reuses it
     from torch._dynamo.testing import CompileCounter
     model = tiny_model().double()
     with torch.no_grad():
-        model.lm_head.weight[7] += 0.4 * model.model.norm.weight.sign() / model.model.norm.weight.abs()
+        norm = model.model.norm.weight
+        model.lm_head.weight[7] += 0.4 * norm.sign() / norm.abs()
     prompts = [[5, 9, 200], [7], [100, 101, 102, 3], [1, 2]] * 2
     counter = CompileCounter()
     step = lora.compile_decode(backend=counter)
@@ -917,13 +995,15 @@ def test_compiled_decode_step_is_one_graph_per_generation_and_draws_the_eager_to
         (a, la), (b, lb) = run(), run(decode=step)
         assert a == b and 1 < len({len(o) for o in a})
         assert max(abs(x - y) for r, q in zip(la, lb) for x, y in zip(r, q)) < 1e-9
-    assert counter.frame_count == 1                      # both generations, all their tokens: one graph
+    assert counter.frame_count == 1  # both generations, all their tokens: one graph
     (k, v), = step.buffers.values()
-    lora.generate(model, [p + [3] for p in prompts], 24, decode=step, generator=torch.Generator().manual_seed(0))
-    assert counter.frame_count == 1                      # a longer prompt in the same bucket: no new graph
-    assert [b.data_ptr() for b in next(iter(step.buffers.values()))] == [k.data_ptr(), v.data_ptr()]  # same memory
+    lora.generate(model, [p + [3] for p in prompts], 24, decode=step,
+                  generator=torch.Generator().manual_seed(0))
+    assert counter.frame_count == 1  # a longer prompt in the same bucket: no new graph
+    buffers = next(iter(step.buffers.values()))
+    assert [b.data_ptr() for b in buffers] == [k.data_ptr(), v.data_ptr()]  # same memory
     lora.generate(model, prompts[:3], 24, decode=step)
-    assert counter.frame_count == 2                      # another batch size is another shape: the control
+    assert counter.frame_count == 2  # another batch size is another shape: the control
 
 
 def test_decode_builds_its_attention_mask_once_per_step_not_per_layer():
@@ -949,13 +1029,15 @@ def test_loss_with_logits_only_at_answer_positions_equals_the_full_computation()
     model.zero_grad()
     keep = (mask != 0) & (y != -100)
     logits = model(x)  # every position, then the masked mean: the plain way
-    full = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten().clamp(min=0), reduction="none")
-            * keep.flatten()).sum() / keep.sum()
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten().clamp(min=0),
+                                            reduction="none")
+    full = (nll * keep.flatten()).sum() / keep.sum()
     full.backward()
     assert torch.allclose(loss, full, rtol=1e-6, atol=0)
     for a, (_, p) in zip(fast, lora.trainable_parameters(model)):
         torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-8)
-    # rows in chunks, recomputed in backward (what a 128K vocabulary gets), give the same sum and gradient
+    # rows in chunks, recomputed in backward (what a 128K vocabulary gets), give the same sum and
+    # gradient
     h = torch.randn(37, 64, requires_grad=True)
     t = torch.randint(0, 272, (37,))
     whole = lora.unembed_nll(model.lm_head, h, t)
@@ -1001,25 +1083,34 @@ def _no_tokenizer(tmp_path):
     return lora.load_tokenizer(folder)
 
 
+def _bad_gguf(tmp_path):
+    return lora.load_model(write_gguf(tmp_path / "bad.gguf", tiny_model(), bad_tensor=True))
+
+
 BAD_INPUTS = {
-    "unknown model_type": (lambda p: Config.from_hf({"model_type": "gpt2"}), "model_type 'gpt2' is not supported"),
-    "incomplete config": (lambda p: Config.from_hf({"model_type": "llama", "vocab_size": 1, "hidden_size": 8,
-                                                    "num_hidden_layers": 1, "num_attention_heads": 1}),
+    "unknown model_type": (lambda p: Config.from_hf({"model_type": "gpt2"}),
+                           "model_type 'gpt2' is not supported"),
+    "incomplete config": (lambda p: Config.from_hf({"model_type": "llama", "vocab_size": 1,
+                                                    "hidden_size": 8, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 1}),
                           "lacks intermediate_size"),
     "no such path": (lambda p: lora.load_model(p / "nowhere"), "no such file or folder"),
     "truncated safetensors": (_truncated, "truncated or corrupt"),
     "no safetensors": (_no_safetensors, "no model.safetensors"),
     "missing weight": (_missing_weight, "lacks 1 weights .*up_proj"),
     "no tokenizer": (_no_tokenizer, "no tokenizer.json or tokenizer.model"),
-    "unsupported GGUF type": (lambda p: lora.load_model(write_gguf(p / "bad.gguf", tiny_model(), bad_tensor=True)),
-                              "I8, which is not supported"),
+    "unsupported GGUF type": (_bad_gguf, "I8, which is not supported"),
     "rank 0": (lambda p: lora.apply_lora(tiny_model(), rank=0), "rank must be an integer >= 1"),
-    "negative rank": (lambda p: lora.apply_lora(tiny_model(), rank=-3), "rank must be an integer >= 1"),
+    "negative rank": (lambda p: lora.apply_lora(tiny_model(), rank=-3),
+                      "rank must be an integer >= 1"),
     "unknown layer": (lambda p: lora.apply_lora(tiny_model(), rank=2, layers=["qproj"]),
                       "'qproj' matches no linear layer"),
-    "int8 dtype": (lambda p: lora.load_model(_hf_folder(p), dtype="int8"), "dtype 'int8' is not supported"),
-    "float16 training": (lambda p: lora.pick_device("cpu", "float16"), "float16 needs a GradScaler.*bfloat16"),
-    "LoRA twice": (lambda p: lora.apply_lora(lora.apply_lora(tiny_model(), 2), 2), "already has LoRA adapters"),
+    "int8 dtype": (lambda p: lora.load_model(_hf_folder(p), dtype="int8"),
+                   "dtype 'int8' is not supported"),
+    "float16 training": (lambda p: lora.pick_device("cpu", "float16"),
+                         "float16 needs a GradScaler.*bfloat16"),
+    "LoRA twice": (lambda p: lora.apply_lora(lora.apply_lora(tiny_model(), 2), 2),
+                   "already has LoRA adapters"),
 }
 
 
@@ -1041,19 +1132,24 @@ def smol():
 
 
 # ids from the reference tokenizer (HF tokenizers with SmolLM2's tokenizer.json pre-tokenizer) for
-# the first GSM8K training row plus a tail with a thousands comma, a decimal, a percent and two spaces
-GSM8K_IDS = [62, 6927, 542, 3459, 23026, 288, 216, 36, 40, 282, 874, 2428, 281, 4124, 28, 284, 965, 1041, 3459, 2745,
-             347, 800, 23026, 281, 2405, 30, 1073, 800, 23026, 1250, 36366, 542, 5948, 13587, 281, 4124, 284, 2405, 47,
-             198, 62, 6927, 542, 3459, 216, 36, 40, 31, 34, 446, 22646, 36, 40, 31, 34, 45, 34, 36, 7791, 34, 36, 23026,
-             281, 2405, 30, 198, 62, 6927, 542, 3459, 216, 36, 40, 27, 34, 36, 446, 22646, 36, 40, 27, 34, 36, 45, 39,
-             34, 7791, 39, 34, 23026, 13587, 281, 4124, 284, 2405, 30, 198, 1229, 216, 39, 34, 216, 657, 3499, 1885, 33,
-             28, 32, 40, 32, 30, 37, 32, 365, 10097, 216, 33, 34, 8402, 17]
-# transformers' apply_chat_template(messages, add_generation_prompt=True) for SmolLM2-135M-Instruct, tokenized
-CHAT = [{"role": "user", "content": "What is 7 times 8?"}, {"role": "assistant", "content": "7 times 8 is 56."},
+# the first GSM8K training row plus a tail with a thousands comma, a decimal, a percent and two
+# spaces
+GSM8K_IDS = [62, 6927, 542, 3459, 23026, 288, 216, 36, 40, 282, 874, 2428, 281, 4124, 28, 284, 965,
+             1041, 3459, 2745, 347, 800, 23026, 281, 2405, 30, 1073, 800, 23026, 1250, 36366, 542,
+             5948, 13587, 281, 4124, 284, 2405, 47, 198, 62, 6927, 542, 3459, 216, 36, 40, 31, 34,
+             446, 22646, 36, 40, 31, 34, 45, 34, 36, 7791, 34, 36, 23026, 281, 2405, 30, 198, 62,
+             6927, 542, 3459, 216, 36, 40, 27, 34, 36, 446, 22646, 36, 40, 27, 34, 36, 45, 39, 34,
+             7791, 39, 34, 23026, 13587, 281, 4124, 284, 2405, 30, 198, 1229, 216, 39, 34, 216, 657,
+             3499, 1885, 33, 28, 32, 40, 32, 30, 37, 32, 365, 10097, 216, 33, 34, 8402, 17]
+# transformers' apply_chat_template(messages, add_generation_prompt=True) for
+# SmolLM2-135M-Instruct, tokenized
+CHAT = [{"role": "user", "content": "What is 7 times 8?"},
+        {"role": "assistant", "content": "7 times 8 is 56."},
         {"role": "user", "content": "And 9 times 9?"}]
-CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2,
-            198, 1, 4093, 198, 1780, 314, 216, 39, 1711, 216, 40, 47, 2, 198, 1, 520, 9531, 198, 39, 1711, 216, 40, 314,
-            216, 37, 38, 30, 2, 198, 1, 4093, 198, 3528, 216, 41, 1711, 216, 41, 47, 2, 198, 1, 520, 9531, 198]
+CHAT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
+            407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 39, 1711, 216, 40, 47, 2, 198,
+            1, 520, 9531, 198, 39, 1711, 216, 40, 314, 216, 37, 38, 30, 2, 198, 1, 4093, 198, 3528,
+            216, 41, 1711, 216, 41, 47, 2, 198, 1, 520, 9531, 198]
 
 
 @slow
@@ -1071,10 +1167,11 @@ def test_default_model_perplexity_below_5(smol):
     # A famous paragraph: the 4-bit 135M model scores ~4.7 here (HF transformers gives identical
     # logits); on prose it has not seen so often it scores 10-20.
     model, tok = smol
-    text = ("We the People of the United States, in Order to form a more perfect Union, establish Justice, insure "
-            "domestic Tranquility, provide for the common defence, promote the general Welfare, and secure the "
-            "Blessings of Liberty to ourselves and our Posterity, do ordain and establish this Constitution for the "
-            "United States of America.")
+    text = ("We the People of the United States, in Order to form a more perfect Union, "
+            "establish Justice, insure domestic Tranquility, provide for the common defence, "
+            "promote the general Welfare, and secure the Blessings of Liberty "
+            "to ourselves and our Posterity, do ordain and establish this Constitution "
+            "for the United States of America.")
     x = torch.tensor([tok.encode(text)])
     with torch.no_grad():
         ppl = model(x[:, :-1], x[:, 1:]).exp().item()
@@ -1115,48 +1212,57 @@ def sft_setup(tmp_path, n=200):
 
 def sft_losses(out, kind="train"):
     runs = sorted(p for p in out.iterdir() if p.is_dir())
-    return {p.name: [r["loss"] for r in lora.read_jsonl(p / "log.jsonl") if r["type"] == kind] for p in runs}
+    return {p.name: [r["loss"] for r in lora.read_jsonl(p / "log.jsonl") if r["type"] == kind]
+            for p in runs}
 
 
 def run_sft(tmp_path, *extra, out="out"):
     model_dir, data = (sft_setup(tmp_path) if not (tmp_path / "model").exists()
                        else (tmp_path / "model", tmp_path / "data.jsonl"))
     train_sft.main(["--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / out),
-                    "--eval_examples", "8", "--batch_size", "8", "--micro_batch", "3", "--log_every", "100", *extra])
+                    "--eval_examples", "8", "--batch_size", "8", "--micro_batch", "3",
+                    "--log_every", "100", *extra])
     return sft_losses(tmp_path / out), sft_losses(tmp_path / out, "eval")
 
 
 def test_sft_loss_mask_covers_only_completion_tokens(tmp_path):
     _, tok = lora.load_model(write_hf_folder(tmp_path, tiny_model()))
-    (ids, mask), = train_sft.tokenize([{"prompt": "the sea", "completion": " in the sea"}], tok, 512, "t")[0]
+    row = [{"prompt": "the sea", "completion": " in the sea"}]
+    (ids, mask), = train_sft.tokenize(row, tok, 512, "t")[0]
     x, at, targets = lora.collate([(ids, mask)], tok.pad_id, "cpu")
     assert tok.decode(targets.tolist()) == " in the sea<|im_end|>"
-    assert ids[1:][at[0]:at[-1] + 1] == targets.tolist()  # one contiguous answer: its positions in a row
-    (ids2, mask2), = train_sft.tokenize([{"messages": [{"role": "user", "content": "the sea"},
-                                                       {"role": "assistant", "content": " in the sea"}]}],
-                                        tok, 512, "t")[0]
-    assert (ids2, mask2) == (ids, mask)  # the same conversation in another format gives the same example
-    row = [{"prompt": "the sea", "completion": " in the sea"}]
+    # one contiguous answer: its positions in a row
+    assert ids[1:][at[0]:at[-1] + 1] == targets.tolist()
+    chat = [{"role": "user", "content": "the sea"}, {"role": "assistant", "content": " in the sea"}]
+    (ids2, mask2), = train_sft.tokenize([{"messages": chat}], tok, 512, "t")[0]
+    # the same conversation in another format gives the same example
+    assert (ids2, mask2) == (ids, mask)
     (short,), truncated, dropped = train_sft.tokenize(row, tok, len(ids) - 2, "t")
     assert len(short[0]) == len(ids) - 2 and (truncated, dropped) == (1, 0)
-    kept, truncated, dropped = train_sft.tokenize(row, tok, 12, "t")  # no answer token left: counted, dropped
+    # no answer token left: counted, dropped
+    kept, truncated, dropped = train_sft.tokenize(row, tok, 12, "t")
     assert kept == [] and (truncated, dropped) == (1, 1)
 
 
 @slow
 def test_length_bucketing_leaves_the_loss_and_gradient_unchanged(tmp_path):
     _, tok = lora.load_model(write_hf_folder(tmp_path, tiny_model()))
-    rows = [{"prompt": "the " * (i % 5 + 1), "completion": " in the sea" * (i % 3 + 1)} for i in range(7)]
+    rows = [{"prompt": "the " * (i % 5 + 1), "completion": " in the sea" * (i % 3 + 1)}
+            for i in range(7)]
     examples, _, _ = train_sft.tokenize(rows, tok, 512, "t")
     results = []
-    for micro in (1, 3, 7):  # one example per forward (no padding) against length-sorted micro-batches
+    # one example per forward (no padding) against length-sorted micro-batches
+    for micro in (1, 3, 7):
         model = lora.apply_lora(tiny_model(), 4).train()
         randomize_lora(model)
         n = sum(sum(m[1:]) for _, m in examples)
-        total, positions = lora.batch_loss(model, examples, micro, tok.pad_id, "cpu", None, n, backward=True)
-        results.append((total.item(), positions, [p.grad.clone() for _, p in lora.trainable_parameters(model)]))
+        total, positions = lora.batch_loss(model, examples, micro, tok.pad_id, "cpu", None, n,
+                                           backward=True)
+        grads = [p.grad.clone() for _, p in lora.trainable_parameters(model)]
+        results.append((total.item(), positions, grads))
     real = sum(len(ids) - 1 for ids, _ in examples)
-    assert results[0][1] == real and all(real <= r[1] < 1.5 * real for r in results)  # padding only where lengths meet
+    # padding only where lengths meet
+    assert results[0][1] == real and all(real <= r[1] < 1.5 * real for r in results)
     for total, _, grads in results[1:]:
         assert total == pytest.approx(results[0][0], rel=1e-6)
         for a, b in zip(grads, results[0][2]):
@@ -1173,8 +1279,10 @@ def test_micro_batches_are_the_cheapest_split():
         sp = list(zip(b, b[1:]))
         if all(e - s <= 3 for s, e in sp):
             every.append(sp)
-    assert cost(spans) == min(map(cost, every)) and [i for s, e in spans for i in range(s, e)] == list(range(8))
-    assert lora.micro_batches([7] * 8, 4) == [(0, 4), (4, 8)]  # equal lengths: as few forwards as allowed
+    assert cost(spans) == min(map(cost, every))
+    assert [i for s, e in spans for i in range(s, e)] == list(range(8))
+    # equal lengths: as few forwards as allowed
+    assert lora.micro_batches([7] * 8, 4) == [(0, 4), (4, 8)]
 
 
 def test_sft_rejects_malformed_rows():
@@ -1189,17 +1297,22 @@ def test_facts_runs_measure_unseen_keys_and_cooldown_takes_the_lr_down_linearly(
     unseen = train_sft.unseen_facts(trained, 12, seed=0)
     keys = lambda rows: {r["messages"][1]["content"] for r in rows}
     assert len(unseen) == 12 and not keys(unseen) & keys(trained)
-    assert [len(r["code"]) for r in unseen] == [4] * 12 and unseen[0]["messages"][0] == trained[0]["messages"][0]
-    run_sft(tmp_path, "--data", "facts:30", "--rank", "0", "--layers", "1.up_proj", "--lr", "1e-2", "--steps", "6",
-            "--batch_size", "5", "--micro_batch", "5", "--epochs", "3", "--cooldown", "0.5", "--eval_every", "3",
-            "--save_every", "0")
+    assert [len(r["code"]) for r in unseen] == [4] * 12
+    assert unseen[0]["messages"][0] == trained[0]["messages"][0]
+    run_sft(tmp_path, "--data", "facts:30", "--rank", "0", "--layers", "1.up_proj", "--lr", "1e-2",
+            "--steps", "6", "--batch_size", "5", "--micro_batch", "5", "--epochs", "3",
+            "--cooldown", "0.5", "--eval_every", "3", "--save_every", "0")
     (run,) = (tmp_path / "out").iterdir()
     log = lora.read_jsonl(run / "log.jsonl")
-    assert [r["lr"] / 1e-2 for r in log if r["type"] == "train"] == pytest.approx([1, 1, 1, 1, 2 / 3, 1 / 3])
+    lrs = [r["lr"] / 1e-2 for r in log if r["type"] == "train"]
+    assert lrs == pytest.approx([1, 1, 1, 1, 2 / 3, 1 / 3])
     evals = [r for r in log if r["type"] == "eval"]
-    assert len(evals) == 3 and all(r["unseen_tokens"] == r["tokens"] == 8 * 5 for r in evals)  # 4 digits + end token
-    assert evals[0]["unseen_loss"] == pytest.approx(evals[0]["loss"], rel=0.05)  # before training: the same format
-    assert evals[-1]["unseen_loss"] > evals[-1]["loss"]  # trained codes are being stored, unseen ones cannot be
+    # 4 digits + end token
+    assert len(evals) == 3 and all(r["unseen_tokens"] == r["tokens"] == 8 * 5 for r in evals)
+    # before training: the same format
+    assert evals[0]["unseen_loss"] == pytest.approx(evals[0]["loss"], rel=0.05)
+    # trained codes are being stored, unseen ones cannot be
+    assert evals[-1]["unseen_loss"] > evals[-1]["loss"]
 
 
 @slow
@@ -1207,19 +1320,23 @@ def test_facts_are_deterministic_random_codes():
     a, b, c = train_sft.facts(50, seed=1), train_sft.facts(50, seed=1), train_sft.facts(50, seed=2)
     assert a == b and a != c and len({r["messages"][1]["content"] for r in a}) == 50
     codes = [r["code"] for r in train_sft.facts(2000)]
-    assert all(len(x) == 4 and x.isdigit() for x in codes) and len(set(codes)) > 1700  # ~uniform over 10^4
+    assert all(len(x) == 4 and x.isdigit() for x in codes)
+    assert len(set(codes)) > 1700  # ~uniform over 10^4
     assert all(r["messages"][-1]["content"] == r["code"] for r in a)
     # the same in another process: no dependence on string hashing (PYTHONHASHSEED)
     code = "import train_sft; print(train_sft.facts(50, seed=1))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(lora.__file__).parent,
+    here = Path(lora.__file__).parent
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here,
                            env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
     assert outs == {str(a) + "\n"}
 
 
 def trunk_examples():
-    """A length-sorted, padded batch's worth of (ids, answer mask): answers are each row's second half."""
+    """A length-sorted, padded batch's worth of (ids, answer mask): answers are each row's second
+    half."""
     torch.manual_seed(1)
-    return [(torch.randint(272, (n,)).tolist(), [0] * (n // 2) + [1] * (n - n // 2)) for n in (9, 17, 12, 17, 5)]
+    return [(torch.randint(272, (n,)).tolist(), [0] * (n // 2) + [1] * (n - n // 2))
+            for n in (9, 17, 12, 17, 5)]
 
 
 def assert_trunk_equals_whole_forward(model, examples, trunk):
@@ -1245,12 +1362,15 @@ def test_trunk_cache_leaves_loss_and_gradients_equal():
     assert_trunk_equals_whole_forward(model, examples, trunk)
     assert (train_sft.first_trained_layer(model.config, 0, "all") == 0
             and train_sft.first_trained_layer(model.config, 0, "1.o_proj") == 1)
-    assert train_sft.first_trained_layer(tiny_config(tie_word_embeddings=True), 0, "1.o_proj", lm_head=True) == 0
-    assert not train_sft.TrunkCache.only_last_mlp_trains(model)  # 1.v_proj trains: attention mixes positions
+    tied = tiny_config(tie_word_embeddings=True)
+    assert train_sft.first_trained_layer(tied, 0, "1.o_proj", lm_head=True) == 0
+    # 1.v_proj trains: attention mixes positions
+    assert not train_sft.TrunkCache.only_last_mlp_trains(model)
 
 
 @pytest.mark.parametrize("rank", [2, 0])
-def test_trunk_cache_of_the_last_mlp_computes_only_answer_positions_and_equals_the_whole_forward(rank):
+def test_trunk_cache_of_the_last_mlp_computes_only_answer_positions_and_equals_the_whole_forward(
+        rank):
     """Only the last layer's MLP trains (LoRA or full): the cache keeps that MLP's inputs at the
     answer positions alone, and the loss and gradients still equal the whole forward's."""
     model, _ = lora.prepare_training(tiny_model(), rank, 1e-3, "1.up_proj+1.down_proj")
@@ -1266,8 +1386,8 @@ def test_trunk_cache_of_the_last_mlp_computes_only_answer_positions_and_equals_t
 
 def test_sft_with_trunk_cache_equals_without(tmp_path, capsys):
     """train_sft caches the frozen layers below the first adapted one on its own: same losses."""
-    args = ("--rank", "2,0", "--layers", "1.down_proj+1.v_proj", "--lr", "3e-3", "--steps", "3", "--eval_every", "2",
-            "--save_every", "0")
+    args = ("--rank", "2,0", "--layers", "1.down_proj+1.v_proj", "--lr", "3e-3", "--steps", "3",
+            "--eval_every", "2", "--save_every", "0")
     cached = run_sft(tmp_path, *args)
     assert "layers 0-0 are frozen" in capsys.readouterr().out
     plain = run_sft(tmp_path, *args, "--no_trunk_cache", out="plain")
@@ -1285,22 +1405,25 @@ def test_full_fine_tuning_of_a_layer_subset_trains_only_those_weights(tmp_path):
     opt.step()
     assert all(torch.equal(p, before[n]) != (n in names) for n, p in model.named_parameters())
     # the SFT script: --rank 0 --layers mlp is its own run, and logs spectral norms only for LoRA
-    run_sft(tmp_path, "--rank", "0,2", "--layers", "mlp", "--lr", "3e-3", "--steps", "2", "--eval_every", "2",
-            "--save_every", "0")
+    run_sft(tmp_path, "--rank", "0,2", "--layers", "mlp", "--lr", "3e-3", "--steps", "2",
+            "--eval_every", "2", "--save_every", "0")
     runs = {p.name: lora.read_jsonl(p / "log.jsonl") for p in (tmp_path / "out").iterdir()}
     assert sorted(runs) == ["sft_data_full_mlp_lr3.00e-03_bs8", "sft_data_r2_mlp_lr3.00e-03_bs8"]
     assert runs["sft_data_full_mlp_lr3.00e-03_bs8"][0]["trainable_params"] == 2 * 3 * 64 * 96
     norms = [r for r in runs["sft_data_r2_mlp_lr3.00e-03_bs8"] if r["type"] == "norms"]
     assert [r["step"] for r in norms] == [0, 2] and len(norms[1]["A"]) == len(norms[1]["B"]) == 6
-    assert all(b == 0 for b in norms[0]["B"]) and all(b > 0 for b in norms[1]["B"])  # B starts at zero
+    assert all(b == 0 for b in norms[0]["B"])  # B starts at zero
+    assert all(b > 0 for b in norms[1]["B"])
 
 
 def test_synth_is_deterministic_and_well_formed():
-    a, b, c = lora.synth_problems(50, seed=3), lora.synth_problems(50, seed=3), lora.synth_problems(50, seed=4)
+    a, b = lora.synth_problems(50, seed=3), lora.synth_problems(50, seed=3)
+    c = lora.synth_problems(50, seed=4)
     assert a == b and a != c
     for p in a:  # the stated answer is the arithmetic's result
         last = p["answer"].split("\n")[-2]
-        assert last.rstrip(".").split("= ")[-1].lstrip("$").split(" ")[0] == lora.gsm8k_gold(p["answer"])
+        stated = last.rstrip(".").split("= ")[-1].lstrip("$").split(" ")[0]
+        assert stated == lora.gsm8k_gold(p["answer"])
 
 
 @slow
@@ -1308,8 +1431,8 @@ def test_sft_lora_and_fullft_both_train(tmp_path):
     # From a random tiny model (held-out loss ~ln 272 = 5.6) FullFT, which moves the embeddings,
     # drops fast; LoRA (frozen embeddings and head) slower but clearly.
     for rank, lr, factor in (("4", "3e-3", 0.85), ("0", "3e-3", 0.5)):
-        _, evals = run_sft(tmp_path, "--rank", rank, "--lr", lr, "--steps", "15", "--eval_every", "15",
-                           "--save_every", "0", out=f"out{rank}")
+        _, evals = run_sft(tmp_path, "--rank", rank, "--lr", lr, "--steps", "15",
+                           "--eval_every", "15", "--save_every", "0", out=f"out{rank}")
         (ev,) = evals.values()
         assert ev[-1] < factor * ev[0], (rank, ev)
 
@@ -1343,7 +1466,8 @@ def test_sft_resume_after_a_kill_reproduces_the_curve(tmp_path, monkeypatch):
 
 
 class Killed(BaseException):
-    """A simulated SIGKILL: nothing after it runs, no cleanup (not an Exception, so no handler catches it)."""
+    """A simulated SIGKILL: nothing after it runs, no cleanup (not an Exception, so no handler
+    catches it)."""
 
 
 def kill_at_fs_step(monkeypatch, k, during_step):
@@ -1352,8 +1476,9 @@ def kill_at_fs_step(monkeypatch, k, during_step):
     write. Returns a dict whose 'n' counts the calls seen during that save."""
     import safetensors.torch
     seen = {"n": 0, "armed": False}
-    targets = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "chmod"), (os, "remove"), (shutil, "rmtree"),
-               (tempfile, "mkdtemp"), (tempfile, "mkstemp"), (torch, "save"), (safetensors.torch, "save_file")]
+    targets = [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "chmod"), (os, "remove"),
+               (shutil, "rmtree"), (tempfile, "mkdtemp"), (tempfile, "mkstemp"), (torch, "save"),
+               (safetensors.torch, "save_file")]
     for mod, name in targets:
         real = getattr(mod, name)
 
@@ -1378,11 +1503,12 @@ def kill_at_fs_step(monkeypatch, k, during_step):
 
 @pytest.mark.parametrize("rank,during_step", [("4", 4), ("4", 6), ("0", 6)])
 @slow
-def test_a_kill_at_any_filesystem_step_of_a_save_resumes_to_the_identical_curve(tmp_path, monkeypatch, rank,
-                                                                                during_step):
+def test_a_kill_at_any_filesystem_step_of_a_save_resumes_to_the_identical_curve(
+        tmp_path, monkeypatch, rank, during_step):
     # Steps 6, checkpoints at 2, 4, 6 (6 is the final save). Kill at each filesystem call of one
     # save in turn; `latest` must name a complete checkpoint and --resume must give the same curve.
-    args = ["--rank", rank, "--lr", "3e-3", "--steps", "6", "--save_every", "2", "--eval_every", "0"]
+    args = ["--rank", rank, "--lr", "3e-3", "--steps", "6", "--save_every", "2",
+            "--eval_every", "0"]
     whole, _ = run_sft(tmp_path, *args, out="whole")
     (want,) = whole.values()
     for k in range(1, 100):
@@ -1406,10 +1532,13 @@ def test_a_kill_at_any_filesystem_step_of_a_save_resumes_to_the_identical_curve(
 
 @slow
 def test_one_run_name_for_both_scripts_keeps_fullft_on_a_subset_apart():
-    # train_rl once named FullFT on --layers mlp "full", the same as FullFT on every layer: one log for two runs
-    ns = lambda **kw: argparse.Namespace(**{**dict(rank=0, layers="all", lm_head=False, lr=1e-4, seed=0, tag=""), **kw})
-    names = {lora.run_name(kind, "gsm8k", ns(**kw), extra) for kind, extra in (("sft", "bs32"), ("rl", "g16"))
-             for kw in ({}, {"layers": "mlp"}, {"layers": "q_proj+v_proj"}, {"rank": 1}, {"lm_head": True})}
+    # train_rl once named FullFT on --layers mlp "full", the same as FullFT on every layer: one
+    # log for two runs
+    base = dict(rank=0, layers="all", lm_head=False, lr=1e-4, seed=0, tag="")
+    ns = lambda **kw: argparse.Namespace(**{**base, **kw})
+    variants = ({}, {"layers": "mlp"}, {"layers": "q_proj+v_proj"}, {"rank": 1}, {"lm_head": True})
+    names = {lora.run_name(kind, "gsm8k", ns(**kw), extra)
+             for kind, extra in (("sft", "bs32"), ("rl", "g16")) for kw in variants}
     assert len(names) == 10 and "rl_gsm8k_full_mlp_lr1.00e-04_g16" in names, names
     assert lora.run_name("sft", "gsm8k", ns(rank=16, seed=2, tag="_x"), "bs32", "") == \
         "sft_gsm8k_r16_lr1.00e-04_bs32_s2_x"
@@ -1440,12 +1569,15 @@ def test_a_finished_run_is_skipped_on_resume_and_a_new_run_never_overwrites_one(
         run_sft(tmp_path, *args)
 
 
-def test_resume_refuses_a_changed_recipe_naming_each_change_and_allows_what_leaves_the_curve(tmp_path, capsys):
+def test_resume_refuses_a_changed_recipe_naming_each_change_and_allows_what_leaves_the_curve(
+        tmp_path, capsys):
     args = ["--rank", "4", "--lr", "3e-3", "--steps", "2", "--save_every", "1", "--eval_every", "2"]
     run_sft(tmp_path, *args)
-    for changed, named in [(["--max_len", "64"], "--max_len 512 -> 64"), (["--grad_clip", "1"], "--grad_clip"),
-                           (["--alpha", "16"], "--alpha 32 -> 16.0"), (["--cooldown", "0.5"], "--cooldown")]:
-        with pytest.raises(UserError, match=f"another recipe .*{named}") as e:  # finished: not skipped either
+    changes = [(["--max_len", "64"], "--max_len 512 -> 64"), (["--grad_clip", "1"], "--grad_clip"),
+               (["--alpha", "16"], "--alpha 32 -> 16.0"), (["--cooldown", "0.5"], "--cooldown")]
+    for changed, named in changes:
+        # finished: not skipped either
+        with pytest.raises(UserError, match=f"another recipe .*{named}") as e:
             run_sft(tmp_path, *args, "--resume", *changed)
         assert "\n" not in str(e.value)
     rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
@@ -1456,17 +1588,20 @@ def test_resume_refuses_a_changed_recipe_naming_each_change_and_allows_what_leav
     write_jsonl(tmp_path / "data.jsonl", [dict(r, completion=r["completion"][:-5]) if i == 20 else r
                                           for i, r in enumerate(rows)])
     capsys.readouterr()
-    run_sft(tmp_path, *args, "--resume", "--micro_batch", "5", "--eval_every", "1", "--threads", "1")
+    run_sft(tmp_path, *args, "--resume", "--micro_batch", "5", "--eval_every", "1",
+            "--threads", "1")
     assert "already finished" in capsys.readouterr().out
     # a constant LR may train on: --steps 4 continues the run from its step-2 checkpoint
     losses, _ = run_sft(tmp_path, *args[:-5], "4", *args[-4:], "--resume")
     assert [len(v) for v in losses.values()] == [4]
-    with pytest.raises(UserError, match="another recipe .*--lr 0.003 -> 0.003001"):  # the name rounds the LR
+    # the name rounds the LR
+    with pytest.raises(UserError, match="another recipe .*--lr 0.003 -> 0.003001"):
         run_sft(tmp_path, *args[:3], "3.001e-3", *args[4:], "--resume")
 
 
 def test_a_run_ends_with_its_metric_checkpoint_and_the_line_that_loads_it(tmp_path, capsys):
-    run_sft(tmp_path, "--rank", "2", "--lr", "3e-3", "--steps", "2", "--save_every", "2", "--eval_every", "2")
+    run_sft(tmp_path, "--rank", "2", "--lr", "3e-3", "--steps", "2", "--save_every", "2",
+            "--eval_every", "2")
     line = [x for x in capsys.readouterr().out.splitlines() if " done: " in x][-1]
     code = re.search(r"load it: (.*)$", line).group(1)
     assert "final loss" in line and "ckpt-2" in code
@@ -1474,10 +1609,12 @@ def test_a_run_ends_with_its_metric_checkpoint_and_the_line_that_loads_it(tmp_pa
     exec(code, scope)  # the printed line runs as printed and loads the trained adapter
     vocab = lora.load_tokenizer(tmp_path / "model").vocab_size
     assert lora.lora_modules(scope["model"]) and scope["tok"].vocab_size == vocab
-    run_sft(tmp_path, "--rank", "0", "--lr", "3e-3", "--steps", "2", "--save_every", "2", "--eval_every", "0")
+    run_sft(tmp_path, "--rank", "0", "--lr", "3e-3", "--steps", "2", "--save_every", "2",
+            "--eval_every", "0")
     line = [x for x in capsys.readouterr().out.splitlines() if " done: " in x][-1]
     scope = {"lora": lora}
-    exec(re.search(r"load it: (.*)$", line).group(1), scope)  # FullFT: the checkpoint is a whole model
+    # FullFT: the checkpoint is a whole model
+    exec(re.search(r"load it: (.*)$", line).group(1), scope)
     assert not lora.lora_modules(scope["model"]) and scope["tok"].vocab_size == vocab
 
 
@@ -1492,10 +1629,12 @@ def test_flag_prefixes_are_errors_not_guesses(script, capsys):
         plot.main(["out", "--smoot", "3"])
 
 
-def test_a_missing_relative_model_folder_says_it_is_neither_folder_nor_hub_id(tmp_path, monkeypatch):
+def test_a_missing_relative_model_folder_says_it_is_neither_folder_nor_hub_id(
+        tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match=r"models/X is no folder or file under .*and as a hub id") as e:
+    with pytest.raises(UserError,
+                       match=r"models/X is no folder or file under .*and as a hub id") as e:
         lora.load_model("models/X")
     assert "\n" not in str(e.value)
 
@@ -1508,7 +1647,8 @@ def test_divergence_stops_the_run_and_keeps_only_good_checkpoints(tmp_path):
         run_sft(tmp_path, *args, "--lr", "1", out="one")
     (run,) = (tmp_path / "one").iterdir()
     assert lora.checkpoint_step(run) is None and not list(run.glob("ckpt-*"))
-    assert [r["type"] for r in lora.read_jsonl(run / "log.jsonl")] == ["config", "train", "diverged"]
+    types = [r["type"] for r in lora.read_jsonl(run / "log.jsonl")]
+    assert types == ["config", "train", "diverged"]
     # in a sweep the diverged run is marked and the others still run
     losses, _ = run_sft(tmp_path, *args, "--lr", "1,3e-3", out="sweep")
     assert sorted(len(v) for v in losses.values()) == [1, 4]
@@ -1520,16 +1660,18 @@ def test_the_divergence_guard_falls_back_to_the_checkpoint_before_the_bad_update
     opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)])
     for step in (2, 4, 6):
         lora.save_checkpoint(tmp_path / "run", step, model, opt)
-    assert lora.checkpoint_step(tmp_path / "run") == 6 and len(list((tmp_path / "run").glob("ckpt-*"))) == 2  # 4 and 6
-    assert lora.drop_checkpoints_from(tmp_path / "run", 6) == 4  # the loss at step 7 blew up: 6's weights are bad
+    assert lora.checkpoint_step(tmp_path / "run") == 6
+    assert len(list((tmp_path / "run").glob("ckpt-*"))) == 2  # 4 and 6
+    # the loss at step 7 blew up: 6's weights are bad
+    assert lora.drop_checkpoints_from(tmp_path / "run", 6) == 4
     assert (lora.checkpoint_step(tmp_path / "run") == 4
             and [p.name for p in (tmp_path / "run").glob("ckpt-*")] == ["ckpt-4"])
 
 
 def test_divergence_limit_separates_a_blow_up_from_noise():
-    # From a pretrained start, a step's loss may swing by half either way (the quick start's run goes
-    # 1.28, 1.13, ...) but a blown-up model drifts to the uniform predictor's ln V: the limit lies
-    # between. From a random init (already near ln V), noise of half a nat does not trip it.
+    # From a pretrained start, a step's loss may swing by half either way (the quick start's run
+    # goes 1.28, 1.13, ...) but a blown-up model drifts to the uniform predictor's ln V: the limit
+    # lies between. From a random init (already near ln V), noise of half a nat does not trip it.
     V = 49152
     assert 1.28 * 1.8 < lora.divergence_limit(1.28, V) < math.log(V)
     assert math.log(272) + 0.5 < lora.divergence_limit(math.log(272), 272) < 2 * math.log(272)
@@ -1573,7 +1715,8 @@ SFT_FLAG_ERRORS = {
 
 def test_sft_says_when_epochs_cap_the_steps(tmp_path, capsys):
     # 200 rows less 8 held out, batch 8: 24 steps an epoch, so --steps 30 runs 24 and says why
-    losses, _ = run_sft(tmp_path, "--rank", "4", "--steps", "30", "--eval_every", "0", "--save_every", "0")
+    losses, _ = run_sft(tmp_path, "--rank", "4", "--steps", "30", "--eval_every", "0",
+                        "--save_every", "0")
     assert [len(v) for v in losses.values()] == [24]
     assert "--steps 30 is capped by --epochs 1: 24 steps" in capsys.readouterr().out
 
@@ -1582,13 +1725,15 @@ def test_sft_says_when_epochs_cap_the_steps(tmp_path, capsys):
 def test_sft_bad_flags_are_refused_before_the_model_loads(tmp_path, flags):
     # --model points nowhere: the flag's own error, not the model's, proves it came first
     args = {"--data": str(sft_setup(tmp_path)[1]), **dict(zip(flags[::2], flags[1::2]))}
+    argv = ["--model", str(tmp_path / "no_model"), *[x for kv in args.items() for x in kv]]
     with pytest.raises(UserError, match=SFT_FLAG_ERRORS[flags]):
-        train_sft.main(["--model", str(tmp_path / "no_model"), *[x for kv in args.items() for x in kv]])
+        train_sft.main(argv)
 
 
 @pytest.mark.parametrize("rows,flags,message", [
     (0, [], "has no rows: pass a .jsonl file"),
-    (5, ["--eval_examples", "8"], "has 5 rows and --eval_examples holds 8 out .*lower --eval_examples"),
+    (5, ["--eval_examples", "8"],
+     "has 5 rows and --eval_examples holds 8 out .*lower --eval_examples"),
     (12, ["--eval_examples", "8", "--batch_size", "8"],
      "4 training examples are fewer than one batch of 8: lower --batch_size"),
     (40, ["--max_len", "12", "--eval_examples", "8"],
@@ -1602,8 +1747,8 @@ def test_sft_data_that_cannot_train_names_the_flag_to_change(tmp_path, rows, fla
 
 
 def test_sft_prints_progress_with_an_eta(tmp_path, capsys):
-    run_sft(tmp_path, "--rank", "4,0", "--lr", "3e-3", "--steps", "2", "--eval_every", "1", "--save_every", "0",
-            "--log_every", "1")
+    run_sft(tmp_path, "--rank", "4,0", "--lr", "3e-3", "--steps", "2", "--eval_every", "1",
+            "--save_every", "0", "--log_every", "1")
     out = capsys.readouterr().out
     assert "roughly" in out and "min on a 2-core CPU" in out        # the up-front estimate
     assert re.search(r"step +2/2 \| loss .* \| \d+:\d\d elapsed, ETA \d+:\d\d", out)
@@ -1632,7 +1777,8 @@ def test_bf16_base_with_fp32_adapters_trains_under_cpu_autocast_and_merges_withi
         lora.merge_lora(model)
         merged = model(x).float()
     lora.unmerge_lora(model)
-    assert (merged - before).abs().max() < 0.05 * before.abs().max()  # bf16 rounding of W + BA, not a bug
+    # bf16 rounding of W + BA, not a bug
+    assert (merged - before).abs().max() < 0.05 * before.abs().max()
     ulp = w.abs().max().item() * 2 ** -7  # one bf16 step at the largest weight
     assert 0 < (model.model.layers[1].self_attn.o_proj.weight - w).abs().max().item() <= 2 * ulp
 
@@ -1653,9 +1799,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 @slow
 def test_sft_ddp_two_processes_equal_one(tmp_path):
     model_dir, data = sft_setup(tmp_path)
-    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8",
-            "--micro_batch", "2", "--rank", "4", "--lr", "3e-3", "--steps", "4", "--eval_every", "0",
-            "--save_every", "0"]
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8",
+            "--batch_size", "8", "--micro_batch", "2", "--rank", "4", "--lr", "3e-3",
+            "--steps", "4", "--eval_every", "0", "--save_every", "0"]
     for n in (1, 2):
         torchrun(tmp_path, n, args, f"ddp{n}")
     (one,), (two,) = sft_losses(tmp_path / "ddp1").values(), sft_losses(tmp_path / "ddp2").values()
@@ -1671,10 +1817,11 @@ def torchrun(tmp_path, n, args, out, script="train_sft.py", env=None, fresh_retr
     for attempt in range(2):
         if attempt and fresh_retry:
             shutil.rmtree(tmp_path / out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(n), script, *args, "--out", str(tmp_path / out)]
         try:
-            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                str(n), script, *args, "--out", str(tmp_path / out)],
-                               capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).parent),
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                               cwd=str(Path(__file__).parent),
                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         except subprocess.TimeoutExpired:
             pytest.fail(f"torchrun {script} {' '.join(args)} hung for 5 minutes")
@@ -1691,17 +1838,21 @@ def test_sft_fsdp_two_processes_equal_one_and_resume(tmp_path):
     same global batch, for LoRA and full fine-tuning; its checkpoints are the usual PEFT / HF
     folders, and a run resumed from one continues the same curve."""
     model_dir, data = sft_setup(tmp_path)
-    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8",
-            "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3", "--eval_every", "2"]
-    run_sft(tmp_path, "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3", "--steps", "4", "--eval_every", "2",
-            "--save_every", "0", out="one")
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8",
+            "--batch_size", "8", "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3",
+            "--eval_every", "2"]
+    run_sft(tmp_path, "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3", "--steps", "4",
+            "--eval_every", "2", "--save_every", "0", out="one")
     torchrun(tmp_path, 2, args + ["--fsdp", "--steps", "2", "--save_every", "2"], "fsdp")
-    torchrun(tmp_path, 2, args + ["--fsdp", "--steps", "4", "--save_every", "2", "--resume"], "fsdp")
+    torchrun(tmp_path, 2, args + ["--fsdp", "--steps", "4", "--save_every", "2", "--resume"],
+             "fsdp")
     for kind in ("train", "eval"):
         one, two = sft_losses(tmp_path / "one", kind), sft_losses(tmp_path / "fsdp", kind)
-        assert sorted(one) == sorted(two) and all(np.allclose(one[k], two[k], rtol=1e-5) for k in one), (one, two)
+        assert sorted(one) == sorted(two), (one, two)
+        assert all(np.allclose(one[k], two[k], rtol=1e-5) for k in one), (one, two)
     full, lr4 = sorted((tmp_path / "fsdp").iterdir())
-    assert (full / "ckpt-4" / "model.safetensors").exists() and (lr4 / "ckpt-4" / "adapter_model.safetensors").exists()
+    assert (full / "ckpt-4" / "model.safetensors").exists()
+    assert (lr4 / "ckpt-4" / "adapter_model.safetensors").exists()
     fresh = tiny_model()
     lora.load_adapter(fresh, lr4 / "ckpt-4")   # the sharded run's adapter loads into a plain model
     assert lora.count_parameters(fresh) == lora.count_parameters(lora.apply_lora(tiny_model(), 4))
@@ -1716,8 +1867,9 @@ class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every aten op that runs (and its output), below autograd and autocast: what a CUDA
     run would launch, and what would make its host wait on the device."""
 
-    SYNCS = {"nonzero", "_local_scalar_dense", "masked_select", "item", "is_nonzero", "unique", "_unique",
-             "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave", "masked_scatter"}
+    SYNCS = {"nonzero", "_local_scalar_dense", "masked_select", "item", "is_nonzero", "unique",
+             "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave",
+             "masked_scatter"}
 
     def __init__(self):
         super().__init__()
@@ -1726,12 +1878,14 @@ class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
+        indices = args[1] if len(args) > 1 else ()
         bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
         if name in self.SYNCS or bool_index:
             self.syncs.append(name)
         self.ops.append(name)
-        self.outputs += [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.outputs += [t for t in outs if isinstance(t, torch.Tensor)]
         return out
 
 
@@ -1759,9 +1913,12 @@ def test_bf16_lora_layer_makes_no_activation_sized_float32_tensor():
     assert float32_activations(lambda: step(layer), tokens * 4 * 4) == []
     assert step(layer).dtype == torch.bfloat16 and layer.lora_A.weight.grad.dtype == torch.float32
     xf = x.detach().float()
-    ref = xf @ layer.weight.float().t() + layer.scale * (xf @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
-    assert (step(layer).detach().float() - ref).norm() < 0.01 * ref.norm()  # bf16's rounding, no more
-    # the control: the adapter path cast up to float32 (the earlier forward) makes (tokens, d) copies
+    ref = (xf @ layer.weight.float().t()
+           + layer.scale * (xf @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t())
+    # bf16's rounding, no more
+    assert (step(layer).detach().float() - ref).norm() < 0.01 * ref.norm()
+    # the control: the adapter path cast up to float32 (the earlier forward) makes (tokens, d)
+    # copies
     old = lambda x: layer(x) + layer.lora_B(layer.lora_A(x.to(torch.float32))).to(x.dtype) * 0
     assert len(float32_activations(lambda: step(old), tokens * 4 * 4)) > 1
 
@@ -1778,13 +1935,14 @@ def test_sft_loop_makes_no_host_sync_per_extra_micro_batch(tmp_path):
     # logs the loss is the same in both); a loss mask applied on the device would add one each.
     counts = {}
     for micro in (4, 1):
-        counts[micro] = host_syncs(lambda: run_sft(tmp_path, "--rank", "4", "--steps", "1", "--eval_every", "0",
-                                                    "--micro_batch", str(micro), "--save_every", "0",
-                                                    out=f"out{micro}"))
+        run = lambda: run_sft(tmp_path, "--rank", "4", "--steps", "1", "--eval_every", "0",
+                              "--micro_batch", str(micro), "--save_every", "0", out=f"out{micro}")
+        counts[micro] = host_syncs(run)
     assert counts[1] == counts[4]
     x, y = ids(batch=3), ids(batch=3, seed=2)
     mask = (torch.rand(y.shape) < 0.5).long()
-    assert "nonzero" in host_syncs(lambda: tiny_model()(x, y, loss_mask=mask))  # the control: a device-side mask
+    # the control: a device-side mask
+    assert "nonzero" in host_syncs(lambda: tiny_model()(x, y, loss_mask=mask))
 
 
 def test_rl_learner_scores_episodes_without_host_syncs():
@@ -1794,7 +1952,8 @@ def test_rl_learner_scores_episodes_without_host_syncs():
     randomize_lora(model)
 
     def learn(n):
-        prompts, comps = [[5, 6, 7 + i] for i in range(n)], [[8, 9, 10 + i][:1 + i % 3] for i in range(n)]
+        prompts = [[5, 6, 7 + i] for i in range(n)]
+        comps = [[8, 9, 10 + i][:1 + i % 3] for i in range(n)]
         lp = torch.cat(lora.completion_logprobs(model, prompts, comps))
         adv = torch.tensor([float(i % 2) - 0.5 for i in range(n) for _ in comps[i]])
         loss, _ = train_rl.pg_loss(lp, lp.detach() + 0.01, adv, clip=0.2)
@@ -1803,12 +1962,13 @@ def test_rl_learner_scores_episodes_without_host_syncs():
 
 
 class HostBorn(torch.overrides.TorchFunctionMode):
-    """Tracks the tensors a CUDA run would leave on the host: made by a factory function (torch.tensor,
-    zeros, ...) without a device, or computed from such tensors alone; `.to(device)` moves one to
-    the device. Used with spy_collectives, which refuses them in a collective as NCCL would."""
+    """Tracks the tensors a CUDA run would leave on the host: made by a factory function
+    (torch.tensor, zeros, ...) without a device, or computed from such tensors alone;
+    `.to(device)` moves one to the device. Used with spy_collectives, which refuses them in a
+    collective as NCCL would."""
 
-    FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
-                 torch.rand, torch.randn, torch.randint, torch.linspace}
+    FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty,
+                 torch.arange, torch.rand, torch.randn, torch.randint, torch.linspace}
 
     def __init__(self):
         super().__init__()
@@ -1844,8 +2004,8 @@ def spy_collectives(mode, counts):
     """Wrap torch.distributed's collectives: count each call, and raise where a tensor the CUDA run
     would hold on the host (HostBorn) reaches one: NCCL's 'Tensors must be CUDA and dense'."""
     import torch.distributed as dist
-    names = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-             "all_gather_single", "reduce_scatter_single")
+    names = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+             "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single")
     for name in names:
         real = getattr(dist, name, None)
         if real is None:
@@ -1887,57 +2047,69 @@ json.dump(counts, open(os.environ["SPY_OUT"] + os.environ["RANK"] + ".json", "w"
 
 def spied_torchrun(tmp_path, args, out, script="train_sft"):
     """torchrun of `script` on 2 processes under HostBorn and spy_collectives; returns each rank's
-    counts (calls per collective, whether its base model was on the meta device, whole-model gathers)."""
+    counts (calls per collective, whether its base model was on the meta device, whole-model
+    gathers)."""
     harness = tmp_path / f"spy_{script}.py"
     harness.write_text(SPY_HARNESS.format(repo=str(Path(__file__).parent), script=script))
-    torchrun(tmp_path, 2, args, out, script=str(harness), env={"SPY_OUT": str(tmp_path / f"{out}_spy")},
-             fresh_retry=True)
+    torchrun(tmp_path, 2, args, out, script=str(harness),
+             env={"SPY_OUT": str(tmp_path / f"{out}_spy")}, fresh_retry=True)
     return [json.loads((tmp_path / f"{out}_spy{r}.json").read_text()) for r in range(2)]
 
 
 def test_host_born_tracks_what_a_cuda_run_would_leave_on_the_host():
     with HostBorn() as mode:
         host, dev = torch.tensor(3.0), torch.ones(2, device="cpu")
-        assert mode.is_host(host) and mode.is_host(host * 2) and mode.is_host(torch.tensor(host.item()))
-        assert not mode.is_host(dev) and not mode.is_host(dev + host) and not mode.is_host(host.to("cpu"))
-        assert mode.is_host(torch.zeros(2).float()) and not mode.is_host(torch.zeros(2).to(torch.device("cpu")))
+        assert mode.is_host(host) and mode.is_host(host * 2)
+        assert mode.is_host(torch.tensor(host.item()))
+        assert not mode.is_host(dev) and not mode.is_host(dev + host)
+        assert not mode.is_host(host.to("cpu"))
+        assert mode.is_host(torch.zeros(2).float())
+        assert not mode.is_host(torch.zeros(2).to(torch.device("cpu")))
 
 
 @slow
-def test_uneven_lengths_under_ddp_and_fsdp_run_in_step_on_device_tensors_and_equal_one_process(tmp_path):
+def test_uneven_lengths_under_ddp_and_fsdp_run_in_step_on_device_tensors_and_equal_one_process(
+        tmp_path):
     """16 rows, 15 short and one long, batch 16 in micro-batches of 2: one process's share needs 4
     forwards, the other's 5 (the long row goes alone). Each process must run the same number or
     FSDP2's per-block all-gathers stop lining up (a hang); no collective may take a host tensor
     (NCCL's refusal); FSDP2 reduce-scatters once per step, not once per micro-batch; and the
     losses are those of one process."""
     model_dir = model_folder(tmp_path)
-    rows = [{"prompt": f"the {i}", "completion": " in the sea" * (30 if i == 20 else 1)} for i in range(24)]
+    rows = [{"prompt": f"the {i}", "completion": " in the sea" * (30 if i == 20 else 1)}
+            for i in range(24)]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     _, tok = lora.load_model(model_dir)
     batch = sorted(train_sft.tokenize(rows[8:], tok, 512, "t")[0], key=lambda e: len(e[0]))
     plans = [len(lora.micro_batches([len(ids) for ids, _ in batch[r::2]], 2)) for r in range(2)]
     assert sorted(plans) == [4, 5]  # the uneven case this test is about
-    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "16",
-            "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3", "--steps", "1", "--epochs", "2", "--eval_every", "0"]
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8",
+            "--batch_size", "16", "--micro_batch", "2", "--rank", "4,0", "--lr", "3e-3",
+            "--steps", "1", "--epochs", "2", "--eval_every", "0"]
     train_sft.main(args + ["--out", str(tmp_path / "one"), "--save_every", "0"])
     ddp, _ = spied_torchrun(tmp_path, args + ["--save_every", "0"], "ddp")
-    fsdp, fsdp1 = spied_torchrun(tmp_path, [{"4,0": "4"}.get(x, x) for x in args] + ["--fsdp", "--save_every", "1"],
-                                 "fsdp")
-    full, _ = spied_torchrun(tmp_path, [{"4,0": "0"}.get(x, x) for x in args] + ["--fsdp", "--save_every", "0"],
-                             "fsdp_full")
+    lora_args = [{"4,0": "4"}.get(x, x) for x in args]
+    fsdp, fsdp1 = spied_torchrun(tmp_path, lora_args + ["--fsdp", "--save_every", "1"], "fsdp")
+    full_args = [{"4,0": "0"}.get(x, x) for x in args]
+    full, _ = spied_torchrun(tmp_path, full_args + ["--fsdp", "--save_every", "0"], "fsdp_full")
     one = sft_losses(tmp_path / "one")
     assert all(len(v) == 1 for v in one.values())
     for out in ("ddp", "fsdp", "fsdp_full"):
         two = sft_losses(tmp_path / out)
-        assert set(two) <= set(one) and all(np.allclose(one[k], two[k], rtol=1e-5) for k in two), (out, one, two)
-    assert len(sft_losses(tmp_path / "ddp")) == 2 and ddp["all_reduce"] >= 2   # the step's loss, per run
-    assert fsdp["reduce_scatter_single"] == 2, fsdp  # one per block a step: 5 forwards a step would make 10
-    # FullFT reduce-scatters every micro-batch (2 blocks + the root, 5 forwards), so no process keeps an
-    # unsharded gradient between them; once a step (3) would hold a whole float32 gradient for 4 of 5
+        assert set(two) <= set(one), (out, one, two)
+        assert all(np.allclose(one[k], two[k], rtol=1e-5) for k in two), (out, one, two)
+    assert len(sft_losses(tmp_path / "ddp")) == 2
+    assert ddp["all_reduce"] >= 2  # the step's loss, per run
+    # one per block a step: 5 forwards a step would make 10
+    assert fsdp["reduce_scatter_single"] == 2, fsdp
+    # FullFT reduce-scatters every micro-batch (2 blocks + the root, 5 forwards), so no process
+    # keeps an unsharded gradient between them; once a step (3) would hold a whole float32
+    # gradient for 4 of 5
     assert full["reduce_scatter_single"] == 15, full
     # FSDP: rank 1 never holds the base (a meta model that receives its shards from rank 0), and the
     # LoRA checkpoint gathers the adapters alone, never the whole model
-    assert fsdp1["base_on_meta"] and not fsdp["base_on_meta"] and "get_model_state_dict" not in fsdp, (fsdp, fsdp1)
+    assert fsdp1["base_on_meta"] and not fsdp["base_on_meta"], (fsdp, fsdp1)
+    assert "get_model_state_dict" not in fsdp, (fsdp, fsdp1)
     fresh = tiny_model()
     lora.load_adapter(fresh, tmp_path / "fsdp" / "sft_data_r4_lr3.00e-03_bs16" / "ckpt-1")
     assert lora.count_parameters(fresh) == lora.count_parameters(lora.apply_lora(tiny_model(), 4))
@@ -1962,10 +2134,12 @@ def test_fsdp_with_compiled_blocks_equals_one_eager_process(tmp_path):
     args = ["--rank", "4", "--lr", "3e-3", "--steps", "2", "--eval_every", "0", "--save_every", "0"]
     one, _ = run_sft(tmp_path, *args, out="one")
     model_dir, data = tmp_path / "model", tmp_path / "data.jsonl"
-    torchrun(tmp_path, 2, ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "8",
-                           "--micro_batch", "3", *args, "--fsdp", "--compile"], "fsdp", script=str(harness))
+    fsdp_args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8",
+                 "--batch_size", "8", "--micro_batch", "3", *args, "--fsdp", "--compile"]
+    torchrun(tmp_path, 2, fsdp_args, "fsdp", script=str(harness))
     two = sft_losses(tmp_path / "fsdp")
-    assert sorted(one) == sorted(two) and all(np.allclose(one[k], two[k], rtol=1e-5) for k in one), (one, two)
+    assert sorted(one) == sorted(two), (one, two)
+    assert all(np.allclose(one[k], two[k], rtol=1e-5) for k in one), (one, two)
 
 
 def test_micro_batches_split_to_a_count_and_respect_a_token_budget():
@@ -1994,7 +2168,8 @@ def sigterm_at_step(monkeypatch, k):
 
 
 @slow
-def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_curve(tmp_path, monkeypatch, capsys):
+def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_curve(
+        tmp_path, monkeypatch, capsys):
     args = ["--rank", "4", "--lr", "3e-3", "--steps", "5", "--eval_every", "0", "--save_every", "0"]
     whole, _ = run_sft(tmp_path, *args, out="whole")
     with monkeypatch.context() as m:
@@ -2004,7 +2179,8 @@ def test_sigterm_checkpoints_the_step_in_flight_and_resume_continues_the_same_cu
     run = next((tmp_path / "stopped").iterdir())
     # saved despite --save_every 0
     assert lora.checkpoint_step(run) == 3 and len(sft_losses(tmp_path / "stopped")[run.name]) == 3
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the script's only while it runs
+    # the handler is the script's only while it runs
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     resumed, _ = run_sft(tmp_path, *args, "--resume", out="stopped")
     assert list(resumed.values()) == list(whole.values())
 
@@ -2019,26 +2195,31 @@ def test_rl_sigterm_checkpoints_and_resumes_the_same_run(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         sigterm_at_step(m, 2)
         train_rl.main(args + ["--out", str(tmp_path / "stopped")])
-    assert len(curve("stopped")) == 2 and lora.checkpoint_step(next((tmp_path / "stopped").iterdir())) == 2
+    assert len(curve("stopped")) == 2
+    assert lora.checkpoint_step(next((tmp_path / "stopped").iterdir())) == 2
     train_rl.main(args + ["--out", str(tmp_path / "stopped"), "--resume"])
     assert curve("stopped") == curve("whole") and any(loss != 0 for _, loss in curve("whole"))
 
 
 @slow
 def test_rl_trains_a_model_whose_embedding_is_padded_past_the_tokenizer(tmp_path):
-    # Qwen2.5 has 151,936 embedding rows for 151,665 tokens; ids past the tokenizer cannot be decoded
+    # Qwen2.5 has 151,936 embedding rows for 151,665 tokens; ids past the tokenizer
+    # cannot be decoded
     model_dir = model_folder(tmp_path, vocab_size=264 + 4096)
     model, tok = lora.load_model(model_dir)
     assert tok.vocab_size == 264
-    out, lp = lora.generate(model, [[5, 9, 200]] * 16, 12, generator=torch.Generator().manual_seed(0),
-                            vocab=tok.vocab_size)
+    out, lp = lora.generate(model, [[5, 9, 200]] * 16, 12,
+                            generator=torch.Generator().manual_seed(0), vocab=tok.vocab_size)
     assert max(max(o) for o in out) < 264
     new = lora.completion_logprobs(model, [[5, 9, 200]] * 16, out, vocab=tok.vocab_size)
-    assert all(torch.allclose(a.double(), torch.tensor(b, dtype=torch.float64), atol=1e-4) for a, b in zip(new, lp))
+    assert all(torch.allclose(a.double(), torch.tensor(b, dtype=torch.float64), atol=1e-4)
+               for a, b in zip(new, lp))
     train_rl.main(["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--steps", "2",
-                   "--questions_per_step", "2", "--group_size", "4", "--max_new_tokens", "8", "--eval_examples", "4",
-                   "--eval_every", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
-    assert [r["type"] for r in lora.read_jsonl(next((tmp_path / "out").iterdir()) / "log.jsonl")][-1] == "final"
+                   "--questions_per_step", "2", "--group_size", "4", "--max_new_tokens", "8",
+                   "--eval_examples", "4", "--eval_every", "2", "--device", "cpu",
+                   "--out", str(tmp_path / "out")])
+    log = lora.read_jsonl(next((tmp_path / "out").iterdir()) / "log.jsonl")
+    assert [r["type"] for r in log][-1] == "final"
 
 
 @slow
@@ -2051,27 +2232,31 @@ def test_rl_sampling_from_merged_weights_keeps_the_importance_ratio_at_one(tmp_p
     merged, plain = rec("merged"), rec("plain")
     # fp32: the merge is exact to rounding
     assert all(abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4 for r in merged)
-    assert [r["reward"] for r in merged] == [r["reward"] for r in plain]  # the same samples, step after step
+    # the same samples, step after step
+    assert [r["reward"] for r in merged] == [r["reward"] for r in plain]
 
 
 @slow
 def test_compile_over_varied_shapes_compiles_a_few_graphs_and_breaks_none(tmp_path, monkeypatch):
-    # Dynamo and AOTAutograd trace as --compile does (aot_eager skips inductor's C++ build, PyTorch's
-    # to test). 8 steps whose micro-batches differ in rows and length, 1-row ones among them (a long row
-    # goes alone under --micro_tokens): the blocks' one code object compiles three dynamic-shape graphs
-    # (training, the first block's training, eval) and reuses them; a 1-row batch specialised would add 3.
+    # Dynamo and AOTAutograd trace as --compile does (aot_eager skips inductor's C++ build,
+    # PyTorch's to test). 8 steps whose micro-batches differ in rows and length, 1-row ones among
+    # them (a long row goes alone under --micro_tokens): the blocks' one code object compiles
+    # three dynamic-shape graphs (training, the first block's training, eval) and reuses them; a
+    # 1-row batch specialised would add 3.
     from torch._dynamo.utils import counters
     real, collate, rows_seen = torch.compile, lora.collate, []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, **{**kw, "backend": "aot_eager"}))
-    monkeypatch.setattr(lora, "collate", lambda ex, *a: rows_seen.append(len(ex)) or collate(ex, *a))
+    monkeypatch.setattr(lora, "collate",
+                        lambda ex, *a: rows_seen.append(len(ex)) or collate(ex, *a))
     torch._dynamo.reset()
     counters.clear()
     model_dir = model_folder(tmp_path)
-    rows = [{"prompt": "the " * (i % 7 + 1), "completion": " in the sea" * (i % 5 + 1)} for i in range(80)]
+    rows = [{"prompt": "the " * (i % 7 + 1), "completion": " in the sea" * (i % 5 + 1)}
+            for i in range(80)]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
-    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8", "--batch_size", "6",
-            "--micro_batch", "4", "--micro_tokens", "110", "--rank", "4", "--lr", "3e-3", "--steps", "8",
-            "--eval_every", "4", "--save_every", "0", "--out"]
+    args = ["--model", str(model_dir), "--data", str(data), "--eval_examples", "8",
+            "--batch_size", "6", "--micro_batch", "4", "--micro_tokens", "110", "--rank", "4",
+            "--lr", "3e-3", "--steps", "8", "--eval_every", "4", "--save_every", "0", "--out"]
     train_sft.main(args + [str(tmp_path / "compiled"), "--compile"])
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     shapes = {tuple(r) for r in counters["recompiles"]} if "recompiles" in counters else set()
@@ -2091,8 +2276,9 @@ def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
     rows = lora.synth_problems(16, seed=5)
     train_ex, _, _ = train_sft.tokenize(rows[4:], tok, 256, "synth")
     eval_ex, _, _ = train_sft.tokenize(rows[:4], tok, 256, "synth")
-    args = train_sft.parse_args(["--rank", "8", "--lr_mult", "20", "--batch_size", "4", "--steps", "2",
-                                 "--eval_every", "2", "--save_every", "0", "--out", str(tmp_path), "--device", "cpu"])
+    args = train_sft.parse_args(["--rank", "8", "--lr_mult", "20", "--batch_size", "4",
+                                 "--steps", "2", "--eval_every", "2", "--save_every", "0",
+                                 "--out", str(tmp_path), "--device", "cpu"])
     (a,) = train_sft.grid(args, model.config)
     a.name, a.amp = "real", None
     before = train_sft.evaluate(model, eval_ex, 8, tok.pad_id, "cpu", None)
@@ -2112,32 +2298,39 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     # flops.py --gpu on a CPU with a tiny shape: every stage runs and reports, and its figures hold
     # what they must on any device (compiled = eager losses, bf16 close to fp32, ratio near 1)
     cfg, lines = tiny_config(), []
-    out = flops.gpu_benchmark("cpu", train_shapes=(cfg,), sample_shape=cfg, seq=64, steps=1, rows=8, new_tokens=8,
-                              backend="aot_eager", say=lines.append)
+    no_limits = dict(sft=None, sample=None, sdpa=None, agree=None)  # it measures; it does not race
+    out = flops.gpu_benchmark("cpu", train_shapes=(cfg,), sample_shape=cfg, seq=64, steps=1, rows=8,
+                              new_tokens=8, backend="aot_eager", limits=no_limits, say=lines.append)
     assert not [k for k, v in out.items() if isinstance(v, dict) and "error" in v], out
     assert len(lines) == 7 and all("error" not in line for line in lines), lines
     eager, compiled = out["sft_custom_eager"], out["sft_custom_compiled"]
     assert eager["tokens_per_s"] == pytest.approx(64 / eager["ms"] * 1000)  # batch 1 x 64 tokens
     assert compiled["graphs"] <= 3 and compiled["graph_breaks"] == 0
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
-    ways = [out["sample"][f"{m}_{c}"] for m in ("unmerged", "merged") for c in ("eager", "compiled")]
+    ways = [out["sample"][f"{m}_{c}"]
+            for m in ("unmerged", "merged") for c in ("eager", "compiled")]
     for w in ways:  # 8 rows x 8 new tokens (no stop ids), against the bytes-moved floor
-        assert w["tokens_per_s"] == pytest.approx(64 / w["s"]) and w["of_floor"] == pytest.approx(w["floor_s"] / w["s"])
-    # merged: one matmul per linear layer instead of three (and the LoRA ops gone), so fewer launches
+        assert w["tokens_per_s"] == pytest.approx(64 / w["s"])
+        assert w["of_floor"] == pytest.approx(w["floor_s"] / w["s"])
+    # merged: one matmul per linear layer instead of three (and the LoRA ops gone),
+    # so fewer launches
     assert ways[2]["launches"] < ways[0]["launches"]
     assert "math" in out["sdpa"]["train"] and "math" in out["sdpa"]["decode"]
     assert len(out["sdpa"]["decode_first_call_ms"]) == 4
     agree = out["agree"]
     assert agree["loss_rel_diff"] < 1e-2 and agree["grad_cosine"] > 0.99, agree
     assert all(abs(agree[k]["ratio_mean"] - 1) < 0.05 for k in ("unmerged", "merged")), agree
-    slow = flops.run_stage("slow", 1, lambda: time.sleep(3) or {}, {})
-    assert "limit" in slow["error"]  # a stage past its limit reports and the benchmark goes on
+    # a stage past its limit reports, keeps what it measured, and the benchmark goes on
+    stage = lambda part: part.update(first=1.0) or time.sleep(3) or {}
+    slow = flops.run_stage("slow", 1, stage, {})
+    assert "limit" in slow["error"] and slow["first"] == 1.0
 
 
 def test_post_param_table_llama31_8b():
     cfg = flops.presets["llama-3.1-8b"]
     unit = flops.lora_params(cfg, 1, "all", lm_head=True)
-    assert unit["gate_proj"] + unit["up_proj"] + unit["down_proj"] == 32 * 3 * (4096 + 14336) == 1_769_472
+    assert (unit["gate_proj"] + unit["up_proj"] + unit["down_proj"]
+            == 32 * 3 * (4096 + 14336) == 1_769_472)
     assert (unit["q_proj"] + unit["k_proj"] + unit["v_proj"] + unit["o_proj"]
             == 32 * (8192 + 5120 + 5120 + 8192) == 851_968)
     assert unit["lm_head"] == 4096 + 128256 == 132_352
@@ -2150,8 +2343,9 @@ def test_post_param_table_llama31_8b():
     for key, post in [(("mlp", 256), "0.49B"), (("attn", 256), "0.25B"), (("all", 256), "0.70B"),
                       (("mlp", 128), "0.24B")]:
         assert flops.human(rows[key]["params"]) == post
-    assert round(rows["all", 1]["params"] / 1e6) == 3                      # the post's "3M"
-    assert flops.human(rows["mlp", 256]["without_lm_head"]) == "0.45B"     # so the table includes lm_head
+    assert round(rows["all", 1]["params"] / 1e6) == 3  # the post's "3M"
+    # so the table includes lm_head
+    assert flops.human(rows["mlp", 256]["without_lm_head"]) == "0.45B"
 
 
 def test_tinker_cookbook_llama32_1b_per_rank():
@@ -2161,10 +2355,14 @@ def test_tinker_cookbook_llama32_1b_per_rank():
     assert unit["lm_head"] == 130_304
 
 
-@pytest.mark.parametrize("kw", [{}, dict(tie_word_embeddings=True), dict(model_type="qwen3", qk_norm=True, head_dim=24),
-                                dict(attention_bias=True, mlp_bias=True, o_proj_bias=True)])
-@pytest.mark.parametrize("layers,lm_head", [("all", False), ("mlp", True), ("attn", False), ("q_proj+down_proj", False),
-                                            ("1.down_proj+0-1.q_proj", False), ("layers.0.mlp.up_proj", True)])
+@pytest.mark.parametrize("kw", [
+    {}, dict(tie_word_embeddings=True), dict(model_type="qwen3", qk_norm=True, head_dim=24),
+    dict(attention_bias=True, mlp_bias=True, o_proj_bias=True),
+])
+@pytest.mark.parametrize("layers,lm_head", [
+    ("all", False), ("mlp", True), ("attn", False), ("q_proj+down_proj", False),
+    ("1.down_proj+0-1.q_proj", False), ("layers.0.mlp.up_proj", True),
+])
 def test_params_match_real_models(kw, layers, lm_head):
     cfg = tiny_config(**kw)
     model = Llama(cfg)
@@ -2174,19 +2372,23 @@ def test_params_match_real_models(kw, layers, lm_head):
 
 
 @pytest.mark.parametrize("rank,layers,lm_head,tied", [
-    (0, "all", False, False), (0, "all", False, True), (4, "all", False, False), (4, "mlp", False, True),
-    (4, "attn", True, False), (8, "o_proj", False, False), (0, "mlp", False, False), (0, "o_proj", True, True),
-    (4, "1.down_proj", False, False), (2, "1.v_proj+0-1.mlp", True, True), (0, "1.attn", False, False)])
+    (0, "all", False, False), (0, "all", False, True), (4, "all", False, False),
+    (4, "mlp", False, True), (4, "attn", True, False), (8, "o_proj", False, False),
+    (0, "mlp", False, False), (0, "o_proj", True, True), (4, "1.down_proj", False, False),
+    (2, "1.v_proj+0-1.mlp", True, True), (0, "1.attn", False, False)])
 def test_analytic_flops_match_flop_counter(rank, layers, lm_head, tied):
     cfg = tiny_config(tie_word_embeddings=tied)
-    model, _ = lora.prepare_training(Llama(cfg), rank, 1e-3, layers, lm_head)  # as train_sft.py sets a run up
+    # as train_sft.py sets a run up
+    model, _ = lora.prepare_training(Llama(cfg), rank, 1e-3, layers, lm_head)
     B, T = 2, 48
     idx, tgt = torch.randint(cfg.vocab_size, (B, T)), torch.randint(cfg.vocab_size, (B, T))
     counted = flops.counted_flops(model, idx, tgt)
-    analytic = B * T * lora.train_flops_per_token(cfg, rank, layers, T, lm_head=lm_head)  # what train_sft.py logs
+    # what train_sft.py logs
+    analytic = B * T * lora.train_flops_per_token(cfg, rank, layers, T, lm_head=lm_head)
     assert abs(counted / analytic - 1) < 0.02
     assert counted == analytic  # the walk models autograd's skipped input gradients exactly
-    no_attn = B * T * flops.train_flops_per_token(cfg, rank, layers, T, attention=False, lm_head=lm_head)
+    no_attn = B * T * flops.train_flops_per_token(cfg, rank, layers, T, attention=False,
+                                                  lm_head=lm_head)
     assert counted > no_attn    # CPU attention is counted (FlopCounterMode alone would miss it)
 
 
@@ -2194,8 +2396,9 @@ def test_lora_flops_below_fullft_and_ratio_trends():
     cfg = flops.presets["llama-3.1-8b"]
     f = lambda r, T=2048, **kw: flops.train_flops_per_token(cfg, r, "all", T, **kw)
     assert 0.66 < f(16, attention=False) / f(0, attention=False) < 0.68
-    assert f(1) / f(0) < f(64) / f(0) < f(256) / f(0)          # grows with rank
-    assert f(16, 512) / f(0, 512) < f(16, 32768) / f(0, 32768)  # and with sequence length (attention has no weights)
+    assert f(1) / f(0) < f(64) / f(0) < f(256) / f(0)  # grows with rank
+    # and with sequence length (attention has no weights)
+    assert f(16, 512) / f(0, 512) < f(16, 32768) / f(0, 32768)
     post = flops.train_flops_per_token(cfg, 16, "all", 2048, skip=False)
     assert 0 < post - f(16) < 0.01 * f(16)  # only layer 0's skipped input gradients differ
 
@@ -2209,8 +2412,10 @@ def test_measure_tiny_model_state_and_counts():
         r = m[method]
         assert r["counted_flops"] == r["analytic_flops"]
         assert r["state"] == {k: r["analytic_state"][k] for k in ("weights", "grads", "adam")}
-        # every layer keeps at least its float32 input for backward; one timed step: its parts add up
-        assert r["activation_bytes"] >= cfg.num_hidden_layers * 2 * 32 * cfg.hidden_size * 4, r["activation_bytes"]
+        # every layer keeps at least its float32 input for backward
+        floor = cfg.num_hidden_layers * 2 * 32 * cfg.hidden_size * 4
+        assert r["activation_bytes"] >= floor, r["activation_bytes"]
+        # one timed step: its parts add up
         assert r["ms"] == pytest.approx(r["fwd_bwd_ms"] + r["optimizer_ms"])
     assert m["LoRA"]["state_bytes"] < m["FullFT"]["state_bytes"]
     assert m["time_ratio_ci"] is None   # one timed step: no interval claimed
@@ -2218,20 +2423,23 @@ def test_measure_tiny_model_state_and_counts():
 
 
 def test_paired_ratio_interval_brackets_the_ratio_and_follows_the_pairs():
-    # LoRA steps at 0.7x of FullFT's while the machine's speed swings 3x: pairing keeps the interval tight
+    # LoRA steps at 0.7x of FullFT's while the machine's speed swings 3x: pairing keeps the
+    # interval tight
     speed = [1, 3, 1.5, 2, 1, 3, 2.5, 1.2, 2, 1.1]
     full = [100 * s for s in speed]
     lo = [70 * s * (1 + 0.01 * (-1) ** i) for i, s in enumerate(speed)]
     ci = flops.paired_ratio_interval(lo, full)
     ratio = np.median(lo) / np.median(full)
     assert ci[0] <= ratio <= ci[1] and ci[0] > 0.6 and ci[1] < 0.8, ci
-    loose = flops.paired_ratio_interval(lo[3:] + lo[:3], full)   # the same times, pairs broken: the swings show
+    # the same times, pairs broken: the swings show
+    loose = flops.paired_ratio_interval(lo[3:] + lo[:3], full)
     assert loose[1] - loose[0] > 5 * (ci[1] - ci[0]), (ci, loose)
     assert flops.paired_ratio_interval(lo[:4], full[:4]) is None
 
 
 def test_bf16_lora_state_matches_the_memory_formula():
-    # A bf16 base with fp32 adapters (the CUDA default) after one AdamW step: the bytes it really holds
+    # A bf16 base with fp32 adapters (the CUDA default) after one AdamW step: the bytes it
+    # really holds
     cfg = tiny_config()
     model = lora.apply_lora(Llama(cfg).to(torch.bfloat16), 4)
     opt = torch.optim.AdamW([p for _, p in lora.trainable_parameters(model)])
@@ -2257,8 +2465,8 @@ def test_capacity_examples_and_logs(tmp_path):
     bits, kind, conf = flops.log_bits(sft)
     assert kind == "sft" and conf["trainable_params"] == 1000 and bits == pytest.approx(200.0)
     rl = tmp_path / "rl.jsonl"
-    rl.write_text("".join(json.dumps({"type": "train", "step": i, "episodes": 64, "reward": 0.5}) + "\n"
-                          for i in range(10)))
+    write_jsonl(rl, [{"type": "train", "step": i, "episodes": 64, "reward": 0.5}
+                     for i in range(10)])
     assert flops.log_bits(rl)[:2] == (640.0, "rl")
 
 
@@ -2267,18 +2475,23 @@ def test_moe_counts_and_measure_follows_the_per_layer_plan():
     assert 30.4e9 < flops.model_params(cfg) < 30.6e9
     unit = flops.lora_params(cfg, 8, "mlp")  # rank 8 total = rank 1 on each of 128 experts
     assert unit["gate_proj"] == 48 * 128 * (2048 + 768)
-    assert flops.train_flops_per_token(cfg, 0) < flops.model_params(cfg)  # only 8 of 128 experts run per token
+    # only 8 of 128 experts run per token
+    assert flops.train_flops_per_token(cfg, 0) < flops.model_params(cfg)
     with pytest.raises(UserError, match="does not fit"):
         flops.measure(cfg, 8, "all", False, 16, 1, 1)
-    # measured, both arms on the plan of an indexed --layers (LoRA once adapted every layer's up_proj, and
-    # FullFT trained every weight, while the analytic count took layer 1's alone): counter == formula
+    # measured, both arms on the plan of an indexed --layers (LoRA once adapted every layer's
+    # up_proj, and FullFT trained every weight, while the analytic count took layer 1's alone):
+    # counter == formula
     torch.set_num_threads(1)
-    moe = tiny_config(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-    for c, layers in ((tiny_config(), "1.up_proj"), (tiny_config(), "1.mlp+0.q_proj"), (moe, "mlp")):
+    moe = tiny_config(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32)
+    for c, layers in ((tiny_config(), "1.up_proj"), (tiny_config(), "1.mlp+0.q_proj"),
+                      (moe, "mlp")):
         m = flops.measure(c, 4, layers, False, seq_len=16, batch=2, steps=1, device="cpu")
         for method in ("FullFT", "LoRA"):
-            assert m[method]["counted_flops"] == m[method]["analytic_flops"], (layers, method, m[method])
-            assert m[method]["state"]["grads"] == m[method]["analytic_state"]["grads"], (layers, method)
+            r = m[method]
+            assert r["counted_flops"] == r["analytic_flops"], (layers, method, r)
+            assert r["state"]["grads"] == r["analytic_state"]["grads"], (layers, method)
 
 
 def test_bad_input_is_a_user_error(tmp_path, capsys):
@@ -2304,14 +2517,17 @@ GOLD = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
 
 
 @pytest.mark.parametrize("completion,reward", [
-    ("She sold 24 in May, 72 in all.\n#### 72", 1), ("#### 72.", 1), ("#### $72", 1), ("#### 72 clips", 1),
-    ("The answer is 72.", 1), ("the answer is: **72**", 1), ("Answer: 72", 1), ("so \\boxed{72}", 1),
-    ("\\boxed{\\$72}", 1), ("\\boxed{72 \\text{ clips}}", 1), ("48 + 24 = 72", 1), ("72.00", 1), ("#### 72.0", 1),
-    ("First 12 clips, then 60. " * 40 + "#### 72", 1),           # a long completion: the answer is at the far end
-    ("#### 72 is wrong, the answer is 24", 1),                  # '####' wins over later text
-    ("#### 24", 0), ("The answer is 71.", 0), ("", 0), ("I don't know.", 0), ("#### 720", 0), ("#### 7.2", 0),
-    ("72 clips. The answer is 73", 0), ("\\boxed{-72}", 0), ("#### seventy-two", 0),
-    ("The final answer is: 48 + 24 = 72.", 1), ("#### 48 + 24 = 72", 1), ("The answer is 72 - 2 = 70", 0),
+    ("She sold 24 in May, 72 in all.\n#### 72", 1), ("#### 72.", 1), ("#### $72", 1),
+    ("#### 72 clips", 1), ("The answer is 72.", 1), ("the answer is: **72**", 1),
+    ("Answer: 72", 1), ("so \\boxed{72}", 1), ("\\boxed{\\$72}", 1),
+    ("\\boxed{72 \\text{ clips}}", 1), ("48 + 24 = 72", 1), ("72.00", 1), ("#### 72.0", 1),
+    # a long completion: the answer is at the far end
+    ("First 12 clips, then 60. " * 40 + "#### 72", 1),
+    ("#### 72 is wrong, the answer is 24", 1),  # '####' wins over later text
+    ("#### 24", 0), ("The answer is 71.", 0), ("", 0), ("I don't know.", 0), ("#### 720", 0),
+    ("#### 7.2", 0), ("72 clips. The answer is 73", 0), ("\\boxed{-72}", 0),
+    ("#### seventy-two", 0), ("The final answer is: 48 + 24 = 72.", 1), ("#### 48 + 24 = 72", 1),
+    ("The answer is 72 - 2 = 70", 0),
 ])
 def test_gsm8k_reward_formats(completion, reward):
     assert train_rl.gsm8k_reward(completion, GOLD) == reward
@@ -2321,7 +2537,8 @@ def test_gsm8k_reward_commas_negatives_decimals():
     assert train_rl.gsm8k_reward("It costs $1,080.", "#### 1,080") == 1
     assert train_rl.gsm8k_reward("#### 1080", "#### 1,080") == 1
     assert train_rl.gsm8k_reward("The loss is -5 dollars", "#### -5") == 1
-    assert train_rl.gsm8k_reward("#### 1,08", "#### 108") == 0     # not a thousands group: the number is 1
+    # not a thousands group: the number is 1
+    assert train_rl.gsm8k_reward("#### 1,08", "#### 108") == 0
     assert train_rl.gsm8k_reward("#### 18.00", "#### 18") == 1
     assert train_rl.gsm8k_reward("#### 2.5", "#### 2.5") == 1
     assert train_rl.extract_answer("costs \u22123 today") == -3    # unicode minus
@@ -2332,7 +2549,8 @@ def test_group_advantages_sum_to_zero_and_equal_groups_give_no_gradient():
     adv = train_rl.group_advantages(rewards, 4)
     assert torch.allclose(adv.view(3, 4).sum(1), torch.zeros(3))
     assert (adv[4:8] == 0).all() and torch.equal(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
-    assert torch.allclose(train_rl.group_advantages(rewards, 4, std=True).view(3, 4).sum(1), torch.zeros(3), atol=1e-5)
+    std_adv = train_rl.group_advantages(rewards, 4, std=True)
+    assert torch.allclose(std_adv.view(3, 4).sum(1), torch.zeros(3), atol=1e-5)
     model = lora.apply_lora(tiny_model(), rank=2)
     randomize_lora(model)
     lp = lora.completion_logprobs(model, [[5, 6, 7]], [[8, 9, 10]])[0]
@@ -2344,18 +2562,22 @@ def test_group_advantages_sum_to_zero_and_equal_groups_give_no_gradient():
 @slow
 def test_importance_ratio_is_one_on_policy_and_learner_logprobs_equal_sampler():
     model = tiny_model().double()
-    prompts = [[5, 9, 200], [7, 7], [100, 101, 102, 103]] * 3  # as in RL: each prompt sampled several times
-    comps, old = lora.generate(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                               stop_ids=[3])
-    assert len(set(map(tuple, comps[::3]))) > 1  # the copies of one prompt are sampled independently
+    # as in RL: each prompt sampled several times
+    prompts = [[5, 9, 200], [7, 7], [100, 101, 102, 103]] * 3
+    comps, old = lora.generate(model, prompts, 10, temperature=1.0,
+                               generator=torch.Generator().manual_seed(0), stop_ids=[3])
+    # the copies of one prompt are sampled independently
+    assert len(set(map(tuple, comps[::3]))) > 1
     new = lora.completion_logprobs(model, prompts, comps)
     for lp_new, lp_old in zip(new, old):
         assert torch.allclose(lp_new, torch.tensor(lp_old, dtype=torch.float64), atol=1e-9)
         _, ratio = train_rl.pg_loss(lp_new, torch.tensor(lp_old, dtype=torch.float64), 1.0)
         assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-9)
     # with temperature, both sides use softmax(logits / T)
-    comps, old = lora.generate(model, prompts, 6, temperature=0.7, generator=torch.Generator().manual_seed(1))
-    for lp_new, lp_old in zip(lora.completion_logprobs(model, prompts, comps, temperature=0.7), old):
+    comps, old = lora.generate(model, prompts, 6, temperature=0.7,
+                               generator=torch.Generator().manual_seed(1))
+    new = lora.completion_logprobs(model, prompts, comps, temperature=0.7)
+    for lp_new, lp_old in zip(new, old):
         assert torch.allclose(lp_new, torch.tensor(lp_old, dtype=torch.float64), atol=1e-9)
 
 
@@ -2363,28 +2585,34 @@ def test_ppo_clip_limits_the_ratio_in_the_objective():
     lp_old = torch.zeros(3)
     lp_new = torch.log(torch.tensor([0.5, 1.0, 2.0]))
     loss, _ = train_rl.pg_loss(lp_new, lp_old, 1.0, clip=0.2)
-    assert torch.isclose(loss, -torch.tensor(0.5 + 1.0 + 1.2))           # positive advantage: capped at 1 + eps
+    # positive advantage: capped at 1 + eps
+    assert torch.isclose(loss, -torch.tensor(0.5 + 1.0 + 1.2))
     loss, _ = train_rl.pg_loss(lp_new, lp_old, -1.0, clip=0.2)
-    assert torch.isclose(loss, torch.tensor(0.8 + 1.0 + 2.0))            # negative advantage: floored at 1 - eps
+    # negative advantage: floored at 1 - eps
+    assert torch.isclose(loss, torch.tensor(0.8 + 1.0 + 2.0))
 
 
 @slow
 def test_rl_steps_end_to_end_on_the_real_model(tmp_path, smol):
     model, tok = smol
     prompts = [train_rl.prompt_ids(tok, r) for r in lora.synth_problems(2, seed=7)]
-    comps, old = lora.generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), stop_ids=tok.stop_ids)
-    for lp_new, lp_old in zip(lora.completion_logprobs(model, prompts, comps), old):  # cached = full forward
+    comps, old = lora.generate(model, prompts, 12, generator=torch.Generator().manual_seed(0),
+                               stop_ids=tok.stop_ids)
+    # cached = full forward
+    for lp_new, lp_old in zip(lora.completion_logprobs(model, prompts, comps), old):
         assert torch.allclose(lp_new, torch.tensor(lp_old), atol=2e-3)
     train_rl.main(["--data", "synth1", "--instruction", "short", "--rank", "1", "--steps", "2",
-                   "--questions_per_step", "2", "--group_size", "4", "--max_new_tokens", "24", "--eval_every", "2",
-                   "--eval_examples", "2", "--save_every", "2", "--out", str(tmp_path), "--device", "cpu"])
+                   "--questions_per_step", "2", "--group_size", "4", "--max_new_tokens", "24",
+                   "--eval_every", "2", "--eval_examples", "2", "--save_every", "2",
+                   "--out", str(tmp_path), "--device", "cpu"])
     (run,) = tmp_path.iterdir()
     assert run.name.startswith("rl_synth1-short_r1_")  # another prompt, another folder
     recs = lora.read_jsonl(run / "log.jsonl")
     assert recs[0]["args"]["instruction"] == train_rl.INSTRUCTIONS["short"]
     train = [r for r in recs if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(r["episodes"] == 8 for r in train)
-    assert all(0 <= r["reward"] <= 1 and 0 < r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"] for r in train)
+    assert all(0 <= r["reward"] <= 1 and 0 < r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"]
+               for r in train)
     assert [r["step"] for r in recs if r["type"] == "eval"] == [0, 2] and (run / "latest").exists()
     assert (run / "ckpt-2" / "adapter_model.safetensors").exists()
 
@@ -2395,9 +2623,10 @@ def tiny_rl(tmp_path, monkeypatch, steps, save_every=0):
     this gives groups spread and every step updates the adapter."""
     model_dir = model_folder(tmp_path, vocab_size=264)
     monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
-    return ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2", "--steps", str(steps),
-            "--questions_per_step", "2", "--group_size", "4", "--max_new_tokens", "6", "--eval_every", "0",
-            "--save_every", str(save_every), "--device", "cpu"]
+    return ["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2",
+            "--steps", str(steps), "--questions_per_step", "2", "--group_size", "4",
+            "--max_new_tokens", "6", "--eval_every", "0", "--save_every", str(save_every),
+            "--device", "cpu"]
 
 
 @slow
@@ -2440,7 +2669,8 @@ def write_log(root, name, script, args, records, **config):
     fields) and then `records`."""
     d = root / name
     d.mkdir(parents=True)
-    cfg = {"type": "config", "script": script, "name": name, "args": args, "trainable_params": 1000} | config
+    cfg = {"type": "config", "script": script, "name": name, "args": args,
+           "trainable_params": 1000} | config
     write_jsonl(d / "log.jsonl", [cfg] + records)
     return d / "log.jsonl"
 
@@ -2448,22 +2678,25 @@ def write_log(root, name, script, args, records, **config):
 def sft(root, rank, lr, final, batch_size=32, layers="all", steps=30, seed=0, **config):
     """An SFT run whose train loss falls to `final` and whose last eval loss is exactly `final`
     (config: more fields of its config record, e.g. total_steps)."""
-    args = dict(rank=rank, layers=layers, lm_head=False, lr=lr, lr_mult=None, batch_size=batch_size, lr_ratio_b=1.0,
-                init_scale=1.0, alpha=32, data="synth", seed=seed)
+    args = dict(rank=rank, layers=layers, lm_head=False, lr=lr, lr_mult=None,
+                batch_size=batch_size, lr_ratio_b=1.0, init_scale=1.0, alpha=32, data="synth",
+                seed=seed)
     per_step = 3e9 if rank == 0 else 2e9
-    train = [{"type": "train", "step": s, "loss": final + 2.0 / s ** 0.5 - 2.0 / steps ** 0.5, "lr": lr,
-              "flops": per_step * s} for s in range(1, steps + 1)]
-    evals = [{"type": "eval", "step": 0, "loss": 3.0}, {"type": "eval", "step": steps, "loss": final}]
+    train = [{"type": "train", "step": s, "loss": final + 2.0 / s ** 0.5 - 2.0 / steps ** 0.5,
+              "lr": lr, "flops": per_step * s} for s in range(1, steps + 1)]
+    evals = [{"type": "eval", "step": 0, "loss": 3.0},
+             {"type": "eval", "step": steps, "loss": final}]
     if rank:  # B grows from zero past A, as in the post's long runs
-        evals += [{"type": "norms", "step": s, "A": [0.7, 0.8], "B": [0.0, 0.0] if s == 0 else [0.9, 0.5]}
-                  for s in (0, steps)]
+        evals += [{"type": "norms", "step": s, "A": [0.7, 0.8],
+                   "B": [0.0, 0.0] if s == 0 else [0.9, 0.5]} for s in (0, steps)]
     name = f"sft_r{rank}_{layers}_lr{lr:.3e}_bs{batch_size}" + (f"_s{seed}" if seed else "")
     return write_log(root, name, "train_sft", args, train + evals, **config)
 
 
 def test_a_longer_lr_study_reports_the_ratio_change_paired_by_seed(tmp_path):
-    # the main sweep (30 steps): LoRA's best LR 20x FullFT's in every seed; a 120-step study: 10x,
-    # jittered per seed. The table gives the longer study's ratio over the main one's, paired by seed
+    # the main sweep (30 steps): LoRA's best LR 20x FullFT's in every seed; a 120-step study:
+    # 10x, jittered per seed. The table gives the longer study's ratio over the main one's,
+    # paired by seed
     for seed in range(3):
         for steps, opts, mults in ((30, {0: 1e-4, 16: 2e-3}, (-1.5, -0.5, 0.5, 1.5)),
                                    (120, {0: 1e-4, 16: 1e-3}, (-1, 0, 1))):
@@ -2471,53 +2704,63 @@ def test_a_longer_lr_study_reports_the_ratio_change_paired_by_seed(tmp_path):
                 opt *= 2 ** (0.1 * (seed - 1)) if steps == 120 and rank else 1
                 for k in mults:
                     lr = opts[rank] * 2.0 ** k
-                    sft(tmp_path, rank, lr, 1.0 + 0.1 * seed + 0.01 * math.log2(lr / opt) ** 2, steps=steps, seed=seed)
-    plot.CLAIMS.clear()
-    _, text = plot.fig_lr_sweep(plot.load_runs(tmp_path))
-    assert "rank 16: 20x" in text and "120 steps of 32 (synth): optimal LR, LoRA / FullFT: 10x" in text, text
-    (c,) = [c for c in plot.CLAIMS if "ratio at 120 steps / at 30 steps" in c["quantity"]]
-    assert (c["estimate"] == pytest.approx(0.5, rel=1e-6) and c["interval"][0] < 0.5 < c["interval"][1] < 1
-            and c["seeds"] == 3)
+                    loss = 1.0 + 0.1 * seed + 0.01 * math.log2(lr / opt) ** 2
+                    sft(tmp_path, rank, lr, loss, steps=steps, seed=seed)
+    _, text, claims = plot.fig_lr_sweep(plot.load_runs(tmp_path))
+    assert "rank 16: 20x" in text, text
+    assert "120 steps of 32 (synth): optimal LR, LoRA / FullFT: 10x" in text, text
+    (c,) = [c for c in claims if "ratio at 120 steps / at 30 steps" in c["quantity"]]
+    assert (c["estimate"] == pytest.approx(0.5, rel=1e-6)
+            and c["interval"][0] < 0.5 < c["interval"][1] < 1 and c["seeds"] == 3)
 
 
 def rl(root, rank, lr, top, steps=20, seed=0):
-    args = dict(rank=rank, layers="all", lm_head=False, lr=lr, lr_mult=None, data="synth", seed=seed, group_size=8,
-                questions_per_step=4)
-    train = [{"type": "train", "step": s, "reward": top * s / steps, "lr": lr} for s in range(1, steps + 1)]
+    args = dict(rank=rank, layers="all", lm_head=False, lr=lr, lr_mult=None, data="synth",
+                seed=seed, group_size=8, questions_per_step=4)
+    train = [{"type": "train", "step": s, "reward": top * s / steps, "lr": lr}
+             for s in range(1, steps + 1)]
     name = f"rl_r{rank}_lr{lr:.3e}" + (f"_s{seed}" if seed else "")
-    return write_log(root, name, "train_rl", args, train + [{"type": "eval", "step": steps, "accuracy": top}])
+    final = {"type": "eval", "step": steps, "accuracy": top}
+    return write_log(root, name, "train_rl", args, train + [final])
 
 
 def test_rl_range_of_good_lrs_costs_a_2x_step_each_way_paired_by_seed(tmp_path):
-    # Rewards on 2x grids, a seed shifting both arms alike: a 2x step down from the best LR costs rank 1
-    # 0.05 and FullFT 0.30; a 2x step up costs both 0.10. Pairing by seed must see the first gap clear of 0.
+    # Rewards on 2x grids, a seed shifting both arms alike: a 2x step down from the best LR costs
+    # rank 1 0.05 and FullFT 0.30; a 2x step up costs both 0.10. Pairing by seed must see the
+    # first gap clear of 0.
     shift, rng = [0.0, 0.15, -0.1], np.random.default_rng(0)
     for seed in range(3):
         for rank, best, down in ((1, 2e-4, 0.05), (0, 1e-5, 0.30)):
             for f, cost in ((0.5, down), (1, 0.0), (2, 0.10)):
-                rl(tmp_path, rank, best * f, 0.8 + shift[seed] - cost + rng.normal(0, 0.005), seed=seed)
-    fig, text = plot.fig_rl(plot.load_runs(tmp_path), 3)
+                reward = 0.8 + shift[seed] - cost + rng.normal(0, 0.005)
+                rl(tmp_path, rank, best * f, reward, seed=seed)
+    fig, text, claims = plot.fig_rl(plot.load_runs(tmp_path), 3)
     assert fig is not None
-    down = re.search(r"down: rank 1's cost minus FullFT's ([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]", text)
-    up = re.search(r"up  : rank 1's cost minus FullFT's ([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]", text)
-    assert down and float(down[2]) < float(down[1]) < float(down[3]) < 0 and abs(float(down[1]) + 0.25) < 0.04, text
+    gap = r"rank 1's cost minus FullFT's ([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]"
+    down = re.search(r"down: " + gap, text)
+    up = re.search(r"up  : " + gap, text)
+    assert down and float(down[2]) < float(down[1]) < float(down[3]) < 0, text
+    assert abs(float(down[1]) + 0.25) < 0.04, text
     assert up and float(up[2]) < 0 < float(up[3]), text
-    assert re.search(r"FullFT    a 2x step down costs \+0\.2[6-9]\d \[", text) and "(    1x best)" in text
+    assert re.search(r"FullFT    a 2x step down costs \+0\.2[6-9]\d \[", text)
+    assert "(    1x best)" in text
 
 
 def sft_sweep(root):
-    """Final losses an exact parabola in log10(LR): FullFT's minimum at 1e-4, LoRA's at 1e-3 (ratio 10),
-    on grids that miss the minimum, so only the parabola refinement finds it."""
-    for rank, opt, offsets in [(0, 1e-4, [-1, -0.5, 0.2, 0.7, 1.2]), (1, 1e-3, [-1.3, -0.8, -0.3, 0.2, 0.7]),
-                               (16, 1e-3, [-1.3, -0.8, -0.3, 0.2, 0.7]), (256, 1e-3, [-1.3, -0.8, -0.3, 0.2, 0.7])]:
+    """Final losses an exact parabola in log10(LR): FullFT's minimum at 1e-4, LoRA's at 1e-3
+    (ratio 10), on grids that miss the minimum, so only the parabola refinement finds it."""
+    lora_grid = [-1.3, -0.8, -0.3, 0.2, 0.7]
+    for rank, opt, offsets in [(0, 1e-4, [-1, -0.5, 0.2, 0.7, 1.2]), (1, 1e-3, lora_grid),
+                               (16, 1e-3, lora_grid), (256, 1e-3, lora_grid)]:
         for off in offsets:
             sft(root, rank, opt * 10 ** off, 1.0 + 0.05 / (rank or 1e9) + 0.3 * off ** 2)
 
 
 def full_set(root):
     sft_sweep(root)
-    for rank, lr in [(16, 1e-3), (16, 3e-3), (0, 1e-4), (0, 3e-4)]:   # batch size 8 beside the sweep's 32
-        sft(root, rank, lr, 0.9 + (0.02 if rank else 0), batch_size=8, steps=120)  # the same 960 examples
+    # batch size 8 beside the sweep's 32, on the same 960 examples
+    for rank, lr in [(16, 1e-3), (16, 3e-3), (0, 1e-4), (0, 3e-4)]:
+        sft(root, rank, lr, 0.9 + (0.02 if rank else 0), batch_size=8, steps=120)
     for layers, lr in [("mlp", 1e-3), ("mlp", 3e-3), ("attn", 1e-3), ("attn", 3e-3)]:
         sft(root, 16, lr, 1.1 if layers == "attn" else 1.0, layers=layers)
     for rank in (1, 0):
@@ -2525,24 +2768,28 @@ def full_set(root):
             rl(root, rank, lr * (10 if rank else 1), top)
     for rank, seed, final in [(1, 0, 1.8), (1, 1, 1.8), (0, 0, 0.5), (0, 1, 0.6)]:
         facts(root, rank, seed, final, unseen=1.9)
-    for init, seed, final in [(4, 0, 1.5), (4, 1, 1.6), (4, 2, 1.55)]:   # beside rank 1's runs at init 1
+    # beside rank 1's runs at init 1
+    for init, seed, final in [(4, 0, 1.5), (4, 1, 1.6), (4, 2, 1.55)]:
         facts(root, 1, seed, final, init=init)
 
 
 def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, params=1000, lr=1e-3):
-    """A run memorising k facts (train_sft.py --data facts:k) whose eval loss falls linearly from 2 to
-    `final` over `steps` steps of 10 (from 6.0 at step 0), with evals on 10 facts (5 answer tokens
-    each) and, when given, the loss `unseen` on facts it never saw; init: --init_scale init
-    --lr_ratio_b 1/init."""
-    args = dict(rank=rank, layers="29.down_proj", lm_head=False, lr=lr, batch_size=10, data=f"facts:{k}", seed=seed,
-                init_scale=init, lr_ratio_b=1 / init)
+    """A run memorising k facts (train_sft.py --data facts:k) whose eval loss falls linearly
+    from 2 to `final` over `steps` steps of 10 (from 6.0 at step 0), with evals on 10 facts (5
+    answer tokens each) and, when given, the loss `unseen` on facts it never saw; init:
+    --init_scale init --lr_ratio_b 1/init."""
+    args = dict(rank=rank, layers="29.down_proj", lm_head=False, lr=lr, batch_size=10,
+                data=f"facts:{k}", seed=seed, init_scale=init, lr_ratio_b=1 / init)
     points = [(0, 6.0)] + [(steps * i // 4, 2.0 + (final - 2.0) * i / 4) for i in range(1, 5)]
     evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50}
-             | ({"unseen_loss": unseen if s else 6.0, "unseen_tokens": 50} if unseen is not None else {})
+             | ({"unseen_loss": unseen if s else 6.0, "unseen_tokens": 50}
+                if unseen is not None else {})
              for s, loss in points]
-    evals.append({"type": "train", "step": steps, "loss": final})   # finished: its last step is the total
-    write_log(root, f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}_lr{lr:g}", "train_sft", args, evals,
-              trainable_params=params, n_eval_examples=10, total_steps=steps)
+    # finished: its last step is the total
+    evals.append({"type": "train", "step": steps, "loss": final})
+    name = f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}_lr{lr:g}"
+    write_log(root, name, "train_sft", args, evals, trainable_params=params, n_eval_examples=10,
+              total_steps=steps)
 
 
 @slow
@@ -2553,29 +2800,33 @@ def test_every_figure_and_the_lr_ratio(tmp_path, capsys):
     for name in FIG_NAMES:
         assert (tmp_path / "png" / name).stat().st_size > 10_000
     runs = plot.load_runs(tmp_path / "out")
-    assert plot._ratio(plot.optimal_lrs(plot.main_sweep(runs)))[0] == pytest.approx(10, rel=0.01)
+    assert plot._ratio(plot.optimal_lrs(plot.main_sweep(runs)), [])[0] == pytest.approx(10, rel=0.01)
     opt = plot.optimal_lrs(plot.main_sweep(runs))
     assert opt[0] == pytest.approx(1e-4, rel=0.01) and opt[256] == pytest.approx(1e-3, rel=0.01)
     out = capsys.readouterr().out
     assert "optimal LR, LoRA / FullFT: 10x (median" in out and "skip" not in out
-    assert "0.7500        0.7000  1/2 matrices" in out  # medians of A and B at the last eval, B > A in one of two
+    # medians of A and B at the last eval, B > A in one of two
+    assert "0.7500        0.7000  1/2 matrices" in out
 
 
 @slow
 def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsys):
     # 4 seeds per LR, noise 0.01 around exact parabolas: FullFT's optimum 1e-4 inside its grid,
-    # rank 16's at 1e-3 with the same loss, rank 1's 0.05 worse and its grid stopping at the optimum.
+    # rank 16's at 1e-3 with the same loss, rank 1's 0.05 worse and its grid stopping
+    # at the optimum.
     rng = np.random.default_rng(0)
-    for rank, opt, offsets, shift in [(0, 1e-4, [-1, -0.5, 0, 0.5, 1], 0), (16, 1e-3, [-1, -0.5, 0, 0.5, 1], 0),
+    grid = [-1, -0.5, 0, 0.5, 1]
+    for rank, opt, offsets, shift in [(0, 1e-4, grid, 0), (16, 1e-3, grid, 0),
                                       (1, 1e-3, [-1.5, -1, -0.5, 0], 0.05)]:
         for off in offsets:
             for seed in range(4):
-                sft(tmp_path / "out", rank, opt * 10 ** off, 1.0 + shift + 0.3 * off ** 2 + rng.normal(0, 0.01),
-                    seed=seed)
+                final = 1.0 + shift + 0.3 * off ** 2 + rng.normal(0, 0.01)
+                sft(tmp_path / "out", rank, opt * 10 ** off, final, seed=seed)
     runs = plot.main_sweep(plot.load_runs(tmp_path / "out"))
     st = {k: plot.optimal_lr_stats(rs) for k, rs in plot.group(runs, "rank").items()}
     assert st[0]["seeds"] == 4 and st[0]["bracketed"]
-    assert st[0]["t_lo"] <= st[0]["t_lr"] <= st[0]["t_hi"] < 2 * st[0]["t_lo"]   # each seed's optimum, t over seeds
+    # each seed's optimum, t over seeds
+    assert st[0]["t_lo"] <= st[0]["t_lr"] <= st[0]["t_hi"] < 2 * st[0]["t_lo"]
     assert abs(math.log10(st[0]["lr"] / 1e-4)) < 0.05
     assert not st[1]["bracketed"]
     same = plot.gap_interval(st[16]["best"], st[0]["best"])
@@ -2584,19 +2835,22 @@ def test_seeds_give_intervals_and_unbracketed_optima_are_flagged(tmp_path, capsy
     plot.main([str(tmp_path / "out"), "--to", str(tmp_path / "png")])
     out = capsys.readouterr().out
     assert "NO: at edge" in out and "rank 1: " in out and "(optimum not bracketed)" in out
-    assert re.search(r"rank 16: [\d.]+x \[\d", out) and "rank 1: >=" in out  # an interval; a bound, not a value
+    # an interval; a bound, not a value
+    assert re.search(r"rank 16: [\d.]+x \[\d", out) and "rank 1: >=" in out
     # each seed's own parabola: 4 per arm, their log ratio 1 (10x) within the t interval
     assert len(st[16]["seed_opt"]) == 4 and st[16]["t_lo"] < 1e-3 < st[16]["t_hi"]
     m = re.search(r"rank 16: ([\d.]+)x \[([\d.]+), ([\d.]+)\] \(4 seeds", out)
-    log_ratio, lo, hi = plot.mean_ci([st[16]["seed_opt"][s] - st[0]["seed_opt"][s] for s in range(4)])
+    log_ratio, lo, hi = plot.mean_ci([st[16]["seed_opt"][s] - st[0]["seed_opt"][s]
+                                      for s in range(4)])
     assert m and abs(float(m[1]) - 10) < 1.5 and lo - 0.02 < 1 < hi + 0.02 and hi - lo < 0.2
     steps, loss, se = plot.envelope(plot.group(runs, "rank")[0], 3)
     assert (se > 0).all() and len(steps) == 30
 
 
 def test_figure_1_draws_every_rank_over_one_seed_set(tmp_path):
-    # ranks 1 and 16 ran seeds 0-1 at two LRs; rank 1 also ran seed 2 (much lower loss) at both and seed 3 at one:
-    # the extra seeds would pull rank 1's curve below rank 16's although the two ranks agree seed for seed
+    # ranks 1 and 16 ran seeds 0-1 at two LRs; rank 1 also ran seed 2 (much lower loss) at both
+    # and seed 3 at one: the extra seeds would pull rank 1's curve below rank 16's although the
+    # two ranks agree seed for seed
     for rank in (1, 16):
         for lr in (1e-3, 2e-3):
             for seed in (0, 1):
@@ -2604,66 +2858,79 @@ def test_figure_1_draws_every_rank_over_one_seed_set(tmp_path):
     for lr in (1e-3, 2e-3):
         sft(tmp_path / "out", 1, lr, 0.5, seed=2)
     sft(tmp_path / "out", 1, 1e-3, 0.4, seed=3)
-    _, text = plot.fig_rank_curves(plot.load_runs(tmp_path / "out"))
+    _, text, claims = plot.fig_rank_curves(plot.load_runs(tmp_path / "out"))
     rows = dict(re.findall(r"(rank \d+)\s+\d+\s+\d+\s+([\d.]+)", text))
     assert "seeds [0, 1]" in text and rows["rank 1"] == rows["rank 16"], text
 
 
 def test_early_rank_pairs_leave_out_step_one_and_show_the_posts_pair(tmp_path):
-    # rank 1 ends 0.05 worse than ranks 16 and 256, the same at every step; the early window starts
-    # at step 2 (step 1 is equal by construction in real runs) and the post's pair 16 vs 256 is shown
+    # rank 1 ends 0.05 worse than ranks 16 and 256, the same at every step; the early window
+    # starts at step 2 (step 1 is equal by construction in real runs) and the post's pair 16 vs
+    # 256 is shown
     for seed in range(3):
         for rank, final in ((1, 1.05), (16, 1.0), (256, 1.0)):
             sft(tmp_path / "out", rank, 1e-3, final + 0.001 * seed, seed=seed)
-    _, text = plot.fig_early_rank(plot.load_runs(tmp_path / "out"))
+    _, text, claims = plot.fig_early_rank(plot.load_runs(tmp_path / "out"))
     assert "rank 1 - rank 256 at LR 0.001, 3 seed(s): steps 2-3 +0.0500" in text
     assert "rank 16 - rank 256 at LR 0.001, 3 seed(s): steps 2-3 +0.0000" in text
 
 
 def test_the_best_lr_of_each_seed_is_chosen_by_the_other_seeds():
-    # {seed: {lr: loss}}: seed 1 is lucky at LR 2 (0.0); in sample its arm's best LR would report that
+    # {seed: {lr: loss}}: seed 1 is lucky at LR 2 (0.0); in sample its arm's best LR would
+    # report that
     table = {0: {1: 1.0, 2: 2.0}, 1: {1: 3.0, 2: 0.0}, 2: {1: 1.0, 2: 1.5}}
-    assert plot.out_of_sample(table) == {0: 2.0, 1: 3.0, 2: 1.5}   # LR 2, LR 1, LR 2: each by the other two
-    assert plot.out_of_sample({0: {1: 1.0}}) == {}                  # one seed: nothing to choose by
+    # LR 2, LR 1, LR 2: each by the other two
+    assert plot.out_of_sample(table) == {0: 2.0, 1: 3.0, 2: 1.5}
+    assert plot.out_of_sample({0: {1: 1.0}}) == {}  # one seed: nothing to choose by
 
 
 @slow
 def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path, capsys):
-    # a seed shifts every arm alike (it fixes the examples a run sees); LoRA is 0.001 behind FullFT at
-    # batch 8 and 0.02 behind at batch 32, on the same 960 examples, every optimum inside its grid
-    assert plot.mean_ci([1.0, 2.0, 3.0]) == pytest.approx((2.0, 2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    # a seed shifts every arm alike (it fixes the examples a run sees); LoRA is 0.001 behind
+    # FullFT at batch 8 and 0.02 behind at batch 32, on the same 960 examples, every optimum
+    # inside its grid
+    half = 4.303 / 3 ** 0.5
+    assert plot.mean_ci([1.0, 2.0, 3.0]) == pytest.approx((2.0, 2 - half, 2 + half))
     rng, offset = np.random.default_rng(0), [0.0, 0.05, -0.04, 0.02]
     for seed in range(4):
         for bs, steps, gap in ((8, 120, 0.001), (32, 30, 0.02)):
             for rank, opt in ((0, 2e-4), (16, 2e-3)):
                 for k in (-1, 0, 1):
-                    final = 1.0 + offset[seed] + (gap if rank else 0) + 0.01 * k * k + rng.normal(0, 0.0005)
-                    sft(tmp_path / "out", rank, opt * 2.0 ** k, final, batch_size=bs, steps=steps, seed=seed)
+                    final = (1.0 + offset[seed] + (gap if rank else 0) + 0.01 * k * k
+                             + rng.normal(0, 0.0005))
+                    sft(tmp_path / "out", rank, opt * 2.0 ** k, final, batch_size=bs,
+                        steps=steps, seed=seed)
     runs = plot.load_runs(tmp_path / "out")
-    arm = lambda k, bs: plot.optimal_lr_stats([r for r in runs if (r["rank"], r["batch_size"]) == (k, bs)])["by_seed"]
+    of = lambda k, bs: [r for r in runs if (r["rank"], r["batch_size"]) == (k, bs)]
+    arm = lambda k, bs: plot.optimal_lr_stats(of(k, bs))["by_seed"]
     paired = plot.paired_gap(arm(16, 32), arm(0, 32))
     unpaired = plot.gap_interval(list(arm(16, 32).values()), list(arm(0, 32).values()))
     assert 0.015 < paired[1] < paired[0] < paired[2] < 0.025   # the seed offsets cancel
     assert unpaired[1] < 0 < unpaired[2]                        # unpaired, they swamp the gap
-    fig, text = plot.fig_batch_size(runs, 3)
+    fig, text, claims = plot.fig_batch_size(runs, 3)
     assert fig is not None
     growth = re.search(r"rank 16's gap to FullFT at batch 32 minus at batch 8: "
                        r"\+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
     assert growth and 0.01 < float(growth[2]) < float(growth[1]) < float(growth[3]) < 0.03, text
     oos = re.search(r"at batch 8, each seed at the LRs the other seeds chose: "
                     r"\+([\d.]+) \[\+([\d.]+), \+([\d.]+)\]", text)
-    assert oos and 0.01 < float(oos[2]) < float(oos[1]) < float(oos[3]) < 0.03, text   # the LRs chosen out of sample
-    assert "grid edge" not in text and text.count("[") >= 10   # 4 arms' losses, 2 gaps, the growth twice
+    # the LRs chosen out of sample
+    assert oos and 0.01 < float(oos[2]) < float(oos[1]) < float(oos[3]) < 0.03, text
+    # 4 arms' losses, 2 gaps, the growth twice
+    assert "grid edge" not in text and text.count("[") >= 10
 
 
 def test_unfinished_runs_are_left_out_of_the_figures(tmp_path, capsys):
-    # a run still training (or killed) has no final loss yet: its last train losses would pass for one
+    # a run still training (or killed) has no final loss yet:
+    # its last train losses would pass for one
     sft(tmp_path, 16, 1e-3, 1.0, steps=30, total_steps=30)
     sft(tmp_path, 16, 2e-3, 1.2, steps=30, total_steps=60)
-    # at its last step but still evaluating it (a plot drawn mid-eval once took its train loss for the final one)
-    write_log(tmp_path, "evaluating", "train_sft", dict(rank=16, lr=3e-3, batch_size=32, data="synth", eval_every=10),
-              [{"type": "eval", "step": 0, "loss": 3.0}] + [{"type": "train", "step": s, "loss": 0.5} for s in (1, 2)],
-              total_steps=2)
+    # at its last step but still evaluating it (a plot drawn mid-eval once took its train loss
+    # for the final one)
+    args = dict(rank=16, lr=3e-3, batch_size=32, data="synth", eval_every=10)
+    records = ([{"type": "eval", "step": 0, "loss": 3.0}]
+               + [{"type": "train", "step": s, "loss": 0.5} for s in (1, 2)])
+    write_log(tmp_path, "evaluating", "train_sft", args, records, total_steps=2)
     runs = plot.load_runs(tmp_path)
     assert [r["lr"] for r in runs] == [1e-3]
     out = capsys.readouterr().out
@@ -2683,7 +2950,8 @@ def test_missing_runs_skip_with_what_they_need(tmp_path, capsys):
 def test_malformed_logs_do_not_crash(tmp_path, capsys):
     good = sft(tmp_path, 16, 1e-3, 1.0)
     with open(good, "a") as f:
-        f.write('not json\n[1, 2]\n{"type": "train", "step": 31, "loss": 0.9')   # a run killed mid-write
+        # a run killed mid-write
+        f.write('not json\n[1, 2]\n{"type": "train", "step": 31, "loss": 0.9')
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "log.jsonl").write_text("")
     (tmp_path / "noconfig").mkdir()
@@ -2692,7 +2960,8 @@ def test_malformed_logs_do_not_crash(tmp_path, capsys):
     runs = plot.load_runs(tmp_path)
     assert [r["rank"] for r in runs] == [16] and len(runs[0]["train"][0]) == 30
     assert plot.final_loss(runs[0]) == 1.0
-    assert capsys.readouterr().out.count("warning:") == 4   # one line per bad file, none for the good lines
+    # one line per bad file, none for the good lines
+    assert capsys.readouterr().out.count("warning:") == 4
     plot.main([str(tmp_path)])   # draws what it can, skips the rest
     out = capsys.readouterr().out
     assert "wrote" in out and "fig1_rank_curves.png" in out and "skip fig2_lr_vs_loss.png" in out
@@ -2705,7 +2974,7 @@ def test_diverged_run_is_excluded_from_the_optimum(tmp_path):
         f.write(json.dumps({"type": "diverged", "step": 31, "loss": float("nan")}) + "\n")
     runs = plot.load_runs(tmp_path)
     assert math.isnan(plot.final_loss([r for r in runs if r["lr"] == 1.5e-3][0]))
-    assert plot._ratio(plot.optimal_lrs(plot.main_sweep(runs)))[0] == pytest.approx(10, rel=0.01)
+    assert plot._ratio(plot.optimal_lrs(plot.main_sweep(runs)), [])[0] == pytest.approx(10, rel=0.01)
 
 
 def test_an_lr_that_diverged_brackets_the_optimum_and_never_wins(tmp_path):
@@ -2733,7 +3002,8 @@ def test_capacity_figure_counts_stored_bits(tmp_path):
     digit loss (end token free) stores nothing, one at zero loss stores every bit. The facts runs
     feed fig 9 only, never the GSM8K figures."""
     uniform = math.log(10) * 4 / 5   # per answer token: 4 digits and an end-of-turn token
-    for rank, seed, final in [(1, 0, uniform), (1, 1, uniform), (0, 0, 0.0), (0, 1, 0.0), (4, 0, uniform / 2)]:
+    for rank, seed, final in [(1, 0, uniform), (1, 1, uniform), (0, 0, 0.0), (0, 1, 0.0),
+                              (4, 0, uniform / 2)]:
         facts(tmp_path, rank, seed, final)
     runs = {(r["rank"], r["seed"]): r for r in plot.load_runs(tmp_path)}
     assert plot.stored_bits(runs[1, 0]) == pytest.approx(0, abs=1e-9)
@@ -2750,24 +3020,29 @@ def test_capacity_figure_draws_figure_1_and_bits_per_parameter_with_the_rank_rat
     # rank 1 stores a quarter of the 1,329 bits, rank 2 half, seeds differing a little
     for seed in range(3):
         for rank, frac in ((1, 0.25), (2, 0.5), (0, 1.0)):
-            facts(tmp_path, rank, seed, uniform * (1 - frac * (1 + 0.02 * seed)), unseen=uniform + 0.1,
+            loss = uniform * (1 - frac * (1 + 0.02 * seed))
+            facts(tmp_path, rank, seed, loss, unseen=uniform + 0.1,
                   params={1: 2112, 2: 4224, 0: 884736}[rank])
     runs = {(r["rank"], r["seed"]): r for r in plot.load_runs(tmp_path)}
     assert plot.stored_bits(runs[1, 0]) == pytest.approx(0.25 * 100 * math.log2(1e4))
     assert (plot.stored_bits(runs[1, 0], unseen=True) - plot.stored_bits(runs[1, 0])
             == pytest.approx(100 * 0.1 * 5 / math.log(2)))
-    # the loss falls by (2 - final) / 4 over the last quarter: that many nats per answer token gained
+    # the loss falls by (2 - final) / 4 over the last quarter:
+    # that many nats per answer token gained
     final = uniform * 0.75
     assert plot._plateau_gain(runs[1, 0]) == pytest.approx(100 * (2 - final) / 4 * 5 / math.log(2)
                                                            / plot.stored_bits(runs[1, 0]))
     written = plot.main([str(tmp_path), "--to", str(tmp_path / "png")])
     assert [p.name for p in written] == ["fig9_capacity.png"]
     claims = json.loads((tmp_path / "png" / "summary.json").read_text())["claims"]
-    per_param = {c["quantity"].split(" on ")[0]: c for c in claims if "per trainable parameter" in c["quantity"]}
+    per_param = {c["quantity"].split(" on ")[0]: c for c in claims
+                 if "per trainable parameter" in c["quantity"]}
     assert per_param["rank 1"]["estimate"] == pytest.approx(0.25 * 1.02 * 1328.77 / 2112, rel=1e-3)
-    assert per_param["rank 1"]["seeds"] == 3 and per_param["rank 1"]["verdict"] == "below 2 (the post's assumption)"
+    assert per_param["rank 1"]["seeds"] == 3
+    assert per_param["rank 1"]["verdict"] == "below 2 (the post's assumption)"
     (ratio,) = [c for c in claims if "rank 2 / by rank 1" in c["quantity"]]
-    assert ratio["estimate"] == pytest.approx(2.0) and ratio["interval"][0] < 2 < ratio["interval"][1]
+    assert ratio["estimate"] == pytest.approx(2.0)
+    assert ratio["interval"][0] < 2 < ratio["interval"][1]
 
 
 def test_a_shorter_study_on_the_same_facts_stays_out_of_the_capacity_figure(tmp_path):
@@ -2777,30 +3052,33 @@ def test_a_shorter_study_on_the_same_facts_stays_out_of_the_capacity_figure(tmp_
         for rank, final in ((0, 0.0), (4, 0.5)):
             facts(tmp_path, rank, seed, final, steps=50)
             facts(tmp_path, rank, seed, final + 2, steps=20)
-    fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
+    fig, text, claims = plot.fig_capacity(plot.load_runs(tmp_path))
     rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:]
             if line.startswith("29.down_proj  ")]
-    assert [r[3] for r in rows] == ["rank_4", "FullFT"] and [r[6] for r in rows] == ["2", "2"]   # 2 seeds, not 4
-    assert [float(r[7]) for r in rows] == [0.5, 0.0]                                          # the 50-step runs' losses
+    # 2 seeds, not 4
+    assert [r[3] for r in rows] == ["rank_4", "FullFT"] and [r[6] for r in rows] == ["2", "2"]
+    assert [float(r[7]) for r in rows] == [0.5, 0.0]  # the 50-step runs' losses
 
 
 def test_a_short_lr_sweep_draws_each_arm_at_its_best_lr_beside_figure_1(tmp_path):
-    # the study (50 steps, FullFT beside rank 4) and a 20-step sweep of two LRs per arm, where 1e-2 wins for
-    # FullFT and 1e-3 for rank 4: the middle panel draws those two, and the sweep stays off the right panel
-    # (its LRs pooled would make one point of unlike runs)
+    # the study (50 steps, FullFT beside rank 4) and a 20-step sweep of two LRs per arm, where
+    # 1e-2 wins for FullFT and 1e-3 for rank 4: the middle panel draws those two, and the sweep
+    # stays off the right panel (its LRs pooled would make one point of unlike runs)
     uniform = math.log(10) * 4 / 5
     for seed in (0, 1):
         for rank in (0, 4):
             facts(tmp_path, rank, seed, 0.1 if rank == 0 else 0.5, unseen=uniform + 0.1)
             for lr in (1e-3, 1e-2):
-                facts(tmp_path, rank, seed, 1.0 if (lr == 1e-2) == (rank == 0) else 1.5, steps=20, lr=lr,
-                      unseen=uniform + 0.1)
-    plot.CLAIMS.clear()
-    fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
-    middle = {line.get_label(): line.get_ydata()[-1] for line in fig.axes[1].lines if "seeds" in line.get_label()}
-    assert len(fig.axes) == 3 and middle == {"rank 4, LR 1e-03 (2 seeds)": 1.0, "FullFT, LR 1e-02 (2 seeds)": 1.0}
-    assert "29.down_proj at 100 facts, rank 4, 20 steps: final loss at LR 0.001 1.000, 0.01 1.500" in text
-    assert not [c for c in plot.CLAIMS if "20 steps" in c["quantity"]]
+                loss = 1.0 if (lr == 1e-2) == (rank == 0) else 1.5
+                facts(tmp_path, rank, seed, loss, steps=20, lr=lr, unseen=uniform + 0.1)
+    fig, text, claims = plot.fig_capacity(plot.load_runs(tmp_path))
+    middle = {line.get_label(): line.get_ydata()[-1] for line in fig.axes[1].lines
+              if "seeds" in line.get_label()}
+    assert len(fig.axes) == 3
+    assert middle == {"rank 4, LR 1e-03 (2 seeds)": 1.0, "FullFT, LR 1e-02 (2 seeds)": 1.0}
+    assert ("29.down_proj at 100 facts, rank 4, 20 steps: "
+            "final loss at LR 0.001 1.000, 0.01 1.500") in text
+    assert not [c for c in claims if "20 steps" in c["quantity"]]
 
 
 def test_longer_runs_of_some_arms_check_the_plateau_and_leave_the_study_alone(tmp_path):
@@ -2812,66 +3090,75 @@ def test_longer_runs_of_some_arms_check_the_plateau_and_leave_the_study_alone(tm
         for rank, frac in ((1, 0.25), (2, 0.5), (0, 1.0)):
             facts(tmp_path, rank, seed, uniform * (1 - frac), unseen=uniform + 0.1,
                   params={1: 2112, 2: 4224, 0: 884736}[rank])
-        for rank, frac in ((1, 0.25 * (1.1 + 0.01 * seed)), (2, 0.5 * 1.02)):   # rank 1 gains 10-12%, rank 2 2%
+        # rank 1 gains 10-12%, rank 2 2%
+        for rank, frac in ((1, 0.25 * (1.1 + 0.01 * seed)), (2, 0.5 * 1.02)):
             facts(tmp_path, rank, seed, uniform * (1 - frac), unseen=uniform + 0.1, steps=100,
                   params={1: 2112, 2: 4224}[rank])
-    plot.CLAIMS.clear()
-    fig, text = plot.fig_capacity(plot.load_runs(tmp_path))
+    fig, text, claims = plot.fig_capacity(plot.load_runs(tmp_path))
     rows = [line.replace("rank ", "rank_").split() for line in text.splitlines()[1:]
             if line.startswith("29.down_proj  ")]
-    assert [r[3] for r in rows] == ["rank_1", "rank_2", "FullFT"] and [r[6] for r in rows] == ["3", "3", "3"]
-    longer = {c["quantity"].split(" on ")[0]: c for c in plot.CLAIMS if "2x the steps / after 1x" in c["quantity"]}
-    assert longer["rank 1"]["estimate"] == pytest.approx(1.11, rel=1e-3) and longer["rank 1"]["interval"][0] > 1
+    assert [r[3] for r in rows] == ["rank_1", "rank_2", "FullFT"]
+    assert [r[6] for r in rows] == ["3", "3", "3"]
+    longer = {c["quantity"].split(" on ")[0]: c for c in claims
+              if "2x the steps / after 1x" in c["quantity"]}
+    assert longer["rank 1"]["estimate"] == pytest.approx(1.11, rel=1e-3)
+    assert longer["rank 1"]["interval"][0] > 1
     assert longer["rank 2"]["estimate"] == pytest.approx(1.02) and longer["rank 2"]["seeds"] == 3
     assert "rank 2 trained 2x as long: 678" in text   # 0.51 of 1,329 bits
-    assert len(fig.axes[0].get_lines()) == 2 + 3 + 1  # the longer arms dashed beside the study's 3 and the uniform line
+    # the longer arms dashed beside the study's 3 and the uniform line
+    assert len(fig.axes[0].get_lines()) == 2 + 3 + 1
 
 
 def test_a_batch_study_of_a_few_matrices_reaches_the_batch_figure(tmp_path):
-    # the batch study may train a layer subset (the facts study does): plain runs of any layer set count
+    # the batch study may train a layer subset (the facts study does): plain runs of any layer
+    # set count
     for seed in range(3):
         for bs, steps, gap in ((10, 40, 0.0), (40, 10, 0.05)):
             for rank, opt in ((0, 1e-3), (32, 1e-2)):
                 for k in (-1, 0, 1):
                     final = 1.0 + 0.1 * seed + (gap if rank else 0) + 0.01 * k * k
-                    sft(tmp_path, rank, opt * 2.0 ** k, final, batch_size=bs, steps=steps, seed=seed,
-                        layers="29.down_proj")
-    fig, text = plot.fig_batch_size(plot.load_runs(tmp_path), 3)
+                    sft(tmp_path, rank, opt * 2.0 ** k, final, batch_size=bs, steps=steps,
+                        seed=seed, layers="29.down_proj")
+    fig, text, claims = plot.fig_batch_size(plot.load_runs(tmp_path), 3)
     assert fig is not None and "layers: 29.down_proj" in text
     assert "rank 32's gap to FullFT at batch 40 minus at batch 10: +0.0500" in text
-    # the norms table: |B| / |A| at the end, the median over matrices (0.9 / 0.7 and 0.5 / 0.8), over 3 seeds
-    _, text = plot.fig_norms(plot.load_runs(tmp_path))
-    assert re.search(r"sft_r32_29.down_proj_lr1.000e-02_bs10 +40 +3 +0.955 \[0.955, 0.955\]", text), text
+    # the norms table: |B| / |A| at the end, the median over matrices (0.9 / 0.7 and 0.5 / 0.8),
+    # over 3 seeds
+    _, text, claims = plot.fig_norms(plot.load_runs(tmp_path))
+    assert re.search(r"sft_r32_29.down_proj_lr1.000e-02_bs10 +40 +3 "
+                     r"+0.955 \[0.955, 0.955\]", text), text
 
 
 def test_the_norms_table_splits_attention_from_mlp_matrices(tmp_path):
-    # all layers of a 2-layer Llama: 14 matrices in lora_modules' order (q, k, v, o, gate, up, down per
-    # layer); B is half A in the attention matrices, twice A in the MLP ones
+    # all layers of a 2-layer Llama: 14 matrices in lora_modules' order (q, k, v, o, gate, up,
+    # down per layer); B is half A in the attention matrices, twice A in the MLP ones
     for seed in (0, 1):
         log = sft(tmp_path, 16, 1e-3, 1.0, seed=seed)
         recs = [json.loads(line) for line in log.read_text().splitlines()]
         recs[0]["model"] = {"num_hidden_layers": 2}
         for r in recs:
             if r["type"] == "norms":
-                r["A"], r["B"] = [1.0] * 14, ([0.5] * 4 + [2.0] * 3) * 2 if r["step"] else [0.0] * 14
+                r["A"] = [1.0] * 14
+                r["B"] = ([0.5] * 4 + [2.0] * 3) * 2 if r["step"] else [0.0] * 14
         write_jsonl(log, recs)
-    _, text = plot.fig_norms(plot.load_runs(tmp_path))
-    assert re.search(r"sft_r16_all_lr1.000e-03_bs32 +30 +2 +0.500 \[0.500, 0.500\] +0.500 \[0.500, 0.500\] "
-                     r"+2.000 \[2.000, 2.000\]", text), text
+    _, text, claims = plot.fig_norms(plot.load_runs(tmp_path))
+    assert re.search(r"sft_r16_all_lr1.000e-03_bs32 +30 +2 +0.500 \[0.500, 0.500\] "
+                     r"+0.500 \[0.500, 0.500\] +2.000 \[2.000, 2.000\]", text), text
 
 
 def test_invariance_figure_reports_the_gap_with_an_interval(tmp_path, capsys):
     for init, finals in [(1, (1.0, 1.1, 1.05)), (4, (1.5, 1.6, 1.55)), (0.25, (1.02, 1.08, 1.05))]:
         for seed, final in enumerate(finals):
             facts(tmp_path, 4, seed, final, init=init)
-    fig, text = plot.fig_invariance([r for r in plot.load_runs(tmp_path)])
+    fig, text, claims = plot.fig_invariance([r for r in plot.load_runs(tmp_path)])
     lines = {line.split()[0]: line for line in text.splitlines()[2:]}
     assert sorted(lines) == ["0.25", "1", "4"]
     assert "+0.5000" in lines["4"] and "+0.0000" in lines["0.25"]  # mean gaps to init 1
     lo, hi = map(float, re.search(r"\[(\S+), (\S+)\]", lines["4"]).groups())
-    assert lo == hi == 0.5      # paired by seed: c = 4 is 0.5 worse in every seed, an interval without spread ...
+    # paired by seed: c = 4 is 0.5 worse in every seed, an interval without spread ...
+    assert lo == hi == 0.5
     lo, hi = map(float, re.search(r"\[(\S+), (\S+)\]", lines["0.25"]).groups())
-    assert lo < 0 < hi                                              # ... and holds it for c = 1/4
+    assert lo < 0 < hi  # ... and holds it for c = 1/4
 
 
 # -----------------------------------------------------------------------------
@@ -2888,7 +3175,8 @@ def moe_model(**kw):
     return model.eval()
 
 
-MOE_IDS = [[53, 43, 236, 8, 31, 41, 75, 101, 175, 192, 16, 257], [140, 23, 205, 252, 182, 57, 34, 4, 270, 85, 226, 228]]
+MOE_IDS = [[53, 43, 236, 8, 31, 41, 75, 101, 175, 192, 16, 257],
+           [140, 23, 205, 252, 182, 57, 34, 4, 270, 85, 226, 228]]
 
 
 @slow
@@ -2897,21 +3185,26 @@ def test_moe_logits_equal_transformers(tmp_path):
     (last position's first 6 logits of each row, and the sum of squares of all logits); max |diff|
     over all logits was 2e-7. A folder written by transformers loaded here gave 1.5e-7."""
     model = moe_model()
-    assert [type(b.mlp).__name__ for b in model.model.layers] == ["SparseMoE", "MLP", "SparseMoE"]  # mlp_only_layers
+    kinds = [type(b.mlp).__name__ for b in model.model.layers]
+    assert kinds == ["SparseMoE", "MLP", "SparseMoE"]  # mlp_only_layers
     lora.save_model(model, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_experts"] == 8 and cfg["mlp_only_layers"] == [1]
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert cfg["num_experts"] == 8 and cfg["mlp_only_layers"] == [1]
     again = lora.load_hf_folder(tmp_path / "m")
     with torch.no_grad():
         logits = again(torch.tensor(MOE_IDS))
-    ref = [0.092627, -0.057579, 0.032958, -0.002633, 0.258496, 0.163594, 0.40921, -0.153891, 0.128661, -0.103815,
-           0.25298, 0.011522]
+    ref = [0.092627, -0.057579, 0.032958, -0.002633, 0.258496, 0.163594, 0.40921, -0.153891,
+           0.128661, -0.103815, 0.25298, 0.011522]
     assert torch.allclose(logits[:, -1, :6].flatten(), torch.tensor(ref), atol=1e-5)
     assert logits.double().pow(2).sum().item() == pytest.approx(177.8984, abs=1e-3)
     # the config.json transformers 5.24 writes for this model: num_local_experts, rope_parameters
-    hf_cfg = {k: v for k, v in cfg.items() if k not in ("num_experts", "rope_theta", "rope_scaling")}
-    hf_cfg.update(num_local_experts=8, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
-                  output_router_logits=False, router_aux_loss_coef=0.001, transformers_version="5.24.0")
+    hf_cfg = {k: v for k, v in cfg.items()
+              if k not in ("num_experts", "rope_theta", "rope_scaling")}
+    hf_cfg.update(num_local_experts=8,
+                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
+                  output_router_logits=False, router_aux_loss_coef=0.001,
+                  transformers_version="5.24.0")
     (tmp_path / "m" / "config.json").write_text(json.dumps(hf_cfg))
     with torch.no_grad():
         assert torch.equal(lora.load_hf_folder(tmp_path / "m")(torch.tensor(MOE_IDS)), logits)
@@ -2946,8 +3239,9 @@ def test_moe_loads_fused_expert_tensors(tmp_path):
             fused[k] = v
     for i in (0, 2):
         p = f"model.layers.{i}.mlp.experts"
-        fused[f"{p}.gate_up_proj"] = torch.stack([torch.cat([sd[f"{p}.{e}.gate_proj.weight"],
-                                                             sd[f"{p}.{e}.up_proj.weight"]]) for e in range(8)])
+        gate_up = [torch.cat([sd[f"{p}.{e}.gate_proj.weight"], sd[f"{p}.{e}.up_proj.weight"]])
+                   for e in range(8)]
+        fused[f"{p}.gate_up_proj"] = torch.stack(gate_up)
         fused[f"{p}.down_proj"] = torch.stack([sd[f"{p}.{e}.down_proj.weight"] for e in range(8)])
     save_file(fused, tmp_path / "m" / "model.safetensors")
     again = lora.load_hf_folder(tmp_path / "m")
@@ -2966,9 +3260,11 @@ def test_moe_per_expert_lora_rank_params_flops_and_adapter_round_trip(tmp_path):
     model = moe_model()
     lora.apply_lora(model, 8, layers="all")
     mods = lora.lora_modules(model)
-    assert mods["model.layers.0.self_attn.q_proj"].rank == 8 and mods["model.layers.0.mlp.experts.5.up_proj"].rank == 4
-    assert mods["model.layers.1.mlp.down_proj"].rank == 8          # a dense layer (mlp_only_layers) keeps the full rank
-    assert not any(n.endswith("mlp.gate") for n in mods)             # the router is not adapted
+    assert mods["model.layers.0.self_attn.q_proj"].rank == 8
+    assert mods["model.layers.0.mlp.experts.5.up_proj"].rank == 4
+    # a dense layer (mlp_only_layers) keeps the full rank
+    assert mods["model.layers.1.mlp.down_proj"].rank == 8
+    assert not any(n.endswith("mlp.gate") for n in mods)  # the router is not adapted
     cfg = moe_config(mlp_only_layers=())
     dense_free = Llama(cfg)
     lora.apply_lora(dense_free, 8)
@@ -2980,16 +3276,19 @@ def test_moe_per_expert_lora_rank_params_flops_and_adapter_round_trip(tmp_path):
     idx = torch.tensor(MOE_IDS)
     with torch.no_grad():
         before = model(idx)
-    with pytest.warns(UserWarning, match="mlp_only_layers"):   # PEFT would drop layer 1's dense MLP adapters
+    # PEFT would drop layer 1's dense MLP adapters
+    with pytest.warns(UserWarning, match="mlp_only_layers"):
         lora.save_adapter(model, tmp_path / "a", base_model="tiny-moe")
     fresh = moe_model()
     lora.load_adapter(fresh, tmp_path / "a")
     with torch.no_grad():
         assert torch.allclose(fresh(idx), before, atol=1e-6)
     conf = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    # PEFT's layout for transformers 5's fused experts: gate+up as one adapter of rank 2 x 4, down of rank 4
+    # PEFT's layout for transformers 5's fused experts: gate+up as one adapter of rank 2 x 4,
+    # down of rank 4
     assert conf["r"] == 8 and conf["target_parameters"] == ["gate_up_proj", "down_proj"]
-    assert list(conf["rank_pattern"].values()) == [8, 4] and list(conf["alpha_pattern"].values()) == [64]
+    assert list(conf["rank_pattern"].values()) == [8, 4]
+    assert list(conf["alpha_pattern"].values()) == [64]
     assert not any("experts" in t for t in conf["target_modules"])
 
 
@@ -3014,27 +3313,32 @@ def test_sft_trains_a_moe_model_with_per_expert_lora(tmp_path):
     lora.save_model(moe, tmp_path / "moe")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "moe" / f).write_text((model_dir / f).read_text())
-    train_sft.main(["--model", str(tmp_path / "moe"), "--data", str(data), "--out", str(tmp_path / "out"),
-                    "--rank", "4", "--lr", "1e-2", "--steps", "6", "--batch_size", "8", "--eval_every", "6",
-                    "--eval_examples", "8", "--save_every", "6", "--log_every", "100"])
+    train_sft.main(["--model", str(tmp_path / "moe"), "--data", str(data),
+                    "--out", str(tmp_path / "out"), "--rank", "4", "--lr", "1e-2", "--steps", "6",
+                    "--batch_size", "8", "--eval_every", "6", "--eval_examples", "8",
+                    "--save_every", "6", "--log_every", "100"])
     (run,) = (tmp_path / "out").iterdir()
     evals = [r["loss"] for r in lora.read_jsonl(run / "log.jsonl") if r["type"] == "eval"]
     assert evals[-1] < evals[0] - 0.5
-    ckpt = run / (run / "latest").read_text().strip() if (run / "latest").is_file() else (run / "latest").resolve()
+    latest = run / "latest"
+    ckpt = run / latest.read_text().strip() if latest.is_file() else latest.resolve()
     conf = json.loads((ckpt / "adapter_config.json").read_text())
     assert (conf["target_parameters"] == ["gate_up_proj", "down_proj"]
             and conf["rank_pattern"]["experts\\.down_proj"] == 2)
     fresh = lora.load_hf_folder(tmp_path / "moe")
     lora.load_adapter(fresh, ckpt)
-    assert {m.rank for n, m in lora.lora_modules(fresh).items() if ".experts." in n} == {2, 4}  # down 2, gate/up 2 x 2
+    ranks = {m.rank for n, m in lora.lora_modules(fresh).items() if ".experts." in n}
+    assert ranks == {2, 4}  # down 2, gate/up 2 x 2
     # --resume reads the checkpoint back into the run's own rank-2 expert adapters: the same curve
     losses = [r["loss"] for r in lora.read_jsonl(run / "log.jsonl") if r["type"] == "train"]
-    args = ["--model", str(tmp_path / "moe"), "--data", str(data), "--rank", "4", "--lr", "1e-2", "--batch_size", "8",
-            "--eval_every", "0", "--eval_examples", "8", "--save_every", "3", "--log_every", "100"]
+    args = ["--model", str(tmp_path / "moe"), "--data", str(data), "--rank", "4", "--lr", "1e-2",
+            "--batch_size", "8", "--eval_every", "0", "--eval_examples", "8", "--save_every", "3",
+            "--log_every", "100"]
     train_sft.main(args + ["--out", str(tmp_path / "o2"), "--steps", "3"])
     train_sft.main(args + ["--out", str(tmp_path / "o2"), "--steps", "6", "--resume"])
     (run2,) = (tmp_path / "o2").iterdir()
-    resumed = {r["step"]: r["loss"] for r in lora.read_jsonl(run2 / "log.jsonl") if r["type"] == "train"}
+    resumed = {r["step"]: r["loss"] for r in lora.read_jsonl(run2 / "log.jsonl")
+               if r["type"] == "train"}
     assert [resumed[s] for s in range(1, 7)] == pytest.approx(losses, rel=1e-5)
 
 
@@ -3050,11 +3354,38 @@ def test_moe_benchmark_compares_equal_functions(monkeypatch):
 
 
 def test_fsdp_memory_table_shards_the_training_state():
-    """N-way FSDP divides weights, grads, master copy and Adam moments by N and adds two unsharded
-    blocks: Llama-3.1-8B FullFT (~120 GiB of state) fits 80 GB GPUs from 2-way on, rank-16 LoRA on one."""
+    """N-way FSDP divides weights, grads, master copy and Adam moments by N and adds two
+    unsharded blocks: Llama-3.1-8B FullFT (~120 GiB of state) fits 80 GB GPUs from 2-way on,
+    rank-16 LoRA on one."""
     cfg = flops.presets["llama-3.1-8b"]
     one, two = flops.fsdp_memory_bytes(cfg, 0, 1), flops.fsdp_memory_bytes(cfg, 0, 2)
     assert one == flops.memory_bytes(cfg, 0)["total"] and one / 2**30 > 80
-    block = 2 * sum(a * b * c for _, a, b, c, _ in flops.matrices(cfg))   # bf16 bytes of one block's matrices
+    # bf16 bytes of one block's matrices
+    block = 2 * sum(a * b * c for _, a, b, c, _ in flops.matrices(cfg))
     assert two == pytest.approx(one / 2 + 2 * block) and two / 2**30 < 74
     assert flops.fsdp_memory_bytes(cfg, 16, 1) / 2**30 < 20
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_lora_on_a_transformer_encoder_acts_in_eval_mode_as_in_train_mode(nested):
+    # PyTorch's inference fast path reads linear1/linear2's weights directly: without apply_lora's
+    # guard, eval mode would silently drop the adapters (PEFT has that flaw)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+    x, pad = torch.randn(3, 5, 16), torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:] = True
+    enc.eval()
+    with torch.no_grad():
+        base = enc(x, src_key_padding_mask=pad)[~pad]
+    lora.apply_lora(enc, 2, layers="linear")
+    assert len(lora.lora_modules(enc)) == 4  # linear1, linear2 of both layers; out_proj is read directly
+    for m in lora.lora_modules(enc).values():
+        nn.init.normal_(m.lora_B.weight)
+    out = {}
+    for mode in ("train", "eval"):
+        getattr(enc, mode)()
+        with torch.no_grad():
+            out[mode] = enc(x, src_key_padding_mask=pad)[~pad]
+    assert (out["eval"] - base).abs().max() > 0.5
+    torch.testing.assert_close(out["eval"], out["train"], rtol=1e-5, atol=1e-5)
