@@ -1131,8 +1131,7 @@ def moe_speed(tokens=2048, hidden=576, width=192, experts=32, top_k=4, rank=8, r
         slot = torch.arange(len(flat)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         xs = x.new_zeros(experts, cap, hidden)
         xs[flat[order], slot] = x[order // top_k]
-        W = lambda p: torch.stack([getattr(e, p).weight + getattr(e, p).delta_weight()
-                                   for e in moe.experts])
+        W = lambda p: torch.stack([getattr(e, p).merged_weight() for e in moe.experts])
         gate = F.silu(torch.bmm(xs, W("gate_proj").transpose(1, 2)))
         h = gate * torch.bmm(xs, W("up_proj").transpose(1, 2))
         ys = torch.bmm(h, W("down_proj").transpose(1, 2))

@@ -429,17 +429,21 @@ class Llama(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def hidden(self, idx, cache=None, trunk=None, upto=None):
-        """idx (B, T) token ids -> the hidden states (B, T, hidden) after layer upto-1 (all layers
-        by default; before the final norm). With a KVCache, idx continues the cached sequences.
-        trunk: (L, h) with h the output of the first L layers for idx, which then start at layer L
-        (TrunkCache: the frozen layers below every adapter, run once)."""
+    def rope(self, pos, dtype):
+        """(cos, sin) of the rotary embedding at positions pos (B or 1, T), shaped for every layer."""
+        freqs = pos[..., None].float() * self.inv_freq              # (B or 1, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]            # (B or 1, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden(self, idx, cache=None):
+        """idx (B, T) token ids -> the hidden states (B, T, hidden) after the last layer, before
+        the final norm. With a KVCache, idx continues the cached sequences."""
         B, T = idx.shape
         if cache is None:
             pos, mask = torch.arange(T, device=idx.device)[None], None
         else:
-            # the mask, built once per step for every layer: additive, in the compute dtype, each KV
-            # head's G query heads as G x T rows (else SDPA converts it and each layer repeats it)
+            # the mask, built once per step for every layer: additive, in the compute dtype, each
+            # KV head's G query heads as G x T rows (else SDPA converts it and each layer repeats it)
             dev = idx.device.type
             dt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                   else self.lm_head.weight.dtype)
@@ -447,42 +451,38 @@ class Llama(nn.Module):
             pos, keep = cache.positions(T), cache.mask(T).repeat(1, 1, G, 1)
             mask = torch.zeros(keep.shape, dtype=dt, device=idx.device)
             mask.masked_fill_(~keep, -math.inf)
-        first, x = trunk if trunk is not None else (0, self.model.embed_tokens(idx))
-        freqs = pos[..., None].float() * self.inv_freq              # (B or 1, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]            # (B or 1, 1, T, hd)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.model.layers[first:upto]:
-            if getattr(self, "unbacked_batch", False) and not torch.compiler.is_compiling():
-                # compile_blocks: one graph for every batch size
-                torch._dynamo.decorators.mark_unbacked(x, 0)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache,
-                                                      use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+        x = self.model.embed_tokens(idx)
+        cos, sin = self.rope(pos, x.dtype)
+        for layer in self.model.layers:
+            x = self.block(layer, x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
         return x
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, last_only=False, trunk=None,
-                at=None):
+    def block(self, layer, x, cos, sin, mask=None, cache=None):
+        """One transformer block, recomputed in backward under gradient checkpointing."""
+        if getattr(self, "unbacked_batch", False) and not torch.compiler.is_compiling():
+            # compile_blocks: one graph for every batch size
+            torch._dynamo.decorators.mark_unbacked(x, 0)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache,
+                                                     use_reentrant=False)
+        return layer(x, cos, sin, mask, cache)
+
+    def forward(self, idx, targets=None, cache=None, last_only=False, at=None):
         """idx (B, T) token ids -> logits (B, T, vocab); last_only: the last position's. With
-        targets: the mean cross entropy (a 0-dim tensor), computing logits only where it is taken.
-        targets (B, T) counts the positions where targets != -100 and loss_mask (B, T) is nonzero
-        (finding them makes a GPU's host wait); with at (N,), flat indices into (B, T) built on the
-        host, targets (N,) are those positions' tokens and nothing waits. cache, trunk: see
-        hidden()."""
-        x = self.model.norm(self.hidden(idx, cache, trunk))
+        targets (B, T): the mean cross entropy over the positions where targets != -100 (a 0-dim
+        tensor), with logits computed only there. Finding those positions makes a GPU's host
+        wait: at (N,), their flat indices into (B, T) built on the host, with targets (N,) their
+        tokens, says the same and nothing waits. cache: see hidden()."""
+        x = self.model.norm(self.hidden(idx, cache))
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x)
         # The loss needs logits only where it is taken: SFT's answer tokens are about half of a
         # GSM8K sequence, and the unembedding (a fifth of SmolLM2's FLOPs), its backward and the
         # softmax skip the prompt and padding positions.
         if at is None:
-            keep = targets != -100
-            if loss_mask is not None:
-                keep = keep & (loss_mask != 0)
-            at = keep.flatten().nonzero().squeeze(1)
+            at = (targets != -100).flatten().nonzero().squeeze(1)
             targets = targets.flatten()[at]
         return unembed_nll(self.lm_head, x.flatten(0, 1)[at], targets) / max(len(at), 1)
 
@@ -599,19 +599,24 @@ class LoRALinear(nn.Linear):
         y2.addmm_(a.view(-1, self.rank), self.lora_B.weight.to(y.dtype).t(), alpha=self.scale)
         return y
 
-    def delta_weight(self):
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scale  # (d_out, d_in)
+    def merged_weight(self, dtype=None, sign=1):
+        """W + scale B A, the weight this layer acts with (sign=-1: W - scale B A, what unmerge
+        restores), formed in float32 and returned in `dtype` (the base's by default). Every
+        merge in the project (merge, merged_copy, save_model, flops.py) forms it here."""
+        w = torch.addmm(self.weight.float(), self.lora_B.weight.float(),
+                        self.lora_A.weight.float(), alpha=sign * self.scale)
+        return w.to(dtype or self.weight.dtype)
 
     @torch.no_grad()
     def merge(self):
         if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.weight.copy_(self.merged_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.weight.copy_(self.merged_weight(sign=-1))
             self.merged = False
 
     def extra_repr(self):
@@ -675,7 +680,8 @@ def apply_lora(model, rank, alpha=32, layers="all", lm_head=False, init_scale=1.
         owner = model.get_submodule(parent) if parent else model
         r = rank_of(name) if rank_of else expert_rank(rank, k) if ".experts." in name else rank
         a = alpha_of(name) if alpha_of else alpha
-        setattr(owner, attr, LoRALinear(getattr(owner, attr), r, a, init_scale, rslora, dtype))
+        setattr(owner, attr, LoRALinear(getattr(owner, attr), r, alpha=a, init_scale=init_scale,
+                                        rslora=rslora, dtype=dtype))
     # nn.TransformerEncoderLayer's inference fast path reads linear1/linear2's weights directly
     # and would skip their adapters: PyTorch takes the slow path when the layer has a hook, and
     # nn.TransformerEncoder makes no nested tensors (which only that path reads) when told not to
@@ -834,7 +840,7 @@ def load_fused_experts(model, sd, cfg):
                                             f"does not fit the model's experts (rank {m.rank}): "
                                             "load it into a fresh base model")
                     else:
-                        m = LoRALinear(m, r, alpha, rslora=cfg.get("use_rslora", False))
+                        m = LoRALinear(m, r, alpha=alpha, rslora=cfg.get("use_rslora", False))
                         a_e, b_e = A[e], b[:, :, e]
                         setattr(mlp, p, m)
                     with torch.no_grad():
@@ -1746,7 +1752,7 @@ def save_model(model, path, tokenizer=None):
                 continue
             w = p.detach()
             if isinstance(mod, LoRALinear) and pname == "weight" and not mod.merged:
-                w = w + mod.delta_weight().to(w.dtype)
+                w = mod.merged_weight()
             sd[f"{name}.{pname}"] = w.contiguous().cpu()
     if model.config.tie_word_embeddings and not isinstance(model.lm_head, LoRALinear):
         sd.pop("lm_head.weight", None)
@@ -1796,9 +1802,7 @@ def merged_copy(model, out=None):
         out.inv_freq, out.name_or_path = model.inv_freq, model.name_or_path
         out.eval()
     for name, m in mods.items():
-        w = m.weight if m.merged else torch.addmm(m.weight.float(), m.lora_B.weight.float(),
-                                                  m.lora_A.weight.float(), alpha=m.scale)
-        out.get_submodule(name).weight.copy_(w)
+        out.get_submodule(name).weight.copy_(m.weight if m.merged else m.merged_weight())
     return out
 
 

@@ -164,14 +164,12 @@ def test_forward_shapes_and_masked_loss():
     model, x = tiny_model(), ids()
     logits = model(x)
     assert logits.shape == (2, 24, 272)
-    mask = torch.zeros_like(x)
-    mask[:, 10:] = 1
-    loss = model(x, x, loss_mask=mask)
     nll = torch.nn.functional.cross_entropy(logits[:, 10:].reshape(-1, 272), x[:, 10:].reshape(-1))
-    assert torch.allclose(loss, nll, atol=1e-6)
     targets = x.clone()
-    targets[:, :10] = -100  # the HF convention gives the same loss
+    targets[:, :10] = -100  # the HF convention: -100 is not scored
     assert torch.allclose(model(x, targets), nll, atol=1e-6)
+    at = torch.tensor([i * 24 + t for i in range(2) for t in range(10, 24)])
+    assert torch.allclose(model(x, x.flatten()[at], at=at), nll, atol=1e-6)  # the host-built way
 
 
 def test_causal_prefix_invariance():
@@ -1023,7 +1021,7 @@ def test_loss_with_logits_only_at_answer_positions_equals_the_full_computation()
     x, y = ids(batch=3), ids(batch=3, seed=2)
     mask = (torch.rand(y.shape) < 0.5).long()
     y[0, :5] = -100
-    loss = model(x, y, loss_mask=mask)
+    loss = model(x, y.masked_fill(mask == 0, -100))
     loss.backward()
     fast = [p.grad.clone() for _, p in lora.trainable_parameters(model)]
     model.zero_grad()
@@ -1940,9 +1938,9 @@ def test_sft_loop_makes_no_host_sync_per_extra_micro_batch(tmp_path):
         counts[micro] = host_syncs(run)
     assert counts[1] == counts[4]
     x, y = ids(batch=3), ids(batch=3, seed=2)
-    mask = (torch.rand(y.shape) < 0.5).long()
-    # the control: a device-side mask
-    assert "nonzero" in host_syncs(lambda: tiny_model()(x, y, loss_mask=mask))
+    y = y.masked_fill(torch.rand(y.shape) < 0.5, -100)
+    # the control: -100 targets, found on the device
+    assert "nonzero" in host_syncs(lambda: tiny_model()(x, y))
 
 
 def test_rl_learner_scores_episodes_without_host_syncs():

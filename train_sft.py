@@ -440,7 +440,9 @@ class TrunkCache:
     almost all of its forward pass. Padding on the right leaves causal states unchanged, so each
     example's states are kept unpadded and padded per batch.
     tail: only the last layer's MLP trains. The MLP, final norm and head act on each position
-    alone, so only the answer positions' inputs to that MLP are kept, and nothing else is run."""
+    alone, so only the answer positions' inputs to that MLP are kept, and nothing else is run.
+    It drives the layers itself (the model's forward knows nothing of it), so it serves a
+    single process: DDP and FSDP must run the wrapped model, and get no cache."""
 
     def __init__(self, model, layers, examples, micro, pad_id, device, amp, tail=False):
         self.layers, self.tail, self.states = layers, tail, {}
@@ -452,7 +454,11 @@ class TrunkCache:
         with torch.no_grad(), lora.autocast(device, amp):
             for start, end in lora.micro_batches([len(ids) for ids, _ in examples], micro):
                 x = lora.collate(examples[start:end], pad_id, device)[0]
-                h = model.hidden(x, upto=None if tail else layers)
+                h = model.model.embed_tokens(x)
+                cos, sin = model.rope(torch.arange(x.shape[1], device=x.device)[None], h.dtype)
+                # tail: every layer, for the hook to see the last one's MLP input
+                for layer in model.model.layers[:None if tail else layers]:
+                    h = layer(h, cos, sin)
                 # ids kept: the key stays valid
                 for i, (ids, mask) in enumerate(examples[start:end]):
                     at = [t for t, keep in enumerate(mask[1:]) if keep]  # the answer positions
@@ -483,9 +489,15 @@ class TrunkCache:
         return self.layers, h
 
     def loss(self, model, examples, x, at, y):
-        """The mean loss over the micro-batch's answer tokens (lora.batch_loss calls this)."""
+        """The mean loss over the micro-batch's answer tokens: the layers from L on, the final
+        norm and the unembedding at the answer positions (`at`, into x's (B, T))."""
         if not self.tail:
-            return model(x, y, at=at, trunk=self.batch(examples))
+            first, h = self.batch(examples)
+            cos, sin = model.rope(torch.arange(x.shape[1], device=x.device)[None], h.dtype)
+            for layer in model.model.layers[first:]:
+                h = model.block(layer, h, cos, sin)
+            h = model.model.norm(h).flatten(0, 1)[at]
+            return lora.unembed_nll(model.lm_head, h, y) / len(y)
         h = torch.cat([self.states[id(ids)][1][0] for ids, _ in examples])
         targets = torch.cat([self.states[id(ids)][1][1] for ids, _ in examples])
         last = model.model.layers[-1]
@@ -499,10 +511,10 @@ def trunk_cache(r, model, cfg, data, pad_id, ddp, kept):
     equal the base's) and kept for the next runs that start at the same layer (kept: one at a
     time, memory)."""
     first = first_trained_layer(cfg, r.rank, r.layers, r.lm_head)
-    if first == 0 or r.no_trunk_cache:
-        return None
     # DDP and FSDP must run the wrapped model
-    tail = not ddp and TrunkCache.only_last_mlp_trains(model)
+    if first == 0 or r.no_trunk_cache or ddp:
+        return None
+    tail = TrunkCache.only_last_mlp_trains(model)
     if (first, tail) not in kept:
         kept.clear()
         # facts: the eval rows are training rows, cached once
@@ -560,8 +572,8 @@ def fsdp_skeleton(model):
     for name, m in mods.items():
         parent, _, attr = name.rpartition(".")
         owner = sk.get_submodule(parent) if parent else sk
-        setattr(owner, attr, lora.LoRALinear(getattr(owner, attr), m.rank, m.alpha, rslora=m.rslora,
-                                             dtype=m.lora_A.weight.dtype))
+        setattr(owner, attr, lora.LoRALinear(getattr(owner, attr), m.rank, alpha=m.alpha,
+                                             rslora=m.rslora, dtype=m.lora_A.weight.dtype))
     sk.name_or_path = model.name_or_path
     for n, p in sk.named_parameters():
         p.requires_grad_(model.get_parameter(n).requires_grad)
