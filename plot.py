@@ -1180,12 +1180,12 @@ def fig_capacity(runs, w=5):
                             f"{rat:.3f}x [{lo:.3f}, {hi:.3f}] the 1x run's bits "
                             f"(paired by seed); last-quarter gain {gain:+.1%}")
             _rank_doubling(long_bits, f"{layers}, {k} facts, {times} the steps",
-                           f"{at}, {times} as long", rows, claims)
+                           f"{at}, {times} as long", rows=rows, claims=claims)
     for layers, k in studies:
         if (layers, k, 0) in per_seed:   # beside the FullFT control
             by_rank = {rank: b for (ly, kk, rank), b in per_seed.items() if (ly, kk) == (layers, k)}
-            _rank_doubling(by_rank, f"{layers}, {k} facts", f"{layers} at {k} facts", rows,
-                           claims)
+            _rank_doubling(by_rank, f"{layers}, {k} facts", f"{layers} at {k} facts", rows=rows,
+                           claims=claims)
     if curves is None:
         need = "(no figure: needs facts runs with an unseen-key eval, beside FullFT)"
         return None, "\n".join(rows + [need]), claims

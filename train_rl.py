@@ -368,7 +368,7 @@ def main(argv=None):
             for seed in seeds:
                 run = argparse.Namespace(**{**vars(a), "rank": r, "lr": lr, "seed": seed,
                                             "work": a.steps})
-                run.name = lora.run_name("rl", tag, run, f"g{a.group_size}")
+                run.name = lora.run_name("rl", tag, run, extra=[f"g{a.group_size}"])
                 lora.check_run_dir(Path(a.out) / run.name, a.resume)
                 runs.append(run)
     grid = lora.Progress(len(runs) * a.steps)

@@ -794,9 +794,9 @@ def main(argv=None):
             raise lora.UserError(
                 f"{len(train_ex)} training examples are fewer than one batch of {r.batch_size}: "
                 "lower --batch_size, or add data (--max_examples, --eval_examples)")
-        r.name = lora.run_name("sft", data_tag, r, f"bs{r.batch_size}",
-                               f"b{r.lr_ratio_b:g}" * (r.lr_ratio_b != 1),
-                               f"init{r.init_scale:g}" * (r.init_scale != 1))
+        extra = [f"bs{r.batch_size}", f"b{r.lr_ratio_b:g}" * (r.lr_ratio_b != 1),
+                 f"init{r.init_scale:g}" * (r.init_scale != 1)]
+        r.name = lora.run_name("sft", data_tag, r, extra=extra)
         steps, _, _, r.work = plan(r, base.config, train_ex, eval_ex)
         n_steps += steps
         lora.check_run_dir(Path(a.out) / r.name, a.resume)
