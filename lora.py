@@ -395,7 +395,8 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
 
     def advance(self, T):
-        if self.t is None:  # static: the caller moves t, outside any compiled step
+        # a static cache's slot t is moved by its caller, outside any compiled step
+        if self.t is None:
             self.pos += T
 
     def select(self, rows):

@@ -128,9 +128,19 @@ def load_run(path):
 
 def load_runs(log_dir):
     """The run dicts of every <run>/log.jsonl under log_dir, at any depth (results/ keeps one
-    folder per study)."""
-    runs = [load_run(p) for p in sorted(Path(log_dir).rglob("log.jsonl"))]
-    return [r for r in runs if r is not None]
+    folder per study). A run whose study folder holds full_eval.json (written by
+    results/capacity_k/full_eval.py) gets its entry as run["all_facts"]: its final adapter
+    scored on all K facts, registered and calibrated."""
+    runs = []
+    for p in sorted(Path(log_dir).rglob("log.jsonl")):
+        run = load_run(p)
+        if run is None:
+            continue
+        scores = p.parent.parent / "full_eval.json"
+        run["all_facts"] = (json.loads(scores.read_text()).get(p.parent.name)
+                            if scores.exists() else None)
+        runs.append(run)
+    return runs
 
 
 def _tail_mean(v, frac):
@@ -1027,6 +1037,8 @@ def stored_bits(run, at=-1, unseen=False):
     instead: that cancels the format but adds the overconfidence memorising brings."""
     if run["diverged"] or not run["eval_tokens"] or not run["n_eval"]:
         return math.nan
+    if at == -1 and not unseen and run.get("all_facts"):
+        return run["all_facts"]["registered"]  # the final adapter scored on all K facts
     steps, losses = run["eval"]
     tokens = dict(run["eval_tokens"])[int(steps[at])] / run["n_eval"]   # answer tokens per fact
     told = losses[at] * tokens / math.log(2)
@@ -1066,37 +1078,40 @@ def _rank_doubling(bits, where, row_where, rows, claims):
                         f"what rank {r2 // 2} stores (paired by seed)")
 
 
-def fig_capacity(runs, w=5):
-    """The post's Figure 1 and its capacity argument on K random facts (known information), LoRA of
-    each rank and full fine-tuning of one matrix. Left, Figure 1's shape: eval loss on the trained
-    facts against log step (seed mean +-1 SE); middle, where runs sweep LRs over a short run, its
-    first steps with each arm at its best LR; right, bits stored against the bits offered per rank
-    (colour) and length (marker) under the all-stored diagonal: a capacity is a line flat in K and
-    in steps. The table: every study on facts (layers, K, examples)."""
-    claims = []  # what this figure measures: main() writes them to summary.json
+def capacity_select(runs):
+    """fig_capacity's runs, grouped by (layers, K): the study (the group of runs with the FullFT
+    control and the most arms), the longer runs of it, and the shorter ones (fewer examples at the
+    study's batch size and LR decay). Returns (studies, longer, shorter)."""
     rs = [r for r in runs
           if r["facts"] and r["plain"] and len(r["eval"][0]) >= 2 and not r["diverged"]]
-    if not rs:
-        return None, "needs runs on --data facts:K (see results/README.md, capacity)", claims
-    # per (layers, K), the study with the FullFT control and the most arms; and longer runs of it
-    # points: (layers, rank, steps) -> [(K, bits, CI)]
-    studies, longer, points = {}, {}, defaultdict(list)
-    early = defaultdict(dict)   # (layers, K) -> {rank: the runs of a short LR sweep at its best LR}
-    rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  "
-            "bits stored [95% CI]   bits/param [95% CI]    last-quarter gain   "
-            "minus FullFT, paired [95% CI]"]
+    studies, longer, shorter = {}, {}, {}
     for key, mine in group(rs, lambda r: (r["layers"], r["facts"])).items():
         by_len = group(mine, lambda r: (r["examples"], r["batch_size"], r["cooldown"]))
         studies[key] = max(by_len.values(), key=lambda g: (any(r["rank"] == 0 for r in g),
                                                            len({r["rank"] for r in g}),
                                                            g[0]["examples"], len(g)))
-        longer[key] = [g for g in by_len.values() if g[0]["examples"] > studies[key][0]["examples"]]
-        # the right panel's shorter runs (the study's and longer ones' points come below)
         s0 = studies[key][0]
-        for g in [g for g in by_len.values() if g[0]["examples"] < s0["examples"]
-                  and (g[0]["cooldown"], g[0]["batch_size"]) == (s0["cooldown"], s0["batch_size"])]:
+        longer[key] = [g for g in by_len.values() if g[0]["examples"] > s0["examples"]]
+        same_recipe = lambda g: (g[0]["cooldown"], g[0]["batch_size"]) == (s0["cooldown"],
+                                                                         s0["batch_size"])
+        shorter[key] = [g for g in by_len.values()
+                        if g[0]["examples"] < s0["examples"] and same_recipe(g)]
+    return studies, longer, shorter
+
+
+def capacity_table(studies, longer, shorter, claims):
+    """fig_capacity's numbers: (table rows, the right panel's points {(layers, rank, steps):
+    [(K, bits, lo, hi)]}, each short LR sweep's arms at their best LR {(layers, K): {rank: runs}},
+    Figure 1's curves (K, the study's runs, each arm's runs at its best LR) or None). The claims
+    are appended to `claims`."""
+    points, early = defaultdict(list), defaultdict(dict)
+    rows = ["layers          facts   bits  rank    params      LR  seeds  final loss  unseen  "
+            "bits stored [95% CI]   bits/param [95% CI]    last-quarter gain   "
+            "minus FullFT, paired [95% CI]"]
+    # the shorter runs: a point each on the right panel, or an LR sweep the middle panel draws
+    for key, groups in shorter.items():
+        for g in groups:
             for rank, rs_ in group(g, "rank").items():
-                # an LR sweep: the middle panel draws its best
                 if len(by_lr := scores_by_lr(rs_)) > 1:
                     loss = ", ".join(f"{lr:.3g} {np.mean(v):.3f}"
                                      for lr, v in sorted(by_lr.items()))
@@ -1186,13 +1201,23 @@ def fig_capacity(runs, w=5):
             by_rank = {rank: b for (ly, kk, rank), b in per_seed.items() if (ly, kk) == (layers, k)}
             _rank_doubling(by_rank, f"{layers}, {k} facts", f"{layers} at {k} facts", rows=rows,
                            claims=claims)
-    if curves is None:
-        need = "(no figure: needs facts runs with an unseen-key eval, beside FullFT)"
-        return None, "\n".join(rows + [need]), claims
+    return rows, points, early, curves
+
+
+def capacity_draw(curves, early, longer, points, decision):
+    """fig_capacity's figure: Figure 1 (left), the short sweep's first steps (if any), bits stored
+    against the bits offered, and the capacity decision's runs against their length (right)."""
     k, mine, bests = curves
     ear, cols = early.get((mine[0]["layers"], k), {}), _colors(bests)
-    fig, axes = _fig(2 + bool(ear), width=17 if ear else None)
-    left, right = axes[0], axes[-1]
+    n_axes = 2 + bool(ear) + bool(decision)
+    fig = Figure(figsize=(14, 9 if n_axes > 2 else 4.5), dpi=110, layout="constrained")
+    axes = list(fig.subplots(2 if n_axes > 2 else 1, 2).flat)
+    for ax in axes[n_axes:]:
+        ax.remove()
+    axes = axes[:n_axes]
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    left, right = axes[0], axes[1 + bool(ear)]
     # the post draws each arm at its own best LR: here with evals every few steps
     for rank, best in ear.items():
         axes[1].plot(*_eval_curve(best)[:2], color=cols.get(rank, "gray"),
@@ -1242,7 +1267,83 @@ def fig_capacity(runs, w=5):
               ylim=(100, None), ylabel="bits stored (seed mean, 95% CI)",
               title=f"Stored against offered, {mine[0]['layers']}")
     right.legend(fontsize=6, ncol=2)
-    return fig, "\n".join(rows), claims
+    if decision:
+        _draw_decision(axes[-1], decision)
+    return fig
+
+
+def _draw_decision(ax, decision):
+    """Bits stored on all K facts against training steps (log2), linear in bits so that ~10% a
+    doubling shows: one line per (rank, LR, K), seeds averaged, registered (filled) and calibrated
+    (hollow, dotted)."""
+    keys = sorted(decision, key=lambda t: (t[0], -t[1], t[2]))
+    ks = sorted({k for _, _, k in keys})
+    marks = dict(zip(ks, "osD^v"))
+    colors = {r: f"C{i}" for i, r in enumerate(sorted({r for r, _, _ in keys}))}
+    for rank, lr, k in keys:
+        by_steps = decision[rank, lr, k]
+        steps = sorted(by_steps)
+        reg = [np.mean([v[1] for v in by_steps[n]]) for n in steps]
+        cal = [np.mean([v[2] for v in by_steps[n]]) for n in steps]
+        seeds = max(len(by_steps[n]) for n in steps)
+        ls = "-" if lr == max(lr_ for r_, lr_, _ in keys if r_ == rank) else "--"
+        ax.plot(steps, reg, ls, marker=marks[k], color=colors[rank], ms=7,
+                label=f"{_label(rank)}, LR {lr:.0e}, K = {k} ({seeds} seed{'s' * (seeds > 1)})")
+        ax.plot(steps, cal, ":", marker=marks[k], color=colors[rank], ms=7, mfc="none", lw=0.8)
+    ax.plot([], [], ":", color="gray", marker="o", mfc="none", label="calibrated (one temperature)")
+    ax.set(xscale="log", xlabel="training steps (log2)", ylabel="bits stored, all K facts",
+           title="The capacity decision: bits stored against length (a capacity is flat)")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=6, ncol=2)
+
+
+def capacity_decision(runs, claims):
+    """The runs scored on all K facts (full_eval.json): table rows and {(rank, LR, K): {steps:
+    [(seed, registered bits, calibrated bits)]}}; a claim each, registered and calibrated."""
+    scored = [r for r in runs if r.get("all_facts") and not r["diverged"]]
+    decision = defaultdict(lambda: defaultdict(list))
+    rows = ["", "scored on all K facts (results/capacity_k/full_eval.py): registered = the model's "
+                "probabilities, calibrated = one fitted temperature T, less its cost",
+            "rank      LR      K   steps  seed  registered  calibrated      T  bits/param  "
+            "facts stored / partly / none (registered)"]
+    for r in sorted(scored, key=lambda r: (r["rank"], -r["lr"], r["facts"], r["examples"],
+                                           r["seed"])):
+        e, n = r["all_facts"], r["examples"] // r["batch_size"]
+        decision[r["rank"], r["lr"], r["facts"]][n].append((r["seed"], e["registered"],
+                                                            e["calibrated"]))
+        rows.append(f"{_label(r['rank']):7} {r['lr']:6.0e} {r['facts']:5} {n:7,} {r['seed']:5}  "
+                    f"{e['registered']:10.0f}  {e['calibrated']:10.0f}  {e['temperature']:5.2f}  "
+                    f"{e['registered'] / e['params']:10.3f}  "
+                    f"{e['stored']} / {e['partly']} / {e['none']}")
+    for (rank, lr, k), by_steps in sorted(decision.items()):
+        for n, vals in sorted(by_steps.items()):
+            where = f"{_label(rank)}, LR {lr:.0e}, {k} facts, {n:,} steps"
+            for i, what in ((1, "registered"), (2, "calibrated")):
+                m, lo, hi = mean_ci([v[i] for v in vals])
+                claim(claims, CAPACITY, f"{where}: bits stored on all K facts, {what}", m,
+                      lo=lo, hi=hi, seeds=len(vals))
+    return rows, decision
+
+
+def fig_capacity(runs, w=5):
+    """The post's Figure 1 and its capacity argument on K random facts (known information), LoRA of
+    each rank and full fine-tuning of one matrix. Figure 1's shape: eval loss on the trained facts
+    against log step (seed mean +-1 SE); where runs sweep LRs over a short run, its first steps with
+    each arm at its best LR; bits stored against the bits offered per rank (colour) and length
+    (marker) under the all-stored diagonal; and the runs scored on all K facts against their
+    length. A capacity is a line flat in K and in steps. The table: every study on facts (layers,
+    K, examples), then the all-K scores."""
+    claims = []  # what this figure measures: main() writes them to summary.json
+    studies, longer, shorter = capacity_select(runs)
+    if not studies:
+        return None, "needs runs on --data facts:K (see results/README.md, capacity)", claims
+    rows, points, early, curves = capacity_table(studies, longer, shorter, claims)
+    decision_rows, decision = capacity_decision([r for r in runs if r["facts"]], claims)
+    rows += decision_rows if decision else []
+    if curves is None:
+        need = "(no figure: needs facts runs with an unseen-key eval, beside FullFT)"
+        return None, "\n".join(rows + [need]), claims
+    return capacity_draw(curves, early, longer, points, decision), "\n".join(rows), claims
 
 
 def fig_invariance(runs, w=5):

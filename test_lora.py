@@ -3379,7 +3379,7 @@ def test_moe_benchmark_compares_equal_functions(monkeypatch):
     """flops.py --moe times two implementations of one MoE layer with non-zero adapters; it first
     checks that they compute the same function, and refuses to time two that differ."""
     t = flops.moe_speed(tokens=64, hidden=32, width=16, experts=8, top_k=2, rank=4, rounds=1)
-    assert t["max_abs_diff"] < 1e-4 and min(t["loop"], t["grouped"]) > 0
+    assert t["max_abs_diff"] < 1e-4
     real = lora.SparseMoE.forward
     monkeypatch.setattr(lora.SparseMoE, "forward", lambda self, x: real(self, x) * 1.01)
     with pytest.raises(RuntimeError, match="differs"):
@@ -3423,3 +3423,33 @@ def test_lora_on_a_transformer_encoder_acts_in_eval_mode_as_in_train_mode(nested
             out[mode] = enc(x, src_key_padding_mask=pad)[~pad]
     assert (out["eval"] - base).abs().max() > 0.5
     torch.testing.assert_close(out["eval"], out["train"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_capacity_figure_reads_the_all_facts_scores_beside_the_logs(tmp_path):
+    # full_eval.py writes each run's final adapter scored on all K facts into full_eval.json in
+    # the study's folder: the bits stored, their table, claims and the steps panel come from it
+    uniform = math.log(10) * 4 / 5
+    study = tmp_path / "capacity_k"
+    for seed in (0, 1):
+        for rank in (0, 1):
+            facts(study, rank, seed, 0.1 if rank == 0 else 1.0, unseen=uniform + 0.1, k=400)
+        facts(study, 1, seed, 0.9, unseen=uniform + 0.1, k=400, steps=100)
+    scored = {}
+    for seed in (0, 1):
+        for steps, bits in ((50, 700.0 + seed), (100, 770.0 + seed)):
+            name = f"facts400_r1_s{seed}_i1_{steps}_lr0.001"
+            scored[name] = dict(registered=bits, calibrated=bits * 1.2, temperature=0.5,
+                                params=2112, stored=10, partly=380, none=10)
+    (study / "full_eval.json").write_text(json.dumps(scored))
+    runs = plot.load_runs(tmp_path)
+    assert sorted(plot.stored_bits(r) for r in runs if r["rank"] == 1) == [700, 701, 770, 771]
+    fig, text, claims = plot.fig_capacity(runs)
+    got = {c["quantity"]: c for c in claims if "all K facts" in c["quantity"]}
+    reg = got["rank 1, LR 1e-03, 400 facts, 100 steps: bits stored on all K facts, registered"]
+    cal = got["rank 1, LR 1e-03, 400 facts, 100 steps: bits stored on all K facts, calibrated"]
+    assert reg["estimate"] == 770.5 and reg["seeds"] == 2
+    assert cal["estimate"] == pytest.approx(770.5 * 1.2)
+    assert len(got) == 4 and "10 / 380 / 10" in text
+    steps_panel = fig.axes[-1]
+    assert steps_panel.get_xscale() == "log" and steps_panel.get_yscale() == "linear"
+    assert list(steps_panel.lines[0].get_ydata()) == [700.5, 770.5]
