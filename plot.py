@@ -467,17 +467,18 @@ def _colors(ranks, cmap="plasma"):
 
 
 def _lr_line(ax, runs, metric, **style):
-    """A sweep as final metric against LR: the mean over seeds at each LR with +-1 SE bars; a
-    point with fewer seeds than the line's most is hollow; a diverged run is an x at the top edge
-    (its loss is not a number)."""
+    """A sweep as final metric against LR: the mean over seeds at each LR with +-1 SE bars, the
+    line joining only the LRs that every seed of the line ran (one seed set per curve); a point
+    with fewer seeds is a hollow marker of its own; a diverged run is an x at the top edge (its
+    loss is not a number)."""
     by_lr = group(runs, "lr")
     lrs = np.array(sorted(by_lr))
     vals = [[v for v in map(metric, by_lr[lr]) if math.isfinite(v)] for lr in lrs]
-    ok = np.array([bool(v) for v in vals])
     mean = np.array([np.mean(v) if v else math.nan for v in vals])
     se = np.array([np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else 0.0 for v in vals])
-    ax.errorbar(lrs[ok], mean[ok], yerr=se[ok], marker="o", ms=4, capsize=2, **style)
     most = max(map(len, vals), default=0)
+    full = np.array([bool(v) and len(v) == most for v in vals])
+    ax.errorbar(lrs[full], mean[full], yerr=se[full], marker="o", ms=4, capsize=2, **style)
     for lr, m, v in zip(lrs, mean, vals):
         if v and len(v) < most:
             ax.plot([lr], [m], "o", ms=7, mfc="white", color=style.get("color"), zorder=3)
@@ -934,8 +935,8 @@ def fig_early_rank(runs, w=5):
 
 def fig_flops(runs, w=5):
     """Loss against cumulative training FLOPs, each rank at its best LR (best seed mean), as the
-    seed mean with a +-1 SE band: the seeds share their batches across ranks, so the curves
-    compare like with like (one best run per rank would pick different batches for each)."""
+    mean over the seeds every rank ran there, with a +-1 SE band: the seeds share their batches
+    across ranks, so the curves compare like with like."""
     claims = []  # what this figure measures: main() writes them to summary.json
     logged = [r for r in main_sweep(runs) if len(r["flops"][0])]
     by_rank = {k: rs for k, rs in group(logged, "rank").items() if scores_by_lr(rs)}
@@ -943,9 +944,12 @@ def fig_flops(runs, w=5):
         return None, f"needs SFT runs with FLOPs in their logs ({SFT_SWEEP})", claims
     fig, (ax,) = _fig()
     cols, rows = _colors(by_rank), ["rank      best LR  seeds  FLOPs/step  vs FullFT  total FLOPs"]
+    bests = {k: [r for r in at_best_lr(rs) if len(r["train"][0])] for k, rs in by_rank.items()}
+    # one seed set for every curve: the seeds every rank ran at its best LR
+    common = set.intersection(*({r["seed"] for r in best} for best in bests.values()))
     curves = {}
-    for k, rs in by_rank.items():
-        best = [r for r in at_best_lr(rs) if len(r["train"][0])]
+    for k, best in bests.items():
+        best = [r for r in best if r["seed"] in common] or best
         curves[k] = (best[0]["lr"], best,
                      float(np.mean([r["flops"][1][-1] / r["flops"][0][-1] for r in best])))
     for k in _ranks([r for rs in by_rank.values() for r in rs]):
@@ -1017,8 +1021,11 @@ def fig_norms(runs, w=5):
                   f"{name}, step {step}: |B|/|A| at the end, {which}",
                   m, lo=lo, hi=hi, seeds=len(g), null=1)
         rows.append(f"{name[:56]:56} {step:5}  {len(g):5}  " + "  ".join(cells))
+    above = [r["name"] for r in rs if np.median(r["norms"][-1][2]) > np.median(r["norms"][-1][1])]
+    ends = ("B ends above A in " + ", ".join(above) if above
+            else "B ends below A in every run drawn (the table: where it ends above)")
     ax.set(xlabel="step", ylabel="spectral norm (median; band: quartiles)",
-           title="LoRA's A (solid) and B (dashed): B grows from zero")
+           title=f"LoRA's A (solid) and B (dashed): B grows from zero;\n{ends}")
     ax.legend(fontsize=7, loc="upper left")
     return fig, "\n".join(rows), claims
 
@@ -1343,7 +1350,8 @@ def fig_capacity(runs, w=5):
     if curves is None:
         need = "(no figure: needs facts runs with an unseen-key eval, beside FullFT)"
         return None, "\n".join(rows + [need]), claims
-    return capacity_draw(curves, early, longer, points, decision), "\n".join(rows), claims
+    fig = capacity_draw(curves, early, longer=longer, points=points, decision=decision)
+    return fig, "\n".join(rows), claims
 
 
 def fig_invariance(runs, w=5):
@@ -1379,8 +1387,11 @@ def fig_invariance(runs, w=5):
               label=f"init x{init:g}, LR_B/LR_A {ratio:g}"
                     + (f" ({bad} of {len(every)} diverged)" if bad else ""))
         # a seed fixes the facts and the batches
-        d, lo, hi = paired_gap({r["seed"]: final_loss(r) for r in vs}, ref)
-        gap = "(the reference)" if vs[0]["plain"] else _est(d, lo, hi)
+        by_seed = {r["seed"]: final_loss(r) for r in vs}
+        d, lo, hi = paired_gap(by_seed, ref)
+        unpaired = len(set(by_seed) & set(ref)) < 2
+        gap = ("(the reference)" if vs[0]["plain"]
+               else _est(d, lo, hi) + " (unpaired: under 2 seeds shared)" * unpaired)
         if not vs[0]["plain"]:
             claim(claims, "Only two of (alpha, init_A, LR_A, LR_B) matter",
                   f"init_A x {init:g}, LR_B / LR_A {ratio:g}: final loss minus "

@@ -1669,7 +1669,6 @@ def test_a_missing_relative_model_folder_says_it_is_neither_folder_nor_hub_id(
         lora.load_model("models/X")
     assert "\n" not in str(e.value)
 
-@slow
 def test_divergence_stops_the_run_and_keeps_only_good_checkpoints(tmp_path):
     # FullFT at LR 1 blows the tiny model's loss up from ln(272) ~ 5.6 to ~13 at step 2. The
     # checkpoint of step 1 holds the weights that gave it, so it goes; nothing good is left.
@@ -2313,15 +2312,14 @@ def test_sft_a_few_steps_lower_held_out_loss_on_the_real_model(tmp_path, smol):
     (a,) = train_sft.grid(args, model.config)
     a.name, a.amp = "real", None
     before = train_sft.evaluate(model, eval_ex, 8, tok.pad_id, "cpu", None)
-    data = argparse.Namespace(train=train_ex, eval=eval_ex, unseen=[], desc="synth")
+    data = argparse.Namespace(train=train_ex, eval=eval_ex, unseen=[], desc="synth",
+                              sha=lora.data_fingerprint(train_ex))
     after = train_sft.train(a, model, tok, data, ddp=False)
     assert after < before - 0.2, (before, after)
 
 
 # -----------------------------------------------------------------------------
 # flops.py
-
-
 
 
 @slow
@@ -2590,7 +2588,6 @@ def test_group_advantages_sum_to_zero_and_equal_groups_give_no_gradient():
     assert all(p.grad is None or not p.grad.any() for _, p in lora.trainable_parameters(model))
 
 
-@slow
 def test_importance_ratio_is_one_on_policy_and_learner_logprobs_equal_sampler():
     model = tiny_model().double()
     # as in RL: each prompt sampled several times
@@ -2916,7 +2913,6 @@ def test_the_best_lr_of_each_seed_is_chosen_by_the_other_seeds():
     assert plot.out_of_sample({0: {1: 1.0}}) == {}  # one seed: nothing to choose by
 
 
-@slow
 def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path, capsys):
     # a seed shifts every arm alike (it fixes the examples a run sees); LoRA is 0.001 behind
     # FullFT at batch 8 and 0.02 behind at batch 32, on the same 960 examples, every optimum
@@ -3212,7 +3208,6 @@ MOE_IDS = [[53, 43, 236, 8, 31, 41, 75, 101, 175, 192, 16, 257],
            [140, 23, 205, 252, 182, 57, 34, 4, 270, 85, 226, 228]]
 
 
-@slow
 def test_moe_logits_equal_transformers(tmp_path):
     """Reference: transformers 5.24's Qwen3MoeForCausalLM loading this model's save_model folder
     (last position's first 6 logits of each row, and the sum of squares of all logits); max |diff|
@@ -3257,7 +3252,6 @@ def test_moe_routing_equals_dense_reference():
         assert torch.allclose(moe(x), ref, atol=1e-6)
 
 
-@slow
 def test_moe_loads_fused_expert_tensors(tmp_path):
     """transformers 5 keeps experts fused, gate_up_proj (E, 2I, h) and down_proj (E, h, I): a
     checkpoint in that layout loads to the same model as the hub's one-matrix-per-expert layout."""
@@ -3283,7 +3277,6 @@ def test_moe_loads_fused_expert_tensors(tmp_path):
         assert torch.equal(again(idx), model(idx))
 
 
-@slow
 def test_moe_per_expert_lora_rank_params_flops_and_adapter_round_trip(tmp_path):
     """--rank 8 on a top-2 model: rank 8 on attention, rank 4 on each expert's gate/up/down (the
     post's rule), the router untouched; flops.py counts the same parameters as torch, and the
