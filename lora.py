@@ -468,9 +468,6 @@ class Llama(nn.Module):
 
     def block(self, layer, x, cos, sin, mask=None, cache=None):
         """One transformer block, recomputed in backward under gradient checkpointing."""
-        if getattr(self, "unbacked_batch", False) and not torch.compiler.is_compiling():
-            # compile_blocks: one graph for every batch size
-            torch._dynamo.decorators.mark_unbacked(x, 0)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache,
                                                      use_reentrant=False)
@@ -1045,6 +1042,14 @@ def decode_attention(device):
                         SDPBackend.MATH])
 
 
+def eager():
+    """Run compiled modules eagerly inside: generate's prefill and its uncompiled decode steps.
+    A KV-cache call through train_rl --compile's compiled blocks would otherwise compile a graph
+    per block (each has its own layer index and cache position), 2 + 2L graphs in all."""
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return stance("force_eager") if stance else nullcontext()
+
+
 def _decode(model, tok, cache):
     return model(tok, cache=cache, last_only=True)[:, -1]
 
@@ -1099,7 +1104,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
     with decode_attention(device):  # prefill and decode
-        logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
+        with eager():
+            logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
         if decode:
             # static, its length rounded up to a multiple of 128: RL's steps, whose longest prompts
             # differ, share a few graphs (and the fused attention kernels want a multiple of 8)
@@ -1131,7 +1137,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
                 keep = (~done).nonzero().squeeze(1)
                 cache.select(keep)
                 rows, done, tok = rows[keep], done[keep], tok[keep]
-            logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
+            with eager():
+                logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
     model.train(was_training)
     tokens, logprobs = [], []
     for row_t, row_lp in zip(out_tok[:, :n].tolist(), out_lp[:, :n].tolist()):
@@ -2381,13 +2388,12 @@ def compile_blocks(model, **kwargs):
     """torch.compile each transformer block in place (nn.Module.compile: names and state dicts
     unchanged, so checkpoints, LoRA and FSDP see the same module). The blocks hold all the
     matmuls and have no data-dependent shapes; the embedding, the answer-token gather and the
-    chunked unembedding stay eager. Dynamic batch and length; the batch size is unbacked
-    (Llama.hidden marks it), so a 1-row micro-batch reuses the graphs instead of specialising on 1.
-    Three graphs: training, training the first block (its input needs no gradient under LoRA), and
-    eval. The recompile limit, shared by every block, is raised so a few extra shapes (MoE, another
-    dtype) never send all blocks silently back to eager."""
+    chunked unembedding stay eager. Dynamic batch and length, with no unbacked symbols (whose
+    data-dependent guards may stop a CUDA lowering): a 1-row micro-batch specialises. So at most
+    six graphs: training, training the first block (its input needs no gradient under LoRA) and
+    eval, each for 1 row and for more. The recompile limit, shared by every block, is raised so a
+    few extra shapes (MoE, another dtype) never send all blocks silently back to eager."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model.unbacked_batch = True
     for block in model.model.layers:
         block.compile(**{"dynamic": True, **kwargs})
     return model

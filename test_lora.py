@@ -2271,8 +2271,8 @@ def test_compile_over_varied_shapes_compiles_a_few_graphs_and_breaks_none(tmp_pa
     # Dynamo and AOTAutograd trace as --compile does (aot_eager skips inductor's C++ build,
     # PyTorch's to test). 8 steps whose micro-batches differ in rows and length, 1-row ones among
     # them (a long row goes alone under --micro_tokens): the blocks' one code object compiles
-    # three dynamic-shape graphs (training, the first block's training, eval) and reuses them; a
-    # 1-row batch specialised would add 3.
+    # three dynamic-shape graphs (training, the first block's training, eval) and three more for a
+    # 1 row (no unbacked batch dimension), and reuses them over every other shape.
     from torch._dynamo.utils import counters
     real, collate, rows_seen = torch.compile, lora.collate, []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, **{**kw, "backend": "aot_eager"}))
@@ -2290,7 +2290,7 @@ def test_compile_over_varied_shapes_compiles_a_few_graphs_and_breaks_none(tmp_pa
     train_sft.main(args + [str(tmp_path / "compiled"), "--compile"])
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     shapes = {tuple(r) for r in counters["recompiles"]} if "recompiles" in counters else set()
-    assert graphs == 3 and breaks == 0, (graphs, dict(counters["graph_break"]), shapes)
+    assert graphs == 6 and breaks == 0, (graphs, dict(counters["graph_break"]), shapes)
     assert 1 in rows_seen and max(rows_seen) > 1
     torch._dynamo.reset()
     train_sft.main(args + [str(tmp_path / "eager")])
@@ -3446,3 +3446,27 @@ def test_the_capacity_figure_reads_the_all_facts_scores_beside_the_logs(tmp_path
     steps_panel = fig.axes[-1]
     assert steps_panel.get_xscale() == "log" and steps_panel.get_yscale() == "linear"
     assert list(steps_panel.lines[0].get_ydata()) == [700.5, 770.5]
+
+
+@slow
+def test_rl_compile_graphs_do_not_grow_with_depth(tmp_path, monkeypatch):
+    # train_rl --compile over a step with greedy evals (before and after) and sampling from the
+    # adapters (no merged copy): the prefill runs eager and every token decodes in the compiled
+    # step, so a 4-layer model compiles as many graphs as a 2-layer one (per block, it was 2 + 2L)
+    from torch._dynamo.utils import counters
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m=None, **kw: real(m, **{**kw, "backend": "eager"}))
+    monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
+    graphs = {}
+    for layers in (2, 4):
+        torch._dynamo.reset()
+        counters.clear()
+        model_dir = write_hf_folder(tmp_path / f"m{layers}", tiny_model(vocab_size=264,
+                                                                       num_hidden_layers=layers))
+        train_rl.main(["--model", str(model_dir), "--data", "synth1", "--rank", "2", "--lr", "1e-2",
+                       "--steps", "1", "--questions_per_step", "2", "--group_size", "4",
+                       "--max_new_tokens", "6", "--eval_every", "1", "--eval_examples", "3",
+                       "--eval_batch", "3", "--save_every", "0", "--device", "cpu", "--compile",
+                       "--no-sample_merged", "--out", str(tmp_path / f"out{layers}")])
+        graphs[layers] = counters["stats"]["unique_graphs"]
+    assert graphs[2] == graphs[4] and graphs[2] <= 8, graphs

@@ -134,7 +134,7 @@ def prompt_ids(tok, row, instruction=lora.GSM8K_INSTRUCTION):
 
 @torch.no_grad()
 def evaluate(model, tok, rows, max_new_tokens, batch, amp, device,
-             instruction=lora.GSM8K_INSTRUCTION):
+             instruction=lora.GSM8K_INSTRUCTION, decode=None):
     """Greedy accuracy on rows (the same fixed slice every time)."""
     correct = 0
     for i in range(0, len(rows), batch):
@@ -142,7 +142,8 @@ def evaluate(model, tok, rows, max_new_tokens, batch, amp, device,
         with lora.autocast(device, amp):
             prompts = [prompt_ids(tok, r, instruction) for r in chunk]
             outs, _ = lora.generate(model, prompts, max_new_tokens, temperature=0,
-                                    stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab=tok.vocab_size)
+                                    stop_ids=tok.stop_ids, pad_id=tok.pad_id, vocab=tok.vocab_size,
+                                    decode=decode)
         correct += sum(gsm8k_reward(tok.decode(o), r["answer"]) for o, r in zip(outs, chunk))
     return correct / len(rows)
 
@@ -168,7 +169,9 @@ def train(a, base, tok, train_rows, eval_rows, data_desc, grid=None, stop=None):
     run.open("train_rl", model, base, data_desc,
              what=f"{a.steps} steps x {a.questions_per_step} questions x {a.group_size} samples")
     progress = lora.Progress(a.steps - run.start, grid)
-    eval_at = lambda step: eval_and_log(run, model, tok, eval_rows, step=step)
+    # the greedy eval decodes with a compiled step of its own (its own static cache buffers)
+    eval_decode = lora.compile_decode() if a.compile else None
+    eval_at = lambda step: eval_and_log(run, model, tok, eval_rows, step=step, decode=eval_decode)
     save = lambda step: lora.save_checkpoint(run.dir, step, model, opt, tokenizer=tok)
     if run.start == 0 and a.eval_every:
         eval_at(0)
@@ -243,11 +246,11 @@ def learn(run, model, opt, step, prompts, comps, old_lp, adv, vocab):
     return loss_sum.item(), ratios, live
 
 
-def eval_and_log(run, model, tok, rows, step):
+def eval_and_log(run, model, tok, rows, step, decode=None):
     a = run.a
     print(f"step {step:4d} | greedy eval on {len(rows)} problems ...", end="", flush=True)
     acc = evaluate(model, tok, rows, a.max_new_tokens, batch=a.eval_batch, amp=a.amp,
-                   device=a.device, instruction=a.instruction)
+                   device=a.device, instruction=a.instruction, decode=decode)
     run.write({"type": "eval", "step": step, "accuracy": acc})
     print(f" accuracy {acc:.3f}")
     model.train()
