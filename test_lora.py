@@ -3455,7 +3455,8 @@ def test_rl_compile_graphs_do_not_grow_with_depth(tmp_path, monkeypatch):
     # step, so a 4-layer model compiles as many graphs as a 2-layer one (per block, it was 2 + 2L)
     from torch._dynamo.utils import counters
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m=None, **kw: real(m, **{**kw, "backend": "eager"}))
+    eager = lambda m=None, **kw: real(m, **{**kw, "backend": "eager"})
+    monkeypatch.setattr(torch, "compile", eager)
     monkeypatch.setattr(train_rl, "gsm8k_reward", lambda text, answer: float(len(text) % 2))
     graphs = {}
     for layers in (2, 4):
