@@ -197,13 +197,21 @@ def memory_bytes(cfg, rank=0, layers="all", lm_head=False, dtype="bf16"):
     return {**parts, "total": sum(parts.values()), "sampling": P * BYTES["bf16"]}
 
 
-def fsdp_memory_bytes(cfg, rank=0, gpus=8, layers="all", lm_head=False, dtype="bf16"):
-    """Training state per GPU under N-way FSDP (train_sft.py --fsdp): every part of memory_bytes
-    sharded N ways, plus the unsharded weights of two transformer blocks in `dtype` (the one
-    computing and the one prefetched). Activations excluded."""
-    block = sum(d_in * d_out * copies for _, d_in, d_out, copies, _ in matrices(cfg)) * BYTES[dtype]
+def fsdp_memory_bytes(cfg, rank=0, gpus=8, layers="all", lm_head=False, dtype="bf16",
+                      device_gib=80):
+    """Training state per GPU under N-way FSDP (train_sft.py --fsdp) on GPUs of device_gib:
+    every part of memory_bytes sharded N ways, plus the unsharded weights of two transformer
+    blocks in `dtype` (the one computing and the one prefetched), or, where lora.fsdp_reshard
+    keeps LoRA's gathered base from forward to backward, the whole base in `dtype`. Activations
+    excluded."""
+    mats = matrices(cfg)
+    block = sum(d_in * d_out * copies for _, d_in, d_out, copies, _ in mats) * BYTES[dtype]
     total = memory_bytes(cfg, rank, layers, lm_head, dtype=dtype)["total"]
-    return total / gpus + 2 * block * (gpus > 1)
+    if gpus == 1:
+        return total
+    base = model_params(cfg) * BYTES[dtype]
+    keeps = not lora.fsdp_reshard(rank, base, device_gib * 2**30)
+    return total / gpus + (base if keeps else 2 * block)
 
 
 # -----------------------------------------------------------------------------
@@ -351,8 +359,9 @@ def print_report(rep):
         print(f"  {name:20} " + " ".join(gib(m[c]) for c in ("sampling", "FullFT"))
               + f" {m['LoRA'] / 2**30:9.1f}")
     print("\nPer GPU under N-way FSDP (train_sft.py --fsdp), bf16, GiB: "
-          "training state / N + two unsharded blocks "
-          "(activations excluded; * = over an 80 GB GPU's ~74 GiB usable)")
+          "training state / N + two unsharded blocks, or for LoRA whose bf16 base is under a "
+          "quarter of 80 GB the whole gathered base (lora.fsdp_reshard; activations excluded; "
+          "* = over an 80 GB GPU's ~74 GiB usable)")
     print(f"  {'preset':20} " + " ".join(f"{'FullFT x' + str(n):>10}" for n in (1, 2, 4, 8)) + " "
           + " ".join(f"{f'r={R} x{n}':>10}" for n in (1, 2, 4, 8)))
     for name, m in rep["fsdp_per_gpu_bf16"].items():

@@ -2384,6 +2384,15 @@ class StopSignal:
         return bool(vote.item())
 
 
+def fsdp_reshard(rank, base_bytes, device_bytes, nodes=1):
+    """FSDP2's reshard_after_forward for a run. FullFT: always (its weights train and are large).
+    LoRA may keep each block's gathered frozen weights from forward to backward (one all-gather a
+    micro-batch instead of two), but that holds the whole gathered base on every GPU: only while
+    the base (base_bytes, in the compute dtype) is under a quarter of a device's memory, and on
+    one node (between nodes the second all-gather is the cheaper cost)."""
+    return rank == 0 or nodes > 1 or base_bytes > device_bytes / 4
+
+
 def compile_blocks(model, **kwargs):
     """torch.compile each transformer block in place (nn.Module.compile: names and state dicts
     unchanged, so checkpoints, LoRA and FSDP see the same module). The blocks hold all the

@@ -3392,6 +3392,23 @@ def test_fsdp_memory_table_shards_the_training_state():
     assert flops.fsdp_memory_bytes(cfg, 16, 1) / 2**30 < 20
 
 
+def test_fsdp_lora_keeps_the_gathered_base_only_where_it_fits():
+    # LoRA keeps each block's gathered base from forward to backward (one all-gather, not two)
+    # only while the bf16 base is under a quarter of the GPU: 8B (15 GiB) does, and the table
+    # counts it; 70B (131 GiB) reshards, and its table row fits 80 GB GPUs from 2-way on
+    b8, b70 = flops.presets["llama-3.1-8b"], flops.presets["llama-3.1-70b"]
+    base = lambda cfg: 2 * flops.model_params(cfg)
+    assert not lora.fsdp_reshard(16, base(b8), 80 * 2**30)
+    assert lora.fsdp_reshard(16, base(b70), 80 * 2**30) and lora.fsdp_reshard(0, 1, 80 * 2**30)
+    assert lora.fsdp_reshard(16, base(b8), 80 * 2**30, nodes=2)
+    sharded = flops.memory_bytes(b8, 16)["total"] / 8
+    assert flops.fsdp_memory_bytes(b8, 16, 8) == pytest.approx(sharded + base(b8))
+    for n in (2, 4, 8):
+        assert flops.fsdp_memory_bytes(b70, 16, n) / 2**30 < 74
+    # the control: kept whole, the 70B base alone is over a GPU
+    assert (flops.memory_bytes(b70, 16)["total"] / 8 + base(b70)) / 2**30 > 80
+
+
 @pytest.mark.parametrize("nested", [False, True])
 def test_lora_on_a_transformer_encoder_acts_in_eval_mode_as_in_train_mode(nested):
     # PyTorch's inference fast path reads linear1/linear2's weights directly: without apply_lora's

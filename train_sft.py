@@ -338,12 +338,21 @@ def build(a, base, trunks, master, world, ddp):
     """(model, the module the loop calls (DDP-wrapped under torchrun), optimizer, TrunkCache or
     None) for one run: LoRA or FullFT on a copy of the base, on the device; under --fsdp sharded
     (only rank 0 holds weights before that), compiled before sharding when --compile."""
+    def reshard(m):
+        itemsize = a.amp.itemsize if a.amp else 4  # the gathered (compute) dtype
+        base_bytes = sum(p.numel() for p in m.parameters() if not p.requires_grad) * itemsize
+        cuda = a.device.startswith("cuda")
+        device_bytes = (torch.cuda.get_device_properties(a.device).total_memory if cuda
+                        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        return lora.fsdp_reshard(a.rank, base_bytes, device_bytes, nodes=world // local)
+
     def shard(m):
         rank0_state = m.state_dict() if master else None
         if a.compile:
             lora.compile_blocks(m)
         mesh = init_device_mesh(a.device.split(":")[0], (world,))
-        fsdp_shard(m, mesh, a.amp, rank0_state, reshard=a.rank == 0)
+        fsdp_shard(m, mesh, a.amp, rank0_state, reshard=reshard(m))
     model, opt = lora.prepare_training(
         base, a.rank, a.lr, layers=a.layers, lm_head=a.lm_head, alpha=a.alpha,
         init_scale=a.init_scale, lr_ratio_b=a.lr_ratio_b, weight_decay=a.weight_decay,
