@@ -2900,8 +2900,12 @@ def test_early_rank_pairs_leave_out_step_one_and_show_the_posts_pair(tmp_path):
         for rank, final in ((1, 1.05), (16, 1.0), (256, 1.0)):
             sft(tmp_path / "out", rank, 1e-3, final + 0.001 * seed, seed=seed)
     _, text, claims = plot.fig_early_rank(plot.load_runs(tmp_path / "out"))
-    assert "rank 1 - rank 256 at LR 0.001, 3 seed(s): steps 2-3 +0.0500" in text
-    assert "rank 16 - rank 256 at LR 0.001, 3 seed(s): steps 2-3 +0.0000" in text
+    early = {c["quantity"]: c for c in claims if "over steps 2-3" in c["quantity"]}
+    one = early["rank 1 minus rank 256 at one LR, train loss over steps 2-3 (nats)"]
+    sixteen = early["rank 16 minus rank 256 at one LR, train loss over steps 2-3 (nats)"]
+    assert one["estimate"] == pytest.approx(0.05) and one["seeds"] == 3
+    assert sixteen["estimate"] == pytest.approx(0.0, abs=1e-12)
+    assert "rank 16 - rank 256 at LR 0.001, 3 seed(s): steps 2-3 +0.0000" in text  # the table
 
 
 def test_the_best_lr_of_each_seed_is_chosen_by_the_other_seeds():
@@ -3150,7 +3154,10 @@ def test_a_batch_study_of_a_few_matrices_reaches_the_batch_figure(tmp_path):
                         seed=seed, layers="29.down_proj")
     fig, text, claims = plot.fig_batch_size(plot.load_runs(tmp_path), 3)
     assert fig is not None and "layers: 29.down_proj" in text
-    assert "rank 32's gap to FullFT at batch 40 minus at batch 10: +0.0500" in text
+    (growth,) = [c for c in claims if c["quantity"].startswith("rank 32: gap to FullFT at batch 40 "
+                                                               "minus at batch 10")
+                 and "chose" not in c["quantity"]]
+    assert growth["estimate"] == pytest.approx(0.05) and growth["seeds"] == 3
     # the norms table: |B| / |A| at the end, the median over matrices (0.9 / 0.7 and 0.5 / 0.8),
     # over 3 seeds
     _, text, claims = plot.fig_norms(plot.load_runs(tmp_path))
@@ -3488,3 +3495,12 @@ def test_rl_compile_graphs_do_not_grow_with_depth(tmp_path, monkeypatch):
                        "--no-sample_merged", "--out", str(tmp_path / f"out{layers}")])
         graphs[layers] = counters["stats"]["unique_graphs"]
     assert graphs[2] == graphs[4] and graphs[2] <= 8, graphs
+
+
+def test_rl_refuses_a_comma_list_of_layer_sets(capsys):
+    # train_rl does not sweep layer sets: "--layers mlp,attn" once trained their union silently
+    # under a folder name with a comma in it
+    a = train_rl.parse_args(["--layers", "mlp,attn"])
+    with pytest.raises(UserError, match="does not sweep layer sets.*join matrices with \\+"):
+        train_rl.check_args(a)
+    train_rl.check_args(train_rl.parse_args(["--layers", "q_proj+v_proj"]))  # the union, named
