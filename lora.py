@@ -322,7 +322,7 @@ class Block(nn.Module):
         self.mlp = SparseMoE(cfg) if is_moe_layer(cfg, layer_idx) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -469,9 +469,9 @@ class Llama(nn.Module):
     def block(self, layer, x, cos, sin, mask=None, cache=None):
         """One transformer block, recomputed in backward under gradient checkpointing."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache,
+            return torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask=mask, cache=cache,
                                                      use_reentrant=False)
-        return layer(x, cos, sin, mask, cache)
+        return layer(x, cos, sin, mask=mask, cache=cache)
 
     def forward(self, idx, targets=None, cache=None, last_only=False, at=None):
         """idx (B, T) token ids -> logits (B, T, vocab); last_only: the last position's. With
