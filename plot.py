@@ -1267,7 +1267,7 @@ def capacity_draw(curves, early, longer, points, decision):
             k_, y, lo, hi = (np.array(c, dtype=float) for c in zip(*sorted(pts)))
             err = [np.nan_to_num(y - lo), np.nan_to_num(hi - y)]
             right.errorbar(k_ * BITS_PER_FACT, y, yerr=err, capsize=2, lw=1, marker=marks[n],
-                           color=cols.get(rank, "gray"), ms=5, label=f"{_label(rank)}, {n:,} steps")
+                           color=cols.get(rank, "gray"), ms=7, label=f"{_label(rank)}, {n:,} steps")
     # y = x, log-log
     right.axline((1e3, 1e3), (1e4, 1e4), color="gray", ls="--", lw=1, label="every bit stored")
     right.set(xscale="log", yscale="log", xlabel="bits in the data (K facts x 13.3)",
@@ -1281,9 +1281,11 @@ def capacity_draw(curves, early, longer, points, decision):
 
 def _draw_decision(ax, decision):
     """Bits stored on all K facts against training steps (log2), linear in bits so that ~10% a
-    doubling shows: one line per (rank, LR, K), seeds averaged, registered (filled) and calibrated
-    (hollow, dotted)."""
-    keys = sorted(decision, key=lambda t: (t[0], -t[1], t[2]))
+    doubling shows: for the lowest rank (the decision's subject; the others' points are in the
+    table), one line per (LR, K), seeds averaged, registered (filled) and calibrated (hollow,
+    dotted)."""
+    lowest = min(r for r, _, _ in decision)
+    keys = sorted((t for t in decision if t[0] == lowest), key=lambda t: (-t[1], t[2]))
     ks = sorted({k for _, _, k in keys})
     marks = dict(zip(ks, "osD^v"))
     colors = {r: f"C{i}" for i, r in enumerate(sorted({r for r, _, _ in keys}))}
@@ -1299,7 +1301,8 @@ def _draw_decision(ax, decision):
         ax.plot(steps, cal, ":", marker=marks[k], color=colors[rank], ms=7, mfc="none", lw=0.8)
     ax.plot([], [], ":", color="gray", marker="o", mfc="none", label="calibrated (one temperature)")
     ax.set(xscale="log", xlabel="training steps (log2)", ylabel="bits stored, all K facts",
-           title="The capacity decision: bits stored against length (a capacity is flat)")
+           title=f"The capacity decision, {_label(lowest)}: bits stored against length "
+                 "(a capacity is flat)")
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=6, ncol=2)
 
