@@ -31,6 +31,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import statistics
 import sys
@@ -1060,7 +1061,11 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"),
     # 4 x 55 + 80: five minutes in all
     lim = dict(sft=55, sample=50, sdpa=10, agree=20) | (limits or {})
     out = dict(device=how)
-    say(f"gpu benchmark on {how}; LoRA r16 on every layer, random weights of each shape")
+    # Triton compiles its launchers with the C compiler in $CC, else gcc or clang on the PATH
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+    out["c_compiler"] = cc
+    say(f"gpu benchmark on {how}; LoRA r16 on every layer, random weights of each shape; "
+        f"C compiler for Triton: {cc or 'none found (set CC)'}")
     for name in train_shapes:
         cfg = load_config(name) if isinstance(name, str) else name
         label = name if isinstance(name, str) else "custom"

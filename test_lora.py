@@ -2332,6 +2332,7 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
                               new_tokens=8, backend="aot_eager", limits=no_limits, say=lines.append)
     assert not [k for k, v in out.items() if isinstance(v, dict) and "error" in v], out
     assert len(lines) == 7 and all("error" not in line for line in lines), lines
+    assert "C compiler for Triton: " in lines[0] and "c_compiler" in out
     eager, compiled = out["sft_custom_eager"], out["sft_custom_compiled"]
     assert eager["tokens_per_s"] == pytest.approx(64 / eager["ms"] * 1000)  # batch 1 x 64 tokens
     assert compiled["graphs"] <= 3 and compiled["graph_breaks"] == 0
