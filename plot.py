@@ -813,7 +813,7 @@ def fig_rl(runs, w=5):
         _lr_line(right, by_rank[k], final_reward, color=cols[k], lw=lw, label=_label(k))
     stats = {k: a[0] for k, a in arms.items()}
     text = _ratio(opt, claims, stats=stats, finding="RL: LoRA's optimal LR is ~10x FullFT's")[1]
-    rows += _lr_range(by_rank, stats)
+    rows += _lr_range(by_rank, stats, claims)
     left.set(xlabel="step", ylabel=f"train reward ({w}-step mean, seed mean +-1 SE)",
              title="Reward during training (best LR per rank)")
     right.set(xscale="log", xlabel="learning rate", ylabel="final reward (mean of last 20% steps)",
@@ -825,10 +825,11 @@ def fig_rl(runs, w=5):
     return fig, "\n".join(rows + [text]), claims
 
 
-def _lr_range(by_rank, stats):
+def _lr_range(by_rank, stats, claims):
     """The post's wider range of good LRs for LoRA, as lines: each arm's final reward at every
     grid LR, what a 2x step down and up from its best grid LR costs (paired by seed), and LoRA's
-    cost minus FullFT's (paired by seed: below 0 means LoRA's range is wider that way)."""
+    cost minus FullFT's (paired by seed: below 0 means LoRA's range is wider that way), also as
+    claims."""
     rows, costs = ["final reward at each LR, mean over seeds [95% CI], "
                    "and the cost of a 2x step from the best grid LR"], {}
     for k, rs in sorted(by_rank.items(), key=lambda kv: (kv[0] == 0, kv[0])):
@@ -851,7 +852,12 @@ def _lr_range(by_rank, stats):
                         f"costs {cost} over {len(costs[k, way])} seed(s)")
     for (k, way), c in sorted(costs.items()):
         if k and (0, way) in costs:
-            gap = _est(*paired_gap(c, costs[0, way]), "{:+.3f}")
+            paired = paired_gap(c, costs[0, way])
+            claim(claims, "RL: LoRA has a wider range of good LRs",
+                  f"a 2x LR step {way} from the best grid LR: {_label(k)}'s cost minus FullFT's "
+                  "(reward, paired by seed; below 0: LoRA's range is wider)",
+                  *paired, seeds=len(set(c) & set(costs[0, way])))
+            gap = _est(*paired, "{:+.3f}")
             rows.append(f"  {way:4}: {_label(k)}'s cost minus FullFT's {gap} "
                         "(below 0: LoRA's range is wider)")
     return rows

@@ -2770,7 +2770,9 @@ def test_rl_range_of_good_lrs_costs_a_2x_step_each_way_paired_by_seed(tmp_path):
     down = re.search(r"down: " + gap, text)
     up = re.search(r"up  : " + gap, text)
     assert down and float(down[2]) < float(down[1]) < float(down[3]) < 0, text
-    assert abs(float(down[1]) + 0.25) < 0.04, text
+    (c,) = [c for c in claims if c["quantity"].startswith("a 2x LR step down")]
+    assert c["estimate"] == pytest.approx(float(down[1]), abs=5e-4) and c["interval"][1] < 0
+    assert abs(c["estimate"] + 0.25) < 0.04, text
     assert up and float(up[2]) < 0 < float(up[3]), text
     assert re.search(r"FullFT    a 2x step down costs \+0\.2[6-9]\d \[", text)
     assert "(    1x best)" in text
