@@ -887,23 +887,6 @@ def test_render_chat_equals_encoding_the_rendered_template(smol, content):
     assert len(learned) <= len(content + "<|im_end|>") + 1
 
 
-def test_llama3_render_chat_strips_and_encodes_digits_after_header():
-    vocab = tiny_vocab()
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-             "<|eot_id|>"]
-    special = {s: len(vocab) + i for i, s in enumerate(names)}
-    ranks = {lora._token_bytes(t): i for t, i in vocab.items()}
-    tok = lora.Tokenizer(ranks, special, lora.LLAMA3_PATTERN, special["<|begin_of_text|>"],
-                         [special["<|end_of_text|>"]], "<|start_header_id|>", add_bos=True)
-    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": " \n 123 the \n"}]
-    ids_, mask = tok.render_chat(chat)
-    text = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>" \
-           "<|start_header_id|>assistant<|end_header_id|>\n\n123 the<|eot_id|>"
-    assert ids_ == tok.encode(text, bos=False)
-    assert tok.decode([i for i, m in zip(ids_, mask) if m]) == "123 the<|eot_id|>"
-
-
-
 def llama3_tiny_tokenizer():
     vocab = tiny_vocab()
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -912,6 +895,18 @@ def llama3_tiny_tokenizer():
     ranks = {lora._token_bytes(t): i for t, i in vocab.items()}
     return lora.Tokenizer(ranks, special, lora.LLAMA3_PATTERN, special["<|begin_of_text|>"],
                           [special["<|end_of_text|>"]], "<|start_header_id|>", add_bos=True)
+
+
+def test_llama3_render_chat_strips_and_encodes_digits_after_header():
+    tok = llama3_tiny_tokenizer()
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": " \n 123 the \n"}]
+    ids_, mask = tok.render_chat(chat)
+    text = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>" \
+           "<|start_header_id|>assistant<|end_header_id|>\n\n123 the<|eot_id|>"
+    assert ids_ == tok.encode(text, bos=False)
+    assert tok.decode([i for i, m in zip(ids_, mask) if m]) == "123 the<|eot_id|>"
+
+
 
 
 @pytest.mark.parametrize("fmt", ["chatml", "llama3"])

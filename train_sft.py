@@ -729,8 +729,8 @@ def grid(a, cfg):
     ranks, layers, bss = split(a.rank, int), split(a.layers, str), split(a.batch_size, int)
     inits, ratios = split(a.init_scale, float), split(a.lr_ratio_b, float)
     seeds = split(a.seed, int)
-    runs = []
-    for r, ly, bs, ini, rb, seed in itertools.product(ranks, layers, bss, inits, ratios, seeds):
+    runs, axes = [], (ranks, layers, bss, inits, ratios, seeds)
+    for r, ly, bs, ini, rb, seed in itertools.product(*axes):
         if r == 0 and (ini != inits[0] or rb != ratios[0]):
             continue  # FullFT ignores the LoRA-only options: run it once per layer set
         for lr in lora.resolve_lrs(a.lr, a.lr_mult, r, cfg):
