@@ -794,6 +794,21 @@ def run_stage(name, seconds, fn, out):
     return out[name]
 
 
+class StagePool:
+    """Stages under one time limit: each adds its share (seconds; None: no limit) and may use what
+    earlier stages left unused, so the whole run stays within the sum of the shares."""
+
+    def __init__(self, out):
+        self.out, self.granted, self.spent = out, 0.0, 0.0
+
+    def run(self, name, share, fn):
+        self.granted += share or 0
+        seconds = share and max(1, math.ceil(self.granted - self.spent))
+        r = run_stage(name, seconds, fn, self.out)
+        self.spent += r["stage_s"]
+        return r
+
+
 def random_model(cfg, dev, dtype, rank=0, seed=0):
     """A randomly initialised model of cfg's shape, built on the device in `dtype` (an 8B model is
     never materialised on the host), with fp32 LoRA adapters of this rank on every layer."""
@@ -877,7 +892,8 @@ def sampler_speed(cfg, dev, amp, rank=16, rows=64, new_tokens=256, prompt_len=12
     with the compiled decode step (train_rl --compile). Per way: tokens/s, the fraction of the
     bandwidth floor (the time to read every weight and the KV cache once per decoded token) and
     the kernel launches of one decode step. Each is timed on its second generation (the first
-    compiles)."""
+    compiles), and counted at the same shape: one graph a compiled way."""
+    from torch._dynamo.utils import counters
     model = random_model(cfg, dev, amp or torch.float32, rank).eval()
     prompts = [torch.randint(cfg.vocab_size, (prompt_len,)).tolist() for _ in range(rows // group)]
     prompts = [p for p in prompts for _ in range(group)]
@@ -893,6 +909,7 @@ def sampler_speed(cfg, dev, amp, rank=16, rows=64, new_tokens=256, prompt_len=12
         for compiled in (False, True):
             options = {"backend": backend} if backend else {}
             decode = lora.compile_decode(**options) if compiled else None
+            graphs = counters["stats"]["unique_graphs"]
             times = []
             for i in range(2):
                 g = torch.Generator(device=dev).manual_seed(0)
@@ -907,7 +924,9 @@ def sampler_speed(cfg, dev, amp, rank=16, rows=64, new_tokens=256, prompt_len=12
             out[f"{way}_{'compiled' if compiled else 'eager'}"] = dict(
                 tokens_per_s=n / times[1], s=times[1], first_s=times[0], floor_s=moved / bandwidth,
                 of_floor=moved / bandwidth / times[1],
-                launches=decode_launches(sampler, dev, amp, decode))
+                launches=decode_launches(sampler, dev, amp, decode=decode, rows=rows,
+                                         length=prompt_len + new_tokens),
+                graphs=counters["stats"]["unique_graphs"] - graphs)
     return out
 
 
@@ -918,13 +937,17 @@ NO_KERNEL = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "se
              "result_type", "split", "chunk", "narrow", "unbind"}
 
 
-def decode_launches(model, dev, amp, decode=None, rows=8, prompt_len=16):
+def decode_launches(model, dev, amp, decode=None, rows=8, length=24):
     """Kernel launches per decoded token (one decode step and its sampling), from the profiler: on
-    CUDA the runtime's launch calls (a CUDA graph's replay counts one); elsewhere the outermost aten
-    ops that would launch a kernel on a GPU (views and no-op casts left out; a compiled step's fused
-    loops are not seen). The difference between 3 new tokens and 2, after a compiling warm-up."""
+    CUDA the runtime's launch calls (a CUDA graph's replay counts one); elsewhere the outermost
+    aten ops that would launch a kernel on a GPU (views and no-op casts left out) and each compiled
+    region as one, as its CUDA graph would be. The difference between 3 new tokens and 2 after a
+    prompt that makes them `length` long: a compiled step then has the static cache (the graph)
+    of the generation it is counted for, and compiles nothing new."""
     from torch.profiler import ProfilerActivity, profile
-    prompts, cuda = [list(range(1, prompt_len + 1))] * rows, str(dev).startswith("cuda")
+    cuda, vocab = str(dev).startswith("cuda"), model.config.vocab_size
+    P = length - 3 + (length % 128 == 1)  # 2 and 3 new tokens in the same 128-slot bucket
+    prompts = [[1 + i % (vocab - 1) for i in range(P)]] * rows
 
     def count(n):
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -936,7 +959,9 @@ def decode_launches(model, dev, amp, decode=None, rows=8, prompt_len=16):
         if cuda:
             return sum(e.count for e in prof.key_averages()
                        if "LaunchKernel" in e.key or "GraphLaunch" in e.key)
-        launches = lambda e: e.name.startswith("aten::") and e.name[6:] not in NO_KERNEL
+        # a compiled region counts one, as its CUDA graph's replay would on a GPU
+        launches = lambda e: (e.name.startswith("Torch-Compiled Region")
+                              or e.name.startswith("aten::") and e.name[6:] not in NO_KERNEL)
 
         # counted once, at the outermost op that launches: aten::linear, not also its mm
         def outermost(e):
@@ -945,7 +970,7 @@ def decode_launches(model, dev, amp, decode=None, rows=8, prompt_len=16):
                 p = p.cpu_parent
             return p is None
         return sum(launches(e) and outermost(e) for e in prof.events())
-    count(3)  # warm-up: compiles the step
+    count(3)  # warm-up
     return count(3) - count(2)
 
 
@@ -1058,9 +1083,10 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"),
     results and prints a line per figure as it goes. Runs anywhere: a CPU with tiny shapes
     is its dry run."""
     dev, _, amp, how = lora.pick_device(device)
-    # 4 x 55 + 80: five minutes in all
-    lim = dict(sft=55, sample=50, sdpa=10, agree=20) | (limits or {})
+    # shares of five minutes (4 x 45 + 120); a stage may use what earlier ones left
+    lim = dict(sft=45, sample=90, sdpa=10, agree=20) | (limits or {})
     out = dict(device=how)
+    pool = StagePool(out)
     # Triton compiles its launchers with the C compiler in $CC, else gcc or clang on the PATH
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
     out["c_compiler"] = cc
@@ -1074,7 +1100,7 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"),
             stage = lambda partial: sft_speed(cfg, dev, amp, rank=16, batch=1, seq=seq,
                                               steps=steps, compile=compiled, backend=backend,
                                               partial=partial)
-            r = run_stage(key, lim["sft"], stage, out)
+            r = pool.run(key, lim["sft"], stage)
             kept = (f" (kept: {r['tokens_per_s']:,.0f} tok/s over {r['steps_timed']} timed steps)"
                     if "error" in r and "tokens_per_s" in r else "")
             say(f"{key}: " + (r["error"] + kept if "error" in r else
@@ -1086,20 +1112,22 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"),
     cfg = load_config(sample_shape) if isinstance(sample_shape, str) else sample_shape
     stage = lambda partial: sampler_speed(cfg, dev, amp, rank=16, rows=rows,
                                           new_tokens=new_tokens, backend=backend, out=partial)
-    r = run_stage("sample", lim["sample"], stage, out)
+    r = pool.run("sample", lim["sample"], stage)
     ways = "; ".join(f"{k.replace('_', ' ')}: {v['tokens_per_s']:,.0f} tok/s, "
                      f"{v['of_floor']:.1%} of the floor, {v['launches']} launches a token"
+                     + (f", {v['graphs']} graph(s)" if "compiled" in k else "")
                      for k, v in r.items() if isinstance(v, dict))
     head = (f"{r['rows']} rows x {r['new_tokens']} tokens, "
             f"{r['bandwidth_gb_s']:.0f} GB/s copy bandwidth; " if "rows" in r else "")
     say("sample: " + (f"{r['error']}; kept: " if "error" in r else "") + head + ways)
-    r = run_stage("sdpa", lim["sdpa"], lambda _: sdpa_backends(cfg, dev, amp), out)
+    r = pool.run("sdpa", lim["sdpa"], lambda _: sdpa_backends(cfg, dev, amp))
+    chosen = lambda ks: f"{ks[0]} (accepted by {', '.join(ks)})" if ks else "none"
     say("sdpa: " + (r["error"] if "error" in r else
-                    f"train call accepted by {', '.join(r['train']) or 'none'}; "
-                    f"decode call (the model's own) by {', '.join(r['decode']) or 'none'}; "
+                    f"training uses {chosen(r['train'])}; "
+                    f"decoding (the model's own call) uses {chosen(r['decode'])}; "
                     "its first call at KV lengths " + ", ".join(
                         f"{L}: {ms:.2f} ms" for L, ms in r["decode_first_call_ms"].items())))
-    r = run_stage("agree", lim["agree"], lambda _: bf16_agreement(cfg, dev, amp), out)
+    r = pool.run("agree", lim["agree"], lambda _: bf16_agreement(cfg, dev, amp))
     say("bf16 vs fp32: " + (r["error"] if "error" in r else
         f"loss {r['loss_fp32']:.4f}, relative difference {r['loss_rel_diff']:.1e}; "
         f"adapter gradient cosine {r['grad_cosine']:.5f} "
@@ -1109,6 +1137,9 @@ def gpu_benchmark(device="auto", train_shapes=("llama-3.2-1b", "llama-3.1-8b"),
             f"sampling {k}: mean {r[k]['ratio_mean']:.4f} "
             f"[{r[k]['ratio_min']:.3f}, {r[k]['ratio_max']:.3f}], "
             f"mean |log ratio| {r[k]['abs_log_ratio_mean']:.4f}" for k in ("unmerged", "merged")))
+    out["total_s"] = pool.spent
+    say(f"stages took {pool.spent:.0f} s" + (f" of their {pool.granted:.0f} s" if pool.granted
+                                             else ""))
     return out
 
 

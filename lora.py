@@ -1008,11 +1008,12 @@ def merged_copy(model, out=None):
     return out
 
 
-def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
+def sample_next(logits, temperature=1.0, top_p=1.0, u=None, generator=None):
     """Draw one token per row of logits (B, V). Returns (tokens (B,), their log-probabilities under
     softmax(logits / temperature), before any top-p truncation). temperature 0 is greedy.
     Sampling inverts each row's CDF at one uniform draw u (B,), from `generator` unless given: a
-    row's token depends on its own logits and draw alone, whatever else is in the batch."""
+    row's token depends on its own logits and draw alone, whatever else is in the batch. Every op
+    is elementwise, a reduction or a scan, so the whole draw compiles into the decode step."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -1025,9 +1026,10 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
         probs = probs.scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
     if u is None:
         u = torch.rand(len(logits), generator=generator, device=logits.device)
-    cdf = probs.double().cumsum(-1)
-    tok = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True).squeeze(-1) \
-        .clamp(max=probs.shape[-1] - 1)
+    cdf = probs.cumsum(-1)
+    # the first token whose CDF passes u (searchsorted, right=True) is the count of those below it
+    below = (cdf <= (u.to(cdf.dtype) * cdf[:, -1])[:, None]).sum(-1)
+    tok = below.clamp(max=probs.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -1050,15 +1052,19 @@ def eager():
     return stance("force_eager") if stance else nullcontext()
 
 
-def _decode(model, tok, cache):
-    return model(tok, cache=cache, last_only=True)[:, -1]
+def _decode(model, tok, cache, u, done, stop, temperature=1.0, top_p=1.0, vocab=None):
+    # the next token of every row, its log-probability and whether the row has now stopped
+    logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
+    tok, logp = sample_next(logits, temperature, top_p, u=u)
+    return tok, logp, done | (tok[:, None] == stop).any(-1)
 
 
 def compile_decode(**kwargs):
-    """generate's one-token decode step, compiled with fixed shapes (a static KV cache, positions
-    and mask from device tensors): one graph for a whole generation, no graph breaks. On CUDA the
-    default mode="reduce-overhead" replays it as a CUDA graph, one launch a token instead of one per
-    kernel (gpt-fast's design). Pass it to generate(decode=...)."""
+    """generate's one-token decode step and its draw, compiled with fixed shapes (a static KV cache,
+    positions and mask from device tensors, the uniforms drawn ahead): one graph for a whole
+    generation, no graph breaks. On CUDA the default mode="reduce-overhead" replays it as a CUDA
+    graph, one launch a token instead of one per kernel (gpt-fast's design). Pass it to
+    generate(decode=...); a temperature, top_p or vocab of its own is a graph of its own."""
     cuda = torch.cuda.is_available()
     mode = {"mode": "reduce-overhead"} if cuda else {}
     step = torch.compile(_decode, fullgraph=True, dynamic=False, **(mode | kwargs))
@@ -1072,14 +1078,16 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     """Sample continuations of a batch of token-id prompts (lists of different lengths) with a KV
     cache. Returns (tokens, logprobs): per prompt, the new token ids, ending at the first stop id
     (kept) or at max_new_tokens, and the log-probability of each (see sample_next); RL uses these
-    as the sampler's log-probabilities in its importance ratio. compact: drop finished rows from
-    the batch (whenever a quarter of it has finished), so that RL completions of very different
-    lengths do not all decode to the longest; the tokens drawn do not change. vocab: draw only ids
-    below it (the tokenizer's size: checkpoints pad the embedding past it, Qwen2.5's by 271 rows).
-    decode: a compiled step (compile_decode()): prefill as usual, then every token decodes with the
-    same shapes (no compaction: on a GPU a finished row costs little next to reading the weights).
-    On a GPU the host looks at the batch (all finished? compact?) every 8 tokens, not every token,
-    so decoding does not wait on the device; the tokens drawn do not change."""
+    as the sampler's log-probabilities in its importance ratio. The uniforms are drawn ahead, one
+    per row and token in one call on `generator`, so a row's tokens depend on its own draws alone.
+    compact: drop finished rows from the batch (whenever a quarter of it has finished), so that RL
+    completions of very different lengths do not all decode to the longest; the tokens drawn do not
+    change. vocab: draw only ids below it (the tokenizer's size: checkpoints pad the embedding past
+    it, Qwen2.5's by 271 rows). decode: a compiled step (compile_decode()): prefill as usual, then
+    every token decodes and draws in one graph with the same shapes (no compaction: on a GPU a
+    finished row costs little next to reading the weights). On a GPU the host looks at the batch
+    (all finished? compact?) every 8 tokens, not every token, so decoding does not wait on the
+    device; the tokens drawn do not change."""
     device = model.lm_head.weight.device
     every = 1 if device.type == "cpu" else 8
     B, lens = len(prompts), [len(p) for p in prompts]
@@ -1101,8 +1109,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
     was_training = model.training
     model.eval()
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    out_tok = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    out_lp = torch.zeros(B, max_new_tokens, device=device, dtype=torch.float64)
+    u = torch.zeros(max_new_tokens, B, device=device)
+    if temperature > 0:
+        u = torch.rand(max_new_tokens, B, generator=generator, device=device)
+    how = dict(temperature=temperature, top_p=top_p)
     with decode_attention(device):  # prefill and decode
         with eager():
             logits = model(idx.to(device), cache=cache, last_only=True)[:, -1, :vocab][row_of]
@@ -1113,35 +1123,36 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
             cache = cache.to_static(row_of, n_slots, decode.buffers)
         elif len(uniq) < B:
             cache.select(row_of)
+        tok, lp = sample_next(logits, u=u[0], **how)
+        done = (tok[:, None] == stop).any(-1)
         rows = torch.arange(B, device=device)  # the prompt of each row still in the batch
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        n = 0
-        for t in range(max_new_tokens):
-            # one draw per prompt every step, used or not: the random stream ignores compaction
-            u = torch.rand(B, generator=generator, device=device)[rows] if temperature > 0 else None
-            tok, lp = sample_next(logits, temperature, top_p, u=u)
-            # finished rows write padding, never read
-            out_tok[rows, t] = tok.masked_fill(done, pad_id)
-            out_lp[rows, t] = lp.double().masked_fill(done, 0.0)
-            n = t + 1
-            done |= torch.isin(tok, stop)
-            if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
+        toks, lps = [tok], [lp]
+        for t in range(1, max_new_tokens):
+            if t % every == 0 and bool(done.all()):
                 break
-            # finished rows not yet dropped decode padding; it is never read
-            tok = tok.masked_fill(done, pad_id)
+            # a finished row still decodes until it is dropped; what it draws is never read
             if decode:
-                logits = decode(model, tok[:, None], cache)[:, :vocab]
+                tok, lp, done = decode(model, tok, cache, u=u[t], done=done, stop=stop, vocab=vocab,
+                                      **how)
                 cache.t += 1
-                continue
-            if compact and t % every == every - 1 and 4 * int(done.sum()) >= len(done):
-                keep = (~done).nonzero().squeeze(1)
-                cache.select(keep)
-                rows, done, tok = rows[keep], done[keep], tok[keep]
-            with eager():
-                logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
+            else:
+                if compact and t % every == 0 and 4 * int(done.sum()) >= len(done):
+                    keep = (~done).nonzero().squeeze(1)
+                    cache.select(keep)
+                    rows, done, tok = rows[keep], done[keep], tok[keep]
+                with eager():
+                    logits = model(tok[:, None], cache=cache, last_only=True)[:, -1, :vocab]
+                tok, lp = sample_next(logits, u=u[t, rows], **how)
+                done = done | (tok[:, None] == stop).any(-1)
+            if len(rows) < B:  # dropped rows' places hold padding, never read
+                toks.append(torch.full_like(toks[0], pad_id).index_copy(0, rows, tok))
+                lps.append(torch.zeros_like(lps[0]).index_copy(0, rows, lp))
+            else:
+                toks.append(tok)
+                lps.append(lp)
     model.train(was_training)
     tokens, logprobs = [], []
-    for row_t, row_lp in zip(out_tok[:, :n].tolist(), out_lp[:, :n].tolist()):
+    for row_t, row_lp in zip(torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()):
         end = next((i + 1 for i, x in enumerate(row_t) if x in stop_ids), len(row_t))
         tokens.append(row_t[:end])
         logprobs.append(row_lp[:end])

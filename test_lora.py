@@ -1003,10 +1003,38 @@ def test_compacted_sampling_draws_the_same_tokens_and_logprobs():
         assert np.allclose(x, y, rtol=0, atol=1e-12)
 
 
-def test_compiled_decode_step_is_one_graph_per_generation_and_draws_the_eager_tokens():
+def reference_sample(model, prompts, n, temperature, top_p, stop, seed):
+    # the sampler before the draw moved into the decode step: no cache, a float64 CDF inverted by
+    # searchsorted, one uniform per row and token drawn in order from one generator
+    u = torch.rand(n, len(prompts), generator=torch.Generator().manual_seed(seed))
+    out = []
+    for i, p in enumerate(prompts):
+        toks, lps = [], []
+        while len(toks) < n and not (toks and toks[-1] in stop):
+            logits = model(torch.tensor([p + toks]))[0, -1].double()
+            if temperature == 0:
+                t = int(logits.argmax())
+                lps.append(float(torch.log_softmax(logits, -1)[t]))
+                toks.append(t)
+                continue
+            logp = torch.log_softmax(logits / temperature, -1)
+            probs = logp.exp()
+            p_sorted, order = probs.sort(descending=True)
+            drop = p_sorted.cumsum(-1) - p_sorted >= top_p
+            probs = probs.scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
+            cdf = probs.cumsum(-1)
+            t = int(torch.searchsorted(cdf, u[len(toks), i].double() * cdf[-1], right=True))
+            toks.append(t)
+            lps.append(float(logp[t]))
+        out.append((toks, lps))
+    return out
+
+
+def test_compiled_decode_step_draws_todays_tokens_in_one_graph_per_generation():
     # compile_decode: a static cache and device-side positions give every decode step one shape,
-    # so a generation compiles one graph (fullgraph: no break) and, in one 128-slot bucket, the
-    # next reuses it
+    # and the draw (temperature, top-p, the CDF at a uniform drawn ahead) sits inside the step, so a
+    # generation compiles one graph (fullgraph: no break) and, in one 128-slot bucket, the next
+    # reuses it. Its tokens and log-probabilities are the eager sampler's and the reference's.
     from torch._dynamo.testing import CompileCounter
     model = tiny_model().double()
     with torch.no_grad():
@@ -1014,22 +1042,27 @@ def test_compiled_decode_step_is_one_graph_per_generation_and_draws_the_eager_to
         model.lm_head.weight[7] += 0.4 * norm.sign() / norm.abs()
     prompts = [[5, 9, 200], [7], [100, 101, 102, 3], [1, 2]] * 2
     counter = CompileCounter()
-    step = lora.compile_decode(backend=counter)
-    for temperature in (0, 1.0):
-        run = lambda **kw: lora.generate(model, prompts, 24, temperature=temperature, stop_ids=[7],
-                                         generator=torch.Generator().manual_seed(3), **kw)
+    steps = {}
+    for temperature, top_p in ((0, 1.0), (1.0, 1.0), (0.7, 0.8)):
+        step = steps[temperature, top_p] = lora.compile_decode(backend=counter)
+        run = lambda **kw: lora.generate(model, prompts, 24, temperature=temperature, top_p=top_p,
+                                         stop_ids=[7], generator=torch.Generator().manual_seed(3),
+                                         **kw)
         (a, la), (b, lb) = run(), run(decode=step)
-        assert a == b and 1 < len({len(o) for o in a})
-        assert max(abs(x - y) for r, q in zip(la, lb) for x, y in zip(r, q)) < 1e-9
-    assert counter.frame_count == 1  # both generations, all their tokens: one graph
+        ref = reference_sample(model, prompts, 24, temperature, top_p, stop=[7], seed=3)
+        assert a == b == [t for t, _ in ref] and 1 < len({len(o) for o in a})
+        for x, y, (_, z) in zip(la, lb, ref):
+            assert np.allclose(x, z, rtol=0, atol=1e-9) and np.allclose(y, z, rtol=0, atol=1e-9)
+    assert counter.frame_count == 3  # one graph a sampler, for all the tokens of a generation
+    step = steps[1.0, 1.0]
     (k, v), = step.buffers.values()
     lora.generate(model, [p + [3] for p in prompts], 24, decode=step,
                   generator=torch.Generator().manual_seed(0))
-    assert counter.frame_count == 1  # a longer prompt in the same bucket: no new graph
+    assert counter.frame_count == 3  # a longer prompt in the same bucket: no new graph
     buffers = next(iter(step.buffers.values()))
     assert [b.data_ptr() for b in buffers] == [k.data_ptr(), v.data_ptr()]  # same memory
     lora.generate(model, prompts[:3], 24, decode=step)
-    assert counter.frame_count == 2  # another batch size is another shape: the control
+    assert counter.frame_count == 4  # another batch size is another shape: the control
 
 
 def test_decode_builds_its_attention_mask_once_per_step_not_per_layer():
@@ -1062,16 +1095,6 @@ def test_loss_with_logits_only_at_answer_positions_equals_the_full_computation()
     assert torch.allclose(loss, full, rtol=1e-6, atol=0)
     for a, (_, p) in zip(fast, lora.trainable_parameters(model)):
         torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-8)
-    # rows in chunks, recomputed in backward (what a 128K vocabulary gets), give the same sum and
-    # gradient
-    h = torch.randn(37, 64, requires_grad=True)
-    t = torch.randint(0, 272, (37,))
-    whole = lora.unembed_nll(model.lm_head, h, t)
-    (g1,) = torch.autograd.grad(whole, h)
-    chunked = lora.unembed_nll(model.lm_head, h, t, max_logits=272 * 5)  # 8 chunks of 5 rows
-    (g2,) = torch.autograd.grad(chunked, h)
-    torch.testing.assert_close(whole, chunked)
-    torch.testing.assert_close(g1, g2)
 
 
 # -----------------------------------------------------------------------------
@@ -1921,6 +1944,34 @@ def float32_activations(fn, numel):
     return [tuple(t.shape) for t in log.outputs if t.dtype == torch.float32 and t.numel() >= numel]
 
 
+def test_chunked_unembedding_equals_the_whole_one_and_never_holds_every_logit():
+    # The 1B shape's 4,096 answer tokens x 128K vocabulary, in miniature: in chunks of `rows`
+    # (recomputed in backward) the loss and both gradients equal the whole computation's to 1e-6
+    # in float32, and under bf16 autocast no op makes a tensor of more than `rows` rows of logits
+    # (in either dtype), while the whole computation makes N x V float32 ones: the control.
+    torch.manual_seed(0)
+    N, V, rows = 600, 272, 64
+    head = torch.nn.Linear(64, V, bias=False)
+    h, y = torch.randn(N, 64, requires_grad=True), torch.randint(V, (N,))
+
+    def loss_and_grads(max_logits):
+        loss = lora.unembed_nll(head, h, y, max_logits=max_logits)
+        return (loss, *torch.autograd.grad(loss, (h, head.weight)))
+    for whole, chunked in zip(loss_and_grads(2**27), loss_and_grads(rows * V)):
+        # summed in another order: equal to float32's rounding, relative to the tensor's scale
+        assert (chunked - whole).abs().max() <= 1e-6 * whole.abs().max()
+
+    def biggest(max_logits):
+        with OpLog() as log, torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.autograd.grad(lora.unembed_nll(head, h, y, max_logits=max_logits), h)
+        # the most rows of logits (a last dimension of V) that one tensor of each dtype holds
+        return {dt: max(t.shape[0] for t in log.outputs
+                        if t.dtype == dt and t.dim() == 2 and t.shape[1] == V)
+                for dt in (torch.float32, torch.bfloat16)}
+    assert all(n <= rows for n in biggest(rows * V).values())
+    assert biggest(2**27)[torch.float32] == N
+
+
 def test_bf16_lora_layer_makes_no_activation_sized_float32_tensor():
     # Under bf16 autocast the adapters' float32 master weights are cast, never the activations: no
     # (tokens, d) float32 tensor in forward or backward, so none is saved for backward either
@@ -2326,7 +2377,9 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     out = flops.gpu_benchmark("cpu", train_shapes=(cfg,), sample_shape=cfg, seq=64, steps=1, rows=8,
                               new_tokens=8, backend="aot_eager", limits=no_limits, say=lines.append)
     assert not [k for k, v in out.items() if isinstance(v, dict) and "error" in v], out
-    assert len(lines) == 7 and all("error" not in line for line in lines), lines
+    assert len(lines) == 8 and all("error" not in line for line in lines), lines
+    assert out["total_s"] == pytest.approx(sum(v["stage_s"] for v in out.values()
+                                               if isinstance(v, dict) and "stage_s" in v))
     assert "C compiler for Triton: " in lines[0] and "c_compiler" in out
     eager, compiled = out["sft_custom_eager"], out["sft_custom_compiled"]
     assert eager["tokens_per_s"] == pytest.approx(64 / eager["ms"] * 1000)  # batch 1 x 64 tokens
@@ -2340,6 +2393,10 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     # merged: one matmul per linear layer instead of three (and the LoRA ops gone),
     # so fewer launches
     assert ways[2]["launches"] < ways[0]["launches"]
+    # compiled: the step and its draw are one region (one CUDA graph); the rest is the cache
+    # slot's advance and the all-finished check (every 8th token on a GPU)
+    assert ways[1]["launches"] <= 4 and ways[3]["launches"] <= 4, ways
+    assert ways[1]["graphs"] == ways[3]["graphs"] == 1  # counted at the timed shape: no recompile
     assert "math" in out["sdpa"]["train"] and "math" in out["sdpa"]["decode"]
     assert len(out["sdpa"]["decode_first_call_ms"]) == 4
     agree = out["agree"]
@@ -2349,6 +2406,12 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     stage = lambda part: part.update(first=1.0) or time.sleep(3) or {}
     slow = flops.run_stage("slow", 1, stage, {})
     assert "limit" in slow["error"] and slow["first"] == 1.0
+    # stages share one limit: time a stage leaves unused passes on, and no stage gets more
+    pool = flops.StagePool({})
+    assert "error" not in pool.run("quick", 1, lambda part: {})
+    assert "error" not in pool.run("uses_both", 1, lambda part: time.sleep(1.2) or {})
+    late = pool.run("late", 1, lambda part: part.update(first=1.0) or time.sleep(3) or {})
+    assert "limit" in late["error"] and late["first"] == 1.0 and late["stage_s"] < 2.5
 
 
 def test_post_param_table_llama31_8b():
