@@ -892,7 +892,7 @@ def sampler_speed(cfg, dev, amp, rank=16, rows=64, new_tokens=256, prompt_len=12
     with the compiled decode step (train_rl --compile). Per way: tokens/s, the fraction of the
     bandwidth floor (the time to read every weight and the KV cache once per decoded token) and
     the kernel launches of one decode step. Each is timed on its second generation (the first
-    compiles), and counted at the same shape: one graph a compiled way."""
+    compiles), the launches at the same shape: they compile nothing new."""
     from torch._dynamo.utils import counters
     model = random_model(cfg, dev, amp or torch.float32, rank).eval()
     prompts = [torch.randint(cfg.vocab_size, (prompt_len,)).tolist() for _ in range(rows // group)]

@@ -333,8 +333,9 @@ class KVCache:
     no position and are never attended to. Attention spans only the filled slots (a short RL
     completion does not pay for max_len), and `select` drops finished rows.
     A static cache (to_static) keeps its next slot in `t`, a tensor on the device that the caller
-    advances, and attends over all max_len slots under a mask: every decode step has the same shapes
-    and reads no Python counter, so one compiled graph (a CUDA graph) serves a whole generation."""
+    advances, and attends over its first `span` slots under a mask: every decode step has the same
+    shapes and reads no Python counter, so one compiled graph (a CUDA graph) serves each span, and
+    the caller widens the span in a few steps (buckets) as the generation grows."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype, pad=None):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -342,7 +343,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pad = (torch.zeros(batch_size, dtype=torch.long, device=device) if pad is None
                     else pad.to(device))
-        self.pos, self.max_len, self.t = 0, max_len, None
+        self.pos, self.max_len, self.t, self.span = 0, max_len, None, max_len
 
     def to_static(self, rows, max_len, buffers):
         """A static cache of these rows of this one (an index tensor), with max_len slots, in
@@ -362,7 +363,7 @@ class KVCache:
         out.k, out.v = buffers[key]
         out.k[:, :, :, :self.pos] = self.k[:, rows, :, :self.pos]
         out.v[:, :, :, :self.pos] = self.v[:, rows, :, :self.pos]
-        out.pad, out.max_len = self.pad[rows], max_len
+        out.pad, out.max_len, out.span = self.pad[rows], max_len, max_len
         out.t = torch.tensor(self.pos, device=self.k.device)
         return out
 
@@ -377,7 +378,7 @@ class KVCache:
         if self.t is None and self.pos + T > self.max_len:
             raise RuntimeError(f"KV cache full: {self.pos} + {T} tokens > max_len {self.max_len}")
         q = (self.pos if self.t is None else self.t) + torch.arange(T, device=self.pad.device)
-        j = torch.arange(self.pos + T if self.t is None else self.max_len, device=self.pad.device)
+        j = torch.arange(self.pos + T if self.t is None else self.span, device=self.pad.device)
         causal = j[None, :] <= q[:, None]                          # (T, keys)
         real_key = j[None, :] >= self.pad[:, None]                  # (B, keys)
         itself = j[None, None, :] == q[None, :, None]               # (1, T, keys)
@@ -385,11 +386,11 @@ class KVCache:
 
     def update(self, layer, k, v):
         T = k.shape[2]
-        if self.t is not None:  # write at the device-side slot, attend over every slot
+        if self.t is not None:  # write at the device-side slot, attend over the span's slots
             at = self.t + torch.arange(T, device=k.device)
             self.k[layer].index_copy_(2, at, k)
             self.v[layer].index_copy_(2, at, v)
-            return self.k[layer], self.v[layer]
+            return self.k[layer, :, :, :self.span], self.v[layer, :, :, :self.span]
         self.k[layer, :, :, self.pos:self.pos + T] = k
         self.v[layer, :, :, self.pos:self.pos + T] = v
         return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
@@ -1061,10 +1062,11 @@ def _decode(model, tok, cache, u, done, stop, temperature=1.0, top_p=1.0, vocab=
 
 def compile_decode(**kwargs):
     """generate's one-token decode step and its draw, compiled with fixed shapes (a static KV cache,
-    positions and mask from device tensors, the uniforms drawn ahead): one graph for a whole
-    generation, no graph breaks. On CUDA the default mode="reduce-overhead" replays it as a CUDA
-    graph, one launch a token instead of one per kernel (gpt-fast's design). Pass it to
-    generate(decode=...); a temperature, top_p or vocab of its own is a graph of its own."""
+    positions and mask from device tensors, the uniforms drawn ahead): one graph for each length
+    bucket of the cache a generation reaches (128, 256, 512, ... slots attended), no graph breaks.
+    On CUDA the default mode="reduce-overhead" replays it as a CUDA graph, one launch a token
+    instead of one per kernel (gpt-fast's design). Pass it to generate(decode=...); a temperature,
+    top_p or vocab of its own is a graph of its own."""
     cuda = torch.cuda.is_available()
     mode = {"mode": "reduce-overhead"} if cuda else {}
     step = torch.compile(_decode, fullgraph=True, dynamic=False, **(mode | kwargs))
@@ -1121,6 +1123,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
             # differ, share a few graphs (and the fused attention kernels want a multiple of 8)
             n_slots = P + max_new_tokens + -(P + max_new_tokens) % 128
             cache = cache.to_static(row_of, n_slots, decode.buffers)
+            # the slots attended grow in buckets (128, 256, 512, ...: a graph each), so that early
+            # tokens do not read the empty end of the cache
+            spans = [128 << i for i in range(n_slots.bit_length()) if 128 << i < n_slots]
+            spans.append(n_slots)
         elif len(uniq) < B:
             cache.select(row_of)
         tok, lp = sample_next(logits, u=u[0], **how)
@@ -1132,6 +1138,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
                 break
             # a finished row still decodes until it is dropped; what it draws is never read
             if decode:
+                cache.span = next(n for n in spans if n >= P + t)  # slot P + t - 1 is written
                 tok, lp, done = decode(model, tok, cache, u=u[t], done=done, stop=stop, vocab=vocab,
                                       **how)
                 cache.t += 1

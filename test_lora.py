@@ -1065,6 +1065,27 @@ def test_compiled_decode_step_draws_todays_tokens_in_one_graph_per_generation():
     assert counter.frame_count == 4  # another batch size is another shape: the control
 
 
+def test_static_cache_attends_in_length_buckets_that_grow_with_the_generation():
+    # the compiled step attends over the first 128 slots while the tokens fit there, then 256: a
+    # graph a bucket, never a slot written outside the span, and the tokens of the eager sampler
+    from torch._dynamo.testing import CompileCounter
+    model, counter, seen = tiny_model(), CompileCounter(), []
+    step = lora.compile_decode(backend=counter)
+
+    def spy(model, tok, cache, **kw):
+        seen.append((int(cache.t), cache.span))  # the slot written, the slots attended
+        return step(model, tok, cache, **kw)
+    spy.buffers = step.buffers
+    run = lambda **kw: lora.generate(model, [[1, 2, 3], [4, 5]], 200, **kw,
+                                     generator=torch.Generator().manual_seed(0))
+    (a, la), (b, lb) = run(decode=spy), run()
+    assert a == b and len(a[0]) == 200
+    assert max(abs(x - y) for r, q in zip(la, lb) for x, y in zip(r, q)) < 1e-5
+    assert counter.frame_count == 2 and {span for _, span in seen} == {128, 256}
+    assert all(t < span for t, span in seen)
+    assert min(t for t, span in seen if span == 256) == 128  # widened only when it had to be
+
+
 def test_decode_builds_its_attention_mask_once_per_step_not_per_layer():
     model, calls = tiny_model(num_hidden_layers=4), []
     cache = lora.KVCache(model.config, 2, 16, "cpu", torch.float32)
@@ -2396,7 +2417,8 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     # compiled: the step and its draw are one region (one CUDA graph); the rest is the cache
     # slot's advance and the all-finished check (every 8th token on a GPU)
     assert ways[1]["launches"] <= 4 and ways[3]["launches"] <= 4, ways
-    assert ways[1]["graphs"] == ways[3]["graphs"] == 1  # counted at the timed shape: no recompile
+    # 128 + 8 tokens: one length bucket (256 slots), one graph; the launches, counted there, add none
+    assert ways[1]["graphs"] == ways[3]["graphs"] == 1
     assert "math" in out["sdpa"]["train"] and "math" in out["sdpa"]["decode"]
     assert len(out["sdpa"]["decode_first_call_ms"]) == 4
     agree = out["agree"]
