@@ -22,6 +22,7 @@ interval, seeds).
     fig8_lora_norms.png     spectral norms of LoRA's A and B during training (the post's finding 11)
     fig9_capacity.png       the post's Figure 1 on random facts; bits stored against bits offered
     fig10_invariance.png    init_A / LR_A changes training (the 2nd direction the invariances leave)
+    fig11_gsm8k_long.png    held-out loss against log steps by rank, 600 steps of GSM8K (Figure 1)
 """
 
 import argparse
@@ -1414,11 +1415,72 @@ def fig_invariance(runs, w=5):
     return fig, "\n".join(rows), claims
 
 
+LONG = "Low ranks fall off FullFT's curve on real data (the post's Figure 1)"
+LONG_RUNS = "train_sft.py --data gsm8k --steps 600 --eval_every 25 (results/README.md, Figure 1)"
+
+
+def fig_long_gsm8k(runs, w=5, min_steps=600):
+    """The post's Figure 1 on real data: held-out loss against log steps by rank, one LR each,
+    for the SFT runs of at least min_steps steps on GSM8K, read by the rules registered in
+    results/README.md before they ran: linear in log steps (R^2 >= 0.9 from step 25) for FullFT
+    and ranks 16 and 256; rank 1 falls off (its gap to FullFT at the end at least twice its gap
+    at step 100, and a flatter slope), ranks 16 and 256 within 0.01 nats of FullFT from step 100.
+    One seed gives no interval."""
+    claims = []
+    long = [r for r in runs if not r["rl"] and r["standard"] and "gsm8k" in r["data"]
+            and not r["diverged"] and len(r["eval"][0]) and r["eval"][0][-1] >= min_steps]
+    by_rank = {k: min(rs, key=lambda r: r["seed"]) for k, rs in group(long, "rank").items()}
+    if 0 not in by_rank or len(by_rank) < 2:
+        return None, f"needs FullFT and a LoRA rank, {min_steps}+ steps ({LONG_RUNS})", claims
+    (fig, (ax,)), cols = _fig(), _colors(by_rank)
+    curve = lambda r: tuple(a[r["eval"][0] >= 25] for a in r["eval"])  # step 0 is every arm's
+    full_x, full_y = curve(by_rank[0])
+    gap = lambda r, step: float(np.interp(step, *curve(r)) - np.interp(step, full_x, full_y))
+    rows = [f"one seed; held-out loss at steps 25-{int(full_x[-1])}",
+            "arm       LR        loss at 100  at end   slope/decade  R^2 (log steps)  "
+            "gap to FullFT at 100  at end  most from 100"]
+    for k in _ranks(by_rank.values()):
+        r = by_rank[k]
+        x, y = curve(r)
+        ax.plot(x, y, marker="o", ms=3, color=cols[k], lw=2 if k == 0 else 1.3,
+                label=f"{_label(k)}, LR {r['lr']:.3g}")
+        slope, icpt = np.polyfit(np.log10(x), y, 1)
+        r2 = 1 - np.sum((y - (slope * np.log10(x) + icpt)) ** 2) / np.sum((y - y.mean()) ** 2)
+        gaps = [gap(r, s) for s in x[x >= 100]]
+        worst = max(gaps, key=abs) if gaps else math.nan
+        rows.append(f"{_label(k):9} {r['lr']:.3g}  {np.interp(100, x, y):11.4f}  {y[-1]:.4f}  "
+                    f"{slope:+12.4f}  {r2:15.3f}  {gap(r, 100):+20.4f}  {gap(r, x[-1]):+.4f}  "
+                    f"{worst:+.4f}")
+        if k != 1:
+            claim(claims, LONG, f"{_label(k)}: R^2 of held-out loss on log10(step), steps 25-"
+                  f"{int(x[-1])}", r2, seeds=1,
+                  verdict=f"{'linear' if r2 >= 0.9 else 'not linear'} in log steps by the "
+                          "registered rule (R^2 >= 0.9), one seed")
+        if k in (16, 256):
+            claim(claims, LONG, f"{_label(k)} minus FullFT: largest gap from step 100 (nats)",
+                  worst, seeds=1,
+                  verdict=f"{'within' if abs(worst) <= 0.01 else 'not within'} 0.01 nats of "
+                          "FullFT (registered), one seed")
+        if k == 1:
+            grows = gap(r, x[-1]) >= 2 * gap(r, 100) and gap(r, x[-1]) > 0
+            flatter = slope > np.polyfit(np.log10(full_x), full_y, 1)[0]
+            claim(claims, LONG, f"rank 1 minus FullFT at step {int(x[-1])} over at step 100",
+                  gap(r, x[-1]) / gap(r, 100) if gap(r, 100) else math.nan, seeds=1,
+                  verdict=("falls off (gap at least doubles, slope flatter), one seed"
+                           if grows and flatter else
+                           "does not fall off by the registered rule, one seed"))
+    ax.set(xscale="log", xlabel="step (log scale)", ylabel="held-out loss (nats/token)",
+           title="GSM8K, batch 8, one LR per arm: the post's Figure 1 on real data")
+    ax.legend()
+    return fig, "\n".join(rows), claims
+
+
 FIGURES = [("fig1_rank_curves.png", fig_rank_curves), ("fig2_lr_vs_loss.png", fig_lr_sweep),
            ("fig3_batch_size.png", fig_batch_size), ("fig4_layers.png", fig_layers),
            ("fig5_rl.png", fig_rl), ("fig6_early_rank.png", fig_early_rank),
            ("fig7_loss_vs_flops.png", fig_flops), ("fig8_lora_norms.png", fig_norms),
-           ("fig9_capacity.png", fig_capacity), ("fig10_invariance.png", fig_invariance)]
+           ("fig9_capacity.png", fig_capacity), ("fig10_invariance.png", fig_invariance),
+           ("fig11_gsm8k_long.png", fig_long_gsm8k)]
 
 
 def main(argv=None):

@@ -2417,7 +2417,7 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     # compiled: the step and its draw are one region (one CUDA graph); the rest is the cache
     # slot's advance and the all-finished check (every 8th token on a GPU)
     assert ways[1]["launches"] <= 4 and ways[3]["launches"] <= 4, ways
-    # 128 + 8 tokens: one length bucket (256 slots), one graph; the launches, counted there, add none
+    # 128 + 8 tokens: one length bucket (256 slots), one graph; the launches counted there add none
     assert ways[1]["graphs"] == ways[3]["graphs"] == 1
     assert "math" in out["sdpa"]["train"] and "math" in out["sdpa"]["decode"]
     assert len(out["sdpa"]["decode_first_call_ms"]) == 4
@@ -2883,6 +2883,8 @@ def full_set(root):
     # beside rank 1's runs at init 1
     for init, seed, final in [(4, 0, 1.5), (4, 1, 1.6), (4, 2, 1.55)]:
         facts(root, 1, seed, final, init=init)
+    long_gsm8k(root, 0, 7.5e-5)
+    long_gsm8k(root, 1, 9.5e-4, behind=0.01, bend=0.05)
 
 
 def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, params=1000, lr=1e-3):
@@ -3034,6 +3036,36 @@ def test_gaps_pair_by_seed_and_the_batch_size_penalty_gets_an_interval(tmp_path,
     assert oos and 0.01 < float(oos[2]) < float(oos[1]) < float(oos[3]) < 0.03, text
     # 4 arms' losses, 2 gaps, the growth twice
     assert "grid edge" not in text and text.count("[") >= 10
+
+
+def long_gsm8k(root, rank, lr, behind=0.0, bend=0.0):
+    """A 600-step GSM8K run (evals every 25) whose loss falls 0.1 nats a decade of steps, `behind`
+    FullFT's, and from step 100 `bend` nats a decade less steeply."""
+    args = dict(rank=rank, layers="all", lm_head=False, lr=lr, batch_size=8, lr_ratio_b=1.0,
+                init_scale=1.0, data="../shared/data/gsm8k", seed=0, eval_every=25)
+    loss = lambda s: (1.4 - 0.1 * math.log10(max(s, 1)) + behind
+                      + bend * max(0.0, math.log10(max(s, 1) / 100)))
+    records = ([{"type": "train", "step": s, "loss": loss(s), "lr": lr} for s in range(1, 601)]
+               + [{"type": "eval", "step": s, "loss": loss(s)} for s in range(0, 601, 25)])
+    write_log(root, f"sft_gsm8k_r{rank}_600", "train_sft", args, records, total_steps=600)
+
+
+def test_figure_1_on_gsm8k_reads_the_registered_rules(tmp_path):
+    # 600 steps, evals every 25: FullFT and rank 256 fall linearly in log steps, rank 256 0.004
+    # behind; rank 1 is 0.01 behind to step 100, then halves its slope: it falls off
+    long_gsm8k(tmp_path, 0, 7.5e-5)
+    long_gsm8k(tmp_path, 1, 9.5e-4, behind=0.01, bend=0.05)
+    long_gsm8k(tmp_path, 256, 1.08e-3, behind=0.004)
+    fig, text, claims = plot.fig_long_gsm8k(plot.load_runs(tmp_path))
+    by = {c["quantity"]: c for c in claims}
+    assert by["FullFT: R^2 of held-out loss on log10(step), steps 25-600"]["estimate"] == \
+        pytest.approx(1.0)
+    off = by["rank 256 minus FullFT: largest gap from step 100 (nats)"]
+    assert off["estimate"] == pytest.approx(0.004) and off["verdict"].startswith("within")
+    (fall,) = [c for c in claims if c["quantity"].startswith("rank 1 minus FullFT")]
+    assert fall["verdict"].startswith("falls off")
+    assert fall["estimate"] == pytest.approx((0.01 + 0.05 * math.log10(6)) / 0.01)
+    assert "one seed" in text and fig is not None
 
 
 def test_unfinished_runs_are_left_out_of_the_figures(tmp_path, capsys):
