@@ -1142,6 +1142,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
                 tok, lp, done = decode(model, tok, cache, u=u[t], done=done, stop=stop, vocab=vocab,
                                       **how)
                 cache.t += 1
+                # a CUDA graph's outputs live in its own memory, rewritten by the next replay
+                tok, lp = tok.clone(), lp.clone()
             else:
                 if compact and t % every == 0 and 4 * int(done.sum()) >= len(done):
                     keep = (~done).nonzero().squeeze(1)

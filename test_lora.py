@@ -1086,6 +1086,27 @@ def test_static_cache_attends_in_length_buckets_that_grow_with_the_generation():
     assert min(t for t, span in seen if span == 256) == 128  # widened only when it had to be
 
 
+def test_generate_keeps_no_output_of_a_decode_step_that_the_next_step_rewrites():
+    # A CUDA graph (compile_decode's mode on CUDA) returns its outputs in memory of its own that
+    # the next replay rewrites. Here a step does the same on the CPU: generate must copy what it
+    # keeps, or every token would read as the last one drawn.
+    model = tiny_model()
+    step = lora.compile_decode(backend="eager")
+    static = {}
+
+    def replayed(*args, **kw):
+        outs = step(*args, **kw)
+        for i, o in enumerate(outs):
+            static.setdefault(i, torch.empty_like(o)).copy_(o)
+        return tuple(static[i] for i in range(len(outs)))
+    replayed.buffers = step.buffers
+    run = lambda **kw: lora.generate(model, [[1, 2, 3], [4, 5]], 12, **kw,
+                                     generator=torch.Generator().manual_seed(0))
+    (a, la), (b, lb) = run(decode=replayed), run()
+    assert a == b and len(set(a[0])) > 1
+    assert np.allclose(la[0], lb[0], atol=1e-5)
+
+
 def test_decode_builds_its_attention_mask_once_per_step_not_per_layer():
     model, calls = tiny_model(num_hidden_layers=4), []
     cache = lora.KVCache(model.config, 2, 16, "cpu", torch.float32)
@@ -2415,8 +2436,9 @@ def test_gpu_benchmark_dry_runs_on_a_tiny_shape():
     # so fewer launches
     assert ways[2]["launches"] < ways[0]["launches"]
     # compiled: the step and its draw are one region (one CUDA graph); the rest is the cache
-    # slot's advance and the all-finished check (every 8th token on a GPU)
-    assert ways[1]["launches"] <= 4 and ways[3]["launches"] <= 4, ways
+    # slot's advance, copying the token and log-prob out of the graph's memory and the
+    # all-finished check (every 8th token on a GPU)
+    assert ways[1]["launches"] <= 6 and ways[3]["launches"] <= 6, ways
     # 128 + 8 tokens: one length bucket (256 slots), one graph; the launches counted there add none
     assert ways[1]["graphs"] == ways[3]["graphs"] == 1
     assert "math" in out["sdpa"]["train"] and "math" in out["sdpa"]["decode"]
