@@ -2079,6 +2079,44 @@ def test_rl_learner_scores_episodes_without_host_syncs():
     assert host_syncs(lambda: learn(2)) == host_syncs(lambda: learn(6)) == []
 
 
+def test_rl_learner_groups_episodes_of_like_length_and_learns_the_same(tmp_path, monkeypatch):
+    # Long and short episodes alternate. Taken in episode order, micro-batches of 2 would each pad
+    # a short episode to a long one (3 x 2 x 23 positions); sorted by length and grouped
+    # (lora.micro_batches) the learner computes fewer positions, and its gradient equals one
+    # micro-batch of every episode.
+    model = lora.apply_lora(tiny_model(), 4)
+    randomize_lora(model)
+    params = [p for _, p in lora.trainable_parameters(model)]
+    prompts = [[5, 6, 7]] * 6
+    comps = [[8 + j for j in range(20)] if i % 2 == 0 else [9] for i in range(6)]
+    old_lp = [[-1.0] * len(c) for c in comps]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0])
+    widths, real = [], lora.completion_logprobs
+    monkeypatch.setattr(lora, "completion_logprobs", lambda m, p, c, **kw: widths.append(
+        len(p) * max(len(a) + len(b) for a, b in zip(p, c))) or real(m, p, c, **kw))
+
+    class Snapshot:  # an optimizer that keeps the gradient it is asked to step on
+        param_groups = [{"params": params}]
+
+        def step(self):
+            self.grads = [p.grad.clone() for p in params]
+
+        def zero_grad(self, set_to_none=True):
+            for p in params:
+                p.grad = None
+
+    def grads(micro):
+        a = argparse.Namespace(device="cpu", amp=None, updates_per_batch=1, micro_batch=micro,
+                               temperature=1.0, clip=0.0, grad_clip=0.0, name="rl", lr=1e-3)
+        run, opt = argparse.Namespace(a=a, dir=tmp_path, log=None), Snapshot()
+        train_rl.learn(run, model, opt, 1, prompts, comps, old_lp, adv, vocab=None)
+        return opt.grads
+    grouped = grads(2)
+    assert len(widths) == 3 and sum(widths) < 3 * 2 * 23, widths
+    for g, one in zip(grouped, grads(6)):
+        torch.testing.assert_close(g, one, rtol=1e-5, atol=1e-7)
+
+
 class HostBorn(torch.overrides.TorchFunctionMode):
     """Tracks the tensors a CUDA run would leave on the host: made by a factory function
     (torch.tensor, zeros, ...) without a device, or computed from such tensors alone;

@@ -219,11 +219,15 @@ def learn(run, model, opt, step, prompts, comps, old_lp, adv, vocab):
     a = run.a
     params = [p for g in opt.param_groups for p in g["params"]]
     adv_of = adv.tolist()
-    live = [i for i in range(len(comps)) if adv_of[i] != 0]
+    # the episodes that carry a gradient, in order of length and grouped so that little of a
+    # micro-batch is padding (as SFT groups its examples); the sum over them does not change
+    length = lambda i: len(prompts[i]) + len(comps[i])
+    live = sorted((i for i in range(len(comps)) if adv_of[i] != 0), key=length)
+    spans = lora.micro_batches([length(i) for i in live], a.micro_batch)
     ratios, loss_sum = [], torch.zeros((), device=a.device)
     for _ in range(a.updates_per_batch if live else 0):
-        for j in range(0, len(live), a.micro_batch):
-            idx = live[j:j + a.micro_batch]
+        for start, end in spans:
+            idx = live[start:end]
             with lora.autocast(a.device, a.amp):
                 new_lp = lora.completion_logprobs(model, [prompts[i] for i in idx],
                                                   [comps[i] for i in idx],
