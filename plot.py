@@ -1141,7 +1141,11 @@ def capacity_table(studies, longer, shorter, claims):
                 claim(claims, CAPACITY, what, *bits, seeds=len(rs_))
     curves, per_seed, best_lr = None, {}, {}
     for (layers, k), mine in sorted(studies.items()):
-        bests = {rank: at_best_lr([r for r in mine if r["rank"] == rank]) for rank in _ranks(mine)}
+        # each rank's best LR among those run at its largest seed count: a one-seed variant (the
+        # half-LR run) does not stand in for the study's LR, run at more seeds
+        most = lambda rs: max(Counter(r["lr"] for r in rs).values())
+        arms = {rank: [r for r in mine if r["rank"] == rank] for rank in _ranks(mine)}
+        bests = {rank: at_best_lr(rs, seeds=most(rs)) for rank, rs in arms.items()}
         best_lr.update({(layers, k, rank): best[0]["lr"] for rank, best in bests.items()})
         full = {r["seed"]: stored_bits(r) for r in bests.get(0, [])}
         for rank, best in bests.items():
@@ -1189,6 +1193,7 @@ def capacity_table(studies, longer, shorter, claims):
                 short = per_seed.get((layers, k, rank), {})
                 if not set(long) & set(short):
                     continue
+                short = {s: v for s, v in short.items() if s in long}   # paired: seeds both ran
                 rat, lo, hi = log_ratio_ci(long, short)
                 m, mlo, mhi = mean_ci(long.values())
                 p = next(r["params"] for r in g if r["rank"] == rank)
@@ -1318,6 +1323,9 @@ def capacity_decision(runs, claims):
     """The runs scored on all K facts (full_eval.json): table rows and {(rank, LR, K): {steps:
     [(seed, registered bits, calibrated bits)]}}; a claim each, registered and calibrated."""
     scored = [r for r in runs if r.get("all_facts") and not r["diverged"]]
+    # the decision's recipe is its runs' LR decay; another decay (the pilot's) is a variant, listed
+    # but not averaged in as if it were another seed
+    recipe = Counter(r["cooldown"] for r in scored).most_common(1)[0][0] if scored else None
     decision = defaultdict(lambda: defaultdict(list))
     rows = ["", "scored on all K facts (results/capacity_k/full_eval.py): registered = the model's "
                 "probabilities, calibrated = one fitted temperature T, less its cost",
@@ -1326,12 +1334,15 @@ def capacity_decision(runs, claims):
     for r in sorted(scored, key=lambda r: (r["rank"], -r["lr"], r["facts"], r["examples"],
                                            r["seed"])):
         e, n = r["all_facts"], r["examples"] // r["batch_size"]
-        decision[r["rank"], r["lr"], r["facts"]][n].append((r["seed"], e["registered"],
-                                                            e["calibrated"]))
+        variant = r["cooldown"] != recipe
+        if not variant:
+            decision[r["rank"], r["lr"], r["facts"]][n].append((r["seed"], e["registered"],
+                                                                e["calibrated"]))
         rows.append(f"{_label(r['rank']):7} {r['lr']:6.0e} {r['facts']:5} {n:7,} {r['seed']:5}  "
                     f"{e['registered']:10.0f}  {e['calibrated']:10.0f}  {e['temperature']:5.2f}  "
                     f"{e['registered'] / e['params']:10.3f}  "
-                    f"{e['stored']} / {e['partly']} / {e['none']}")
+                    f"{e['stored']} / {e['partly']} / {e['none']}"
+                    + f"   (LR decay {r['cooldown']:g}: a variant, not drawn)" * variant)
     for (rank, lr, k), by_steps in sorted(decision.items()):
         for n, vals in sorted(by_steps.items()):
             where = f"{_label(rank)}, LR {lr:.0e}, {k} facts, {n:,} steps"

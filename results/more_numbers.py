@@ -1,9 +1,11 @@
 """The figures results/README quotes beside plot.py's tables, recomputed from the committed logs with plot.py's
 own helpers (run from the repository root: python results/more_numbers.py):
-  GSM8K sweep: paired ratios of per-seed optimal LRs between ranks; held-out loss between ranks at one LR.
+  GSM8K sweep: paired ratios of per-seed optimal LRs between ranks; held-out loss between ranks at one LR;
+    how each arm's optimal LR moves from 20 to 80 steps; the first epoch's summed loss; step times.
   RL: rank 1 minus FullFT in the middle of the run (steps 11-20), each at its best LR.
   Batch size on facts: the gap's growth from batch 10 to 40 at each common LR, and with the divergence rule off.
   Capacity decision: the two-seed figures from capacity_k/full_eval.txt (bits on all K facts)."""
+import json
 import math
 import sys
 from collections import defaultdict
@@ -30,6 +32,28 @@ for a, b in ((1, 256), (16, 256)):
     A, B = at(a), at(b)
     print(f"  rank {a} minus rank {b}: {est(plot.paired_gap(A, B))} ({len(set(A) & set(B))} seeds)")
 
+print("GSM8K: each arm's optimal LR at 80 steps / at 20 steps, per-seed parabola optima paired by seed")
+sweep20 = {k: plot.optimal_lr_stats(rs)["seed_opt"] for k, rs in by.items()}
+long80 = [r for r in plot.load_runs(R / "sft_gsm8k") + plot.load_runs(R / "batch_size")
+          if r["standard"] and not r["rl"] and r["batch_size"] == 8 and r["examples"] == 640]
+for k, rs in sorted(plot.group(long80, "rank").items()):
+    m, lo, hi = plot.paired_gap(plot.optimal_lr_stats(rs)["seed_opt"], sweep20[k])
+    print(f"  {'FullFT' if k == 0 else f'rank {k}'}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}]")
+
+print("GSM8K sweep: the 160 training examples' summed first-epoch loss (sum of loss x answer tokens), bits")
+# the two figures below need each step's record, which plot.py's run dicts sum
+steps = {r["name"]: [json.loads(line) for line in open(R / "sft_gsm8k" / r["name"] / "log.jsonl")
+                     if '"train"' in line] for rs in by.values() for r in rs}
+bits = {n: sum(t["loss"] * t["tokens"] for t in ts) / math.log(2) for n, ts in steps.items()}
+print(f"  {min(bits.values()):,.0f} to {max(bits.values()):,.0f}, median {np.median(list(bits.values())):,.0f} "
+      f"({len(bits)} runs); median by arm: "
+      + ", ".join(f"{'FullFT' if k == 0 else k} {np.median([bits[r['name']] for r in rs]):,.0f}"
+                  for k, rs in sorted(by.items())))
+threads = lambda r: json.loads(open(R / "sft_gsm8k" / r["name"] / "log.jsonl").readline())["args"]["threads"]
+ms = {k: np.median([t["ms"] for r in rs if threads(r) == 1 for t in steps[r["name"]]]) for k, rs in by.items()}
+print(f"GSM8K sweep: median step time, rank 16 / FullFT: {ms[16] / 1000:.1f} s / {ms[0] / 1000:.1f} s = "
+      f"{ms[16] / ms[0]:.2f} (the runs on 1 thread, sharing the 2 cores)")
+
 print("RL: mean sampled reward over steps 11-20, rank 1 minus FullFT, each at its best LR, paired by seed")
 rl = plot.group(plot.main_sweep(plot.load_runs(R / "rl"), rl=True), "rank")
 def mid(rs):
@@ -54,17 +78,23 @@ for study, layer in (("batch_facts", "29.down_proj"), ("batch_up", "29.up_proj")
     # the divergence rule off: an arm's best LR is the lowest mean over the seeds that survived there
     best = lambda k, bs: min((lr for kk, b, lr in loss if (kk, b) == (k, bs)),
                              key=lambda lr: np.mean(list(loss[(k, bs, lr)].values())))
+    if study == "batch_up":   # every arm is best at 2e-2 there: does rank 128's growth differ from 32's?
+        grow = {k: {s: v - gap(k, 10, 2e-2, 2e-2)[s] for s, v in gap(k, 40, 2e-2, 2e-2).items()}
+                for k in (32, 128)}
+        print(f"  at 2e-2, rank 128's growth minus rank 32's: {est(plot.paired_gap(grow[128], grow[32]), '{:+.3f}')}")
     for k in (32, 128):
         g40, g10 = gap(k, 40, best(k, 40), best(0, 40)), gap(k, 10, best(k, 10), best(0, 10))
         print(f"  each arm at its best LR counting diverged LRs' survivors, rank {k}: "
               f"{est(plot.paired_gap(g40, g10), '{:+.2f}')} ({len(set(g40) & set(g10))} seeds)")
 
 print("capacity decision, rank 1 at 16,000 steps: bits stored on all K facts (capacity_k/full_eval.txt), over seeds")
-full = {}   # (K, seed) -> bits
-for line in open(R / "capacity_k" / "full_eval.txt"):
-    name = line.split()[0] if line.strip() and not line.startswith("#") else ""
-    if name.startswith("sft_facts") and "_r1_" in name and name.endswith("_16000"):
-        full[(int(name[9:name.index("_r1_")]), 1 if "_s1_" in name else 0)] = float(line.split()[1])
+full = {}   # (K, seed) -> bits, the registered estimator's, at the study's LR (1e-2)
+rows = [line.split() for line in open(R / "capacity_k" / "full_eval.txt") if not line.startswith("#")]
+col = rows[0].index("registered")
+for row in rows[1:]:
+    name = row[0]
+    if "_r1_" in name and "lr1.00e-02" in name and name.endswith("_16000"):
+        full[(int(row[1]), 1 if "_s1_" in name else 0)] = float(row[col])
 two = sorted({k for k, s in full if s == 1})
 for k in two:
     m, lo, hi = plot.mean_ci([full[(k, s)] for s in (0, 1)])

@@ -10,7 +10,7 @@ all K facts (the log's eval scores the first 200 and scales them to K):
   refined by a parabola), less its description cost, 0.5 log2(answer tokens) bits. The digit
   predictions are under-confident, so T < 1 gives back bits the registered estimate leaves out.
 Per fact: stored (>= 90% of its 13.3 bits), none (<= 1 bit) or partly, registered and calibrated. Each run's
-line is printed, and its figures written to full_eval.json beside this script (plot.py reads it).
+line is printed, and its figures written to full_eval.json in the runs' study folder (plot.py reads it).
 """
 import json
 import math
@@ -57,8 +57,6 @@ def parabola_min(xs, ys, i):
 
 
 def main(runs):
-    out_path = Path(__file__).with_name("full_eval.json")
-    results = json.loads(out_path.read_text()) if out_path.exists() else {}
     print(f"{'run':<56}{'K':>5}{'registered':>12}{'calibrated':>12}{'T':>7}{'bits/param':>12}"
           f"{'stored':>8}{'partly':>8}{'none':>6}")
     for run in map(Path, runs):
@@ -87,6 +85,8 @@ def main(runs):
                "partly": int(((reg > 1) & (reg < 0.9 * FACT_BITS)).sum()), "per_fact_sd": float(reg.std())}
         cal = bits[:, jb]  # the per-fact spread at the grid's best temperature
         rec |= {"stored_calibrated": int((cal >= 0.9 * FACT_BITS).sum()), "none_calibrated": int((cal <= 1).sum())}
+        out_path = run.parent / "full_eval.json"   # beside the study's runs, where plot.py looks
+        results = json.loads(out_path.read_text()) if out_path.exists() else {}
         results[run.name] = rec
         out_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         print(f"{run.name:<56}{k:>5}{rec['registered']:>12.1f}{calibrated:>12.1f}{rec['temperature']:>7.3f}"
