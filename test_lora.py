@@ -2947,13 +2947,15 @@ def full_set(root):
     long_gsm8k(root, 1, 9.5e-4, behind=0.01, bend=0.05)
 
 
-def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, params=1000, lr=1e-3):
+def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, params=1000, lr=1e-3,
+          cooldown=0.0):
     """A run memorising k facts (train_sft.py --data facts:k) whose eval loss falls linearly
     from 2 to `final` over `steps` steps of 10 (from 6.0 at step 0), with evals on 10 facts (5
     answer tokens each) and, when given, the loss `unseen` on facts it never saw; init:
-    --init_scale init --lr_ratio_b 1/init."""
+    --init_scale init --lr_ratio_b 1/init; cooldown: --cooldown (the LR's decay)."""
     args = dict(rank=rank, layers="29.down_proj", lm_head=False, lr=lr, batch_size=10,
-                data=f"facts:{k}", seed=seed, init_scale=init, lr_ratio_b=1 / init)
+                data=f"facts:{k}", seed=seed, init_scale=init, lr_ratio_b=1 / init,
+                cooldown=cooldown)
     points = [(0, 6.0)] + [(steps * i // 4, 2.0 + (final - 2.0) * i / 4) for i in range(1, 5)]
     evals = [{"type": "eval", "step": s, "loss": loss, "tokens": 50}
              | ({"unseen_loss": unseen if s else 6.0, "unseen_tokens": 50}
@@ -2962,6 +2964,7 @@ def facts(root, rank, seed, final, k=100, init=1.0, steps=50, unseen=None, param
     # finished: its last step is the total
     evals.append({"type": "train", "step": steps, "loss": final})
     name = f"facts{k}_r{rank}_s{seed}_i{init:g}_{steps}_lr{lr:g}"
+    name += f"_cd{cooldown:g}" if cooldown else ""
     write_log(root, name, "train_sft", args, evals, trainable_params=params, n_eval_examples=10,
               total_steps=steps)
 
@@ -3646,6 +3649,32 @@ def test_the_capacity_figure_reads_the_all_facts_scores_beside_the_logs(tmp_path
     steps_panel = fig.axes[-1]
     assert steps_panel.get_xscale() == "log" and steps_panel.get_yscale() == "linear"
     assert list(steps_panel.lines[0].get_ydata()) == [700.5, 770.5]
+
+
+def test_variants_do_not_stand_in_for_the_capacity_studys_lr_or_seeds(tmp_path):
+    # the study: rank 1 at 1e-3 on 2 seeds. A one-seed run at half the LR that ends a little lower
+    # (the half-LR check) must not become the study's best LR, and a run with another LR decay
+    # scored on all facts is listed, not averaged in as a third seed of the same point
+    uniform = math.log(10) * 4 / 5
+    study = tmp_path / "capacity_k"
+    for seed in (0, 1):
+        facts(study, 0, seed, 0.1, unseen=uniform + 0.1, k=400)
+        facts(study, 1, seed, 1.0 + 0.01 * seed, unseen=uniform + 0.1, k=400)
+    facts(study, 1, 0, 0.99, unseen=uniform + 0.1, k=400, lr=5e-4)
+    facts(study, 1, 0, 1.0, unseen=uniform + 0.1, k=400, cooldown=0.5)
+    scored = {name: dict(registered=bits, calibrated=bits, temperature=1.0, params=2112, stored=0,
+                         partly=400, none=0)
+              for name, bits in (("facts400_r1_s0_i1_50_lr0.001", 700.0),
+                                 ("facts400_r1_s1_i1_50_lr0.001", 710.0),
+                                 ("facts400_r1_s0_i1_50_lr0.001_cd0.5", 500.0))}
+    (study / "full_eval.json").write_text(json.dumps(scored))
+    fig, text, claims = plot.fig_capacity(plot.load_runs(tmp_path))
+    got = {c["quantity"]: c for c in claims}
+    study_bits = got["rank 1 on 29.down_proj, 400 facts (5315 bits): bits stored"]
+    assert study_bits["seeds"] == 2 and study_bits["estimate"] == 705.0
+    point = got["rank 1, LR 1e-03, 400 facts, 50 steps: bits stored on all K facts, registered"]
+    assert point["seeds"] == 2 and point["estimate"] == 705.0
+    assert "(LR decay 0.5: a variant, not drawn)" in text
 
 
 @slow
