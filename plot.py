@@ -83,7 +83,9 @@ def load_run(path):
         # an RL step's batch is questions x samples per question; an SFT step's is sequences
         batch = (int(a.get("questions_per_step", 0)) * int(a.get("group_size", 0)) if rl
                  else int(a.get("batch_size", 0)))
-        data = str(a.get("data"))
+        # a dataset by its folder's or file's name: runs given ../data/gsm8k and /abs/data/gsm8k
+        # (another working directory) are the same sweep
+        data = Path(str(a.get("data"))).name or str(a.get("data"))
         # an RL task is also its prompt, temperature and length limit: rewards differ across them
         if rl:
             data += "".join(f" {k}={a[k]}" for k in ("instruction", "temperature", "max_new_tokens")

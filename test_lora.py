@@ -3178,6 +3178,22 @@ def test_malformed_logs_do_not_crash(tmp_path, capsys):
     assert "wrote" in out and "fig1_rank_curves.png" in out and "skip fig2_lr_vs_loss.png" in out
 
 
+def test_runs_given_other_paths_to_one_dataset_are_one_sweep(tmp_path):
+    # the same GSM8K folder named from two working directories: one sweep, whose middle LR is
+    # bracketed (keyed by the path, the /abs run fell out of the sweep and 1e-3 looked best)
+    rel, abs_ = "../shared/data/gsm8k", "/work/shared/data/gsm8k/"
+    for lr, final, data in ((1e-3, 1.1, rel), (4e-3, 1.2, rel), (2e-3, 1.0, abs_)):
+        args = dict(rank=16, layers="all", lm_head=False, lr=lr, batch_size=8, lr_ratio_b=1.0,
+                    init_scale=1.0, data=data, seed=0)
+        records = ([{"type": "train", "step": s, "loss": final} for s in range(1, 21)]
+                   + [{"type": "eval", "step": 20, "loss": final}])
+        write_log(tmp_path, f"r16_lr{lr:g}", "train_sft", args, records, total_steps=20)
+    sweep = plot.main_sweep(plot.load_runs(tmp_path))
+    assert len(sweep) == 3 and {r["data"] for r in sweep} == {"gsm8k"}
+    st = plot.optimal_lr_stats(sweep)
+    assert st["best_lr"] == 2e-3 and st["bracketed"]
+
+
 def test_diverged_run_is_excluded_from_the_optimum(tmp_path):
     sft_sweep(tmp_path)
     log = sft(tmp_path, 16, 1.5e-3, 0.5)   # would be the best, but it diverged

@@ -26,6 +26,23 @@ for a, b in ((16, 256), (64, 256), (4, 256), (1, 256), (1, 16)):
     m, lo, hi = plot.paired_gap(opt[a], opt[b])
     n = len(set(opt[a]) & set(opt[b]))
     print(f"  rank {a} / rank {b}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}] ({n} seeds)")
+# FullFT and rank 256 also ran sqrt(2) midpoints (5.61e-5, 1.31e-3; issue 39); the other ranks did
+# not, so like-for-like comparisons between arms use the 2x grid every arm ran
+mid = lambda r: any(math.isclose(r["lr"], m, rel_tol=1e-2) for m in (5.61e-5, 1.31e-3))
+by2 = {k: [r for r in rs if not mid(r)] for k, rs in by.items()}
+opt2 = {k: plot.optimal_lr_stats(rs)["seed_opt"] for k, rs in by2.items()}
+print("  the same on the 2x grid every arm ran (without FullFT's and rank 256's midpoint runs):")
+for a, b in ((16, 256), (64, 256), (4, 256), (1, 256)):
+    m, lo, hi = plot.paired_gap(opt2[a], opt2[b])
+    print(f"  rank {a} / rank {b}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}]")
+print("GSM8K, 20 steps: final loss minus FullFT's, each seed at the LR the other seeds chose, on the 2x grid")
+st2 = {k: plot.optimal_lr_stats(rs) for k, rs in by2.items()}
+for k in (1, 4, 16, 64, 256):
+    print(f"  rank {k}: {plot._oos_gap(st2[k], st2[0], [])}")
+print("GSM8K, 20 steps: LoRA / FullFT optimal LR on the 2x grid, paired by seed")
+for k in (1, 16, 256):
+    m, lo, hi = plot.paired_gap(opt2[k], opt2[0])
+    print(f"  rank {k}: {10 ** m:.0f}x [{10 ** lo:.0f}, {10 ** hi:.0f}]")
 print("GSM8K, 20 steps: held-out loss at LR 9.25e-4 (the grid's central point, 7x the formula), paired by seed")
 at = lambda k: {r["seed"]: plot.final_loss(r) for r in by[k] if math.isclose(r["lr"], 9.25e-4, rel_tol=1e-2)}
 for a, b in ((1, 256), (16, 256)):
