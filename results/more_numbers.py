@@ -28,15 +28,14 @@ for a, b in ((16, 256), (64, 256), (4, 256), (1, 256), (1, 16)):
     print(f"  rank {a} / rank {b}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}] ({n} seeds)")
 # FullFT and rank 256 also ran sqrt(2) midpoints (5.61e-5, 1.31e-3; issue 39); the other ranks did
 # not, so like-for-like comparisons between arms use the 2x grid every arm ran
-mid = lambda r: any(math.isclose(r["lr"], m, rel_tol=1e-2) for m in (5.61e-5, 1.31e-3))
-by2 = {k: [r for r in rs if not mid(r)] for k, rs in by.items()}
-opt2 = {k: plot.optimal_lr_stats(rs)["seed_opt"] for k, rs in by2.items()}
+midpoint = lambda r: any(math.isclose(r["lr"], m, rel_tol=1e-2) for m in (5.61e-5, 1.31e-3))
+st2 = {k: plot.optimal_lr_stats([r for r in rs if not midpoint(r)]) for k, rs in by.items()}
+opt2 = {k: st["seed_opt"] for k, st in st2.items()}
 print("  the same on the 2x grid every arm ran (without FullFT's and rank 256's midpoint runs):")
 for a, b in ((16, 256), (64, 256), (4, 256), (1, 256)):
     m, lo, hi = plot.paired_gap(opt2[a], opt2[b])
     print(f"  rank {a} / rank {b}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}]")
 print("GSM8K, 20 steps: final loss minus FullFT's, each seed at the LR the other seeds chose, on the 2x grid")
-st2 = {k: plot.optimal_lr_stats(rs) for k, rs in by2.items()}
 for k in (1, 4, 16, 64, 256):
     print(f"  rank {k}: {plot._oos_gap(st2[k], st2[0], [])}")
 print("GSM8K, 20 steps: LoRA / FullFT optimal LR on the 2x grid, paired by seed")
@@ -50,23 +49,23 @@ for a, b in ((1, 256), (16, 256)):
     print(f"  rank {a} minus rank {b}: {est(plot.paired_gap(A, B))} ({len(set(A) & set(B))} seeds)")
 
 print("GSM8K: each arm's optimal LR at 80 steps / at 20 steps, per-seed parabola optima paired by seed")
-sweep20 = {k: plot.optimal_lr_stats(rs)["seed_opt"] for k, rs in by.items()}
 long80 = [r for r in plot.load_runs(R / "sft_gsm8k") + plot.load_runs(R / "batch_size")
           if r["standard"] and not r["rl"] and r["batch_size"] == 8 and r["examples"] == 640]
 for k, rs in sorted(plot.group(long80, "rank").items()):
-    m, lo, hi = plot.paired_gap(plot.optimal_lr_stats(rs)["seed_opt"], sweep20[k])
+    m, lo, hi = plot.paired_gap(plot.optimal_lr_stats(rs)["seed_opt"], opt[k])
     print(f"  {'FullFT' if k == 0 else f'rank {k}'}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}]")
 
 print("GSM8K sweep: the 160 training examples' summed first-epoch loss (sum of loss x answer tokens), bits")
 # the two figures below need each step's record, which plot.py's run dicts sum
-steps = {r["name"]: [json.loads(line) for line in open(R / "sft_gsm8k" / r["name"] / "log.jsonl")
-                     if '"train"' in line] for rs in by.values() for r in rs}
+logs = {r["name"]: [json.loads(line) for line in open(R / "sft_gsm8k" / r["name"] / "log.jsonl")]
+        for rs in by.values() for r in rs}
+steps = {n: [t for t in recs if t.get("type") == "train"] for n, recs in logs.items()}
 bits = {n: sum(t["loss"] * t["tokens"] for t in ts) / math.log(2) for n, ts in steps.items()}
 print(f"  {min(bits.values()):,.0f} to {max(bits.values()):,.0f}, median {np.median(list(bits.values())):,.0f} "
       f"({len(bits)} runs); median by arm: "
       + ", ".join(f"{'FullFT' if k == 0 else k} {np.median([bits[r['name']] for r in rs]):,.0f}"
                   for k, rs in sorted(by.items())))
-threads = lambda r: json.loads(open(R / "sft_gsm8k" / r["name"] / "log.jsonl").readline())["args"]["threads"]
+threads = lambda r: logs[r["name"]][0]["args"]["threads"]
 ms = {k: np.median([t["ms"] for r in rs if threads(r) == 1 for t in steps[r["name"]]]) for k, rs in by.items()}
 print(f"GSM8K sweep: median step time, rank 16 / FullFT: {ms[16] / 1000:.1f} s / {ms[0] / 1000:.1f} s = "
       f"{ms[16] / ms[0]:.2f} (the runs on 1 thread, sharing the 2 cores)")
