@@ -305,6 +305,22 @@ def optimal_lr_stats(runs):
                 t_lr=10 ** m, t_lo=10 ** tlo, t_hi=10 ** thi, oos=out_of_sample(table))
 
 
+def same_grid(arms):
+    """{arm: runs} at one grid density. A midpoint is an LR halfway (in log) between its two
+    neighbours where they are a whole grid step apart (the arm's widest step), as added around one
+    arm's optimum; it counts only where every arm has one, else the finer grid would charge the
+    coarser arms its smaller parabola error as a gap or a ratio."""
+    def midpoints(rs):
+        lrs = sorted({r["lr"] for r in rs})
+        half = max((b / a for a, b in zip(lrs, lrs[1:])), default=1.0) ** 0.5
+        near = lambda ratio: math.isclose(ratio, half, rel_tol=0.05)
+        return {x for a, x, b in zip(lrs, lrs[1:], lrs[2:]) if near(x / a) and near(b / x)}
+    mids = {k: midpoints(rs) for k, rs in arms.items()}
+    if all(mids.values()):
+        return arms
+    return {k: [r for r in rs if r["lr"] not in mids[k]] for k, rs in arms.items()}
+
+
 def seed_table(runs):
     """{seed: {lr: score}} over the LRs scores_by_lr keeps (none at which any seed diverged)."""
     keep, out = scores_by_lr(runs), defaultdict(dict)
@@ -400,18 +416,19 @@ def optimal_lrs(runs):
     return {k: 10 ** _lr_fit(by_lr) for k, by_lr in by_rank.items() if len(by_lr) >= 2}
 
 
-def _ratio(opt, claims, stats=None, finding=None, what="optimal LR, LoRA / FullFT"):
+def _ratio(opt, claims, stats=None, finding=None, what="optimal LR, LoRA / FullFT", ref=None):
     """Median over LoRA ranks of LoRA's optimal LR / FullFT's, and lines saying it per rank. With
     seeds: each seed's optimum is the parabola through its own sweep, and the ratio is the mean of
     the seeds' log ratios (paired by seed) with a 95% t interval; the ratio of the pooled optima
-    follows. A flag where an optimum is not bracketed by its grid."""
-    stats = stats or {}
+    follows. A flag where an optimum is not bracketed by its grid. ref: FullFT's stats for each
+    rank where they differ by rank (at that rank's grid density), else stats[0]."""
+    stats, ref = stats or {}, ref or {}
     per_rank = {k: v / opt[0] for k, v in sorted(opt.items()) if k > 0} if 0 in opt else {}
     if not per_rank:
         return None, "optimal-LR ratio needs FullFT and LoRA sweeps"
     items, found = [], []
     for k, pooled in per_rank.items():
-        st, st0 = stats.get(k), stats.get(0)
+        st, st0 = stats.get(k), ref.get(k, stats.get(0))
         # a bound, never reported as found
         if st and st0 and not (st["bracketed"] and st0["bracketed"]):
             bound = {("", "<="): ">=", ("", ">="): "<=",
@@ -538,6 +555,9 @@ def fig_lr_sweep(runs, w=5):
     fig, (ax, side) = _fig(2, width=12, ratios=(1.4, 1))
     cols, opt = _colors(by_rank), optimal_lrs(sweep)
     stats = {k: optimal_lr_stats(rs) for k, rs in by_rank.items()}
+    # each LoRA rank against FullFT at the grid density both ran (below: the ranks' spread too)
+    pair = {k: {a: optimal_lr_stats(rs) for a, rs in same_grid({k: rs, 0: by_rank[0]}).items()}
+            for k, rs in by_rank.items() if k and 0 in by_rank}
     rows = ["rank     runs seeds  pooled opt. LR  bracketed  best final loss  "
             "minus FullFT's, paired by seed [95% CI]   out of sample [95% CI]   "
             "per-seed optimum [95% t CI]"]
@@ -553,8 +573,9 @@ def fig_lr_sweep(runs, w=5):
                    ls=":" if st["bracketed"] else "--", lw=0.8)
         gap, oos = "", ""
         if k != 0 and stats.get(0):
-            gap = _est(*paired_gap(st["by_seed"], stats[0]["by_seed"]))
-            oos = _oos_gap(st, stats[0], claims, sign=1,
+            mine, ref = pair[k][k], pair[k][0]
+            gap = _est(*paired_gap(mine["by_seed"], ref["by_seed"]))
+            oos = _oos_gap(mine, ref, claims, sign=1,
                            finding="High-rank LoRA reaches FullFT's loss (SFT)",
                            quantity=f"{_label(k)} minus FullFT, final loss, "
                                     "each seed's LR chosen by the others (nats)")
@@ -569,8 +590,12 @@ def fig_lr_sweep(runs, w=5):
         rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
                     f"{'yes' if st['bracketed'] else 'NO: at edge':11} "
                     f"{np.mean(st['best']):.4f}           {gap:27}  {oos:25} {per_seed}")
-    text = _ratio(opt, claims, stats=stats, finding="LoRA's optimal LR is ~10x FullFT's (SFT)")[1]
-    lora_opt = {k: st["t_lr"] for k, st in stats.items() if k and st and len(st["seed_opt"]) >= 2}
+    text = _ratio(opt, claims, stats={k: p[k] for k, p in pair.items()},
+                  ref={k: p[0] for k, p in pair.items()},
+                  finding="LoRA's optimal LR is ~10x FullFT's (SFT)")[1]
+    lora = {k: optimal_lr_stats(rs) for k, rs in same_grid(
+        {k: rs for k, rs in by_rank.items() if k}).items()}
+    lora_opt = {k: st["t_lr"] for k, st in lora.items() if st and len(st["seed_opt"]) >= 2}
     if len(lora_opt) >= 2:
         spread = max(lora_opt.values()) / min(lora_opt.values())
         claim(claims, "The optimal LR is nearly independent of rank",
@@ -594,8 +619,9 @@ def fig_lr_sweep(runs, w=5):
             text += "\n" + _ratio(optimal_lrs(rs), claims, stats=other, finding=finding,
                                   what=what)[1]
             for k in sorted(k for k in other
-                            if k and other[k] and other.get(0) and stats.get(k) and stats.get(0)):
-                there, here = log_ratio(other[k], other[0]), log_ratio(stats[k], stats[0])
+                            if k and other[k] and other.get(0) and pair.get(k, {}).get(k)
+                            and pair[k][0]):
+                there, here = log_ratio(other[k], other[0]), log_ratio(pair[k][k], pair[k][0])
                 if len(set(there) & set(here)) >= 2:
                     m, lo, hi = (10 ** v for v in paired_gap(there, here))
                     claim(claims, "LoRA's optimal LR is ~10x FullFT's (SFT)",

@@ -4,6 +4,8 @@ own helpers (run from the repository root: python results/more_numbers.py):
     how each arm's optimal LR moves from 20 to 80 steps; the first epoch's summed loss; step times.
   RL: rank 1 minus FullFT in the middle of the run (steps 11-20), each at its best LR.
   Batch size on facts: the gap's growth from batch 10 to 40 at each common LR, and with the divergence rule off.
+  GSM8K early steps: train loss of ranks 1 and 16 minus rank 256 at one LR, steps 2-10.
+  GSM8K, 80 steps: rank 16 minus FullFT out of sample. up_proj batch study: FullFT's 2.8e-2 survivors.
   Capacity decision: the two-seed figures from capacity_k/full_eval.txt (bits on all K facts)."""
 import json
 import math
@@ -39,7 +41,7 @@ print("GSM8K, 20 steps: final loss minus FullFT's, each seed at the LR the other
 for k in (1, 4, 16, 64, 256):
     print(f"  rank {k}: {plot._oos_gap(st2[k], st2[0], [])}")
 print("GSM8K, 20 steps: LoRA / FullFT optimal LR on the 2x grid, paired by seed")
-for k in (1, 16, 256):
+for k in (1, 4, 16, 64, 256):
     m, lo, hi = plot.paired_gap(opt2[k], opt2[0])
     print(f"  rank {k}: {10 ** m:.0f}x [{10 ** lo:.0f}, {10 ** hi:.0f}]")
 print("GSM8K, 20 steps: held-out loss at LR 9.25e-4 (the grid's central point, 7x the formula), paired by seed")
@@ -48,12 +50,23 @@ for a, b in ((1, 256), (16, 256)):
     A, B = at(a), at(b)
     print(f"  rank {a} minus rank {b}: {est(plot.paired_gap(A, B))} ({len(set(A) & set(B))} seeds)")
 
-print("GSM8K: each arm's optimal LR at 80 steps / at 20 steps, per-seed parabola optima paired by seed")
+print("GSM8K, 20 steps: train loss at LR 9.25e-4, steps 2-10, one rank minus rank 256, paired by seed")
+curve = lambda k: {r["seed"]: dict(zip(*r["train"])) for r in by[k] if math.isclose(r["lr"], 9.25e-4, rel_tol=1e-2)}
+for a in (1, 16):
+    A, B = curve(a), curve(256)
+    d = {s: [A[s][t] - B[s][t] for t in range(2, 11)] for s in set(A) & set(B)}
+    print(f"  rank {a}: mean over steps 2-10 {est(plot.mean_ci([np.mean(v) for v in d.values()]))}; "
+          f"above rank 256 at {sum(np.mean([d[s][i] for s in d]) > 0 for i in range(9))} of 9 steps")
+    for t in range(2, 11):
+        print(f"    step {t}: {est(plot.mean_ci([d[s][t - 2] for s in d]))}")
+print("GSM8K: each arm's optimal LR at 80 steps / at 20 steps (its 2x grid), per-seed parabola optima paired by seed")
 long80 = [r for r in plot.load_runs(R / "sft_gsm8k") + plot.load_runs(R / "batch_size")
           if r["standard"] and not r["rl"] and r["batch_size"] == 8 and r["examples"] == 640]
-for k, rs in sorted(plot.group(long80, "rank").items()):
-    m, lo, hi = plot.paired_gap(plot.optimal_lr_stats(rs)["seed_opt"], opt[k])
+st80 = {k: plot.optimal_lr_stats(rs) for k, rs in plot.group(long80, "rank").items()}
+for k, st in sorted(st80.items()):
+    m, lo, hi = plot.paired_gap(st["seed_opt"], opt2[k])
     print(f"  {'FullFT' if k == 0 else f'rank {k}'}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}]")
+print(f"  80 steps, rank 16 minus FullFT, each seed at the LR the others chose: {plot._oos_gap(st80[16], st80[0], [])}")
 
 print("GSM8K sweep: the 160 training examples' summed first-epoch loss (sum of loss x answer tokens), bits")
 # the two figures below need each step's record, which plot.py's run dicts sum
@@ -94,6 +107,12 @@ for study, layer in (("batch_facts", "29.down_proj"), ("batch_up", "29.up_proj")
     # the divergence rule off: an arm's best LR is the lowest mean over the seeds that survived there
     best = lambda k, bs: min((lr for kk, b, lr in loss if (kk, b) == (k, bs)),
                              key=lambda lr: np.mean(list(loss[(k, bs, lr)].values())))
+    if study == "batch_up":   # FullFT's survivors at 2.8e-2 (the divergence rule leaves that LR out)
+        beat = [(bs, s) for (k, bs, lr), v in loss.items() if k == 0 and math.isclose(lr, 2.8e-2)
+                for s in v if v[s] < loss[(0, bs, 2e-2)][s]]
+        n = sum(len(v) for (k, _, lr), v in loss.items() if k == 0 and math.isclose(lr, 2.8e-2))
+        print(f"  FullFT at 2.8e-2: {n} runs survived, {len(beat)} beat their seed's 2e-2 run "
+              f"(batch, seed): {sorted(beat)}")
     if study == "batch_up":   # every arm is best at 2e-2 there: does rank 128's growth differ from 32's?
         grow = {k: {s: v - gap(k, 10, 2e-2, 2e-2)[s] for s, v in gap(k, 40, 2e-2, 2e-2).items()}
                 for k in (32, 128)}
