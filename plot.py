@@ -309,7 +309,10 @@ def same_grid(arms):
     """{arm: runs} at one grid density. A midpoint is an LR halfway (in log) between its two
     neighbours where they are a whole grid step apart (the arm's widest step), as added around one
     arm's optimum; it counts only where every arm has one, else the finer grid would charge the
-    coarser arms its smaller parabola error as a gap or a ratio."""
+    coarser arms its smaller parabola error as a gap or a ratio. Made for a regular grid with
+    midpoints added singly (as results/ ran them): an arm uniformly finer than another is not
+    thinned, and a grid with a hole (a wider step) may lose the point halfway across a normal
+    one."""
     def midpoints(rs):
         lrs = sorted({r["lr"] for r in rs})
         half = max((b / a for a, b in zip(lrs, lrs[1:])), default=1.0) ** 0.5
