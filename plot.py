@@ -426,7 +426,8 @@ def _ratio(opt, claims, stats=None, finding=None, what="optimal LR, LoRA / FullF
     follows. A flag where an optimum is not bracketed by its grid. ref: FullFT's stats for each
     rank where they differ by rank (at that rank's grid density), else stats[0]."""
     stats, ref = stats or {}, ref or {}
-    per_rank = {k: v / opt[0] for k, v in sorted(opt.items()) if k > 0} if 0 in opt else {}
+    per_rank = {k: v / (ref[k]["lr"] if ref.get(k) else opt[0])
+                for k, v in sorted(opt.items()) if k > 0} if 0 in opt else {}
     if not per_rank:
         return None, "optimal-LR ratio needs FullFT and LoRA sweeps"
     items, found = [], []
@@ -593,7 +594,9 @@ def fig_lr_sweep(runs, w=5):
         rows.append(f"{_label(k):9} {len(by_rank[k]):4} {st['seeds']:5}  {found}  "
                     f"{'yes' if st['bracketed'] else 'NO: at edge':11} "
                     f"{np.mean(st['best']):.4f}           {gap:27}  {oos:25} {per_seed}")
-    text = _ratio(opt, claims, stats={k: p[k] for k, p in pair.items()},
+    # the pooled optima too at each pair's grid density
+    pooled = {0: opt[0], **{k: p[k]["lr"] for k, p in pair.items() if p[k] and p[0]}}
+    text = _ratio(pooled, claims, stats={k: p[k] for k, p in pair.items()},
                   ref={k: p[0] for k, p in pair.items()},
                   finding="LoRA's optimal LR is ~10x FullFT's (SFT)")[1]
     lora = {k: optimal_lr_stats(rs) for k, rs in same_grid(
