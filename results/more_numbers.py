@@ -31,10 +31,9 @@ for a, b in ((16, 256), (64, 256), (4, 256), (1, 256), (1, 16)):
     m, lo, hi = plot.paired_gap(opt[a], opt[b])
     n = len(set(opt[a]) & set(opt[b]))
     print(f"  rank {a} / rank {b}: {10 ** m:.2f}x [{10 ** lo:.2f}, {10 ** hi:.2f}] ({n} seeds)")
-# FullFT and rank 256 also ran sqrt(2) midpoints (5.61e-5, 1.31e-3; issue 39); the other ranks did
-# not, so like-for-like comparisons between arms use the 2x grid every arm ran
-midpoint = lambda r: any(near(r["lr"], m) for m in (5.61e-5, 1.31e-3))
-st2 = {k: plot.optimal_lr_stats([r for r in rs if not midpoint(r)]) for k, rs in by.items()}
+# FullFT and rank 256 also ran sqrt(2) midpoints (issue 39); the other ranks did not, so
+# like-for-like comparisons between arms use the 2x grid every arm ran (plot.same_grid)
+st2 = {k: plot.optimal_lr_stats(rs) for k, rs in plot.same_grid(by).items()}
 opt2 = {k: st["seed_opt"] for k, st in st2.items()}
 print("  the same on the 2x grid every arm ran (without FullFT's and rank 256's midpoint runs):")
 for a, b in ((16, 256), (64, 256), (4, 256), (1, 256)):
